@@ -1,0 +1,376 @@
+"""ParameterBundle: many tensors that behave as their flattened concatenation."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from modtensor import _strategies
+from modtensor._dispatch import DispatchTensor
+from modtensor._errors import UnsupportedOperationError
+
+__all__ = ["ParameterBundle", "bundle", "Selector", "Source"]
+
+Selector = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None]
+Source = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Any], "ParameterBundle"]
+
+_SOURCES = (
+    "an nn.Module, a Mapping[str, Tensor] such as a state_dict, an iterable of tensors "
+    "or of (name, tensor) pairs, or a ParameterBundle"
+)
+
+
+def _cat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    if not tensors:
+        return torch.get_default_dtype()
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _format_shape(shape: torch.Size) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class ParameterBundle(DispatchTensor):
+    """A bundle of tensors that behaves like `torch.cat([t.reshape(-1) for t in tensors])`.
+
+    It is a `torch.Tensor` of shape `(N,)` (N the total number of elements) whose torch calls
+    are dispatched tensor by tensor, so the concatenation is never built. Make one with
+    `mt.bundle(...)`.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle({"w": torch.ones(2, 2), "b": torch.zeros(2)})
+        >>> b.shape, b.names
+        (torch.Size([6]), ('w', 'b'))
+        >>> float(torch.mean(b))  # same as torch.cat([...]).mean()
+        0.6666666865348206
+    """
+
+    __module__ = "modtensor"
+
+    _tensors: tuple[torch.Tensor, ...]
+    _names: tuple[str, ...]
+    _shapes: tuple[torch.Size, ...]
+    _offsets: tuple[int, ...]
+    _options: Mapping[str, Any]
+    _dtype: torch.dtype
+    _device: torch.device
+    _numel: int
+
+    @staticmethod
+    def __new__(
+        cls,
+        tensors: Sequence[torch.Tensor],
+        names: Sequence[str],
+        strategy: str = "concat",
+        options: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ParameterBundle:
+        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes."""
+        tensors = tuple(tensors)
+        names = tuple(names)
+        if len(tensors) != len(names):
+            raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
+        _strategies.get(strategy).check_options(options or {})
+        dtype = _cat_dtype(tensors) if tensors or dtype is None else dtype
+        device = tensors[0].device if tensors else torch.device("cpu")
+        offsets = [0]
+        for t in tensors:
+            offsets.append(offsets[-1] + t.numel())
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, (offsets[-1],), dtype=dtype, device=device, requires_grad=False
+        )
+        self._tensors = tensors
+        self._names = names
+        self._shapes = tuple(t.shape for t in tensors)
+        self._offsets = tuple(offsets)
+        self._strategy = strategy
+        self._options = MappingProxyType(dict(options or {}))
+        self._dtype = dtype
+        self._device = device
+        self._numel = offsets[-1]
+        return self
+
+    # -- structure -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The tensors' names, in order (`"0"`, `"1"`, ... for an iterable source)."""
+        return self._names
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The real tensors, in order; never copies.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> w = torch.ones(3)
+            >>> mt.bundle([w]).tensors[0] is w
+            True
+        """
+        return self._tensors
+
+    @property
+    def strategy(self) -> str:
+        """The name of the strategy reductions use (`"concat"` by default)."""
+        return self._strategy
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        """The strategy's options (read-only)."""
+        return self._options
+
+    @property
+    def requires_grad(self) -> bool:
+        """True if any of the tensors requires grad."""
+        return any(t.requires_grad for t in self._tensors)
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        raise UnsupportedOperationError(
+            f"Setting requires_grad on {self.describe()} would change its tensors; set it on "
+            "the tensors themselves (`for t in b.tensors: t.requires_grad_(...)`)."
+        )
+
+    @property
+    def data(self) -> ParameterBundle:  # type: ignore[override]
+        """The bundle of the tensors' `.data` (detached aliases, same names)."""
+        return self.derive([t.data for t in self._tensors])
+
+    def items(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """Return `(name, tensor)` pairs in order.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> [(n, tuple(t.shape)) for n, t in mt.bundle({"a": torch.ones(2)}).items()]
+            [('a', (2,))]
+        """
+        return tuple(zip(self._names, self._tensors))
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Return a `{name: tensor}` dict of the real tensors, in order.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> list(mt.bundle([torch.ones(1), torch.ones(2)]).to_dict())
+            ['0', '1']
+        """
+        return dict(zip(self._names, self._tensors))
+
+    def derive(self, tensors: Sequence[torch.Tensor]) -> ParameterBundle:
+        """Return a bundle of `tensors` with this bundle's names, strategy and options.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> b = mt.bundle({"w": torch.ones(2)})
+            >>> b.derive([torch.zeros(2)]).names
+            ('w',)
+        """
+        return ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype if not tensors else None)
+
+    def with_strategy(self, name: str, **options: Any) -> ParameterBundle:
+        """Return the same tensors under another strategy (see `mt.strategies()`).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle([torch.ones(2)]).with_strategy("concat").strategy
+            'concat'
+        """
+        return ParameterBundle(self._tensors, self._names, name, options)
+
+    def materialize(self) -> torch.Tensor:
+        """Return exactly `torch.cat([t.reshape(-1) for t in b.tensors])`, differentiable.
+
+        This is the reference semantics, and the only place a full copy is made on purpose.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle([torch.ones(2), torch.zeros(1)]).materialize()
+            tensor([1., 1., 0.])
+        """
+        if not self._tensors:
+            return torch.empty(0, dtype=self._dtype, device=self._device)
+        return torch.cat([t.reshape(-1) for t in self._tensors])
+
+    def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:  # type: ignore[override]
+        """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
+
+        This is the inverse of `materialize()`; torch's own `split(split_size)` is available
+        as `b.materialize().split(...)`.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> b = mt.bundle({"w": torch.ones(2, 2), "b": torch.ones(1)})
+            >>> v = b.split(torch.arange(5.0))
+            >>> v.to_dict()["w"]
+            tensor([[0., 1.],
+                    [2., 3.]])
+        """
+        if args or kwargs or not isinstance(vector, torch.Tensor) or isinstance(vector, DispatchTensor):
+            raise TypeError(
+                f"ParameterBundle.split takes one flat tensor of {self._numel} elements "
+                f"(got {type(vector).__name__}); for torch's split by sizes use "
+                "`b.materialize().split(...)`."
+            )
+        if vector.dim() != 1 or vector.shape[0] != self._numel:
+            raise ValueError(
+                f"ParameterBundle.split: expected a flat tensor of shape ({self._numel},) for "
+                f"{self.describe()}, got shape {tuple(vector.shape)}."
+            )
+        views = [
+            vector.narrow(0, start, end - start).view(shape)
+            for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
+        ]
+        return self.derive(views)
+
+    # -- text ------------------------------------------------------------------------------
+
+    def describe(self, limit: int = 4) -> str:
+        """Return a one-line description of the structure, used in error messages.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle({"w": torch.ones(2, 3), "b": torch.ones(2)}).describe()
+            'ParameterBundle of 2 tensors [w (2, 3), b (2,)]'
+        """
+        parts = [f"{n} {_format_shape(s)}" for n, s in zip(self._names[:limit], self._shapes)]
+        if len(self._names) > limit:
+            parts.append(f"... {len(self._names) - limit} more")
+        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]"
+
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
+        shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
+        dtype = str(self._dtype).replace("torch.", "")
+        return (
+            f"ParameterBundle({len(self._names)} tensors, {self._numel} elements, "
+            f"dtype={dtype}, device={self._device}, strategy={self._strategy!r}, "
+            f"names={shown})"
+        )
+
+    __str__ = __repr__
+
+    def __format__(self, format_spec: str) -> str:
+        return repr(self) if not format_spec else format(self.materialize(), format_spec)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ParameterBundle:
+        # A bundle is a view of tensors it does not own: copying it copies the tensors.
+        return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self._tensors])
+
+
+def _as_predicate(selector: Selector, what: str) -> Callable[[str, torch.Tensor], bool] | None:
+    if selector is None:
+        return None
+    if callable(selector):
+        return selector
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"bundle: {what} must be a glob pattern, a list of them, or a predicate "
+            f"(name, tensor) -> bool; got {selector!r}."
+        )
+    return lambda name, _t: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _named_tensors(source: Any, recurse: bool, buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(source, ParameterBundle):
+        return list(source.items())
+    if isinstance(source, nn.Module):
+        named: list[tuple[str, torch.Tensor]] = list(source.named_parameters(recurse=recurse))
+        if buffers:
+            seen = {id(t) for _, t in named}
+            named += [(n, t) for n, t in source.named_buffers(recurse=recurse) if id(t) not in seen]
+        return named
+    if isinstance(source, torch.Tensor):
+        raise TypeError(
+            "bundle: got a single tensor; wrap it in a list (`mt.bundle([t])`). "
+            f"The source must be {_SOURCES}."
+        )
+    if isinstance(source, Mapping):
+        named = []
+        for key, value in source.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"bundle: a mapping source needs str keys and tensor values; entry {key!r} "
+                    f"holds {type(value).__name__}."
+                )
+            named.append((key, value))
+        return named
+    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+        named = []
+        for i, item in enumerate(source):
+            if isinstance(item, torch.Tensor):
+                named.append((str(i), item))
+            elif (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)
+            ):
+                named.append(item)
+            else:
+                raise TypeError(
+                    f"bundle: item {i} of the iterable is {type(item).__name__}; expected a "
+                    "tensor or a (name, tensor) pair."
+                )
+        return named
+    raise TypeError(f"bundle: unsupported source {type(source).__name__}. Expect {_SOURCES}.")
+
+
+def bundle(
+    source: Source,
+    *,
+    strategy: str = "concat",
+    include: Selector = None,
+    exclude: Selector = None,
+    recurse: bool = True,
+    buffers: bool = False,
+    **options: Any,
+) -> ParameterBundle:
+    """Bundle the tensors of `source` so they behave as one flat tensor.
+
+    `source` is an `nn.Module` (its parameters, tied ones once; its buffers too with
+    `buffers=True`), a `Mapping[str, Tensor]` such as a state_dict, an iterable of tensors
+    (named `"0"`, `"1"`, ...) or of `(name, tensor)` pairs, or a `ParameterBundle`.
+    `include` / `exclude` select tensors by glob pattern(s) on the name or by a predicate
+    `(name, tensor) -> bool`. All tensors must be on one device.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> conv = torch.nn.Conv2d(3, 16, 3)
+        >>> b = mt.bundle(conv)
+        >>> b.names, b.shape
+        (('weight', 'bias'), torch.Size([448]))
+        >>> torch.allclose(torch.mean(b), torch.cat([conv.weight.reshape(-1), conv.bias]).mean())
+        True
+        >>> mt.bundle(conv, exclude="bias").names
+        ('weight',)
+    """
+    keep = _as_predicate(include, "include")
+    drop = _as_predicate(exclude, "exclude")
+    named = _named_tensors(source, recurse, buffers)
+    for name, t in named:
+        if isinstance(t, DispatchTensor):
+            raise TypeError(
+                f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
+                "(`mt.bundle(inner)` keeps its names)."
+            )
+    named = [
+        (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
+    ]
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        where = ", ".join(f"{n}: {t.device}" for n, t in named[:6])
+        raise ValueError(
+            f"bundle: all tensors must be on one device, got {sorted(map(str, devices))} "
+            f"({where}). Move the module first (`model.to(device)`) or bundle one device's "
+            "tensors at a time."
+        )
+    return ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)

@@ -1,0 +1,280 @@
+"""The dispatch table and `__torch_function__`: where every torch call on a bundle lands.
+
+Each `DispatchTensor` subclass owns one table, keyed by `(torch function, strategy name)`.
+The strategy `"*"` marks a handler that serves every strategy (it asks the bundle's strategy
+what to do with the partials itself). Anything not in the table falls back to the explicit
+concatenation, with a `MaterializationWarning`, or raises under `fallback("error")`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch.overrides import resolve_name
+
+from modtensor._errors import MaterializationWarning, UnsupportedOperationError
+
+__all__ = [
+    "ANY_STRATEGY", "DispatchTensor", "Handler", "NOT_HANDLED", "fallback", "find_bundles",
+    "func_name", "materialized",
+]
+
+Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]
+H = TypeVar("H", bound=Handler)
+FallbackMode = Literal["materialize", "error"]
+
+ANY_STRATEGY = "*"
+
+# A handler returns this when the call is outside what it can do exactly (an unusual
+# overload, a broadcast to more dimensions): the call then takes the fallback path.
+NOT_HANDLED: Any = NotImplemented
+
+_FALLBACK: contextvars.ContextVar[FallbackMode] = contextvars.ContextVar(
+    "modtensor_fallback", default="materialize"
+)
+
+# Metadata queries answered by the wrapper itself: it carries the concatenation's shape,
+# dtype and device, and has no storage for anything else to read.
+_T = torch.Tensor
+PASSTHROUGH: frozenset[Any] = frozenset(
+    {
+        _T.__hash__,
+        _T.dim,
+        _T.ndimension,
+        _T.numel,
+        _T.nelement,
+        _T.size,
+        _T.stride,
+        _T.storage_offset,
+        _T.element_size,
+        _T.get_device,
+        _T.is_floating_point,
+        _T.is_complex,
+        _T.is_signed,
+        _T.is_contiguous,
+        _T.__len__,
+    }
+    | {
+        getattr(_T, name).__get__
+        for name in (
+            "shape", "dtype", "device", "layout", "ndim", "is_leaf", "is_cuda", "is_cpu",
+            "is_meta", "is_mps", "is_xpu", "is_sparse", "is_quantized", "is_mkldnn",
+            "is_nested", "itemsize", "output_nr", "_version", "grad_fn", "_base",
+        )
+        if hasattr(_T, name)
+    }
+)
+
+# Functions whose materialized result would be silently wrong: they act on the tensor
+# object itself, so running them on a temporary copy would leave the parameters untouched.
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in (
+        "add", "sub", "mul", "truediv", "floordiv", "div", "mod", "pow", "matmul",
+        "and", "or", "xor", "lshift", "rshift",
+    )
+) | {"__setitem__"}
+_OBJECT_FUNCTIONS = frozenset(
+    {"register_hook", "retain_grad", "register_post_accumulate_grad_hook", "share_memory_"}
+)
+
+
+def func_name(func: Callable[..., Any]) -> str:
+    """Return torch's public name for `func`, e.g. `torch.Tensor.sum`.
+
+    Example:
+        >>> import torch
+        >>> func_name(torch.Tensor.sum)
+        'torch.Tensor.sum'
+    """
+    name = resolve_name(func)
+    if name:
+        return str(name)
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def _short_name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", "") or ""
+
+
+def _writes_in_place(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> bool:
+    name = _short_name(func)
+    if name in _INPLACE_DUNDERS or name in _OBJECT_FUNCTIONS:
+        return True
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return bool(kwargs.get("inplace")) or isinstance(kwargs.get("out"), DispatchTensor)
+
+
+class fallback:  # noqa: N801 - used like torch.no_grad, as a setter and a context manager
+    """Choose what happens to functions outside the dispatch table.
+
+    `"materialize"` (the default) computes them on `b.materialize()`, the explicit
+    concatenation, and warns with `MaterializationWarning`; `"error"` raises
+    `UnsupportedOperationError` instead. Calling `fallback(mode)` sets the mode at once;
+    used as a context manager it restores the previous mode on exit.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.ones(2), torch.ones(3)])
+        >>> with mt.fallback("error"):
+        ...     float(b.sum())  # in the table: unaffected
+        5.0
+    """
+
+    def __init__(self, mode: FallbackMode) -> None:
+        if mode not in ("materialize", "error"):
+            raise ValueError(f"fallback: unknown mode {mode!r}. Expect one of ('materialize', 'error').")
+        self._token = _FALLBACK.set(mode)
+
+    def __enter__(self) -> fallback:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _FALLBACK.reset(self._token)
+
+
+def _replace_bundles(obj: Any, convert: Callable[[DispatchTensor], Any]) -> Any:
+    if isinstance(obj, DispatchTensor):
+        return convert(obj)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_replace_bundles(x, convert) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _replace_bundles(v, convert) for k, v in obj.items()}
+    return obj
+
+
+def materialized(obj: Any) -> Any:
+    """`obj` with every bundle in it (one level into lists, tuples, dicts) materialized."""
+    return _replace_bundles(obj, lambda b: b.materialize())
+
+
+def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[DispatchTensor]:
+    """Every bundle among the arguments, in order, looking one level into lists and tuples."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, DispatchTensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(x for x in a if isinstance(x, DispatchTensor))
+    return found
+
+
+def _materialize_call(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], stacklevel: int
+) -> Any:
+    name = func_name(func)
+    bundles = find_bundles(args, kwargs)
+    structure = bundles[0].describe() if bundles else "a bundle"
+    if _writes_in_place(func, kwargs):
+        raise UnsupportedOperationError(
+            f"{name} would write into a temporary copy of {structure}, not into its tensors, "
+            "so modtensor refuses it. Apply it to the tensors themselves "
+            "(`for t in b.tensors: ...`) or register an in-place handler with "
+            f"@mt.implements({name})."
+        )
+    if _FALLBACK.get() == "error":
+        raise UnsupportedOperationError(
+            f"{name} is not in the dispatch table of {structure}. Call it on "
+            f"`b.materialize()` (the explicit concatenation, a full copy), or register a "
+            f"handler with @mt.implements({name})."
+        )
+    warnings.warn(
+        f"{name} is not in modtensor's dispatch table: computed on the explicit "
+        f"concatenation of {structure} (a full copy). Register a handler with "
+        f"@mt.implements({name}), or use mt.fallback('error') to make this an error.",
+        MaterializationWarning,
+        stacklevel=stacklevel,
+    )
+    return func(*materialized(args), **materialized(kwargs))
+
+
+class DispatchTensor(torch.Tensor):
+    """A tensor subclass whose torch calls are routed through a per-class table.
+
+    Subclasses inherit their parent's entries and may add or override their own without
+    touching the parent's table. `ParameterBundle` is the library's one subclass.
+    """
+
+    HANDLERS: ClassVar[dict[tuple[Any, str], Handler]] = {}
+    _strategy: str = "concat"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.HANDLERS = dict(cls.HANDLERS)
+
+    def describe(self) -> str:
+        """Return a one-line description of the bundle for error messages."""
+        return type(self).__name__
+
+    def materialize(self) -> torch.Tensor:
+        """Return the explicit concatenation; subclasses define it."""
+        raise NotImplementedError
+
+    @classmethod
+    def implements(
+        cls, funcs: Callable[..., Any] | Iterable[Callable[..., Any]], strategy: str = ANY_STRATEGY
+    ) -> Callable[[H], H]:
+        """Register the decorated handler for one torch function or several.
+
+        The handler has the signature `(func, types, args, kwargs)` and serves `strategy`
+        (by default every strategy; a strategy-specific entry wins over `"*"`).
+        """
+        func_list = [funcs] if callable(funcs) else list(funcs)
+
+        def decorator(handler: H) -> H:
+            for f in func_list:
+                cls.HANDLERS[(f, strategy)] = handler
+            return handler
+
+        return decorator
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in PASSTHROUGH:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        strategy = cls._strategy
+        for a in args:
+            if isinstance(a, DispatchTensor):
+                strategy = a._strategy
+                break
+        table = cls.HANDLERS
+        handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
+        if handler is not None:
+            result = handler(func, types, args, kwargs)
+            if result is not NOT_HANDLED:
+                return result
+        return _materialize_call(func, args, kwargs, stacklevel=3)
+
+    @classmethod
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        # Only reached by code that bypasses __torch_function__ (for instance a C++ kernel
+        # given the wrapper directly). The wrapper holds no data, so say so in Python.
+        raise UnsupportedOperationError(
+            f"{func} reached a {cls.__name__} below __torch_function__; the bundle has no "
+            "storage of its own. Call it on `b.materialize()` or on `b.tensors`."
+        )

@@ -1,0 +1,93 @@
+"""Indexing a bundle as its concatenation: by int, by slice, by boolean mask.
+
+An int gives a 0-d tensor, a slice a 1-D tensor (a view where it falls within one
+contiguous tensor), a mask the selected elements. Other indices fall back.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED
+from modtensor._pointwise import _piece_getter
+
+__all__ = ["getitem"]
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
+    n = b._numel
+    if not -n <= index < n:
+        raise IndexError(
+            f"index {index} is out of bounds for dimension 0 with size {n} ({b.describe()})."
+        )
+    index %= n
+    i = bisect.bisect_right(b._offsets, index) - 1
+    t = b._tensors[i]
+    local = index - b._offsets[i]
+    coords = []
+    for size in reversed(t.shape):
+        coords.append(local % size)
+        local //= size
+    element = t[tuple(reversed(coords))]
+    return element if element.dtype == b._dtype else element.to(b._dtype)
+
+
+def _slice_index(b: ParameterBundle, index: slice) -> torch.Tensor:
+    start, stop, step = index.indices(b._numel)
+    if step <= 0:
+        raise ValueError(f"step must be greater than zero (indexing {b.describe()}).")
+    parts = []
+    for t, begin, end in zip(b._tensors, b._offsets, b._offsets[1:]):
+        if end <= start or begin >= stop or begin == end:
+            continue
+        # first element of the slice inside this tensor, on the slice's grid
+        first = start if start >= begin else start + -(-(begin - start) // step) * step
+        if first >= min(end, stop):
+            continue
+        parts.append(_flat(t, b._dtype)[first - begin : min(end, stop) - begin : step])
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return torch.empty(0, dtype=b._dtype, device=b._device)
+    return torch.cat(parts)
+
+
+def _mask_index(b: ParameterBundle, mask: Any) -> Any:
+    flat_mask = mask.dim() == 1 and mask.shape[0] == b._numel
+    if not (isinstance(mask, ParameterBundle) or flat_mask):
+        return NOT_HANDLED  # a 0-d mask adds a dimension: only the concatenation can do it
+    getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")
+    if not b._tensors:
+        return torch.empty(0, dtype=b._dtype, device=b._device)
+    return torch.cat([t.to(b._dtype)[getter(i)] for i, t in enumerate(b._tensors)])
+
+
+@ParameterBundle.implements(torch.Tensor.__getitem__)
+def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b[index]` for an int, a slice or a boolean mask, as on the concatenation."""
+    b, index = args
+    if not isinstance(b, ParameterBundle):
+        return NOT_HANDLED
+    if (
+        isinstance(index, torch.Tensor)
+        and not isinstance(index, ParameterBundle)
+        and index.dim() == 0
+        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+    ):
+        index = int(index)
+    if isinstance(index, int) and not isinstance(index, bool):
+        return _int_index(b, index)
+    if isinstance(index, slice):
+        return _slice_index(b, index)
+    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+        return _mask_index(b, index)
+    return NOT_HANDLED

@@ -1,0 +1,286 @@
+"""Bundle-with-bundle reductions: dot products, distances, cosine similarity, losses, equality.
+
+The other operand is a bundle of the same structure or a flat `(N,)` tensor (a 0-d tensor
+where torch broadcasts one). Each reduction is a monoid over pairs of tensors, like the
+one-bundle reductions, so every strategy applies to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modtensor import _strategies
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._pointwise import _piece_getter, map_elementwise
+from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _real, _stack, check_dim
+from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
+
+__all__ = ["PAIRWISE_FUNCTIONS"]
+
+_T = torch.Tensor
+
+
+def _operands(
+    name: str, first: Any, second: Any, require_same_dtype: bool
+) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
+    """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`."""
+    ref = first if isinstance(first, ParameterBundle) else second
+    getters = [_piece_getter(x, ref, name) for x in (first, second)]
+    if any(g is NOT_HANDLED or g is None for g in getters):
+        return NOT_HANDLED
+    dtypes = [x._dtype if isinstance(x, ParameterBundle) else x.dtype for x in (first, second)]
+    if require_same_dtype and dtypes[0] != dtypes[1]:
+        raise RuntimeError(
+            f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
+            f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
+        )
+    pieces = [
+        ((getters[0](i), getters[1](i)), offset, ref._shapes[i].numel())
+        for i, offset in enumerate(ref._offsets[:-1])
+    ]
+    return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
+
+
+def _run(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reduction: Reduction,
+    parsed: ReduceArgs,
+    operands: Any,
+) -> Any:
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
+    ref, pieces, _ = operands
+    call = ReductionCall(func, args, kwargs, ref, reduction, parsed, pieces)
+    return _strategies.get(ref.strategy).reduce(call)
+
+
+def _combine_sum(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+    return _cast(_stack(states, _acc_dtype(a.dtype)).sum(), a.dtype)
+
+
+# -- dot, vdot, inner, matmul of two vectors ---------------------------------------------------
+
+
+def _sig_dot(input: Any, other: Any) -> Any:
+    return input, other
+
+
+def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    reduction = Reduction(
+        parse=lambda *a: None,
+        partial=lambda pair, offset, a: product(pair[0].reshape(-1), pair[1].reshape(-1)),
+        combine=_combine_sum,
+    )
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = func_name(func)
+        first, second = _bind(_sig_dot, name, args, kwargs)
+        if "matmul" in name and not (
+            isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+            and first.dim() == 1 and second.dim() == 1
+        ):
+            return NOT_HANDLED  # vector @ matrix: only the concatenation can do it
+        operands = _operands(name, first, second, require_same_dtype=True)
+        if operands is NOT_HANDLED:
+            return NOT_HANDLED
+        parsed = ReduceArgs(name, operands[2], operands[0]._numel)
+        return _run(func, args, kwargs, reduction, parsed, operands)
+
+    return handler
+
+
+# -- dist ----------------------------------------------------------------------------------------
+
+
+def _sig_dist(input: Any, other: Any, p: Any = 2) -> Any:
+    return input, other, p
+
+
+def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
+    x, y = pair
+    return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), pair
+
+
+def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+    p = a.options["p"]
+    values = [v for v, _ in states]
+    real = _real(a.dtype)
+    if math.isinf(p):
+        pairs = [pair for _, pair in states]
+        return _extremum(values, pairs, p > 0, real, key=lambda pr: (pr[0] - pr[1]).abs())
+    stacked = _stack(values, _acc_dtype(real))
+    combined = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, ord=p)
+    return _cast(combined, real)
+
+
+_DIST = Reduction(
+    parse=lambda *a: None,
+    partial=_partial_dist,
+    combine=_combine_dist,
+    needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
+)
+
+
+def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    first, second, p = _bind(_sig_dist, name, args, kwargs)
+    operands = _operands(name, first, second, require_same_dtype=False)
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
+    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p)})
+    return _run(func, args, kwargs, _DIST, parsed, operands)
+
+
+# -- cosine similarity ---------------------------------------------------------------------------
+
+
+def _sig_cosine(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> Any:
+    return x1, x2, dim, eps
+
+
+def _partial_cosine(pair: Any, offset: int, a: ReduceArgs) -> Any:
+    x, y = (_cast(t, a.dtype) for t in pair)
+    return torch.dot(x.reshape(-1), y.reshape(-1)), torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
+
+
+def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+    acc = _acc_dtype(a.dtype)
+    dot = _stack([d for d, _, _ in states], acc).sum()
+    eps = a.options["eps"]
+    norms = []
+    for j in (1, 2):
+        norm = torch.linalg.vector_norm(_stack([s[j] for s in states], acc))
+        # torch clamps the norms at eps outside autograd: the value is clamped, the
+        # gradient is the unclamped norm's.
+        norms.append(norm + (norm.clamp_min(eps) - norm).detach())
+    return _cast(dot / (norms[0] * norms[1]), a.dtype)
+
+
+_COSINE = Reduction(parse=lambda *a: None, partial=_partial_cosine, combine=_combine_cosine)
+
+
+def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    first, second, dim, eps = _bind(_sig_cosine, name, args, kwargs)
+    ref = first if isinstance(first, ParameterBundle) else second
+    check_dim(dim, name, ref)
+    operands = _operands(name, first, second, require_same_dtype=False)
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
+    dtype = operands[2]
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise RuntimeError(f"{name}: needs floating point operands, got {dtype}.")
+    parsed = ReduceArgs(name, dtype, ref._numel, options={"eps": eps})
+    return _run(func, args, kwargs, _COSINE, parsed, operands)
+
+
+# -- losses: mse, l1, smooth_l1, huber -----------------------------------------------------------
+
+
+def _sig_loss(
+    input: Any, target: Any, size_average: Any = None, reduce: Any = None, reduction: str = "mean",
+    weight: Any = None,
+) -> Any:
+    return input, target, size_average is not None or reduce is not None or weight is not None, reduction, {}
+
+
+def _sig_smooth_l1(
+    input: Any, target: Any, size_average: Any = None, reduce: Any = None, reduction: str = "mean",
+    beta: float = 1.0,
+) -> Any:
+    return input, target, size_average is not None or reduce is not None, reduction, {"beta": beta}
+
+
+def _sig_huber(input: Any, target: Any, reduction: str = "mean", delta: float = 1.0, weight: Any = None) -> Any:
+    return input, target, weight is not None, reduction, {"delta": delta}
+
+
+def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any]) -> Callable[..., Any]:
+    def partial(pair: Any, offset: int, a: ReduceArgs) -> torch.Tensor:
+        x, y = pair
+        return loss(_cast(x, a.dtype), y, reduction="sum", **a.options["loss_kwargs"])
+
+    def finalize(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+        return _cast(state / a.numel, a.dtype) if a.options["mean"] else state
+
+    reduction_of = Reduction(parse=lambda *a: None, partial=partial, combine=_combine_sum, finalize=finalize)
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = func_name(func)
+        first, second, unusual, reduction, loss_kwargs = _bind(signature, name, args, kwargs)
+        if unusual:
+            return NOT_HANDLED  # legacy reduction flags or per-element weights: the fallback is exact
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(
+                f"{name}: {reduction!r} is not a valid value for reduction; expect 'mean', 'sum' or 'none'."
+            )
+        if reduction == "none":
+            return map_elementwise(func, types, args, kwargs)
+        operands = _operands(name, first, second, require_same_dtype=False)
+        if operands is NOT_HANDLED:
+            return NOT_HANDLED
+        options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean"}
+        parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
+        return _run(func, args, kwargs, reduction_of, parsed, operands)
+
+    return handler
+
+
+# -- allclose and equal: Python bools, true only if every pair is ------------------------------
+
+
+def _sig_allclose(input: Any, other: Any, rtol: float = 1e-05, atol: float = 1e-08, equal_nan: bool = False) -> Any:
+    return input, other, rtol, atol, equal_nan
+
+
+def _allclose(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    first, second, rtol, atol, equal_nan = _bind(_sig_allclose, name, args, kwargs)
+    operands = _operands(name, first, second, require_same_dtype=False)
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
+    return all(
+        torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=equal_nan) for (x, y), _, _ in operands[1]
+    )
+
+
+def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    first, second = _bind(_sig_dot, name, args, kwargs)
+    if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
+        return NOT_HANDLED
+    if first.shape != second.shape:
+        return False
+    if isinstance(first, ParameterBundle) and isinstance(second, ParameterBundle) and first._shapes != second._shapes:
+        return NOT_HANDLED  # same length, different split: compare the concatenations
+    operands = _operands(name, first, second, require_same_dtype=False)
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
+    return all(torch.equal(x, y) for (x, y), _, _ in operands[1])
+
+
+PAIRWISE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
+    "dot": ((torch.dot, _T.dot), _make_dot(torch.dot)),
+    "vdot": ((torch.vdot, _T.vdot), _make_dot(torch.vdot)),
+    "inner": ((torch.inner, _T.inner), _make_dot(torch.dot)),
+    "matmul": ((torch.matmul, _T.matmul, _T.__matmul__, _T.__rmatmul__), _make_dot(torch.dot)),
+    "dist": ((torch.dist, _T.dist), _dist),
+    "cosine_similarity": ((F.cosine_similarity, torch.cosine_similarity), _cosine_similarity),
+    "mse_loss": ((F.mse_loss,), _make_loss(F.mse_loss, _sig_loss)),
+    "l1_loss": ((F.l1_loss,), _make_loss(F.l1_loss, _sig_loss)),
+    "smooth_l1_loss": ((F.smooth_l1_loss,), _make_loss(F.smooth_l1_loss, _sig_smooth_l1)),
+    "huber_loss": ((F.huber_loss,), _make_loss(F.huber_loss, _sig_huber)),
+    "allclose": ((torch.allclose, _T.allclose), _allclose),
+    "equal": ((torch.equal, _T.equal), _equal),
+}
+
+for _funcs, _handler in PAIRWISE_FUNCTIONS.values():
+    ParameterBundle.implements(_funcs)(_handler)

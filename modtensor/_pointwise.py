@@ -1,0 +1,178 @@
+"""Elementwise ops: applied tensor by tensor, returning a bundle of the same names and shapes.
+
+Each tensor is first cast to the bundle's dtype, so type promotion and rounding are those of
+the concatenation. Other operands may be Python scalars, 0-d (or one-element) tensors, a
+bundle of the same structure, or a flat `(N,)` tensor, which is split into views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+
+__all__ = [
+    "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
+    "POINTWISE_FUNCTIONS", "map_elementwise", "check_same_structure",
+]
+
+# Names of torch functions and Tensor methods that act elementwise; each name is registered
+# for every spelling that exists (`torch.X`, `torch.Tensor.X`).
+UNARY_OPS = (
+    "abs", "absolute", "acos", "arccos", "acosh", "arccosh", "angle", "asin", "arcsin", "asinh",
+    "arcsinh", "atan", "arctan", "atanh", "arctanh", "bitwise_not", "ceil", "clamp", "clip",
+    "clamp_min", "clamp_max", "conj", "conj_physical", "cos", "cosh", "deg2rad", "digamma", "erf",
+    "erfc", "erfinv", "exp", "exp2", "expm1", "fix", "floor", "frac", "frexp", "hardshrink", "i0",
+    "imag", "isfinite", "isinf", "isnan", "isneginf", "isposinf", "isreal", "lgamma", "log",
+    "log10", "log1p", "log2", "logical_not", "logit", "mvlgamma", "nan_to_num", "neg", "negative",
+    "positive", "polygamma", "rad2deg", "real", "reciprocal", "relu", "round", "rsqrt", "sgn",
+    "sigmoid", "sign", "signbit", "sin", "sinc", "sinh", "sqrt", "square", "tan", "tanh", "trunc",
+)
+BINARY_OPS = (
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
+    "remainder", "fmod", "pow", "float_power", "atan2", "arctan2", "copysign", "eq", "ne",
+    "not_equal", "lt", "less", "le", "less_equal", "gt", "greater", "ge", "greater_equal",
+    "maximum", "minimum", "fmax", "fmin", "hypot", "logaddexp", "logaddexp2", "nextafter",
+    "xlogy", "ldexp", "heaviside", "isclose", "logical_and", "logical_or", "logical_xor",
+    "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_left_shift", "bitwise_right_shift",
+    "gcd", "lcm", "igamma", "igammac", "rsub", "complex", "polar", "where", "lerp", "addcmul",
+    "addcdiv",
+)
+SPECIAL_OPS = (
+    "airy_ai", "bessel_j0", "bessel_j1", "bessel_y0", "bessel_y1", "digamma", "entr", "erf",
+    "erfc", "erfcx", "erfinv", "exp2", "expit", "expm1", "gammainc", "gammaincc", "gammaln", "i0",
+    "i0e", "i1", "i1e", "log1p", "log_ndtr", "logit", "modified_bessel_i0", "modified_bessel_i1",
+    "modified_bessel_k0", "modified_bessel_k1", "multigammaln", "ndtr", "ndtri", "polygamma",
+    "psi", "round", "scaled_modified_bessel_k0", "scaled_modified_bessel_k1", "sinc",
+    "spherical_bessel_j0", "xlog1py", "xlogy", "zeta", "chebyshev_polynomial_t",
+    "chebyshev_polynomial_u", "chebyshev_polynomial_v", "chebyshev_polynomial_w",
+    "hermite_polynomial_h", "hermite_polynomial_he", "laguerre_polynomial_l",
+    "legendre_polynomial_p", "shifted_chebyshev_polynomial_t", "shifted_chebyshev_polynomial_u",
+    "shifted_chebyshev_polynomial_v", "shifted_chebyshev_polynomial_w",
+)
+FUNCTIONAL_OPS = (
+    "celu", "elu", "gelu", "hardshrink", "hardsigmoid", "hardswish", "hardtanh", "leaky_relu",
+    "logsigmoid", "mish", "relu", "relu6", "rrelu", "selu", "sigmoid", "silu", "softplus",
+    "softshrink", "softsign", "tanh", "tanhshrink", "threshold",
+)
+OPERATOR_DUNDERS = (
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__div__", "__rdiv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__",
+    "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__", "__and__", "__rand__",
+    "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__", "__rlshift__", "__rshift__",
+    "__rrshift__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+)
+CONVERSIONS = (
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "short", "char",
+    "byte", "bool", "cfloat", "cdouble", "chalf", "cpu", "cuda", "detach", "clone", "contiguous",
+)
+
+
+def _spellings() -> dict[str, tuple[Callable[..., Any], ...]]:
+    found: dict[str, tuple[Callable[..., Any], ...]] = {}
+    for name in UNARY_OPS + BINARY_OPS + OPERATOR_DUNDERS + CONVERSIONS:
+        funcs = tuple(f for f in (getattr(torch, name, None), getattr(torch.Tensor, name, None)) if f)
+        found[name] = funcs
+    for name in SPECIAL_OPS:
+        found[f"special.{name}"] = (getattr(torch.special, name),)
+    for name in FUNCTIONAL_OPS:
+        found[f"nn.functional.{name}"] = (getattr(F, name),)
+    return found
+
+
+# name -> the torch callables registered for it; the tests import this.
+POINTWISE_FUNCTIONS = _spellings()
+
+
+def check_same_structure(name: str, a: ParameterBundle, b: ParameterBundle) -> None:
+    """Raise ValueError unless the two bundles hold tensors of the same shapes, in order."""
+    if a._shapes != b._shapes:
+        raise ValueError(
+            f"{name}: bundles of different structure: {a.describe()} and {b.describe()}. "
+            "Elementwise ops pair tensors in order and need the same shapes; compare "
+            "`a.names` with `b.names`, or select matching tensors with include=/exclude=."
+        )
+
+
+def _piece_getter(arg: Any, ref: ParameterBundle, name: str) -> Any:
+    """How to get tensor i's operand from one argument; NOT_HANDLED if only a copy could."""
+    if isinstance(arg, ParameterBundle):
+        check_same_structure(name, ref, arg)
+        return lambda i: _cast_piece(arg._tensors[i], arg._dtype)
+    if not isinstance(arg, torch.Tensor):
+        return None
+    if arg.dim() == 1 and arg.shape[0] == ref._numel:
+        offsets, shapes = ref._offsets, ref._shapes
+        return lambda i: arg.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(shapes[i])
+    if arg.dim() <= 1 and arg.numel() == 1:
+        scalar = arg.reshape(())
+        return lambda i: scalar
+    try:
+        torch.broadcast_shapes(arg.shape, (ref._numel,))  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: cannot combine {ref.describe()} ({ref._numel} elements) with a tensor of "
+            f"shape {tuple(arg.shape)}. Use a Python scalar, a 0-d tensor, a flat "
+            f"({ref._numel},) tensor, or a bundle of the same structure."
+        ) from None
+    return NOT_HANDLED  # a broadcast to more dimensions: only the concatenation can do it
+
+
+def _cast_piece(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def map_elementwise(
+    func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Apply `func` tensor by tensor; return a bundle (or a tuple of bundles) of the results."""
+    ref = next(
+        (a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle)), None
+    )
+    if ref is None or kwargs.get("out") is not None or kwargs.get("inplace"):
+        return NOT_HANDLED
+    name = func_name(func)
+    arg_getters = [_piece_getter(a, ref, name) for a in args]
+    kwarg_getters = {k: _piece_getter(v, ref, name) for k, v in kwargs.items()}
+    if any(g is NOT_HANDLED for g in (*arg_getters, *kwarg_getters.values())):
+        return NOT_HANDLED
+
+    def call(i: int) -> Any:
+        piece_args = [g(i) if g else a for g, a in zip(arg_getters, args)]
+        piece_kwargs = {k: (g(i) if g else kwargs[k]) for k, g in kwarg_getters.items()}
+        return func(*piece_args, **piece_kwargs)
+
+    if not ref._tensors:
+        # No tensor to map over: the empty concatenation still fixes the result's dtype.
+        empty = ref.materialize()
+        probe = func(*[empty if g else a for g, a in zip(arg_getters, args)],
+                     **{k: (empty if g else kwargs[k]) for k, g in kwarg_getters.items()})
+        if not isinstance(probe, torch.Tensor):
+            return NOT_HANDLED
+        return ParameterBundle((), (), ref.strategy, ref.options, dtype=probe.dtype)
+
+    results = [call(i) for i in range(len(ref._tensors))]
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(r, torch.Tensor) and r.shape == s for r, s in zip(results, ref._shapes)):
+            return NOT_HANDLED
+        return ref.derive(results)
+    if isinstance(first, tuple) and all(isinstance(x, torch.Tensor) for x in first):
+        parts = [ref.derive([r[j] for r in results]) for j in range(len(first))]
+        return type(first)(parts)
+    return NOT_HANDLED
+
+
+def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if len(args) + len(kwargs) == 1:  # torch.where(cond) is nonzero, not elementwise
+        return NOT_HANDLED
+    return map_elementwise(func, types, args, kwargs)
+
+
+for _name, _funcs in POINTWISE_FUNCTIONS.items():
+    ParameterBundle.implements(_funcs)(_where if _name == "where" else map_elementwise)

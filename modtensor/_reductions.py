@@ -1,0 +1,655 @@
+"""Reductions over the whole bundle, each a monoid: per-tensor partial, combine, finalize.
+
+Reductions accept a full reduction or `dim` 0 / -1 (the bundle is one-dimensional), with
+`keepdim`. Partials are combined in float64 (complex128) where the result is floating, so
+the combine adds no rounding of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from modtensor import _strategies
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._pointwise import map_elementwise
+from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
+
+__all__ = ["REDUCTIONS", "reduction_handler", "check_dim"]
+
+_T = torch.Tensor
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# -- argument helpers ------------------------------------------------------------------------
+
+
+def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
+    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ())."""
+    if dim is None:
+        return
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"{name}: dim must be an int or a tuple of ints, got {dim!r}.")
+        if d not in (0, -1):
+            raise IndexError(
+                f"{name}: Dimension out of range (expected to be in range of [-1, 0], but got "
+                f"{d}): {b.describe()} behaves as one flat dimension of {b._numel} elements. "
+                "Use dim=0, or the per_param strategy for each tensor's own dims."
+            )
+    if len(dims) > 1:
+        raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
+
+
+def _bind(stub: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Python's own argument binding mirrors torch's signature at the cost of one call.
+    kwargs = dict(kwargs)
+    if "axis" in kwargs:
+        kwargs["dim"] = kwargs.pop("axis")
+    if "keepdims" in kwargs:
+        kwargs["keepdim"] = kwargs.pop("keepdims")
+    try:
+        return stub(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}".replace(stub.__name__ + "()", "")) from None
+
+
+def _is_floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _require_floating(dtype: torch.dtype, name: str, b: ParameterBundle, what: str) -> None:
+    if not _is_floating(dtype):
+        raise RuntimeError(
+            f"{name}: {what} needs a floating point or complex dtype, but {b.describe()} "
+            f"concatenates to {dtype} (torch raises the same on the concatenation). "
+            "Cast first, e.g. `b.float()`, or pass dtype=."
+        )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partials are combined in: float64 / complex128 for floating results."""
+    if dtype.is_complex:
+        return torch.complex128
+    if dtype.is_floating_point:
+        return torch.float64
+    return dtype
+
+
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 / bfloat16 partial sums may overflow where the concatenation's float32
+    # accumulator would not.
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([_cast(s, dtype) for s in states])
+
+
+def _sum_dtype(dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return torch.int64 if not _is_floating(dtype) else dtype
+
+
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
+# -- sum, nansum, mean, nanmean, prod ---------------------------------------------------------
+
+
+def _sig_sum(input: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+    return dim, keepdim, dtype
+
+
+def _parse_sum_like(
+    b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], mean: bool
+) -> ReduceArgs:
+    name = func_name(func)
+    dim, keepdim, dtype = _bind(_sig_sum, name, args, kwargs)
+    check_dim(dim, name, b)
+    if mean:
+        dtype = dtype or b._dtype
+        _require_floating(dtype, name, b, "the mean")
+    return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
+
+
+def _parse_sum(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _parse_sum_like(b, func, args, kwargs, mean=False)
+
+
+def _parse_mean(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return _parse_sum_like(b, func, args, kwargs, mean=True)
+
+
+def _make_sum(reducer: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+        return reducer(t, dtype=_partial_dtype(a.dtype))
+
+    return partial
+
+
+def _combine_sum(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+    return _stack(states, _acc_dtype(a.dtype)).sum()
+
+
+def _finalize_sum(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+    return _cast(state, a.dtype)
+
+
+def _finalize_mean(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+    return _cast(state / a.numel, a.dtype)
+
+
+def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    return torch.nansum(t, dtype=_partial_dtype(a.dtype)), t.numel() - t.isnan().sum()
+
+
+def _combine_nanmean(states: list[Any], a: ReduceArgs) -> Any:
+    sums = _stack([s for s, _ in states], _acc_dtype(a.dtype)).sum()
+    counts = torch.stack([c for _, c in states]).sum()
+    return sums, counts
+
+
+def _finalize_nanmean(state: Any, a: ReduceArgs) -> torch.Tensor:
+    total, count = state
+    return _cast(total / count, a.dtype)
+
+
+def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+    return torch.prod(t, dtype=a.dtype)
+
+
+def _combine_prod(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+    return _stack(states, _acc_dtype(a.dtype)).prod()
+
+
+def _sig_prod(input: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+    return dim, keepdim, dtype
+
+
+def _parse_prod(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim, dtype = _bind(_sig_prod, name, args, kwargs)
+    if dim is not None and not isinstance(dim, int):
+        raise TypeError(f"{name}: dim must be an int (torch.prod takes no tuple of dims), got {dim!r}.")
+    check_dim(dim, name, b)
+    return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
+
+
+# -- var, std, var_mean, std_mean (Chan et al.'s parallel merge) --------------------------------
+
+
+def _sig_var(
+    input: Any, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *, correction: Any = None
+) -> Any:
+    return dim, unbiased, keepdim, correction
+
+
+def _parse_var(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, unbiased, keepdim, correction = _bind(_sig_var, name, args, kwargs)
+    if isinstance(dim, bool):  # the legacy overload var(input, unbiased)
+        dim, unbiased = None, dim
+    check_dim(dim, name, b)
+    if unbiased is not None and correction is not None:
+        raise RuntimeError(f"{name}: cannot specify both unbiased and correction.")
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    _require_floating(b._dtype, name, b, "var and std")
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"correction": correction})
+
+
+def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    var, mean = torch.var_mean(_cast(t, _partial_dtype(a.dtype)), correction=0)
+    return t.numel(), var, mean
+
+
+def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
+    acc = _acc_dtype(a.dtype)
+    counts = torch.tensor([n for n, _, _ in states], dtype=_real(acc), device=states[0][1].device)
+    variances = _stack([v for _, v, _ in states], _real(acc))
+    means = _stack([m for _, _, m in states], acc)
+    total = counts.sum()
+    mean = (counts * means).sum() / total
+    m2 = (counts * variances).sum() + (counts * (means - mean).abs().square()).sum()
+    return total, m2, mean
+
+
+def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
+    _, m2, _ = state
+    dof = a.numel - a.options["correction"]
+    var = m2 / dof
+    if dof >= 0:
+        return var
+    # torch's value divides by max(dof, 0) = 0, its gradient by dof itself.
+    return var + (m2 / 0 - var).detach()
+
+
+def _fin_var(state: Any, a: ReduceArgs) -> torch.Tensor:
+    return _cast(_var_of(state, a), _real(a.dtype))
+
+
+def _fin_std(state: Any, a: ReduceArgs) -> torch.Tensor:
+    var = _var_of(state, a)
+    # torch's std has a zero gradient where the std is zero, not sqrt's infinite one.
+    zero = var == 0
+    std = torch.where(zero, var.detach(), torch.where(zero, torch.ones_like(var), var).sqrt())
+    return _cast(std, _real(a.dtype))
+
+
+def _fin_var_mean(state: Any, a: ReduceArgs) -> Any:
+    return _fin_var(state, a), _cast(state[2], a.dtype)  # type: ignore[attr-defined]
+
+
+def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
+    return _fin_std(state, a), _cast(state[2], a.dtype)  # type: ignore[attr-defined]
+
+
+# -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
+
+
+def _extremum(
+    values: list[torch.Tensor],
+    tensors: list[torch.Tensor],
+    largest: bool,
+    dtype: torch.dtype,
+    key: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The max (or min) of per-tensor extrema, with torch's gradient for ties.
+
+    torch spreads an extremum's gradient evenly over all tied elements of the input; the
+    plain max of per-tensor maxima would split it evenly over tensors instead. So where
+    several tensors tie and a gradient is wanted, weigh each by its share of the ties.
+    `key` maps a tensor to the values that were compared (`abs` for the inf-norms).
+    """
+    stacked = _stack(values, dtype)
+    m = stacked.amax() if largest else stacked.amin()
+    if len(values) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
+        return m
+    tied = (stacked == m).tolist()
+    if sum(tied) <= 1:
+        return m
+    counts = [
+        (_cast(key(t) if key else t, dtype) == m).sum() if is_tied else None
+        for t, is_tied in zip(tensors, tied)
+    ]
+    total = sum(c for c in counts if c is not None)
+    shares = [(v, (c / total).to(v.dtype)) for v, c in zip(stacked, counts) if c is not None]
+    if not bool(m.isfinite()):  # +-inf: the shares sum to one, so the value stays exact
+        return sum((v * w for v, w in shares), torch.zeros_like(m))
+    result = m.detach()
+    for v, w in shares:
+        result = result + (v - v.detach()) * w
+    return result
+
+
+def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_amax, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _make_extremum(largest: bool) -> Reduction:
+    reducer = torch.amax if largest else torch.amin
+
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+        return reducer(t), t
+
+    def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+        return _extremum([v for v, _ in states], [t for _, t in states], largest, a.dtype)
+
+    return Reduction(_parse_amax, partial, combine, needs_elements=lambda a: True)
+
+
+def _sig_aminmax(input: Any, *, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_aminmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_aminmax, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _partial_aminmax(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    return torch.amin(t), torch.amax(t), t
+
+
+def _combine_aminmax(states: list[Any], a: ReduceArgs) -> Any:
+    tensors = [t for _, _, t in states]
+    low = _extremum([lo for lo, _, _ in states], tensors, False, a.dtype)
+    high = _extremum([hi for _, hi, _ in states], tensors, True, a.dtype)
+    return torch.return_types.aminmax((low, high))
+
+
+def _sig_argmax(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_argmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_argmax, name, args, kwargs)
+    check_dim(dim, name, b)
+    if b._dtype == torch.bool:
+        raise RuntimeError(f"{name}: does not support bool input ({b.describe()}); cast first, e.g. `b.int()`.")
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _make_arg_extremum(largest: bool) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+        # torch's arg-extrema count NaN as the extremum and pick the first; taking the
+        # first tensor's candidate among equals keeps that order across tensors.
+        flat = t.reshape(-1)
+        local = flat.argmax() if largest else flat.argmin()
+        return flat[local], local + offset
+
+    return partial
+
+
+def _make_combine_arg(largest: bool) -> Callable[[list[Any], ReduceArgs], Any]:
+    def combine(states: list[Any], a: ReduceArgs) -> Any:
+        values = _stack([v for v, _ in states], a.dtype)
+        k = values.argmax() if largest else values.argmin()
+        return values[k], torch.stack([i for _, i in states])[k]
+
+    return combine
+
+
+def _fin_index(state: Any, a: ReduceArgs) -> torch.Tensor:
+    index: torch.Tensor = state[1]
+    return index
+
+
+def _fin_values_indices(return_type: Any) -> Callable[[Any, ReduceArgs], Any]:
+    return lambda state, a: return_type(state)
+
+
+# -- max / min: full (like amax), with dim (values and indices), or elementwise with `other` ---
+
+
+def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any = None) -> Any:
+    return dim, keepdim, other
+
+
+def _max_handler(largest: bool) -> Callable[..., Any]:
+    full = REDUCTIONS["amax" if largest else "amin"]
+    with_dim = REDUCTIONS["max_dim" if largest else "min_dim"]
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not isinstance(args[0], ParameterBundle):
+            return map_elementwise(func, types, args, kwargs)
+        b = args[0]
+        dim, keepdim, other = _bind(_sig_max, func_name(func), args, kwargs)
+        if isinstance(dim, torch.Tensor) or other is not None:
+            return map_elementwise(func, types, args, kwargs)
+        if kwargs.get("out") is not None:
+            return NOT_HANDLED
+        if dim is None:
+            if keepdim:
+                return NOT_HANDLED
+            return _reduce(func, args, kwargs, b, full)
+        return _reduce(func, args, kwargs, b, with_dim)
+
+    return handler
+
+
+def _parse_max_dim(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim, _ = _bind(_sig_max, name, args, kwargs)
+    if not isinstance(dim, int):
+        raise TypeError(f"{name}: dim must be an int, got {dim!r}.")
+    check_dim(dim, name, b)
+    if b._dtype == torch.bool:
+        raise RuntimeError(f"{name}: does not support bool input with dim ({b.describe()}).")
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _parse_full_extremum(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return ReduceArgs(func_name(func), b._dtype, b._numel)
+
+
+# -- all, any, count_nonzero, logsumexp --------------------------------------------------------
+
+
+def _sig_all(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_all(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_all, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, torch.uint8 if b._dtype == torch.uint8 else torch.bool, b._numel, bool(keepdim))
+
+
+def _make_all(reducer: Callable[..., torch.Tensor]) -> Reduction:
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+        return _cast(reducer(t), torch.bool)
+
+    def combine(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+        return _cast(reducer(torch.stack(states)), a.dtype)
+
+    return Reduction(_parse_all, partial, combine)
+
+
+def _sig_count_nonzero(input: Any, dim: Any = None) -> Any:
+    return dim
+
+
+def _parse_count_nonzero(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    check_dim(_bind(_sig_count_nonzero, name, args, kwargs), name, b)
+    return ReduceArgs(name, torch.int64, b._numel)
+
+
+def _sig_logsumexp(input: Any, dim: Any, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_logsumexp(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_logsumexp, name, args, kwargs)
+    check_dim(dim, name, b)
+    dtype = b._dtype if _is_floating(b._dtype) else torch.get_default_dtype()
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim))
+
+
+def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+    return torch.logsumexp(_cast(t, a.dtype).reshape(-1), 0)
+
+
+def _combine_logsumexp(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+    return _cast(torch.logsumexp(_stack(states, _acc_dtype(a.dtype)), 0), a.dtype)
+
+
+# -- norms: torch.norm, Tensor.norm, linalg.vector_norm, linalg.norm of a vector ------------------
+
+
+def _sig_norm(input: Any, p: Any = "fro", dim: Any = None, keepdim: bool = False, out: Any = None, dtype: Any = None) -> Any:
+    return p, dim, keepdim, out, dtype
+
+
+def _sig_vector_norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None, out: Any = None) -> Any:
+    return ord, dim, keepdim, out, dtype
+
+
+def _sig_linalg_norm(A: Any, ord: Any = None, dim: Any = None, keepdim: bool = False, *, out: Any = None, dtype: Any = None) -> Any:
+    return ord, dim, keepdim, out, dtype
+
+
+_NORM_SIGNATURES: dict[Any, Callable[..., Any]] = {
+    torch.norm: _sig_norm,
+    _T.norm: _sig_norm,
+    torch.linalg.vector_norm: _sig_vector_norm,
+    torch.linalg.norm: _sig_linalg_norm,
+}
+
+
+def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
+    if out is not None:
+        return NOT_HANDLED
+    if p is None or p == "fro":
+        p = 2.0
+    if isinstance(p, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise RuntimeError(
+            f"{name}: ord {p!r} is a matrix norm, but {b.describe()} behaves as a vector. "
+            "Use a number (0, 1, 2, any p, inf, -inf)."
+        )
+    check_dim(dim, name, b)
+    dtype = dtype or b._dtype
+    _require_floating(dtype, name, b, "a norm")
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p)})
+
+
+def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    if not _is_floating(t.dtype):
+        t = t.to(a.dtype)
+    value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)
+    return value, t
+
+
+def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+    p = a.options["p"]
+    real = _real(a.dtype)
+    values = [v for v, _ in states]
+    if math.isinf(p):
+        return _extremum(values, [t for _, t in states], p > 0, real, key=torch.abs)
+    if len(values) == 1:
+        return _cast(values[0], real)
+    stacked = _stack(values, _acc_dtype(real))
+    # The partial norms are >= 0, so for p in (0, 1) a plain sum combines them, and keeps
+    # torch's sign(x) gradient where another element is NaN.
+    combined = stacked.sum() if p in (0, 1) else torch.linalg.vector_norm(stacked, ord=p)
+    return _cast(combined, real)
+
+
+# -- the table of reductions and its handler ---------------------------------------------------
+
+REDUCTIONS: dict[str, Reduction] = {
+    "sum": Reduction(_parse_sum, _make_sum(torch.sum), _combine_sum, _finalize_sum),
+    "nansum": Reduction(_parse_sum, _make_sum(torch.nansum), _combine_sum, _finalize_sum),
+    "mean": Reduction(_parse_mean, _make_sum(torch.sum), _combine_sum, _finalize_mean),
+    "nanmean": Reduction(_parse_mean, _partial_nanmean, _combine_nanmean, _finalize_nanmean),
+    "prod": Reduction(_parse_prod, _partial_prod, _combine_prod, _finalize_sum),
+    "var": Reduction(_parse_var, _partial_var, _combine_var, _fin_var),
+    "std": Reduction(_parse_var, _partial_var, _combine_var, _fin_std),
+    "var_mean": Reduction(_parse_var, _partial_var, _combine_var, _fin_var_mean),
+    "std_mean": Reduction(_parse_var, _partial_var, _combine_var, _fin_std_mean),
+    "amax": _make_extremum(True),
+    "amin": _make_extremum(False),
+    "aminmax": Reduction(_parse_aminmax, _partial_aminmax, _combine_aminmax, needs_elements=lambda a: True),
+    "argmax": Reduction(
+        _parse_argmax, _make_arg_extremum(True), _make_combine_arg(True), _fin_index, lambda a: True
+    ),
+    "argmin": Reduction(
+        _parse_argmax, _make_arg_extremum(False), _make_combine_arg(False), _fin_index, lambda a: True
+    ),
+    "max_dim": Reduction(
+        _parse_max_dim,
+        _make_arg_extremum(True),
+        _make_combine_arg(True),
+        _fin_values_indices(torch.return_types.max),
+        lambda a: True,
+    ),
+    "min_dim": Reduction(
+        _parse_max_dim,
+        _make_arg_extremum(False),
+        _make_combine_arg(False),
+        _fin_values_indices(torch.return_types.min),
+        lambda a: True,
+    ),
+    "all": _make_all(torch.all),
+    "any": _make_all(torch.any),
+    "count_nonzero": Reduction(
+        _parse_count_nonzero,
+        lambda t, offset, a: torch.count_nonzero(t),
+        lambda states, a: torch.stack(states).sum(),
+    ),
+    "logsumexp": Reduction(_parse_logsumexp, _partial_logsumexp, _combine_logsumexp),
+    "norm": Reduction(
+        _parse_norm,
+        _partial_norm,
+        _combine_norm,
+        needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
+    ),
+}
+
+# Which torch functions each reduction serves; the tests import this to cover every entry.
+REDUCTION_FUNCTIONS: dict[str, tuple[Any, ...]] = {
+    "sum": (torch.sum, _T.sum),
+    "nansum": (torch.nansum, _T.nansum),
+    "mean": (torch.mean, _T.mean),
+    "nanmean": (torch.nanmean, _T.nanmean),
+    "prod": (torch.prod, _T.prod),
+    "var": (torch.var, _T.var),
+    "std": (torch.std, _T.std),
+    "var_mean": (torch.var_mean,),
+    "std_mean": (torch.std_mean,),
+    "amax": (torch.amax, _T.amax),
+    "amin": (torch.amin, _T.amin),
+    "aminmax": (torch.aminmax, _T.aminmax),
+    "argmax": (torch.argmax, _T.argmax),
+    "argmin": (torch.argmin, _T.argmin),
+    "all": (torch.all, _T.all),
+    "any": (torch.any, _T.any),
+    "count_nonzero": (torch.count_nonzero, _T.count_nonzero),
+    "logsumexp": (torch.logsumexp, _T.logsumexp, torch.special.logsumexp),
+    "norm": (torch.norm, _T.norm, torch.linalg.vector_norm, torch.linalg.norm),
+}
+
+
+def _reduce(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
+) -> Any:
+    parsed = reduction.parse(b, func, args, kwargs)
+    if parsed is NOT_HANDLED:
+        return NOT_HANDLED
+    pieces = [(t, offset, t.numel()) for t, offset in zip(b._tensors, b._offsets)]
+    call = ReductionCall(func, args, kwargs, b, reduction, parsed, pieces)
+    return _strategies.get(b.strategy).reduce(call)
+
+
+def reduction_handler(reduction: Reduction) -> Callable[..., Any]:
+    """Return the dispatch-table handler that runs `reduction` under the bundle's strategy."""
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not args or not isinstance(args[0], ParameterBundle) or kwargs.get("out") is not None:
+            return NOT_HANDLED
+        return _reduce(func, args, kwargs, args[0], reduction)
+
+    return handler
+
+
+for _name, _funcs in REDUCTION_FUNCTIONS.items():
+    ParameterBundle.implements(_funcs)(reduction_handler(REDUCTIONS[_name]))
+
+REDUCTION_FUNCTIONS["max"] = (torch.max, _T.max)
+REDUCTION_FUNCTIONS["min"] = (torch.min, _T.min)
+ParameterBundle.implements(REDUCTION_FUNCTIONS["max"])(_max_handler(True))
+ParameterBundle.implements(REDUCTION_FUNCTIONS["min"])(_max_handler(False))

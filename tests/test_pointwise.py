@@ -1,0 +1,38 @@
+"""Every elementwise op in the table equals the op on torch.cat(...), values and gradients."""
+
+import pytest
+import torch
+from hypothesis import given
+
+from generators import INTS, cases, check_against_concat, other_like
+from modtensor._pointwise import POINTWISE_FUNCTIONS
+from op_specs import INTEGER_OPS, is_binary, pointwise_calls
+
+PARAMS = [
+    pytest.param(name, f, call, id=f"{name}-{getattr(f, '__qualname__', name)}-{i}")
+    for name, funcs in POINTWISE_FUNCTIONS.items()
+    for f in funcs
+    for i, call in enumerate(pointwise_calls(name, is_binary(name)))
+]
+
+
+@pytest.mark.parametrize("name, f, call", PARAMS)
+@given(case=cases(), float_case=cases(dtypes=INTS, grad=False))
+def test_pointwise_matches_concat(name, f, call, case, float_case):
+    if name in INTEGER_OPS:
+        case = float_case
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=5, positive=True))
+
+
+@pytest.mark.parametrize("name, f, call", [p for p in PARAMS if is_binary(p.values[0])])
+@given(case=cases(kinds=("normal",)), int_case=cases(dtypes=INTS, grad=False))
+def test_binary_with_flat_tensor(name, f, call, case, int_case):
+    if name in INTEGER_OPS:
+        case = int_case
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=9, positive=True), flat_other=True)
+
+
+@given(case=cases(min_tensors=1))
+def test_zero_dim_and_one_element_operands_broadcast(case):
+    for other in (torch.tensor(0.5), torch.tensor([0.5])):
+        check_against_concat(case, lambda x, y: x * other + other)
