@@ -228,7 +228,18 @@ class DispatchTensor(torch.Tensor):
         """Register the decorated handler for one torch function or several.
 
         The handler has the signature `(func, types, args, kwargs)` and serves `strategy`
-        (by default every strategy; a strategy-specific entry wins over `"*"`).
+        (by default every strategy; a strategy-specific entry wins over `"*"`). It may return
+        `NotImplemented` to send a call it cannot do exactly to the fallback.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> class MyBundle(mt.ParameterBundle):
+            ...     pass
+            >>> @MyBundle.implements(torch.cumsum)
+            ... def cumsum(func, types, args, kwargs):
+            ...     return "my cumsum"
+            >>> torch.cumsum(MyBundle([torch.ones(2)], ["w"]), 0)
+            'my cumsum'
         """
         func_list = [funcs] if callable(funcs) else list(funcs)
 

@@ -24,12 +24,15 @@ class MaterializationWarning(UserWarning):
     __module__ = "modtensor"
 
 
-class UnsupportedOperationError(TypeError):
+class UnsupportedOperationError(RuntimeError):
     """Raised when a function cannot run on a bundle without silently going wrong.
 
     That is any function outside the dispatch table while `mt.fallback("error")`
     is in force, and always for in-place operations the table does not cover
     (they would write into a temporary copy instead of the parameters).
+
+    It is a RuntimeError, not a TypeError: torch turns a TypeError raised in `b += 1` into
+    NotImplemented, and Python would then silently rebind `b` to `b + 1` instead.
 
     Example:
         >>> import torch, modtensor as mt

@@ -45,7 +45,7 @@ def install(tensor_methods: bool = False) -> None:
         >>> import torch, modtensor as mt
         >>> conv = torch.nn.Conv2d(3, 16, 3)
         >>> mt.install(tensor_methods=True)
-        >>> bool(conv.mean() == torch.cat([conv.weight.reshape(-1), conv.bias]).mean())
+        >>> torch.allclose(conv.mean(), torch.cat([conv.weight.reshape(-1), conv.bias]).mean())
         True
         >>> conv.as_tensor(exclude="bias").names
         ('weight',)

@@ -7,6 +7,7 @@ bundle of the same structure, or a flat `(N,)` tensor, which is split into views
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from modtensor._bundle import ParameterBundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
-    "POINTWISE_FUNCTIONS", "map_elementwise", "check_same_structure",
+    "POINTWISE_FUNCTIONS", "UNSUPPORTED", "map_elementwise", "check_same_structure",
 ]
 
 # Names of torch functions and Tensor methods that act elementwise; each name is registered
@@ -27,7 +28,7 @@ UNARY_OPS = (
     "abs", "absolute", "acos", "arccos", "acosh", "arccosh", "angle", "asin", "arcsin", "asinh",
     "arcsinh", "atan", "arctan", "atanh", "arctanh", "bitwise_not", "ceil", "clamp", "clip",
     "clamp_min", "clamp_max", "conj", "conj_physical", "cos", "cosh", "deg2rad", "digamma", "erf",
-    "erfc", "erfinv", "exp", "exp2", "expm1", "fix", "floor", "frac", "frexp", "hardshrink", "i0",
+    "erfc", "erfinv", "exp", "exp2", "expm1", "fill", "fix", "floor", "frac", "frexp", "hardshrink", "i0",
     "imag", "isfinite", "isinf", "isnan", "isneginf", "isposinf", "isreal", "lgamma", "log",
     "log10", "log1p", "log2", "logical_not", "logit", "mvlgamma", "nan_to_num", "neg", "negative",
     "positive", "polygamma", "rad2deg", "real", "reciprocal", "relu", "round", "rsqrt", "sgn",
@@ -72,12 +73,30 @@ CONVERSIONS = (
     "byte", "bool", "cfloat", "cdouble", "chalf", "cpu", "cuda", "detach", "clone", "contiguous",
 )
 
+# Known gaps, by OpInfo name: these fall back to the concatenation (with a warning).
+UNSUPPORTED = {
+    "nn.functional.prelu": "its weight indexes dim 1 of the input, which a flat bundle lacks",
+    "jiterator_*": "CUDA-only test operators of torch's jiterator",
+}
+
+
+def _torch_function(owner: Any, name: str) -> Callable[..., Any] | None:
+    """`owner.name` as __torch_function__ sees it, or None where it is not a function."""
+    f = getattr(owner, name, None)
+    if f is None or isinstance(f, (torch.dtype, types.ModuleType)):
+        return None
+    if hasattr(f, "__get__") and not callable(f):  # a property such as Tensor.real
+        return f.__get__  # type: ignore[no-any-return]
+    return f  # type: ignore[no-any-return]
+
 
 def _spellings() -> dict[str, tuple[Callable[..., Any], ...]]:
     found: dict[str, tuple[Callable[..., Any], ...]] = {}
-    for name in UNARY_OPS + BINARY_OPS + OPERATOR_DUNDERS + CONVERSIONS:
-        funcs = tuple(f for f in (getattr(torch, name, None), getattr(torch.Tensor, name, None)) if f)
-        found[name] = funcs
+    for name in UNARY_OPS + BINARY_OPS:
+        funcs = (_torch_function(torch, name), _torch_function(torch.Tensor, name))
+        found[name] = tuple(f for f in funcs if f is not None)
+    for name in OPERATOR_DUNDERS + CONVERSIONS:  # methods only: torch.float is a dtype
+        found[name] = (getattr(torch.Tensor, name),)
     for name in SPECIAL_OPS:
         found[f"special.{name}"] = (getattr(torch.special, name),)
     for name in FUNCTIONAL_OPS:
@@ -149,12 +168,15 @@ def map_elementwise(
 
     if not ref._tensors:
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
-        empty = ref.materialize()
-        probe = func(*[empty if g else a for g, a in zip(arg_getters, args)],
-                     **{k: (empty if g else kwargs[k]) for k, g in kwarg_getters.items()})
-        if not isinstance(probe, torch.Tensor):
-            return NOT_HANDLED
-        return ParameterBundle((), (), ref.strategy, ref.options, dtype=probe.dtype)
+        probe = func(*materialized(args), **materialized(kwargs))
+        def empty_like(out: torch.Tensor) -> ParameterBundle:
+            return ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype)
+
+        if isinstance(probe, torch.Tensor):
+            return empty_like(probe)
+        if isinstance(probe, tuple) and all(isinstance(x, torch.Tensor) for x in probe):
+            return type(probe)([empty_like(x) for x in probe])
+        return NOT_HANDLED
 
     results = [call(i) for i in range(len(ref._tensors))]
     first = results[0]

@@ -19,7 +19,13 @@ from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._pointwise import map_elementwise
 from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
 
-__all__ = ["REDUCTIONS", "reduction_handler", "check_dim"]
+__all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED", "reduction_handler", "check_dim"]
+
+# Known gaps, by OpInfo name: these fall back to the concatenation (with a warning).
+UNSUPPORTED = {
+    "masked.*": "torch.masked reductions take a mask shaped like the input",
+    "hash_tensor": "a hash of the concatenation's bytes has no per-tensor partial",
+}
 
 _T = torch.Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -234,13 +240,13 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
 
 
 def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
-    _, m2, _ = state
+    m2: torch.Tensor = state[1]
     dof = a.numel - a.options["correction"]
-    var = m2 / dof
+    var: torch.Tensor = m2 / dof
     if dof >= 0:
         return var
     # torch's value divides by max(dof, 0) = 0, its gradient by dof itself.
-    return var + (m2 / 0 - var).detach()
+    return var + (torch.div(m2, 0) - var).detach()
 
 
 def _fin_var(state: Any, a: ReduceArgs) -> torch.Tensor:
@@ -256,11 +262,11 @@ def _fin_std(state: Any, a: ReduceArgs) -> torch.Tensor:
 
 
 def _fin_var_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_var(state, a), _cast(state[2], a.dtype)  # type: ignore[attr-defined]
+    return _fin_var(state, a), _cast(state[2], a.dtype)
 
 
 def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_std(state, a), _cast(state[2], a.dtype)  # type: ignore[attr-defined]
+    return _fin_std(state, a), _cast(state[2], a.dtype)
 
 
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------

@@ -104,6 +104,7 @@ POINTWISE_CALLS: dict[str, list[Call]] = {
     "clip": [lambda f, x, y: f(x, -0.5, 0.5), lambda f, x, y: f(x, y, y + 1)],
     "clamp_min": [lambda f, x, y: f(x, 0.1), lambda f, x, y: f(x, y)],
     "clamp_max": [lambda f, x, y: f(x, 0.1), lambda f, x, y: f(x, y)],
+    "fill": [lambda f, x, y: f(x, 2.5)],
     "mvlgamma": [lambda f, x, y: f(x.abs() + 1, p=2)],
     # torch.polygamma(n, input) but Tensor.polygamma(self, n)
     "polygamma": [lambda f, x, y: f(x, 1) if f is torch.Tensor.polygamma else f(1, x)],
@@ -115,7 +116,14 @@ POINTWISE_CALLS: dict[str, list[Call]] = {
     "logit": [lambda f, x, y: f(x), lambda f, x, y: f(x, 0.1)],
     "special.logit": [lambda f, x, y: f(x, 0.1)],
     "hardshrink": [lambda f, x, y: f(x, 0.3)],
-    "where": [lambda f, x, y: f(x > 0, x, y), lambda f, x, y: f(y > 0.5, x, 0.0)],
+    # torch.where(condition, input, other) but Tensor.where(self, condition, other)
+    "where": [
+        lambda f, x, y: f(x > 0, x, y) if f is torch.where else f(x, x > 0, y),
+        lambda f, x, y: f(y > 0.5, x, 0.0) if f is torch.where else f(x, y > 0.5, 0.0),
+    ],
+    "imag": [lambda f, x, y: f(torch.complex(x, y))],
+    "real": [lambda f, x, y: f(x), lambda f, x, y: f(torch.complex(x, y))],
+    "angle": [lambda f, x, y: f(x), lambda f, x, y: f(torch.complex(x, y))],
     "lerp": [lambda f, x, y: f(x, y, 0.3), lambda f, x, y: f(x, y, y.sigmoid())],
     "addcmul": [lambda f, x, y: f(x, y, y, value=0.5)],
     "addcdiv": [lambda f, x, y: f(x, y, y.abs() + 1)],
@@ -160,6 +168,15 @@ INTEGER_OPS = frozenset(
         "__invert__",
     }
 )
+# torch's own kernels give results on NaN/inf that depend on the tensor's size (the
+# polynomial kernels read uninitialized memory for a NaN input): tested on finite values.
+NONFINITE_UNSTABLE = frozenset(n for n in ("special." + m for m in (
+    "chebyshev_polynomial_t", "chebyshev_polynomial_u", "chebyshev_polynomial_v",
+    "chebyshev_polynomial_w", "hermite_polynomial_h", "hermite_polynomial_he",
+    "laguerre_polynomial_l", "legendre_polynomial_p", "shifted_chebyshev_polynomial_t",
+    "shifted_chebyshev_polynomial_u", "shifted_chebyshev_polynomial_v",
+    "shifted_chebyshev_polynomial_w",
+)))
 UNARY_DUNDERS = frozenset({"__neg__", "__pos__", "__abs__", "__invert__"})
 
 

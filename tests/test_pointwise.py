@@ -6,7 +6,7 @@ from hypothesis import given
 
 from generators import INTS, cases, check_against_concat, other_like
 from modtensor._pointwise import POINTWISE_FUNCTIONS
-from op_specs import INTEGER_OPS, is_binary, pointwise_calls
+from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE, is_binary, pointwise_calls
 
 PARAMS = [
     pytest.param(name, f, call, id=f"{name}-{getattr(f, '__qualname__', name)}-{i}")
@@ -17,10 +17,12 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("name, f, call", PARAMS)
-@given(case=cases(), float_case=cases(dtypes=INTS, grad=False))
-def test_pointwise_matches_concat(name, f, call, case, float_case):
+@given(case=cases(), int_case=cases(dtypes=INTS, grad=False), finite_case=cases(kinds=("normal", "ties")))
+def test_pointwise_matches_concat(name, f, call, case, int_case, finite_case):
     if name in INTEGER_OPS:
-        case = float_case
+        case = int_case
+    elif name in NONFINITE_UNSTABLE:
+        case = finite_case
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=5, positive=True))
 
 

@@ -1,0 +1,196 @@
+"""Construction, structure, views and errors of ParameterBundle."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from torch import nn
+
+import modtensor as mt
+from generators import cases
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.norm = nn.BatchNorm1d(4)
+
+
+def test_module_source_counts_tied_parameters_once():
+    m = Tied()
+    b = mt.bundle(m)
+    assert b.names == ("embed.weight", "norm.weight", "norm.bias")
+    assert b.shape == torch.Size([40 + 4 + 4])
+    assert b.tensors[0] is m.embed.weight
+
+
+def test_buffers_and_recurse():
+    m = Tied()
+    assert mt.bundle(m, buffers=True).names[-3:] == ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked")
+    assert mt.bundle(m, buffers=True).dtype == torch.float32  # int64 counter + float32 -> float32
+    assert mt.bundle(m, recurse=False).names == ()
+
+
+def test_mapping_iterable_pairs_and_bundle_sources():
+    a, c = torch.ones(2), torch.zeros(3, 1)
+    assert mt.bundle({"a": a, "c": c}).names == ("a", "c")
+    assert mt.bundle([a, c]).names == ("0", "1")
+    assert mt.bundle(nn.Linear(2, 2).named_parameters()).names == ("weight", "bias")
+    inner = mt.bundle({"a": a, "c": c})
+    assert mt.bundle(inner, exclude="c").tensors == (a,)
+
+
+def test_include_exclude_globs_lists_and_predicates():
+    m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    assert mt.bundle(m, include="*.weight").names == ("0.weight", "2.weight")
+    assert mt.bundle(m, exclude=["0.*", "*.bias"]).names == ("2.weight",)
+    assert mt.bundle(m, include=lambda name, t: t.dim() == 1).names == ("0.bias", "2.bias")
+
+
+def test_metadata_follows_torch_cat():
+    b = mt.bundle([torch.ones(2, dtype=torch.float16), torch.ones(3, dtype=torch.int64)])
+    assert isinstance(b, torch.Tensor)
+    assert b.dtype == torch.cat([torch.ones(2, dtype=torch.float16), torch.ones(3, dtype=torch.int64)]).dtype
+    assert b.shape == (5,) and b.numel() == 5 and len(b) == 5 and b.dim() == 1 and b.ndim == 1
+    assert b.device == torch.device("cpu")
+    assert not b.requires_grad
+    assert mt.bundle([torch.ones(2, requires_grad=True), torch.ones(1)]).requires_grad
+
+
+def test_empty_bundle_is_like_torch_empty():
+    b = mt.bundle(nn.ReLU())
+    assert b.shape == (0,) and b.dtype == torch.get_default_dtype()
+    assert float(b.sum()) == 0.0 and torch.isnan(b.mean())
+    with pytest.raises(RuntimeError, match="no elements"):
+        b.amax()
+    assert b.materialize().shape == (0,)
+
+
+def test_tensors_are_never_copied():
+    w = torch.randn(3, 3)
+    b = mt.bundle({"w": w})
+    assert b.tensors[0] is w and b.to_dict()["w"] is w and b.items()[0][1] is w
+    assert b.data.tensors[0].data_ptr() == w.data_ptr()
+
+
+@given(case=cases(min_tensors=1))
+def test_materialize_is_torch_cat(case):
+    torch.testing.assert_close(case.bundle().materialize(), case.concat(), equal_nan=True)
+
+
+@given(case=cases())
+def test_split_round_trips_with_parameters_to_vector(case):
+    b = case.bundle()
+    vector = torch.arange(b.numel(), dtype=torch.float64)
+    views = b.split(vector)
+    assert views.names == b.names
+    assert [t.shape for t in views.tensors] == [t.shape for t in b.tensors]
+    assert all(t._base is vector or t.numel() == 0 or t._base is vector._base for t in views.tensors)
+    torch.testing.assert_close(views.materialize(), vector)
+    if b.tensors and all(t.dtype == torch.float64 for t in b.tensors):
+        torch.testing.assert_close(views.materialize(), nn.utils.parameters_to_vector(views.tensors))
+
+
+def test_split_errors():
+    b = mt.bundle([torch.ones(2), torch.ones(3)])
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        b.split(torch.ones(4))
+    with pytest.raises(TypeError, match="materialize"):
+        b.split(2)
+
+
+def test_repr_and_describe_are_short():
+    b = mt.bundle(nn.Linear(2, 3))
+    assert repr(b) == (
+        "ParameterBundle(2 tensors, 9 elements, dtype=float32, device=cpu, strategy='concat', "
+        "names=['weight', 'bias'])"
+    )
+    assert f"{b}" == repr(b)
+    assert "... 1 more" in mt.bundle([torch.ones(1)] * 5).describe()
+
+
+def test_with_strategy_and_unknown_strategy():
+    b = mt.bundle([torch.ones(2)])
+    assert b.with_strategy("concat").strategy == "concat"
+    with pytest.raises(ValueError, match=r"Unknown strategy 'nope'. Expect one of \("):
+        b.with_strategy("nope")
+    with pytest.raises(ValueError, match="Unknown strategy"):
+        mt.bundle([torch.ones(2)], strategy="nope")
+    with pytest.raises(TypeError, match="takes no options"):
+        mt.bundle([torch.ones(2)], weights=[1.0])
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        (torch.ones(3), r"single tensor; wrap it in a list"),
+        (3, r"unsupported source int. Expect an nn.Module"),
+        ("weights", r"unsupported source str"),
+        ({"a": 1.0}, r"entry 'a' holds float"),
+        ([torch.ones(1), "x"], r"item 1 of the iterable is str"),
+    ],
+)
+def test_bad_sources_raise_type_error_listing_what_works(source, match):
+    with pytest.raises(TypeError, match=match):
+        mt.bundle(source)
+
+
+def test_nested_bundles_and_mixed_devices_are_rejected():
+    with pytest.raises(TypeError, match="itself a bundle"):
+        mt.bundle([mt.bundle([torch.ones(1)])])
+    with pytest.raises(ValueError, match=r"one device, got \['cpu', 'meta'\]"):
+        mt.bundle([torch.ones(1), torch.ones(1, device="meta")])
+
+
+def test_structure_mismatch_names_both_structures():
+    a = mt.bundle({"w": torch.ones(2, 2)})
+    b = mt.bundle({"v": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"w \(2, 2\).*v \(4,\)"):
+        a + b
+    with pytest.raises(ValueError, match=r"cannot combine .* shape \(3,\)"):
+        a * torch.ones(3)
+
+
+def test_bad_dim_is_an_index_error_naming_the_function():
+    b = mt.bundle([torch.ones(2, 2)])
+    with pytest.raises(IndexError, match=r"torch.sum: Dimension out of range .* got 1"):
+        torch.sum(b, dim=1)
+    with pytest.raises(IndexError, match=r"torch.Tensor.amax"):
+        b.amax(dim=(0, 2))
+
+
+def test_dtype_errors_are_raised_in_python_like_torch():
+    b = mt.bundle([torch.arange(3)])
+    with pytest.raises(RuntimeError, match=r"torch.mean: the mean needs a floating point"):
+        torch.mean(b)
+    with pytest.raises(RuntimeError, match=r"var and std"):
+        b.std()
+    with pytest.raises(RuntimeError, match=r"dot: expected both operands to have the same dtype"):
+        torch.dot(mt.bundle([torch.ones(2)]), torch.ones(2, dtype=torch.float64))
+
+
+def test_deepcopy_copies_the_tensors():
+    w = torch.ones(2, requires_grad=True)
+    b = copy.deepcopy(mt.bundle({"w": w}))
+    assert b.names == ("w",) and b.tensors[0] is not w and b.tensors[0].requires_grad
+
+
+def test_elementwise_results_keep_names_and_shapes_and_write_nothing():
+    m = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in m.parameters()]
+    out = mt.bundle(m) * 2 + 1
+    assert isinstance(out, mt.ParameterBundle)
+    assert out.names == ("weight", "bias")
+    assert [t.shape for t in out.tensors] == [(2, 3), (2,)]
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+
+
+def test_meta_tensors_give_meta_results():
+    b = mt.bundle([torch.empty(3, 4, device="meta"), torch.empty(2, device="meta")])
+    assert b.device.type == "meta"
+    assert (b * 2).device.type == "meta"
+    assert b.sum().device.type == "meta"

@@ -1,0 +1,22 @@
+"""Every public name has a docstring with an example (run by pytest's doctest collection)."""
+
+import inspect
+
+import pytest
+
+import modtensor as mt
+
+
+@pytest.mark.parametrize("name", mt.__all__)
+def test_public_names_have_a_docstring_with_an_example(name):
+    obj = getattr(mt, name)
+    doc = inspect.getdoc(obj) or ""
+    assert doc.strip(), f"mt.{name} has no docstring"
+    assert ">>>" in doc, f"mt.{name}'s docstring has no runnable example"
+
+
+@pytest.mark.parametrize(
+    "member", ["tensors", "items", "to_dict", "derive", "with_strategy", "materialize", "split", "describe"]
+)
+def test_bundle_methods_have_examples(member):
+    assert ">>>" in (inspect.getdoc(getattr(mt.ParameterBundle, member)) or "")

@@ -1,0 +1,87 @@
+"""Functions outside the table: computed on the concatenation with a warning, or refused."""
+
+import pytest
+import torch
+
+import modtensor as mt
+
+
+def _b():
+    return mt.bundle({"w": torch.arange(4.0).reshape(2, 2), "b": torch.ones(2)})
+
+
+def test_fallback_materializes_with_one_warning_per_call():
+    b = _b()
+    with pytest.warns(mt.MaterializationWarning) as caught:
+        out = torch.cumsum(b, 0)
+    assert len(caught) == 1
+    assert "torch.cumsum" in str(caught[0].message) and "w (2, 2)" in str(caught[0].message)
+    torch.testing.assert_close(out, torch.cumsum(b.materialize(), 0))
+
+
+def test_fallback_error_mode_names_function_structure_and_remedy():
+    b = _b()
+    with mt.fallback("error"):
+        with pytest.raises(mt.UnsupportedOperationError, match=r"torch.cumsum .*\[w \(2, 2\).*materialize.*@mt.implements"):
+            torch.cumsum(b, 0)
+    with pytest.warns(mt.MaterializationWarning):
+        torch.cumsum(b, 0)  # the previous mode is back
+
+
+def test_fallback_setter_form_and_bad_mode():
+    mt.fallback("error")
+    with pytest.raises(mt.UnsupportedOperationError):
+        torch.cumsum(_b(), 0)
+    mt.fallback("materialize")
+    with pytest.raises(ValueError, match=r"unknown mode 'loud'. Expect one of"):
+        mt.fallback("loud")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda b: b.mul_(2),
+        lambda b: b.__iadd__(1),
+        lambda b: b.__setitem__(0, 1.0),
+        lambda b: torch.nn.functional.relu(b, inplace=True),
+        lambda b: torch.add(torch.ones(6), 1, out=b),
+        lambda b: b.register_hook(lambda g: g),
+    ],
+)
+def test_in_place_ops_outside_the_table_are_refused_and_write_nothing(op):
+    b = _b()
+    before = [t.clone() for t in b.tensors]
+    with pytest.raises(mt.UnsupportedOperationError, match="temporary copy"):
+        op(b)
+    assert all(torch.equal(t, s) for t, s in zip(b.tensors, before))
+
+
+def test_requires_grad_cannot_be_set_through_the_bundle():
+    with pytest.raises(mt.UnsupportedOperationError, match="requires_grad"):
+        _b().requires_grad = True
+
+
+def test_bundle_reaching_aten_directly_gets_a_python_error():
+    b = _b()
+    with torch._C.DisableTorchFunctionSubclass():
+        with pytest.raises(mt.UnsupportedOperationError, match="no storage"):
+            torch.sum(b)
+
+
+def test_augmented_assignment_is_refused_not_rebound():
+    b = _b()
+    with pytest.raises(mt.UnsupportedOperationError):
+        b += 1
+
+
+def test_user_handlers_extend_the_table():
+    class Counted(mt.ParameterBundle):
+        pass
+
+    @Counted.implements(torch.cumsum)
+    def cumsum(func, types, args, kwargs):
+        return "custom"
+
+    c = Counted(_b().tensors, _b().names)
+    assert torch.cumsum(c, 0) == "custom"
+    assert (torch.cumsum, "*") not in mt.ParameterBundle.HANDLERS  # the parent's table is untouched

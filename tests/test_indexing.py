@@ -1,0 +1,54 @@
+"""Indexing a bundle follows the concatenation."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import modtensor as mt
+from generators import cases, check_against_concat
+
+
+@given(case=cases(min_tensors=1), data=st.data())
+def test_int_index(case, data):
+    n = case.bundle().numel()
+    i = data.draw(st.integers(-n - 2, n + 1))
+    check_against_concat(case, lambda x, y: x[i])
+    check_against_concat(case, lambda x, y: x[torch.tensor(i)])
+
+
+@given(case=cases(), data=st.data())
+def test_slice(case, data):
+    n = case.bundle().numel()
+    bounds = st.one_of(st.none(), st.integers(-n - 2, n + 2))
+    s = slice(data.draw(bounds), data.draw(bounds), data.draw(st.one_of(st.none(), st.integers(1, 4))))
+    check_against_concat(case, lambda x, y: x[s])
+
+
+@given(case=cases())
+def test_boolean_mask_bundle_and_flat(case):
+    check_against_concat(case, lambda x, y: x[x > 0])
+    check_against_concat(case, lambda x, y: x[(x > 0).materialize() if isinstance(x, mt.ParameterBundle) else x > 0])
+
+
+def test_slice_within_one_contiguous_tensor_is_a_view():
+    w = torch.arange(6.0).reshape(2, 3)
+    b = mt.bundle([torch.ones(2), w])
+    view = b[3:6]
+    assert view.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    torch.testing.assert_close(view, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_index_errors():
+    b = mt.bundle([torch.ones(2), torch.ones(3)])
+    with pytest.raises(IndexError, match="index 5 is out of bounds for dimension 0 with size 5"):
+        b[5]
+    with pytest.raises(ValueError, match="step must be greater than zero"):
+        b[::-1]
+
+
+def test_other_indices_fall_back_with_a_warning():
+    b = mt.bundle([torch.arange(2.0), torch.arange(3.0)])
+    with pytest.warns(mt.MaterializationWarning, match="__getitem__"):
+        out = b[torch.tensor([0, 4])]
+    torch.testing.assert_close(out, torch.tensor([0.0, 2.0]))
