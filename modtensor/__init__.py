@@ -4,20 +4,35 @@ from modtensor import _indexing, _pairwise, _pointwise, _reductions  # noqa: F40
 from modtensor._bundle import ParameterBundle, bundle
 from modtensor._dispatch import fallback
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
+from modtensor._extend import (
+    Reduction,
+    ReduceArgs,
+    ReductionCall,
+    Strategy,
+    implements,
+    register_reduction,
+    register_strategy,
+    strategies,
+)
 from modtensor._install import install, installed, uninstall
-
-implements = ParameterBundle.implements
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "MaterializationWarning",
     "ParameterBundle",
+    "Reduction",
+    "ReduceArgs",
+    "ReductionCall",
+    "Strategy",
     "UnsupportedOperationError",
     "bundle",
     "fallback",
     "implements",
     "install",
     "installed",
+    "register_reduction",
+    "register_strategy",
+    "strategies",
     "uninstall",
 ]

@@ -34,6 +34,15 @@ def _cat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
+def _combine_device(tensors: Sequence[torch.Tensor]) -> torch.device:
+    # Where results land, as in clip_grad_norm_: the first tensor's device; meta wins, since
+    # a meta tensor's partial cannot be moved anywhere else.
+    for t in tensors:
+        if t.device.type == "meta":
+            return t.device
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
 def _format_shape(shape: torch.Size) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -64,6 +73,7 @@ class ParameterBundle(DispatchTensor):
     _dtype: torch.dtype
     _device: torch.device
     _numel: int
+    _left_out: tuple[str, ...]
 
     @staticmethod
     def __new__(
@@ -73,15 +83,17 @@ class ParameterBundle(DispatchTensor):
         strategy: str = "concat",
         options: Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
+        left_out: Sequence[str] = (),
     ) -> ParameterBundle:
-        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes."""
+        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes;
+        `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
         tensors = tuple(tensors)
         names = tuple(names)
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
         _strategies.get(strategy).check_options(options or {})
         dtype = _cat_dtype(tensors) if tensors or dtype is None else dtype
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = _combine_device(tensors)
         offsets = [0]
         for t in tensors:
             offsets.append(offsets[-1] + t.numel())
@@ -97,6 +109,7 @@ class ParameterBundle(DispatchTensor):
         self._dtype = dtype
         self._device = device
         self._numel = offsets[-1]
+        self._left_out = tuple(left_out)
         return self
 
     # -- structure -------------------------------------------------------------------------
@@ -141,6 +154,40 @@ class ParameterBundle(DispatchTensor):
         )
 
     @property
+    def left_out(self) -> tuple[str, ...]:
+        """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`)."""
+        return self._left_out
+
+    @property  # type: ignore[override]
+    def grad(self) -> ParameterBundle | None:
+        """The bundle of the tensors' gradients, same names; None if no tensor has one.
+
+        Tensors without a gradient are left out and named in `b.grad.left_out`.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> lin.weight.sum().backward()
+            >>> g = mt.bundle(lin).grad
+            >>> g.names, g.left_out, float(g.norm())
+            (('weight',), ('bias',), 2.0)
+        """
+        named = [(n, t.grad) for n, t in zip(self._names, self._tensors) if t.grad is not None]
+        if not named:
+            return None
+        left_out = tuple(n for n, t in zip(self._names, self._tensors) if t.grad is None)
+        return ParameterBundle(
+            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, left_out=left_out
+        )
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        raise UnsupportedOperationError(
+            f"Setting .grad on {self.describe()} would change its tensors' gradients; use "
+            "`model.zero_grad()` or set them on the tensors (`for t in b.tensors: t.grad = None`)."
+        )
+
+    @property
     def data(self) -> ParameterBundle:  # type: ignore[override]
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
         return self.derive([t.data for t in self._tensors])
@@ -176,6 +223,40 @@ class ParameterBundle(DispatchTensor):
         """
         return ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype)
 
+    def per_param(self) -> ParameterBundle:
+        """Return the same tensors under the `per_param` strategy.
+
+        Reductions then return a bundle of per-tensor results with the same names, and `dim`
+        applies to each tensor's own shape.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> b = mt.bundle({"w": torch.ones(2, 2), "b": torch.zeros(3)})
+            >>> b.per_param().sum().to_dict()
+            {'w': tensor(4.), 'b': tensor(0.)}
+            >>> float(b.per_param().norm().max())  # the largest tensor norm
+            2.0
+        """
+        return self.with_strategy("per_param")
+
+    def weighted(self, weights: Any = None, normalize: bool = True) -> ParameterBundle:
+        """Return the same tensors under the `weighted` strategy.
+
+        A reduction then gives `sum_i w_i * op(t_i) / sum_i w_i` (without the division when
+        `normalize=False`). `weights`: None (each tensor's numel: then the mean equals the
+        concatenation's), a mapping of names or glob patterns to floats (first match wins;
+        add `"*"` for the rest), a callable `(name, tensor) -> float`, or one float per tensor.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> b = mt.bundle({"w": torch.ones(3), "b": torch.zeros(1)})
+            >>> float(b.weighted().mean())          # numel weights: the mean of all elements
+            0.75
+            >>> float(b.weighted({"*": 1.0}).mean())  # the mean of the per-tensor means
+            0.5
+        """
+        return self.with_strategy("weighted", weights=weights, normalize=normalize)
+
     def with_strategy(self, name: str, **options: Any) -> ParameterBundle:
         """Return the same tensors under another strategy (see `mt.strategies()`).
 
@@ -198,7 +279,7 @@ class ParameterBundle(DispatchTensor):
         """
         if not self._tensors:
             return torch.empty(0, dtype=self._dtype, device=self._device)
-        return torch.cat([t.reshape(-1) for t in self._tensors])
+        return torch.cat([t.reshape(-1).to(self._device) for t in self._tensors])
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:  # type: ignore[override]
         """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
@@ -249,10 +330,11 @@ class ParameterBundle(DispatchTensor):
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
         dtype = str(self._dtype).replace("torch.", "")
+        left_out = f", left_out={list(self._left_out)}" if self._left_out else ""
         return (
             f"ParameterBundle({len(self._names)} tensors, {self._numel} elements, "
             f"dtype={dtype}, device={self._device}, strategy={self._strategy!r}, "
-            f"names={shown})"
+            f"names={shown}{left_out})"
         )
 
     __str__ = __repr__
@@ -340,7 +422,10 @@ def bundle(
     `buffers=True`), a `Mapping[str, Tensor]` such as a state_dict, an iterable of tensors
     (named `"0"`, `"1"`, ...) or of `(name, tensor)` pairs, or a `ParameterBundle`.
     `include` / `exclude` select tensors by glob pattern(s) on the name or by a predicate
-    `(name, tensor) -> bool`. All tensors must be on one device.
+    `(name, tensor) -> bool`. Tensors may live on several devices: partials are computed
+    where each tensor lives and combined on the first tensor's device (meta if any is meta).
+    `strategy` is `"concat"` (the default), `"per_param"`, `"weighted"` (options `weights=`,
+    `normalize=`) or a registered one.
 
     Example:
         >>> import torch, modtensor as mt
@@ -365,12 +450,4 @@ def bundle(
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
     ]
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        where = ", ".join(f"{n}: {t.device}" for n, t in named[:6])
-        raise ValueError(
-            f"bundle: all tensors must be on one device, got {sorted(map(str, devices))} "
-            f"({where}). Move the module first (`model.to(device)`) or bundle one device's "
-            "tensors at a time."
-        )
     return ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)

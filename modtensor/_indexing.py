@@ -1,7 +1,8 @@
-"""Indexing a bundle as its concatenation: by int, by slice, by boolean mask.
+"""Indexing a bundle as its concatenation (by int, slice, boolean mask), and reading it out.
 
 An int gives a 0-d tensor, a slice a 1-D tensor (a view where it falls within one
-contiguous tensor), a mask the selected elements. Other indices fall back.
+contiguous tensor), a mask the selected elements. Other indices fall back. `tolist`,
+`item`, `float(b)` and the like read values tensor by tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import NOT_HANDLED
 from modtensor._pointwise import _piece_getter
 
-__all__ = ["getitem"]
+__all__ = ["READOUT_FUNCTIONS", "getitem"]
 
 
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -91,3 +92,36 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
         return _mask_index(b, index)
     return NOT_HANDLED
+
+
+# -- reading values out: the result is a full Python or NumPy copy by nature ----------------
+
+_SCALAR_CONVERSIONS = (
+    torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+    torch.Tensor.__index__, torch.Tensor.__complex__,
+)
+READOUT_FUNCTIONS = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, *_SCALAR_CONVERSIONS)
+
+
+@ParameterBundle.implements(_SCALAR_CONVERSIONS)
+def scalar_conversion(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b.item()`, `bool(b)`, `float(b)`...: the one element, or torch's error for the count."""
+    b = args[0]
+    if b._numel != 1:
+        # torch's own error for this many elements ("ambiguous", "cannot be converted");
+        # torch.empty reserves the memory without touching it.
+        return func(torch.empty(b._numel, dtype=b._dtype), *args[1:], **kwargs)
+    return func(_int_index(b, 0), *args[1:], **kwargs)
+
+
+@ParameterBundle.implements(torch.Tensor.tolist)
+def tolist(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b.tolist()`: the concatenation's values as a Python list, read tensor by tensor."""
+    b = args[0]
+    return [v for t in b._tensors for v in _flat(t, b._dtype).tolist()]
+
+
+@ParameterBundle.implements([torch.Tensor.numpy, torch.Tensor.__array__])
+def to_numpy(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b.numpy()`, `np.asarray(b)`: a NumPy array needs one buffer, so this is the one copy."""
+    return func(args[0].materialize(), *args[1:], **kwargs)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import NOT_HANDLED, func_name
-from modtensor._pointwise import _piece_getter, map_elementwise
+from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _real, _stack, check_dim
 from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
 
@@ -58,7 +58,9 @@ def _run(
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
-    call = ReductionCall(func, args, kwargs, ref, reduction, parsed, pieces)
+    # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
+    per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)
+    call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
     return _strategies.get(ref.strategy).reduce(call)
 
 
@@ -241,15 +243,28 @@ def _sig_allclose(input: Any, other: Any, rtol: float = 1e-05, atol: float = 1e-
     return input, other, rtol, atol, equal_nan
 
 
+def _all_pairs(test: Callable[..., bool]) -> Reduction:
+    # The combine stops at nothing: every pair is tested, then the verdicts are and-ed.
+    return Reduction(
+        parse=lambda *a: None,
+        partial=lambda pair, offset, a: test(*pair, **a.options),
+        combine=lambda states, a: all(states),
+    )
+
+
+_ALLCLOSE = _all_pairs(torch.allclose)
+_EQUAL = _all_pairs(torch.equal)
+
+
 def _allclose(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     first, second, rtol, atol, equal_nan = _bind(_sig_allclose, name, args, kwargs)
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    return all(
-        torch.allclose(x, y, rtol=rtol, atol=atol, equal_nan=equal_nan) for (x, y), _, _ in operands[1]
-    )
+    options = {"rtol": rtol, "atol": atol, "equal_nan": equal_nan}
+    parsed = ReduceArgs(name, torch.bool, operands[0]._numel, options=options)
+    return _run(func, args, kwargs, _ALLCLOSE, parsed, operands)
 
 
 def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -257,14 +272,16 @@ def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
     first, second = _bind(_sig_dot, name, args, kwargs)
     if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
         return NOT_HANDLED
-    if first.shape != second.shape:
+    ref = first if isinstance(first, ParameterBundle) else second
+    assert isinstance(ref, ParameterBundle)
+    if ref.strategy == "concat" and first.shape != second.shape:
         return False
     if isinstance(first, ParameterBundle) and isinstance(second, ParameterBundle) and first._shapes != second._shapes:
         return NOT_HANDLED  # same length, different split: compare the concatenations
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    return all(torch.equal(x, y) for (x, y), _, _ in operands[1])
+    return _run(func, args, kwargs, _EQUAL, ReduceArgs(name, torch.bool, ref._numel), operands)
 
 
 PAIRWISE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {

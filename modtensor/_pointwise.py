@@ -1,7 +1,7 @@
 """Elementwise ops: applied tensor by tensor, returning a bundle of the same names and shapes.
 
-Each tensor is first cast to the bundle's dtype, so type promotion and rounding are those of
-the concatenation. Other operands may be Python scalars, 0-d (or one-element) tensors, a
+Under the concat strategy each tensor is first cast to the bundle's dtype, so type promotion
+and rounding are those of the concatenation (under the others, each keeps its own dtype). Other operands may be Python scalars, 0-d (or one-element) tensors, a
 bundle of the same structure, or a flat `(N,)` tensor, which is split into views.
 """
 
@@ -19,7 +19,8 @@ from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
-    "POINTWISE_FUNCTIONS", "UNSUPPORTED", "map_elementwise", "check_same_structure",
+    "POINTWISE_FUNCTIONS", "UNSUPPORTED", "map_elementwise", "check_same_structure", "first_bundle",
+    "per_tensor_caller",
 ]
 
 # Names of torch functions and Tensor methods that act elementwise; each name is registered
@@ -118,16 +119,26 @@ def check_same_structure(name: str, a: ParameterBundle, b: ParameterBundle) -> N
         )
 
 
-def _piece_getter(arg: Any, ref: ParameterBundle, name: str) -> Any:
-    """How to get tensor i's operand from one argument; NOT_HANDLED if only a copy could."""
+def _piece_getter(arg: Any, ref: ParameterBundle, name: str, cast: bool = True) -> Any:
+    """How to get tensor i's operand from one argument; NOT_HANDLED if only a copy could.
+
+    With `cast`, a bundle's tensors come in the bundle's dtype, as in the concatenation.
+    """
     if isinstance(arg, ParameterBundle):
         check_same_structure(name, ref, arg)
+        if not cast:
+            return lambda i: arg._tensors[i]
         return lambda i: _cast_piece(arg._tensors[i], arg._dtype)
     if not isinstance(arg, torch.Tensor):
         return None
     if arg.dim() == 1 and arg.shape[0] == ref._numel:
-        offsets, shapes = ref._offsets, ref._shapes
-        return lambda i: arg.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(shapes[i])
+        offsets, shapes, tensors = ref._offsets, ref._shapes, ref._tensors
+
+        def flat_piece(i: int) -> torch.Tensor:
+            view = arg.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(shapes[i])
+            return view.to(tensors[i].device)  # a no-op unless the bundle spans devices
+
+        return flat_piece
     if arg.dim() <= 1 and arg.numel() == 1:
         scalar = arg.reshape(())
         return lambda i: scalar
@@ -146,26 +157,59 @@ def _cast_piece(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def map_elementwise(
-    func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+def _flattened(getter: Any) -> Any:
+    if getter is None:
+        return None
+    return lambda i: getter(i).reshape(-1)
+
+
+def first_bundle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ParameterBundle | None:
+    """The first bundle among the arguments: it gives the structure and the strategy."""
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle)), None)
+
+
+def per_tensor_caller(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ref: ParameterBundle,
+    cast: bool = True,
+    flatten: bool = False,
 ) -> Any:
-    """Apply `func` tensor by tensor; return a bundle (or a tuple of bundles) of the results."""
-    ref = next(
-        (a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle)), None
-    )
-    if ref is None or kwargs.get("out") is not None or kwargs.get("inplace"):
-        return NOT_HANDLED
+    """`call(i)`: `func` with every bundle (or flat tensor) argument replaced by tensor i's part.
+
+    `cast` gives a bundle's parts in the bundle's dtype (as in the concatenation), `flatten`
+    gives them as vectors. NOT_HANDLED where an argument could only be split by copying it.
+    """
     name = func_name(func)
-    arg_getters = [_piece_getter(a, ref, name) for a in args]
-    kwarg_getters = {k: _piece_getter(v, ref, name) for k, v in kwargs.items()}
+    arg_getters = [_piece_getter(a, ref, name, cast) for a in args]
+    kwarg_getters = {k: _piece_getter(v, ref, name, cast) for k, v in kwargs.items()}
     if any(g is NOT_HANDLED for g in (*arg_getters, *kwarg_getters.values())):
         return NOT_HANDLED
+    if flatten:
+        arg_getters = [_flattened(g) for g in arg_getters]
+        kwarg_getters = {k: _flattened(g) for k, g in kwarg_getters.items()}
 
     def call(i: int) -> Any:
         piece_args = [g(i) if g else a for g, a in zip(arg_getters, args)]
         piece_kwargs = {k: (g(i) if g else kwargs[k]) for k, g in kwarg_getters.items()}
         return func(*piece_args, **piece_kwargs)
 
+    return call
+
+
+def map_elementwise(
+    func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Apply `func` tensor by tensor; return a bundle (or a tuple of bundles) of the results."""
+    ref = first_bundle(args, kwargs)
+    if ref is None or kwargs.get("out") is not None or kwargs.get("inplace"):
+        return NOT_HANDLED
+    # Under concat each tensor computes in the concatenation's dtype; under the other
+    # strategies, which see tensors one at a time, in its own.
+    call = per_tensor_caller(func, args, kwargs, ref, cast=ref.strategy == "concat")
+    if call is NOT_HANDLED:
+        return NOT_HANDLED
     if not ref._tensors:
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from modtensor import _strategies
 from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._extend import register_reduction, run_reduction
 from modtensor._pointwise import map_elementwise
-from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
+from modtensor._strategies import Reduction, ReduceArgs
 
-__all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED", "reduction_handler", "check_dim"]
+__all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED", "check_dim"]
 
 # Known gaps, by OpInfo name: these fall back to the concatenation (with a warning).
 UNSUPPORTED = {
@@ -98,7 +98,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([_cast(s, dtype) for s in states])
+    # Partials of a bundle spanning devices meet on the first one's (see _combine_device).
+    device = states[0].device
+    if any(s.device != device for s in states):
+        device = next((s.device for s in states if s.device.type == "meta"), device)
+    return torch.stack([s.to(device=device, dtype=dtype) for s in states])
 
 
 def _sum_dtype(dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -170,7 +174,7 @@ def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 
 def _combine_nanmean(states: list[Any], a: ReduceArgs) -> Any:
     sums = _stack([s for s, _ in states], _acc_dtype(a.dtype)).sum()
-    counts = torch.stack([c for _, c in states]).sum()
+    counts = _stack([c for _, c in states], torch.int64).sum()
     return sums, counts
 
 
@@ -294,7 +298,7 @@ def _extremum(
     if sum(tied) <= 1:
         return m
     counts = [
-        (_cast(key(t) if key else t, dtype) == m).sum() if is_tied else None
+        (_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) if is_tied else None
         for t, is_tied in zip(tensors, tied)
     ]
     total = sum(c for c in counts if c is not None)
@@ -318,7 +322,7 @@ def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
 
 
-def _make_extremum(largest: bool) -> Reduction:
+def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     reducer = torch.amax if largest else torch.amin
 
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -327,7 +331,7 @@ def _make_extremum(largest: bool) -> Reduction:
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
         return _extremum([v for v, _ in states], [t for _, t in states], largest, a.dtype)
 
-    return Reduction(_parse_amax, partial, combine, needs_elements=lambda a: True)
+    return partial, combine
 
 
 def _sig_aminmax(input: Any, *, dim: Any = None, keepdim: bool = False) -> Any:
@@ -380,7 +384,7 @@ def _make_combine_arg(largest: bool) -> Callable[[list[Any], ReduceArgs], Any]:
     def combine(states: list[Any], a: ReduceArgs) -> Any:
         values = _stack([v for v, _ in states], a.dtype)
         k = values.argmax() if largest else values.argmin()
-        return values[k], torch.stack([i for _, i in states])[k]
+        return values[k], _stack([i for _, i in states], torch.int64)[k]
 
     return combine
 
@@ -403,7 +407,7 @@ def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any =
 
 def _max_handler(largest: bool) -> Callable[..., Any]:
     full = REDUCTIONS["amax" if largest else "amin"]
-    with_dim = REDUCTIONS["max_dim" if largest else "min_dim"]
+    with_dim = _MAX_DIM[largest]
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not isinstance(args[0], ParameterBundle):
@@ -417,8 +421,8 @@ def _max_handler(largest: bool) -> Callable[..., Any]:
         if dim is None:
             if keepdim:
                 return NOT_HANDLED
-            return _reduce(func, args, kwargs, b, full)
-        return _reduce(func, args, kwargs, b, with_dim)
+            return run_reduction(func, args, kwargs, b, full)
+        return run_reduction(func, args, kwargs, b, with_dim)
 
     return handler
 
@@ -452,14 +456,14 @@ def _parse_all(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
     return ReduceArgs(name, torch.uint8 if b._dtype == torch.uint8 else torch.bool, b._numel, bool(keepdim))
 
 
-def _make_all(reducer: Callable[..., torch.Tensor]) -> Reduction:
+def _all_parts(reducer: Callable[..., torch.Tensor]) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
         return _cast(reducer(t), torch.bool)
 
     def combine(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
-        return _cast(reducer(torch.stack(states)), a.dtype)
+        return _cast(reducer(_stack(states, torch.bool)), a.dtype)
 
-    return Reduction(_parse_all, partial, combine)
+    return partial, combine
 
 
 def _sig_count_nonzero(input: Any, dim: Any = None) -> Any:
@@ -557,55 +561,6 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
 
 # -- the table of reductions and its handler ---------------------------------------------------
 
-REDUCTIONS: dict[str, Reduction] = {
-    "sum": Reduction(_parse_sum, _make_sum(torch.sum), _combine_sum, _finalize_sum),
-    "nansum": Reduction(_parse_sum, _make_sum(torch.nansum), _combine_sum, _finalize_sum),
-    "mean": Reduction(_parse_mean, _make_sum(torch.sum), _combine_sum, _finalize_mean),
-    "nanmean": Reduction(_parse_mean, _partial_nanmean, _combine_nanmean, _finalize_nanmean),
-    "prod": Reduction(_parse_prod, _partial_prod, _combine_prod, _finalize_sum),
-    "var": Reduction(_parse_var, _partial_var, _combine_var, _fin_var),
-    "std": Reduction(_parse_var, _partial_var, _combine_var, _fin_std),
-    "var_mean": Reduction(_parse_var, _partial_var, _combine_var, _fin_var_mean),
-    "std_mean": Reduction(_parse_var, _partial_var, _combine_var, _fin_std_mean),
-    "amax": _make_extremum(True),
-    "amin": _make_extremum(False),
-    "aminmax": Reduction(_parse_aminmax, _partial_aminmax, _combine_aminmax, needs_elements=lambda a: True),
-    "argmax": Reduction(
-        _parse_argmax, _make_arg_extremum(True), _make_combine_arg(True), _fin_index, lambda a: True
-    ),
-    "argmin": Reduction(
-        _parse_argmax, _make_arg_extremum(False), _make_combine_arg(False), _fin_index, lambda a: True
-    ),
-    "max_dim": Reduction(
-        _parse_max_dim,
-        _make_arg_extremum(True),
-        _make_combine_arg(True),
-        _fin_values_indices(torch.return_types.max),
-        lambda a: True,
-    ),
-    "min_dim": Reduction(
-        _parse_max_dim,
-        _make_arg_extremum(False),
-        _make_combine_arg(False),
-        _fin_values_indices(torch.return_types.min),
-        lambda a: True,
-    ),
-    "all": _make_all(torch.all),
-    "any": _make_all(torch.any),
-    "count_nonzero": Reduction(
-        _parse_count_nonzero,
-        lambda t, offset, a: torch.count_nonzero(t),
-        lambda states, a: torch.stack(states).sum(),
-    ),
-    "logsumexp": Reduction(_parse_logsumexp, _partial_logsumexp, _combine_logsumexp),
-    "norm": Reduction(
-        _parse_norm,
-        _partial_norm,
-        _combine_norm,
-        needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
-    ),
-}
-
 # Which torch functions each reduction serves; the tests import this to cover every entry.
 REDUCTION_FUNCTIONS: dict[str, tuple[Any, ...]] = {
     "sum": (torch.sum, _T.sum),
@@ -630,30 +585,94 @@ REDUCTION_FUNCTIONS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _reduce(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
-) -> Any:
-    parsed = reduction.parse(b, func, args, kwargs)
-    if parsed is NOT_HANDLED:
-        return NOT_HANDLED
-    pieces = [(t, offset, t.numel()) for t, offset in zip(b._tensors, b._offsets)]
-    call = ReductionCall(func, args, kwargs, b, reduction, parsed, pieces)
-    return _strategies.get(b.strategy).reduce(call)
+_NEEDS_ELEMENTS = lambda a: True  # noqa: E731 - no identity: torch raises on empty input
 
+# Every reduction goes through the public `register_reduction`, as another library's would.
+REDUCTIONS: dict[str, Reduction] = {
+    "sum": register_reduction(
+        REDUCTION_FUNCTIONS["sum"], _make_sum(torch.sum), _combine_sum, _finalize_sum, parse=_parse_sum
+    ),
+    "nansum": register_reduction(
+        REDUCTION_FUNCTIONS["nansum"], _make_sum(torch.nansum), _combine_sum, _finalize_sum, parse=_parse_sum
+    ),
+    "mean": register_reduction(
+        REDUCTION_FUNCTIONS["mean"], _make_sum(torch.sum), _combine_sum, _finalize_mean, parse=_parse_mean
+    ),
+    "nanmean": register_reduction(
+        REDUCTION_FUNCTIONS["nanmean"], _partial_nanmean, _combine_nanmean, _finalize_nanmean, parse=_parse_mean
+    ),
+    "prod": register_reduction(
+        REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_sum, parse=_parse_prod
+    ),
+    # var and std: Chan et al.'s parallel merge of per-tensor (count, mean, M2)
+    "var": register_reduction(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, parse=_parse_var),
+    "std": register_reduction(REDUCTION_FUNCTIONS["std"], _partial_var, _combine_var, _fin_std, parse=_parse_var),
+    "var_mean": register_reduction(
+        REDUCTION_FUNCTIONS["var_mean"], _partial_var, _combine_var, _fin_var_mean, parse=_parse_var
+    ),
+    "std_mean": register_reduction(
+        REDUCTION_FUNCTIONS["std_mean"], _partial_var, _combine_var, _fin_std_mean, parse=_parse_var
+    ),
+    "amax": register_reduction(
+        REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
+    ),
+    "amin": register_reduction(
+        REDUCTION_FUNCTIONS["amin"], *_extremum_parts(False), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
+    ),
+    "aminmax": register_reduction(
+        REDUCTION_FUNCTIONS["aminmax"],
+        _partial_aminmax,
+        _combine_aminmax,
+        parse=_parse_aminmax,
+        needs_elements=_NEEDS_ELEMENTS,
+    ),
+    "argmax": register_reduction(
+        REDUCTION_FUNCTIONS["argmax"],
+        _make_arg_extremum(True),
+        _make_combine_arg(True),
+        _fin_index,
+        parse=_parse_argmax,
+        needs_elements=_NEEDS_ELEMENTS,
+    ),
+    "argmin": register_reduction(
+        REDUCTION_FUNCTIONS["argmin"],
+        _make_arg_extremum(False),
+        _make_combine_arg(False),
+        _fin_index,
+        parse=_parse_argmax,
+        needs_elements=_NEEDS_ELEMENTS,
+    ),
+    "all": register_reduction(REDUCTION_FUNCTIONS["all"], *_all_parts(torch.all), parse=_parse_all),
+    "any": register_reduction(REDUCTION_FUNCTIONS["any"], *_all_parts(torch.any), parse=_parse_all),
+    "count_nonzero": register_reduction(
+        REDUCTION_FUNCTIONS["count_nonzero"],
+        lambda t, offset, a: torch.count_nonzero(t),
+        _combine_sum,
+        parse=_parse_count_nonzero,
+    ),
+    "logsumexp": register_reduction(
+        REDUCTION_FUNCTIONS["logsumexp"], _partial_logsumexp, _combine_logsumexp, parse=_parse_logsumexp
+    ),
+    "norm": register_reduction(
+        REDUCTION_FUNCTIONS["norm"],
+        _partial_norm,
+        _combine_norm,
+        parse=_parse_norm,
+        needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
+    ),
+}
 
-def reduction_handler(reduction: Reduction) -> Callable[..., Any]:
-    """Return the dispatch-table handler that runs `reduction` under the bundle's strategy."""
-
-    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not args or not isinstance(args[0], ParameterBundle) or kwargs.get("out") is not None:
-            return NOT_HANDLED
-        return _reduce(func, args, kwargs, args[0], reduction)
-
-    return handler
-
-
-for _name, _funcs in REDUCTION_FUNCTIONS.items():
-    ParameterBundle.implements(_funcs)(reduction_handler(REDUCTIONS[_name]))
+# max / min with dim (values and indices) serve the max and min handler, not a function.
+_MAX_DIM = {
+    largest: Reduction(
+        _parse_max_dim,
+        _make_arg_extremum(largest),
+        _make_combine_arg(largest),
+        _fin_values_indices(torch.return_types.max if largest else torch.return_types.min),
+        _NEEDS_ELEMENTS,
+    )
+    for largest in (True, False)
+}
 
 REDUCTION_FUNCTIONS["max"] = (torch.max, _T.max)
 REDUCTION_FUNCTIONS["min"] = (torch.min, _T.min)

@@ -2,28 +2,39 @@
 
 An op (see `_reductions.py`) says how to compute one tensor's partial state and how partial
 states combine. A strategy decides what to do with them: `concat` combines them into the
-result over the concatenation. Adding an op never touches a strategy and vice versa.
+result over the concatenation, `per_param` keeps one result per tensor, `weighted` weighs
+the per-tensor results. Adding an op never touches a strategy and vice versa.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from modtensor._dispatch import materialized
+from modtensor._dispatch import NOT_HANDLED, materialized
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
-__all__ = ["Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get"]
+__all__ = [
+    "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get",
+    "register_strategy", "strategies", "resolve_weights",
+]
 
 
 @dataclass
 class ReduceArgs:
-    """A reduction call's arguments, parsed once and shared by partial, combine and finalize."""
+    """A reduction call's arguments, parsed once and shared by partial, combine and finalize.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> mt.ReduceArgs("torch.sum", torch.float32, numel=10, keepdim=True)
+        ReduceArgs(name='torch.sum', dtype=torch.float32, numel=10, keepdim=True, options={})
+    """
 
     name: str
     dtype: torch.dtype  # what the concatenation computes in (the bundle's, or dtype=)
@@ -40,6 +51,18 @@ class Reduction:
     tensor starts in the concatenation), `combine(states, args)` merges states
     associatively, `finalize(state, args)` turns the merged state into the result.
     `needs_elements(args)` is true where torch raises on an empty input (no identity).
+    `mt.register_reduction` builds one and puts it in the dispatch table.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> count = mt.Reduction(
+        ...     parse=lambda b, func, args, kwargs: mt.ReduceArgs("count", torch.int64, b.numel()),
+        ...     partial=lambda t, offset, a: torch.tensor(t.numel()),
+        ...     combine=lambda states, a: torch.stack(states).sum(),
+        ... )
+        >>> states = [count.partial(t, 0, None) for t in (torch.ones(3), torch.ones(2, 2))]
+        >>> count.finalize(count.combine(states, None), None)
+        tensor(7)
     """
 
     parse: Callable[[ParameterBundle, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -49,32 +72,82 @@ class Reduction:
     needs_elements: Callable[[ReduceArgs], bool] = lambda args: False
 
 
-@dataclass(frozen=True)
 class ReductionCall:
-    """Everything a strategy sees of one reduction call."""
+    """Everything a strategy sees of one reduction call.
 
-    func: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    bundle: ParameterBundle
-    reduction: Reduction
-    parsed: ReduceArgs
-    # (operand, offset, numel) per tensor: the tensor itself, or a tuple of the tensor's
-    # operands for bundle-with-bundle reductions.
-    pieces: Sequence[tuple[Any, int, int]]
+    `pieces` holds `(operand, offset, numel)` per tensor: the tensor itself, or a tuple of the
+    tensor's operands for bundle-with-bundle reductions. `parsed` checks and parses the
+    arguments for the concatenation (so `dim` must name its one dimension) on first use;
+    `per_tensor(i)` calls the torch function on tensor i's operands alone, where `dim` and
+    the like apply to that tensor's own shape. See `Strategy` for a strategy that uses it.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> class Describe(mt.Strategy):
+        ...     name = "describe_call"
+        ...     def reduce(self, call):
+        ...         return call.name, [float(call.per_tensor(i)) for i in range(len(call.bundle.tensors))]
+        >>> mt.register_strategy(Describe())
+        >>> mt.bundle([torch.ones(2), torch.ones(3)], strategy="describe_call").sum()
+        ('torch.Tensor.sum', [2.0, 3.0])
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        bundle: ParameterBundle,
+        reduction: Reduction,
+        parse: Callable[[], Any],
+        pieces: Sequence[tuple[Any, int, int]],
+        per_tensor: Callable[[int], Any],
+    ) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.bundle, self.reduction, self.pieces = bundle, reduction, pieces
+        self.per_tensor = per_tensor
+        self._parse = parse
+        self._parsed: Any = None
+
+    @property
+    def parsed(self) -> Any:
+        """The parsed `ReduceArgs`, or NOT_HANDLED where only the fallback is exact."""
+        if self._parsed is None:
+            self._parsed = self._parse()
+        return self._parsed
+
+    @property
+    def name(self) -> str:
+        """torch's name for the function, for messages."""
+        from modtensor._dispatch import func_name
+
+        return func_name(self.func)
 
 
 class Strategy:
-    """Base class of strategies: a name, its options, and `reduce`."""
+    """Base class of strategies: a name, its options, and `reduce`.
+
+    Subclass it and register an instance with `mt.register_strategy` to add a strategy.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> class MaxOverTensors(mt.Strategy):
+        ...     name = "max_over_tensors"
+        ...     def reduce(self, call):
+        ...         results = [call.per_tensor(i) for i in range(len(call.bundle.tensors))]
+        ...         return torch.stack(results).amax()
+        >>> mt.register_strategy(MaxOverTensors())
+        >>> b = mt.bundle([torch.ones(2), torch.full((3,), 5.0)], strategy="max_over_tensors")
+        >>> float(b.sum())
+        15.0
+    """
 
     name: str = ""
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise TypeError for options this strategy does not take."""
         if options:
-            raise TypeError(
-                f"strategy {self.name!r} takes no options, got {sorted(options)}."
-            )
+            raise TypeError(f"strategy {self.name!r} takes no options, got {sorted(options)}.")
 
     def reduce(self, call: ReductionCall) -> Any:
         """Compute the reduction `call` under this strategy."""
@@ -96,6 +169,8 @@ class Concat(Strategy):
 
     def reduce(self, call: ReductionCall) -> Any:
         b, red, parsed = call.bundle, call.reduction, call.parsed
+        if parsed is NOT_HANDLED:
+            return NOT_HANDLED
         states = [red.partial(piece, offset, parsed) for piece, offset, n in call.pieces if n > 0]
         if not states:
             if red.needs_elements(parsed):
@@ -109,7 +184,127 @@ class Concat(Strategy):
         return _keepdim(red.finalize(red.combine(states, parsed), parsed), parsed.keepdim)
 
 
-STRATEGIES: dict[str, Strategy] = {"concat": Concat()}
+def _as_tensor(result: Any, device: torch.device) -> torch.Tensor:
+    return result if isinstance(result, torch.Tensor) else torch.tensor(result, device=device)
+
+
+def _per_tensor_bundle(b: ParameterBundle, results: list[Any], dtype: torch.dtype) -> ParameterBundle:
+    from modtensor._bundle import ParameterBundle
+
+    tensors = [_as_tensor(r, t.device) for r, t in zip(results, b.tensors)]
+    return ParameterBundle(tensors, b.names, "concat", None, dtype)
+
+
+class PerParam(Strategy):
+    """Return the reduction of each tensor on its own, as a bundle with the same names."""
+
+    name = "per_param"
+
+    def reduce(self, call: ReductionCall) -> Any:
+        b = call.bundle
+        results = [call.per_tensor(i) for i in range(len(b.tensors))]
+        if results and isinstance(results[0], tuple):
+            parts = list(zip(*results))
+            return type(results[0])(
+                [_per_tensor_bundle(b, list(p), b.dtype) for p in parts]
+            )
+        if not results:  # no tensor: torch's answer on the empty concatenation fixes the dtype
+            try:
+                probe = call.func(b.materialize(), *call.args[1:], **call.kwargs)
+            except (RuntimeError, IndexError):  # no identity (amax...): no tensor, no result
+                return _per_tensor_bundle(b, [], b.dtype)
+            if isinstance(probe, tuple):
+                return type(probe)([_per_tensor_bundle(b, [], p.dtype) for p in probe])
+            return _per_tensor_bundle(b, [], _as_tensor(probe, b.device).dtype)
+        return _per_tensor_bundle(b, results, b.dtype)
+
+
+Weights = Union[None, Mapping[str, float], Callable[[str, torch.Tensor], float], Sequence[float]]
+
+
+def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
+    """One weight per tensor: numel by default, else from patterns, a callable or a list."""
+    if weights is None:
+        return [float(t.numel()) for t in b.tensors]
+    if callable(weights):
+        return [float(weights(n, t)) for n, t in b.items()]
+    if isinstance(weights, Mapping):
+        resolved, unmatched = [], []
+        for n in b.names:
+            match = next((w for pattern, w in weights.items() if fnmatch.fnmatchcase(n, pattern)), None)
+            if match is None:
+                unmatched.append(n)
+            resolved.append(float(match or 0.0))
+        if unmatched:
+            raise ValueError(
+                f"weighted: no weight for {unmatched} in {b.describe()}; patterns are "
+                f"{list(weights)}. Add a '*' entry for the rest."
+            )
+        return resolved
+    resolved = [float(w) for w in weights]
+    if len(resolved) != len(b.names):
+        raise ValueError(f"weighted: {len(resolved)} weights for {len(b.names)} tensors ({b.describe()}).")
+    return resolved
+
+
+class Weighted(Strategy):
+    """`sum_i w_i * op(t_i) / sum_i w_i` (or without the division, `normalize=False`).
+
+    Options: `weights` (None for each tensor's numel, a mapping of names or glob patterns
+    to floats where the first match wins, a callable `(name, tensor) -> float`, or one
+    float per tensor) and `normalize` (default True). Tensors of weight 0 are skipped.
+    """
+
+    name = "weighted"
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        unknown = set(options) - {"weights", "normalize"}
+        if unknown:
+            raise TypeError(f"strategy 'weighted' takes weights= and normalize=, got {sorted(unknown)}.")
+        w = options.get("weights")
+        if not (w is None or callable(w) or isinstance(w, (Mapping, Sequence))) or isinstance(w, str):
+            raise TypeError(
+                "weighted: weights must be None, a mapping of names or glob patterns to floats, a "
+                f"callable (name, tensor) -> float, or a sequence of floats; got {type(w).__name__}."
+            )
+
+    def reduce(self, call: ReductionCall) -> Any:
+        b = call.bundle
+        weights = resolve_weights(b, b.options.get("weights"))
+        terms = [(w, call.per_tensor(i)) for i, w in enumerate(weights) if w != 0]
+        if not terms:
+            raise ValueError(f"{call.name}: all weights are zero for {b.describe()}; nothing to weigh.")
+        if isinstance(terms[0][1], tuple):
+            parts = zip(*(r for _, r in terms))
+            return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])
+        return self._combine(call, [w for w, _ in terms], [r for _, r in terms])
+
+    def _combine(self, call: ReductionCall, weights: list[float], results: list[Any]) -> torch.Tensor:
+        b = call.bundle
+        values = [_as_tensor(r, b.device) for r in results]
+        if any(v.shape != values[0].shape for v in values):
+            raise ValueError(
+                f"{call.name}: under the weighted strategy each tensor's result must have one "
+                f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}. "
+                "Use a full reduction, or the per_param strategy."
+            )
+        dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
+        for v in values[1:]:
+            dtype = torch.promote_types(dtype, v.dtype)
+        device = combine_device(b)
+        total = sum(
+            (w * v.to(device=device, dtype=dtype) for w, v in zip(weights, values)),
+            torch.zeros(values[0].shape, dtype=dtype, device=device),
+        )
+        return total / sum(weights) if b.options.get("normalize", True) else total
+
+
+def combine_device(b: ParameterBundle) -> torch.device:
+    """Where partials from several devices meet: the first tensor's device, but meta wins."""
+    return b.device
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Concat(), PerParam(), Weighted())}
 
 
 def get(name: str) -> Strategy:
@@ -117,11 +312,28 @@ def get(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"Unknown strategy {name!r}. Expect one of {tuple(STRATEGIES)}."
-        ) from None
+        raise ValueError(f"Unknown strategy {name!r}. Expect one of {tuple(STRATEGIES)}.") from None
 
 
-def names() -> Sequence[str]:
-    """Return the names of the registered strategies."""
+def register_strategy(strategy: Strategy) -> None:
+    """Add `strategy` to the strategies bundles can use, under `strategy.name`.
+
+    Example:
+        >>> import modtensor as mt
+        >>> "per_param" in mt.strategies()
+        True
+    """
+    if not isinstance(strategy, Strategy) or not strategy.name:
+        raise TypeError("register_strategy: expected a Strategy instance with a non-empty name.")
+    STRATEGIES[strategy.name] = strategy
+
+
+def strategies() -> tuple[str, ...]:
+    """Return the names of the registered strategies.
+
+    Example:
+        >>> import modtensor as mt
+        >>> mt.strategies()[:3]
+        ('concat', 'per_param', 'weighted')
+    """
     return tuple(STRATEGIES)

@@ -19,10 +19,11 @@ from generators import Case, check_against_concat, other_like
 from modtensor import _pointwise, _reductions
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from modtensor._pointwise import POINTWISE_FUNCTIONS
+from modtensor._indexing import READOUT_FUNCTIONS
 from modtensor._reductions import REDUCTION_FUNCTIONS
 from op_specs import INTEGER_OPS, PAIRWISE_CALLS, REDUCTION_CALLS, is_binary, pointwise_calls
 
-TESTED_ELSEWHERE = {torch.Tensor.__getitem__}  # tests/test_indexing.py
+TESTED_ELSEWHERE = {torch.Tensor.__getitem__, *READOUT_FUNCTIONS}  # tests/test_indexing.py
 
 
 def _table_functions():

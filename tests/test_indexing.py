@@ -52,3 +52,27 @@ def test_other_indices_fall_back_with_a_warning():
     with pytest.warns(mt.MaterializationWarning, match="__getitem__"):
         out = b[torch.tensor([0, 4])]
     torch.testing.assert_close(out, torch.tensor([0.0, 2.0]))
+
+
+@given(case=cases(kinds=("normal", "special")))
+def test_tolist_and_numpy_read_the_concatenation(case):
+    b, ref = case.bundle(), case.concat()
+    assert b.tolist() == pytest.approx(ref.tolist(), nan_ok=True)
+    assert (b.detach().numpy() == ref.detach().numpy()).sum() == (ref == ref).sum()
+
+
+@pytest.mark.parametrize("convert", [lambda x: x.item(), bool, float, int, complex, lambda x: [0, 1][x.long()]])
+def test_scalar_conversions_of_one_element(convert):
+    b = mt.bundle([torch.empty(0), torch.tensor([1.0])])
+    assert convert(b) == convert(b.materialize())
+
+
+@pytest.mark.parametrize("convert", [lambda x: x.item(), bool, float])
+@pytest.mark.parametrize("n", [0, 3])
+def test_scalar_conversions_of_other_counts_raise_like_torch(convert, n):
+    b = mt.bundle([torch.ones(n)])
+    with pytest.raises(Exception) as want:
+        convert(torch.ones(n))
+    with pytest.raises(Exception) as got:
+        convert(b)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)

@@ -1,0 +1,131 @@
+"""The public extension API: handlers, reductions and strategies for other libraries.
+
+Everything built in is registered through these same functions: every reduction of
+`_reductions.py` (var, for one, is Chan et al.'s parallel merge of per-tensor
+`(count, mean, M2)` partials) goes through `register_reduction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from modtensor import _strategies
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, func_name
+from modtensor._pointwise import per_tensor_caller
+from modtensor._strategies import Reduction, ReduceArgs, ReductionCall, Strategy, register_strategy, strategies
+
+__all__ = [
+    "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "implements", "register_reduction",
+    "register_strategy", "run_reduction", "strategies",
+]
+
+H = TypeVar("H", bound=Handler)
+
+
+def implements(
+    funcs: Callable[..., Any] | Iterable[Callable[..., Any]], strategy: str = ANY_STRATEGY
+) -> Callable[[H], H]:
+    """Register the decorated handler in ParameterBundle's table for one or more torch functions.
+
+    The handler is called as `handler(func, types, args, kwargs)`; `strategy` restricts it to
+    bundles of that strategy (the default `"*"` serves all; a specific entry wins). Return
+    `NotImplemented` from it to send a call to the fallback. Subclass `ParameterBundle` to
+    keep your entries out of everyone else's table.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> class Mine(mt.ParameterBundle):
+        ...     pass
+        >>> @Mine.implements(torch.cumsum, strategy="per_param")
+        ... def per_tensor_cumsum(func, types, args, kwargs):
+        ...     b, dim = args
+        ...     return b.derive([torch.cumsum(t.reshape(-1), 0) for t in b.tensors])
+        >>> b = Mine([torch.ones(2), torch.ones(3)], ["a", "b"], strategy="per_param")
+        >>> [t.tolist() for t in torch.cumsum(b, 0).tensors]
+        [[1.0, 2.0], [1.0, 2.0, 3.0]]
+    """
+    return ParameterBundle.implements(funcs, strategy)
+
+
+def _sig_dim_keepdim(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def parse_dim_keepdim(
+    b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ReduceArgs:
+    """The default argument parser of `register_reduction`: `(input, dim=None, keepdim=False)`."""
+    from modtensor._reductions import _bind, check_dim
+
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_dim_keepdim, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b.dtype, b.numel(), bool(keepdim))
+
+
+def run_reduction(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
+) -> Any:
+    """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
+    pieces = [(t, offset, t.numel()) for t, offset in zip(b.tensors, b._offsets)]
+    # Under per_param and weighted, dim and the like apply to each tensor's own shape.
+    per_tensor = per_tensor_caller(func, args, kwargs, b, cast=False)
+    if per_tensor is NOT_HANDLED:
+        return NOT_HANDLED
+    call = ReductionCall(
+        func, args, kwargs, b, reduction, lambda: reduction.parse(b, func, args, kwargs), pieces, per_tensor
+    )
+    return _strategies.get(b.strategy).reduce(call)
+
+
+def register_reduction(
+    funcs: Callable[..., Any] | Iterable[Callable[..., Any]],
+    partial: Callable[[Any, int, ReduceArgs], Any],
+    combine: Callable[[list[Any], ReduceArgs], Any],
+    finalize: Callable[[Any, ReduceArgs], Any] | None = None,
+    *,
+    parse: Callable[..., Any] | None = None,
+    needs_elements: Callable[[ReduceArgs], bool] | None = None,
+) -> Reduction:
+    """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
+
+    `partial(tensor, offset, args)` is one non-empty tensor's state (`offset`: where the
+    tensor starts in the concatenation), `combine(states, args)` merges states associatively,
+    `finalize(state, args)` makes the result (default: the state itself). `args` is the
+    `ReduceArgs` that `parse(bundle, func, args, kwargs)` returns (default: accepts
+    `dim=0/-1` and `keepdim`). `needs_elements(args)` says torch raises on an empty input.
+    The per_param and weighted strategies come for free: they call `func` on each tensor.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> # the sum of squares, as torch.Tensor.square().sum() would give on the concatenation
+        >>> def sum_of_squares(x, dim=None, keepdim=False):
+        ...     if torch.overrides.has_torch_function_unary(x):
+        ...         return torch.overrides.handle_torch_function(sum_of_squares, (x,), x, dim=dim, keepdim=keepdim)
+        ...     return x.square().sum()
+        >>> _ = mt.register_reduction(
+        ...     sum_of_squares,
+        ...     partial=lambda t, offset, a: t.square().sum(),
+        ...     combine=lambda states, a: torch.stack(states).sum(),
+        ... )
+        >>> b = mt.bundle([torch.ones(2), torch.full((3,), 2.0)])
+        >>> float(sum_of_squares(b)), sum_of_squares(b.per_param()).tolist()
+        (14.0, [2.0, 12.0])
+    """
+    reduction = Reduction(
+        parse=parse or parse_dim_keepdim,
+        partial=partial,
+        combine=combine,
+        finalize=finalize or (lambda state, args: state),
+        needs_elements=needs_elements or (lambda args: False),
+    )
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not args or not isinstance(args[0], ParameterBundle) or kwargs.get("out") is not None:
+            return NOT_HANDLED
+        return run_reduction(func, args, kwargs, args[0], reduction)
+
+    ParameterBundle.implements(funcs)(handler)
+    return reduction

@@ -1,0 +1,234 @@
+"""The per_param and weighted strategies, against the op applied to each tensor."""
+
+import pytest
+import torch
+from hypothesis import given
+
+import modtensor as mt
+from generators import Case, assert_same, cases, other_like
+from modtensor._pairwise import PAIRWISE_FUNCTIONS
+from modtensor._reductions import REDUCTION_FUNCTIONS
+from op_specs import PAIRWISE_CALLS, REDUCTION_CALLS
+
+REDUCTIONS = [
+    pytest.param(f, call, id=f"{name}-{getattr(f, '__qualname__', name)}-{i}")
+    for name, funcs in REDUCTION_FUNCTIONS.items()
+    for f in funcs
+    for i, call in enumerate(REDUCTION_CALLS[name])
+]
+PAIRWISE = [
+    pytest.param(f, call, id=f"{name}-{getattr(f, '__qualname__', name)}-{i}")
+    for name, (funcs, _) in PAIRWISE_FUNCTIONS.items()
+    for f in funcs
+    for i, call in enumerate(PAIRWISE_CALLS[name])
+]
+
+
+def _per_tensor(results):
+    """A per_param result (a bundle, or a tuple of bundles) as one result per tensor."""
+    if isinstance(results, tuple):
+        return list(zip(*(r.tensors for r in results)))
+    assert isinstance(results, mt.ParameterBundle)
+    return list(results.tensors)
+
+
+def _expected_per_tensor(case, other, call, f, flatten):
+    out = []
+    for i, t in enumerate(case.tensors):
+        y = other.tensors[i] if other else None
+        if flatten:
+            t, y = t.reshape(-1), y.reshape(-1)
+        out.append(call(f, t, y))
+    return out
+
+
+def _check_per_param(case, other, call, f, flatten=False):
+    try:
+        want = _expected_per_tensor(case, other, call, f, flatten)
+    except Exception:
+        with pytest.raises(Exception):
+            call(f, case.bundle().per_param(), other.bundle() if other else None)
+        return
+    got = call(f, case.bundle().per_param(), other.bundle() if other else None)
+    got = _per_tensor(got)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if isinstance(w, bool):
+            w = torch.tensor(w)
+        if flatten and isinstance(w, torch.Tensor) and w.dim() == 1:  # reduction="none" keeps shapes
+            g = g.reshape(-1)
+        assert_same(tuple(g) if isinstance(w, tuple) else g, tuple(w) if isinstance(w, tuple) else w)
+    # gradients: through the per-tensor results, to every tensor that requires grad
+    leaves = [t for t in case.leaves + (other.leaves if other else []) if t.requires_grad]
+    losses = []
+    for results in (got, want):
+        flat = [r for res in results for r in (res if isinstance(res, tuple) else (res,))]
+        flat = [r for r in flat if isinstance(r, torch.Tensor) and r.requires_grad and r.isfinite().all()]
+        losses.append(sum((r.double().sum() for r in flat), torch.zeros((), dtype=torch.float64)))
+    if leaves and losses[1].requires_grad:
+        try:
+            g_want = torch.autograd.grad(losses[1], leaves, allow_unused=True)
+        except RuntimeError:  # torch has no gradient here (dist with p=0)
+            return
+        g_got = torch.autograd.grad(losses[0], leaves, allow_unused=True)
+        for gg, gw in zip(g_got, g_want):
+            if gw is not None and gw.isfinite().all():
+                torch.testing.assert_close(gg if gg is not None else torch.zeros_like(gw), gw)
+
+
+@pytest.mark.parametrize("f, call", REDUCTIONS)
+@given(case=cases(kinds=("normal", "ties")))
+def test_per_param_reduction_is_the_op_on_each_tensor(f, call, case):
+    _check_per_param(case, other_like(case), call, f)
+
+
+@pytest.mark.parametrize("f, call", PAIRWISE)
+@given(case=cases(kinds=("normal",)))
+def test_per_param_pairwise_is_the_op_on_each_pair_of_vectors(f, call, case):
+    _check_per_param(case, other_like(case, seed=7), call, f, flatten=True)
+
+
+FULL_REDUCTIONS = [
+    pytest.param(f, id=f"{name}-{f.__qualname__}")
+    for name, funcs in REDUCTION_FUNCTIONS.items()
+    if name not in ("max", "min", "logsumexp")
+    for f in funcs
+]
+
+
+def _weights_variants(case):
+    names = [str(i) for i in range(len(case.tensors))]
+    yield None, [float(t.numel()) for t in case.tensors]
+    yield {"*": 1.0}, [1.0] * len(names)
+    yield {"0": 3.0, "*": 0.5}, [3.0 if n == "0" else 0.5 for n in names]
+    yield (lambda name, t: 1.0 + t.dim()), [1.0 + t.dim() for t in case.tensors]
+    yield [float(i + 1) for i in range(len(names))], [float(i + 1) for i in range(len(names))]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("f", FULL_REDUCTIONS)
+@given(case=cases(min_tensors=1, kinds=("normal",)))
+def test_weighted_is_the_weighted_sum_of_per_tensor_results(f, normalize, case):
+    for weights, ws in _weights_variants(case):
+        b = case.bundle(strategy="weighted", weights=weights, normalize=normalize)
+        terms = [(w, t) for w, t in zip(ws, case.tensors) if w != 0]
+        if not terms:
+            with pytest.raises(ValueError, match="all weights are zero"):
+                f(b)
+            continue
+        try:
+            results = [f(t) for _, t in terms]
+        except Exception:
+            with pytest.raises(Exception):
+                f(b)
+            continue
+        got = f(b)
+        for j in range(len(results[0]) if isinstance(results[0], tuple) else 1):
+            parts = [r[j] if isinstance(r, tuple) else r for r in results]
+            want = sum(w * p.double() for (w, _), p in zip(terms, parts))
+            if normalize:
+                want = want / sum(w for w, _ in terms)
+            g = got[j] if isinstance(got, tuple) else got
+            torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@given(case=cases(min_tensors=1, kinds=("normal",)))
+def test_weighted_with_numel_weights_is_the_concatenation_for_mean_and_sum(case):
+    b, ref = case.bundle(), case.concat()
+    if ref.numel() == 0:
+        return
+    torch.testing.assert_close(b.weighted().mean().double(), ref.mean().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        b.weighted([1.0] * len(case.tensors), normalize=False).sum().double(), ref.sum().double(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_seed_loop_is_weighted_with_uniform_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(4, 2))
+    loop = sum(p.mean() for p in model.parameters()) / len(list(model.parameters()))
+    torch.testing.assert_close(mt.bundle(model).weighted({"*": 1.0}).mean(), loop)
+    torch.testing.assert_close(mt.bundle(model, strategy="weighted", weights=lambda n, t: 1.0).mean(), loop)
+
+
+def test_weighted_gradients_reach_the_tensors():
+    a, c = torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    (mt.bundle([a, c]).weighted([2.0, 1.0]) ** 2).sum().backward()
+    torch.testing.assert_close(a.grad, 2 * 2 * a.detach() / 3)
+    torch.testing.assert_close(c.grad, 2 * c.detach() / 3)
+
+
+def test_strategies_survive_elementwise_ops_and_per_param_results_reduce_again():
+    lin = torch.nn.Linear(3, 2)
+    b = mt.bundle(lin).per_param()
+    assert (b * 2).strategy == "per_param" and (b.abs() + b).strategy == "per_param"
+    w = mt.bundle(lin).weighted({"weight": 2.0, "*": 1.0}, normalize=False)
+    assert (w ** 2).options == {"weights": {"weight": 2.0, "*": 1.0}, "normalize": False}
+    largest = b.norm().max()
+    assert largest == max(lin.weight.norm(), lin.bias.norm())
+    assert b.norm().names == ("weight", "bias") and b.norm().to_dict()["bias"] == lin.bias.norm()
+    assert b.norm().strategy == "concat"  # per-tensor results are reduced as one tensor again
+
+
+def test_per_param_dim_applies_to_each_tensor():
+    w, v = torch.randn(3, 4), torch.randn(3, 5)
+    out = mt.bundle({"w": w, "v": v}).per_param().sum(dim=1)
+    torch.testing.assert_close(out.to_dict()["w"], w.sum(dim=1))
+    torch.testing.assert_close(out.to_dict()["v"], v.sum(dim=1))
+
+
+def test_weighted_errors():
+    b = mt.bundle({"w": torch.ones(2, 3), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"no weight for \['b'\].*'\*'"):
+        b.weighted({"w": 1.0}).mean()
+    with pytest.raises(ValueError, match="different shapes|one shape"):
+        b.weighted().sum(dim=0)
+    with pytest.raises(ValueError, match="all weights are zero"):
+        b.weighted([0.0, 0.0]).sum()
+    with pytest.raises(ValueError, match="2 weights for 3 tensors|3 weights for 2 tensors"):
+        b.weighted([1.0, 2.0, 3.0]).sum()
+    with pytest.raises(TypeError, match="weights= and normalize="):
+        mt.bundle([torch.ones(1)], strategy="weighted", weigths=None)
+    with pytest.raises(TypeError, match="weights must be"):
+        b.weighted("w")
+
+
+def test_pairwise_under_strategies():
+    a = mt.bundle({"w": torch.randn(2, 3), "b": torch.randn(4)})
+    c = mt.bundle({"w": torch.randn(2, 3), "b": torch.randn(4)})
+    per = torch.dist(a.per_param(), c)
+    for name in ("w", "b"):
+        torch.testing.assert_close(per.to_dict()[name], torch.dist(a.to_dict()[name], c.to_dict()[name]))
+    mse = torch.nn.functional.mse_loss(a.weighted(), c)
+    torch.testing.assert_close(mse, torch.nn.functional.mse_loss(a.materialize(), c.materialize()))
+
+
+class MaxOverLayers(mt.Strategy):
+    name = "max_over_layers"
+
+    def reduce(self, call):
+        return torch.stack([call.per_tensor(i) for i in range(len(call.bundle.tensors))]).amax()
+
+
+def test_a_custom_strategy_plugs_into_every_reduction():
+    mt.register_strategy(MaxOverLayers())
+    assert "max_over_layers" in mt.strategies()
+    lin = torch.nn.Linear(3, 2)
+    b = mt.bundle(lin, strategy="max_over_layers")
+    assert b.norm() == max(lin.weight.norm(), lin.bias.norm())
+    assert b.mean() == max(lin.weight.mean(), lin.bias.mean())
+    with pytest.raises(TypeError, match="takes no options"):
+        mt.bundle(lin, strategy="max_over_layers", weights=None)
+    with pytest.raises(TypeError, match="Strategy instance"):
+        mt.register_strategy("max")
+
+
+def test_empty_bundle_under_strategies():
+    assert mt.bundle([]).per_param().sum().names == ()
+    with pytest.raises(ValueError, match="all weights are zero"):
+        mt.bundle([]).weighted().sum()
+
+
+def test_case_helper_shapes():
+    case = Case([torch.ones(2)], [torch.ones(2)])
+    assert case.bundle().per_param().sum().tolist() == [2.0]
