@@ -58,6 +58,9 @@ PASSTHROUGH: frozenset[Any] = frozenset(
         _T.is_signed,
         _T.is_contiguous,
         _T.__len__,
+        torch.numel,
+        torch.is_floating_point,
+        torch.is_complex,
     }
     | {
         getattr(_T, name).__get__
@@ -259,9 +262,6 @@ class DispatchTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in PASSTHROUGH:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
         strategy = cls._strategy
         for a in args:
             if isinstance(a, DispatchTensor):
@@ -273,6 +273,9 @@ class DispatchTensor(torch.Tensor):
             result = handler(func, types, args, kwargs)
             if result is not NOT_HANDLED:
                 return result
+        elif func in PASSTHROUGH:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
         return _materialize_call(func, args, kwargs, stacklevel=3)
 
     @classmethod

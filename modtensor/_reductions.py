@@ -234,8 +234,8 @@ def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 
 def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     acc = _acc_dtype(a.dtype)
-    counts = torch.tensor([n for n, _, _ in states], dtype=_real(acc), device=states[0][1].device)
     variances = _stack([v for _, v, _ in states], _real(acc))
+    counts = torch.tensor([n for n, _, _ in states], dtype=_real(acc), device=variances.device)
     means = _stack([m for _, _, m in states], acc)
     total = counts.sum()
     mean = (counts * means).sum() / total
@@ -375,7 +375,8 @@ def _make_arg_extremum(largest: bool) -> Callable[[torch.Tensor, int, ReduceArgs
         # first tensor's candidate among equals keeps that order across tensors.
         flat = t.reshape(-1)
         local = flat.argmax() if largest else flat.argmin()
-        return flat[local], local + offset
+        # gather, not flat[local]: indexing with a tensor would read it back (and fail on meta)
+        return flat.gather(0, local.reshape(1)).reshape(()), local + offset
 
     return partial
 
@@ -384,7 +385,9 @@ def _make_combine_arg(largest: bool) -> Callable[[list[Any], ReduceArgs], Any]:
     def combine(states: list[Any], a: ReduceArgs) -> Any:
         values = _stack([v for v, _ in states], a.dtype)
         k = values.argmax() if largest else values.argmin()
-        return values[k], _stack([i for _, i in states], torch.int64)[k]
+        pick = k.reshape(1)
+        indices = _stack([i for _, i in states], torch.int64)
+        return values.gather(0, pick).reshape(()), indices.gather(0, pick).reshape(())
 
     return combine
 

@@ -1,0 +1,98 @@
+"""Gradient bundles, and bundles whose tensors live on several devices."""
+
+import pytest
+import torch
+from torch import nn
+
+import modtensor as mt
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model(torch.randn(5, 4)).square().sum().backward()
+    return model
+
+
+def test_grad_bundle_norm_is_the_global_gradient_norm():
+    model = _trained_model()
+    grads = [p.grad for p in model.parameters()]
+    g = mt.bundle(model).grad
+    assert g.names == ("0.weight", "0.bias", "2.weight", "2.bias") and g.left_out == ()
+    torch.testing.assert_close(g.norm(), nn.utils.get_total_norm(grads))
+    torch.testing.assert_close(g.norm(float("inf")), nn.utils.get_total_norm(grads, norm_type=float("inf")))
+    assert all(a is b for a, b in zip(g.tensors, grads))
+
+
+def test_tensors_without_gradient_are_left_out_and_named():
+    model = _trained_model()
+    model[0].bias.grad = None
+    g = mt.bundle(model).grad
+    assert "0.bias" not in g.names and g.left_out == ("0.bias",)
+    assert "left_out=['0.bias']" in repr(g)
+
+
+def test_no_gradient_at_all_is_none_and_grad_cannot_be_set():
+    b = mt.bundle(nn.Linear(2, 2))
+    assert b.grad is None
+    with pytest.raises(mt.UnsupportedOperationError, match="zero_grad"):
+        b.grad = None
+
+
+def test_grad_keeps_the_strategy():
+    g = mt.bundle(_trained_model()).per_param().grad
+    assert g.strategy == "per_param"
+    assert g.norm().names == ("0.weight", "0.bias", "2.weight", "2.bias")
+
+
+def test_cpu_and_meta_tensors_give_meta_results():
+    cpu, meta = torch.randn(3, 2), torch.empty(4, device="meta")
+    b = mt.bundle({"cpu": cpu, "meta": meta})
+    assert b.device.type == "meta"
+    for result in (b.sum(), b.std(), b.norm(), b.amax(), b.argmax(), torch.dot(b, b)):
+        assert result.device.type == "meta" and result.shape == ()
+    doubled = b * 2
+    assert doubled.to_dict()["cpu"].device.type == "cpu" and doubled.to_dict()["meta"].device.type == "meta"
+    torch.testing.assert_close(doubled.to_dict()["cpu"], cpu * 2)
+    per = b.per_param().sum()
+    torch.testing.assert_close(per.to_dict()["cpu"], cpu.sum())
+    assert per.to_dict()["meta"].device.type == "meta"
+    assert b.materialize().device.type == "meta" and b.materialize().shape == (10,)
+
+
+def test_a_meta_model_reduces_without_memory():
+    with torch.device("meta"):
+        model = nn.Linear(4096, 4096)
+    b = mt.bundle(model)
+    assert b.norm().device.type == "meta" and b.numel() == 4096 * 4097
+
+
+@cuda
+def test_cuda_bundle_matches_the_concatenation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8)).cuda()
+    b = mt.bundle(model)
+    ref = torch.cat([p.reshape(-1) for p in model.parameters()])
+    for op in (torch.sum, torch.mean, torch.std, torch.norm, torch.amax, torch.argmax):
+        got, want = op(b), op(ref)
+        assert got.device == want.device
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close((b**2).sum(), (ref**2).sum())
+
+
+@cuda
+def test_cpu_and_cuda_tensors_combine_on_the_first_tensors_device():
+    torch.manual_seed(0)
+    cpu, gpu = torch.randn(100), torch.randn(50, device="cuda")
+    ref = torch.cat([cpu, gpu.cpu()])
+    b = mt.bundle({"cpu": cpu, "gpu": gpu})
+    assert b.device.type == "cpu"
+    for op in (torch.sum, torch.std, torch.norm, torch.amax, torch.argmax):
+        got = op(b)
+        assert got.device.type == "cpu"
+        torch.testing.assert_close(got, op(ref))
+    b2 = mt.bundle({"gpu": gpu, "cpu": cpu})
+    assert b2.norm().device.type == "cuda"
+    torch.testing.assert_close(b2.norm().cpu(), torch.cat([gpu.cpu(), cpu]).norm())
