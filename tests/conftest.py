@@ -13,6 +13,15 @@ settings.register_profile("dev", max_examples=60, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+# The library's own table, before any test or doctest registers handlers of its own.
+_BUILTIN_TABLE = frozenset(func for func, _strategy in mt.ParameterBundle.HANDLERS)
+
+
+@pytest.fixture
+def builtin_table():
+    return _BUILTIN_TABLE
+
+
 @pytest.fixture(autouse=True)
 def _plain_pytorch():
     """Every test starts and ends with nn.Module untouched and the default fallback."""

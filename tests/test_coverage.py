@@ -26,23 +26,19 @@ from op_specs import INTEGER_OPS, PAIRWISE_CALLS, REDUCTION_CALLS, is_binary, po
 TESTED_ELSEWHERE = {torch.Tensor.__getitem__, *READOUT_FUNCTIONS}  # tests/test_indexing.py
 
 
-def _table_functions():
-    return {func for func, _strategy in mt.ParameterBundle.HANDLERS}
-
-
-def test_every_table_entry_has_a_property_test():
+def test_every_table_entry_has_a_property_test(builtin_table):
     covered = set(TESTED_ELSEWHERE)
     covered |= {f for name in REDUCTION_CALLS for f in REDUCTION_FUNCTIONS[name]}
     covered |= {f for name in PAIRWISE_CALLS for f in PAIRWISE_FUNCTIONS[name][0]}
     covered |= {f for funcs in POINTWISE_FUNCTIONS.values() for f in funcs}
-    untested = _table_functions() - covered
+    untested = builtin_table - covered
     assert not untested, f"table entries without a property test: {untested}"
 
 
-def test_every_spec_names_a_table_entry():
+def test_every_spec_names_a_table_entry(builtin_table):
     assert set(REDUCTION_CALLS) == set(REDUCTION_FUNCTIONS)
     assert set(PAIRWISE_CALLS) == set(PAIRWISE_FUNCTIONS)
-    table = _table_functions()
+    table = builtin_table
     for funcs in [*REDUCTION_FUNCTIONS.values(), *POINTWISE_FUNCTIONS.values()]:
         assert funcs and all(f in table for f in funcs)
 
@@ -103,9 +99,8 @@ def _in_table(op, table) -> bool:
     return any(f in table for f in funcs if f is not None) or op.name in POINTWISE_FUNCTIONS
 
 
-def opinfo_coverage():
+def opinfo_coverage(table):
     """(in the table, known gaps, total) over torch's elementwise and reduction OpInfos."""
-    table = _table_functions()
     ops = _opinfo_ops()
     gaps = {**_pointwise.UNSUPPORTED, **_reductions.UNSUPPORTED}
     missing = [op.name for op in ops if not _in_table(op, table)]
@@ -113,8 +108,8 @@ def opinfo_coverage():
     return len(ops) - len(missing), missing, unexplained, len(ops)
 
 
-def test_opinfo_ops_are_in_the_table_or_known_gaps():
-    covered, missing, unexplained, total = opinfo_coverage()
+def test_opinfo_ops_are_in_the_table_or_known_gaps(builtin_table):
+    covered, missing, unexplained, total = opinfo_coverage(builtin_table)
     assert not unexplained, f"OpInfo ops neither in the table nor in UNSUPPORTED: {unexplained}"
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     match = re.search(r"OpInfo coverage: (\d+) of (\d+)", readme)
