@@ -192,6 +192,11 @@ class ParameterBundle(DispatchTensor):
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
         return self.derive([t.data for t in self._tensors])
 
+    def _tensor(self, i: int) -> torch.Tensor:
+        # Tensor i alone. Ops that walk a bundle one tensor at a time use this rather than
+        # `tensors`, so a bundle computed on demand never holds all its tensors at once.
+        return self._tensors[i]
+
     def items(self) -> tuple[tuple[str, torch.Tensor], ...]:
         """Return `(name, tensor)` pairs in order.
 
