@@ -24,7 +24,8 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
-def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
+def _locate(b: ParameterBundle, index: int) -> tuple[int, tuple[int, ...]]:
+    """Which tensor holds element `index` of the concatenation, and where in it."""
     n = b._numel
     if not -n <= index < n:
         raise IndexError(
@@ -32,13 +33,17 @@ def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
         )
     index %= n
     i = bisect.bisect_right(b._offsets, index) - 1
-    t = b._tensors[i]
     local = index - b._offsets[i]
     coords = []
-    for size in reversed(t.shape):
+    for size in reversed(b._shapes[i]):
         coords.append(local % size)
         local //= size
-    element = t[tuple(reversed(coords))]
+    return i, tuple(reversed(coords))
+
+
+def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
+    i, coords = _locate(b, index)
+    element = b._tensor(i)[coords]
     return element if element.dtype == b._dtype else element.to(b._dtype)
 
 

@@ -1,0 +1,217 @@
+"""In-place ops: write through the bundle into its real tensors.
+
+Each tensor is updated in its own dtype, exactly as the loop `for t in b.tensors: t.op_(...)`
+would, with one `torch._foreach_*` call where torch has the kernel. Everything that could
+fail is checked before the first write, so a failing op leaves every tensor as it was.
+Autograd's rules are torch's: an in-place op on a leaf that requires grad needs
+`torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._indexing import _locate
+from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter
+
+__all__ = ["INPLACE_FUNCTIONS"]
+
+_T = torch.Tensor
+
+
+def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | None:
+    """Tensor i's operand for each i: scalars as they are, bundles and flat tensors split."""
+    getter = _piece_getter(value, b, name, cast=False)
+    if getter is NOT_HANDLED:
+        raise ValueError(
+            f"{name}: cannot write a tensor of shape {tuple(value.shape)} into {b.describe()}; "
+            f"use a scalar, a 0-d tensor, a flat ({b._numel},) tensor or a bundle of the same structure."
+        )
+    if getter is None:
+        return None
+    return [getter(i) for i in range(len(b.names))]
+
+
+def _check_writable(name: str, b: ParameterBundle, operands: list[list[Any] | Any]) -> None:
+    """Raise before any write: torch's autograd rule for leaves, and dtype casting."""
+    if torch.is_grad_enabled():
+        leaves = [n for n, t in b.items() if t.is_leaf and t.requires_grad]
+        if leaves:
+            raise RuntimeError(
+                f"{name}: a leaf Variable that requires grad is being used in an in-place operation "
+                f"({leaves[:3]}{' ...' if len(leaves) > 3 else ''} of {b.describe()}). Wrap the "
+                "update in `with torch.no_grad():`, as optimizers do."
+            )
+    for i, (n, t) in enumerate(b.items()):
+        for operand in operands:
+            other = operand[i] if isinstance(operand, list) else operand
+            if not isinstance(other, (torch.Tensor, int, float, bool, complex)):
+                continue
+            result = torch.result_type(t, other)
+            if not torch.can_cast(result, t.dtype):
+                raise RuntimeError(
+                    f"{name}: result type {result} can't be cast to the desired output type "
+                    f"{t.dtype} of tensor {n!r} in {b.describe()}."
+                )
+
+
+def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable[..., Any]:
+    """`b.op_(other, **kw)` for mul_, div_, add_, sub_ and the like."""
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        b, *rest = args
+        if not isinstance(b, ParameterBundle) or len(rest) != 1:
+            return NOT_HANDLED
+        name = func_name(func)
+        other = rest[0]
+        pieces = _operand_pieces(name, b, other)
+        _check_writable(name, b, [pieces if pieces is not None else other])
+        tensors = list(b.tensors)
+        if pieces is None and not kwargs and tensors:
+            foreach(tensors, other)
+        else:
+            for t, o in zip(tensors, pieces or [other] * len(tensors)):
+                method(t, o, **kwargs)
+        return b
+
+    return handler
+
+
+def _unary(foreach: Callable[..., Any]) -> Callable[..., Any]:
+    """`b.op_()` for neg_, abs_, sqrt_, zero_."""
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        b = args[0]
+        if not isinstance(b, ParameterBundle) or len(args) != 1 or kwargs:
+            return NOT_HANDLED
+        _check_writable(func_name(func), b, [])
+        if b.tensors:
+            foreach(list(b.tensors))
+        return b
+
+    return handler
+
+
+def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Any in-place method with bundle-or-scalar operands, applied tensor by tensor."""
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        b, *rest = args
+        if not isinstance(b, ParameterBundle):
+            return NOT_HANDLED
+        name = func_name(func)
+        arg_pieces = [_operand_pieces(name, b, a) for a in rest]
+        kwarg_pieces = {k: _operand_pieces(name, b, v) for k, v in kwargs.items()}
+        values = [*rest, *kwargs.values()]
+        pieces = [*arg_pieces, *kwarg_pieces.values()]
+        _check_writable(name, b, [p if p is not None else v for p, v in zip(pieces, values)])
+        for i, t in enumerate(b.tensors):
+            method(
+                t,
+                *[p[i] if p is not None else a for p, a in zip(arg_pieces, rest)],
+                **{k: (p[i] if p is not None else kwargs[k]) for k, p in kwarg_pieces.items()},
+            )
+        return b
+
+    return handler
+
+
+def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b.copy_(src)`: src a bundle of the same structure, or a flat (N,) tensor."""
+    b, src = args[0], args[1]
+    name = func_name(func)
+    if not isinstance(b, ParameterBundle):
+        return NOT_HANDLED
+    if not isinstance(src, torch.Tensor) or (not isinstance(src, ParameterBundle) and src.dim() != 1):
+        raise TypeError(
+            f"{name}: copy from a bundle of the same structure or a flat ({b._numel},) tensor "
+            f"into {b.describe()}; got {type(src).__name__} of shape {tuple(getattr(src, 'shape', ()))}."
+        )
+    pieces = _operand_pieces(name, b, src)
+    assert pieces is not None
+    if torch.is_grad_enabled():
+        _check_writable(name, b, [])
+    if b.tensors:
+        torch._foreach_copy_(list(b.tensors), pieces, **kwargs)
+    return b
+
+
+def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b[mask] = value`, `b[i] = value`: write into the selected elements of the tensors."""
+    b, index, value = args
+    if not isinstance(b, ParameterBundle):
+        return NOT_HANDLED
+    name = "ParameterBundle.__setitem__"
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name}: assign a scalar or a one-element tensor into {b.describe()}.")
+    if isinstance(index, int) and not isinstance(index, bool):
+        i, coords = _locate(b, index)
+        _check_writable(name, b, [value])
+        b._tensor(i)[coords] = value
+        return None
+    is_mask = isinstance(index, torch.Tensor) and index.dtype == torch.bool
+    if not is_mask or not (isinstance(index, ParameterBundle) or (index.dim() == 1 and index.shape[0] == b._numel)):
+        raise TypeError(
+            f"{name}: write-through assignment takes an int or a boolean mask (a bundle of the "
+            f"same structure or a flat ({b._numel},) bool tensor), got {type(index).__name__}. "
+            "Write into the tensors themselves for other indices."
+        )
+    masks = _operand_pieces(name, b, index)
+    assert masks is not None
+    _check_writable(name, b, [value])
+    for t, m in zip(b.tensors, masks):
+        t.masked_fill_(m, value)
+    return None
+
+
+def _requires_grad_(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    b = args[0]
+    requires_grad = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    for t in b.tensors:
+        t.requires_grad_(requires_grad)
+    return b
+
+
+# Ops with a torch._foreach_* kernel, then every elementwise op with an in-place method.
+INPLACE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
+    "mul_": ((_T.mul_, _T.__imul__), _binary(torch._foreach_mul_, _T.mul_)),
+    "div_": ((_T.div_, _T.__itruediv__), _binary(torch._foreach_div_, _T.div_)),
+    "add_": ((_T.add_, _T.__iadd__), _binary(torch._foreach_add_, _T.add_)),
+    "sub_": ((_T.sub_, _T.__isub__), _binary(torch._foreach_sub_, _T.sub_)),
+    "pow_": ((_T.pow_, _T.__ipow__), _binary(torch._foreach_pow_, _T.pow_)),
+    "clamp_min_": ((_T.clamp_min_,), _binary(torch._foreach_clamp_min_, _T.clamp_min_)),
+    "clamp_max_": ((_T.clamp_max_,), _binary(torch._foreach_clamp_max_, _T.clamp_max_)),
+    "fill_": ((_T.fill_,), _per_tensor(_T.fill_)),
+    "lerp_": ((_T.lerp_,), _per_tensor(_T.lerp_)),
+    "addcmul_": ((_T.addcmul_,), _per_tensor(_T.addcmul_)),
+    "addcdiv_": ((_T.addcdiv_,), _per_tensor(_T.addcdiv_)),
+    "clamp_": ((_T.clamp_, _T.clip_), _per_tensor(_T.clamp_)),
+    "masked_fill_": ((_T.masked_fill_,), _per_tensor(_T.masked_fill_)),
+    "neg_": ((_T.neg_,), _unary(torch._foreach_neg_)),
+    "abs_": ((_T.abs_,), _unary(torch._foreach_abs_)),
+    "sqrt_": ((_T.sqrt_,), _unary(torch._foreach_sqrt_)),
+    "zero_": ((_T.zero_,), _unary(torch._foreach_zero_)),
+    "copy_": ((_T.copy_,), _copy),
+    "__setitem__": ((_T.__setitem__,), _setitem),
+    "requires_grad_": ((_T.requires_grad_,), _requires_grad_),
+}
+# Augmented assignment (`b //= 2`, `b &= m`...) without a foreach kernel of its own.
+_AUGMENTED: dict[str, Callable[..., Any]] = {
+    "__idiv__": _T.div_, "__ifloordiv__": _T.floor_divide_, "__imod__": _T.remainder_,
+    "__iand__": _T.bitwise_and_, "__ior__": _T.bitwise_or_, "__ixor__": _T.bitwise_xor_,
+    "__ilshift__": _T.bitwise_left_shift_, "__irshift__": _T.bitwise_right_shift_,
+}
+for _dunder, _target in _AUGMENTED.items():
+    INPLACE_FUNCTIONS[_dunder] = ((getattr(_T, _dunder),), _per_tensor(_target))
+for _name in UNARY_OPS + BINARY_OPS:
+    _inplace_method: Callable[..., Any] | None = getattr(_T, _name + "_", None)
+    if _inplace_method is not None and _name + "_" not in INPLACE_FUNCTIONS:
+        INPLACE_FUNCTIONS[_name + "_"] = ((_inplace_method,), _per_tensor(_inplace_method))
+
+for _funcs, _handler in INPLACE_FUNCTIONS.values():
+    ParameterBundle.implements(_funcs)(_handler)
