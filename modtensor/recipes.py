@@ -1,0 +1,256 @@
+"""Model algebra recipes built on bundles, each checked against torch's own implementation.
+
+Every recipe takes bundles or modules (a module means `mt.bundle(module)`), updates the real
+tensors in place where its name ends in `_`, and never concatenates the model.
+
+Example:
+    >>> import copy, torch, modtensor as mt
+    >>> model = torch.nn.Linear(4, 2)
+    >>> ema = copy.deepcopy(model)
+    >>> _ = mt.recipes.ema_(ema, model, decay=0.99)
+    >>> mt.recipes.distance(ema, model).l2
+    0.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modtensor._bundle import ParameterBundle, bundle
+
+__all__ = [
+    "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
+]
+
+BundleLike = Union[ParameterBundle, nn.Module]
+
+
+def _b(x: Any) -> ParameterBundle:
+    # Elementwise ops on a bundle return a bundle; torch's stubs say Tensor.
+    assert isinstance(x, ParameterBundle)
+    return x
+
+
+def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
+    if isinstance(x, ParameterBundle):
+        return x
+    if isinstance(x, nn.Module):
+        return bundle(x)
+    raise TypeError(f"{what}: expected a ParameterBundle or an nn.Module, got {type(x).__name__}.")
+
+
+def clip_grad_norm_(
+    parameters: BundleLike, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
+    """Clip the gradients' global norm to `max_norm`, in place; return the norm before clipping.
+
+    Same as `torch.nn.utils.clip_grad_norm_` on the bundle's tensors (tensors without a
+    gradient are skipped).
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> lin = torch.nn.Linear(3, 1)
+        >>> (lin.weight.sum() * 100).backward()
+        >>> round(float(mt.recipes.clip_grad_norm_(lin, max_norm=1.0)), 2)  # 100 * sqrt(3)
+        173.21
+        >>> round(float(mt.bundle(lin).grad.norm()), 4)
+        1.0
+    """
+    grads = _as_bundle(parameters, "clip_grad_norm_").grad
+    if grads is None:
+        return torch.tensor(0.0)
+    total: torch.Tensor = grads.norm(norm_type)
+    if error_if_nonfinite and not bool(total.isfinite()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+            "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    # torch's formula, epsilon included, so the clipped gradients agree to the last bit
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    with torch.no_grad():
+        grads.mul_(coefficient)
+    return total
+
+
+def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundle:
+    """Move `target` towards `source` in place: `target = decay * target + (1 - decay) * source`.
+
+    Same as the update of `torch.optim.swa_utils.get_ema_multi_avg_fn(decay)` (a `lerp_` with
+    weight `1 - decay`), so an `AveragedModel` and `ema_` stay equal step after step.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> ema, w = mt.bundle([torch.zeros(2)]), mt.bundle([torch.ones(2)])
+        >>> mt.recipes.ema_(ema, w, decay=0.9).tensors[0]
+        tensor([0.1000, 0.1000])
+    """
+    t, s = _as_bundle(target, "ema_"), _as_bundle(source, "ema_")
+    with torch.no_grad():
+        t.lerp_(s.detach(), 1.0 - decay)
+    return t
+
+
+def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
+    """Return `finetuned - base` as a bundle of new tensors (no gradient), named like `finetuned`.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> mt.recipes.task_vector(mt.bundle([torch.ones(2)]), mt.bundle([torch.zeros(2)])).tensors
+        (tensor([1., 1.]),)
+    """
+    ft, b = _as_bundle(finetuned, "task_vector"), _as_bundle(base, "task_vector")
+    with torch.no_grad():
+        return _b(ft.detach() - b.detach())
+
+
+def _kth_smallest_magnitude(b: ParameterBundle, k: int) -> torch.Tensor:
+    return torch.kthvalue(b.abs(), k).values
+
+
+def _keep_largest(tv: ParameterBundle, keep: float) -> ParameterBundle:
+    """Zero all but the `keep` fraction of largest-magnitude entries (TIES' trim)."""
+    n = tv.numel()
+    k = int(math.ceil(keep * n))
+    if k >= n:
+        return tv
+    if k <= 0:
+        return _b(tv * 0)
+    threshold = _kth_smallest_magnitude(tv, n - k + 1)
+    return _b(torch.where(tv.abs() >= threshold, tv, torch.zeros((), dtype=tv.dtype)))
+
+
+def merge(
+    base: BundleLike,
+    task_vectors: Sequence[BundleLike],
+    weights: Sequence[float] | float = 1.0,
+    trim: float | None = None,
+    elect_sign: bool = False,
+) -> ParameterBundle:
+    """Merge task vectors into `base`: task arithmetic, or TIES with `trim` and `elect_sign`.
+
+    Without options: `base + sum_k w_k * tv_k`. With `trim` (a fraction in (0, 1]), each task
+    vector keeps only its `trim` fraction of largest magnitudes over the whole model. With
+    `elect_sign`, each element takes the sign of the sum of the (trimmed, weighted) task
+    vectors, and the mean of the entries that agree with it. Returns a new bundle.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> base = mt.bundle([torch.zeros(4)])
+        >>> tv1, tv2 = mt.bundle([torch.tensor([1.0, -2.0, 0.1, 3.0])]), mt.bundle([torch.tensor([1.0, 2.0, 0.0, -1.0])])
+        >>> mt.recipes.merge(base, [tv1, tv2], weights=0.5).tensors[0]
+        tensor([1.0000, 0.0000, 0.0500, 1.0000])
+        >>> mt.recipes.merge(base, [tv1, tv2], trim=0.5, elect_sign=True).tensors[0]
+        tensor([1., 2., 0., 3.])
+    """
+    b = _b(_as_bundle(base, "merge").detach())
+    tvs = [_b(_as_bundle(tv, "merge").detach()) for tv in task_vectors]
+    if not tvs:
+        raise ValueError("merge: no task vectors given.")
+    ws = [float(weights)] * len(tvs) if isinstance(weights, (int, float)) else [float(w) for w in weights]
+    if len(ws) != len(tvs):
+        raise ValueError(f"merge: {len(ws)} weights for {len(tvs)} task vectors.")
+    if trim is not None and not 0 < trim <= 1:
+        raise ValueError(f"merge: trim is the fraction of entries to keep, in (0, 1]; got {trim}.")
+    with torch.no_grad():
+        if trim is not None:
+            tvs = [_keep_largest(tv, trim) for tv in tvs]
+        scaled = [_b(tv * w) for tv, w in zip(tvs, ws)]
+        if not elect_sign:
+            total = scaled[0]
+            for s in scaled[1:]:
+                total = _b(total + s)
+            return _b(b + total)
+        merged = []
+        for i in range(len(b.names)):
+            stacked = torch.stack([s._tensor(i) for s in scaled])
+            sign = torch.sign(stacked.sum(dim=0))
+            agree = (torch.sign(stacked) == sign) & (stacked != 0)
+            count = agree.sum(dim=0).clamp(min=1)
+            merged.append(b._tensor(i) + (stacked * agree).sum(dim=0) / count)
+        return b.derive(merged)
+
+
+def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
+    """Zero the `amount` fraction of smallest-magnitude entries over the whole model, in place.
+
+    Exactly `round(amount * N)` entries are zeroed, as `torch.nn.utils.prune.global_unstructured`
+    with `L1Unstructured` does; among entries tied at the threshold the first ones in the
+    concatenation's order go. Returns the bundle.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> w = torch.tensor([0.5, -0.1, 2.0, 0.3])
+        >>> _ = mt.recipes.magnitude_prune_(mt.bundle([w]), amount=0.5)
+        >>> w
+        tensor([0.5000, 0.0000, 2.0000, 0.0000])
+    """
+    b = _as_bundle(parameters, "magnitude_prune_")
+    if not 0 <= amount <= 1:
+        raise ValueError(f"magnitude_prune_: amount is a fraction in [0, 1], got {amount}.")
+    k = round(amount * b.numel())
+    if k == 0:
+        return b
+    with torch.no_grad():
+        threshold = _kth_smallest_magnitude(b, k)
+        remaining = k - int(sum((t.abs() < threshold).sum() for t in b.tensors))
+        for t in b.tensors:
+            magnitude = t.abs()
+            prune = magnitude < threshold
+            if remaining > 0:
+                tied = (magnitude == threshold).reshape(-1)
+                first = tied & (tied.cumsum(0) <= remaining)
+                remaining -= int(first.sum())
+                prune |= first.reshape(t.shape)
+            t.masked_fill_(prune, 0)
+    return b
+
+
+@dataclass
+class DistanceReport:
+    """How far two models are: global figures and the same per parameter."""
+
+    l2: float
+    max_abs: float
+    cosine: float
+    changed_fraction: float
+    per_param: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
+    """Compare two models of the same structure: L2 distance, max |a - b|, cosine similarity,
+    and the fraction of entries that differ, globally and per parameter.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> r = mt.recipes.distance(mt.bundle({"w": torch.tensor([3.0, 0.0])}), mt.bundle({"w": torch.zeros(2)}))
+        >>> r.l2, r.max_abs, r.changed_fraction, r.per_param["w"]["l2"]
+        (3.0, 3.0, 0.5, 3.0)
+    """
+    x, y = _b(_as_bundle(a, "distance").detach()), _b(_as_bundle(b, "distance").detach())
+    with torch.no_grad():
+        figures = _distance_figures(x, y)
+        report = DistanceReport(figures["l2"], figures["max_abs"], figures["cosine"], figures["changed_fraction"])
+        for name, tx, ty in zip(x.names, x.tensors, y.tensors):
+            report.per_param[name] = _distance_figures(tx, ty)
+    return report
+
+
+def _distance_figures(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    # The same torch calls serve a bundle (over the whole model) and a single tensor.
+    empty = x.numel() == 0
+    if not isinstance(x, ParameterBundle):
+        x, y = x.reshape(-1), y.reshape(-1)
+    return {
+        "l2": float(torch.dist(x, y)),
+        "max_abs": 0.0 if empty else float((x - y).abs().amax()),
+        "cosine": float(F.cosine_similarity(x, y, dim=0)),
+        "changed_fraction": 0.0 if empty else float((x != y).sum()) / x.numel(),
+    }

@@ -1,0 +1,134 @@
+"""Recipes against torch's own implementations."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import modtensor as mt
+from modtensor import recipes
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def _with_grads(model, scale=1.0):
+    model.zero_grad()
+    (model(torch.randn(2, 3, 6, 6)).square().sum() * scale).backward()
+    return model
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+@pytest.mark.parametrize("max_norm", [1e-2, 1e6])
+def test_clip_grad_norm_matches_torch(norm_type, max_norm):
+    ours, theirs = _with_grads(_model()), _with_grads(_model())
+    ours[3].bias.grad = None
+    theirs[3].bias.grad = None
+    got = recipes.clip_grad_norm_(ours, max_norm, norm_type)
+    want = nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, norm_type)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_clip_grad_norm_errors_on_nonfinite_like_torch():
+    model = _with_grads(_model())
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        recipes.clip_grad_norm_(model, 1.0, error_if_nonfinite=True)
+    assert recipes.clip_grad_norm_(nn.Linear(2, 2), 1.0) == 0
+
+
+def test_ema_matches_averaged_model_step_after_step():
+    model = _model()
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    averaged.update_parameters(model)  # the first update copies
+    ema = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        opt.step()
+        averaged.update_parameters(model)
+        recipes.ema_(ema, model, decay=0.9)
+    for a, b in zip(ema.parameters(), averaged.module.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_task_arithmetic_and_distance():
+    base, ft1, ft2 = _model(0), _model(1), _model(2)
+    tv1, tv2 = recipes.task_vector(ft1, base), recipes.task_vector(ft2, base)
+    assert tv1.names == mt.bundle(base).names and not tv1.requires_grad
+    merged = recipes.merge(base, [tv1, tv2], weights=[0.3, 0.7])
+    for (n, p0), p1, p2, m in zip(base.named_parameters(), ft1.parameters(), ft2.parameters(), merged.tensors):
+        torch.testing.assert_close(m, p0 + 0.3 * (p1 - p0) + 0.7 * (p2 - p0))
+    report = recipes.distance(ft1, base)
+    flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+    a, b = flat(ft1), flat(base)
+    assert report.l2 == pytest.approx(float((a - b).norm()), rel=1e-5)
+    assert report.max_abs == pytest.approx(float((a - b).abs().max()))
+    assert report.cosine == pytest.approx(float(nn.functional.cosine_similarity(a, b, dim=0)), rel=1e-5)
+    assert report.changed_fraction == pytest.approx(float((a != b).float().mean()))
+    w1, w0 = ft1[3].weight.detach(), base[3].weight.detach()
+    assert report.per_param["3.weight"]["l2"] == pytest.approx(float((w1 - w0).norm()), rel=1e-5)
+    assert set(report.per_param) == set(tv1.names)
+
+
+def _ties_reference(base, tvs, weights, keep):
+    """TIES on the explicit concatenations, for comparison."""
+    flat = [torch.cat([t.reshape(-1) for t in tv.tensors]) for tv in tvs]
+    trimmed = []
+    for v in flat:
+        k = int(torch.tensor(keep * v.numel()).ceil())
+        threshold = v.abs().topk(k).values.min()
+        trimmed.append(torch.where(v.abs() >= threshold, v, torch.zeros(())))
+    stacked = torch.stack([w * v for w, v in zip(weights, trimmed)])
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    merged = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return torch.cat([p.detach().reshape(-1) for p in base.parameters()]) + merged
+
+
+def test_ties_merge_matches_the_concatenated_reference():
+    base, ft1, ft2 = _model(0), _model(1), _model(2)
+    tvs = [recipes.task_vector(ft, base) for ft in (ft1, ft2)]
+    got = recipes.merge(base, tvs, weights=[1.0, 0.5], trim=0.2, elect_sign=True)
+    torch.testing.assert_close(got.materialize(), _ties_reference(base, tvs, [1.0, 0.5], 0.2))
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.1, 0.5, 0.93, 1.0])
+def test_magnitude_prune_matches_global_unstructured(amount):
+    ours, theirs = _model(3), _model(3)
+    recipes.magnitude_prune_(mt.bundle(ours), amount)
+    params = [(m, "weight") for m in (theirs[0], theirs[3])] + [(m, "bias") for m in (theirs[0], theirs[3])]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    for m in (theirs[0], theirs[3]):
+        for name in ("weight", "bias"):
+            prune.remove(m, name)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_magnitude_prune_with_ties_zeroes_exactly_k():
+    w = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0])
+    recipes.magnitude_prune_(mt.bundle([w]), 0.4)
+    assert torch.equal(w, torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0]))
+
+
+def test_recipe_errors():
+    with pytest.raises(TypeError, match="ParameterBundle or an nn.Module"):
+        recipes.ema_([torch.ones(1)], [torch.ones(1)], 0.9)
+    with pytest.raises(ValueError, match="amount is a fraction"):
+        recipes.magnitude_prune_(nn.Linear(2, 2), 1.5)
+    with pytest.raises(ValueError, match="2 weights for 1 task vectors"):
+        recipes.merge(nn.Linear(2, 2), [nn.Linear(2, 2)], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="structure"):
+        recipes.ema_(nn.Linear(2, 2), nn.Linear(3, 2), 0.9)
