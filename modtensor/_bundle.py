@@ -25,22 +25,22 @@ _SOURCES = (
 )
 
 
-def _cat_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    if not tensors:
+def _cat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    if not dtypes:
         return torch.get_default_dtype()
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
     return dtype
 
 
-def _combine_device(tensors: Sequence[torch.Tensor]) -> torch.device:
+def _combine_device(devices: Sequence[torch.device]) -> torch.device:
     # Where results land, as in clip_grad_norm_: the first tensor's device; meta wins, since
     # a meta tensor's partial cannot be moved anywhere else.
-    for t in tensors:
-        if t.device.type == "meta":
-            return t.device
-    return tensors[0].device if tensors else torch.device("cpu")
+    for d in devices:
+        if d.type == "meta":
+            return d
+    return devices[0] if devices else torch.device("cpu")
 
 
 def _format_shape(shape: torch.Size) -> str:
@@ -65,7 +65,11 @@ class ParameterBundle(DispatchTensor):
 
     __module__ = "modtensor"
 
-    _tensors: tuple[torch.Tensor, ...]
+    _tensors: tuple[torch.Tensor, ...] | None  # None while computed on demand (see lazy)
+    _compute: Callable[[int], torch.Tensor] | None
+    _dtypes: tuple[torch.dtype, ...]
+    _devices: tuple[torch.device, ...]
+    _lazy_requires_grad: bool
     _names: tuple[str, ...]
     _shapes: tuple[torch.Size, ...]
     _offsets: tuple[int, ...]
@@ -88,21 +92,41 @@ class ParameterBundle(DispatchTensor):
         """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes;
         `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
         tensors = tuple(tensors)
-        names = tuple(names)
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
-        _strategies.get(strategy).check_options(options or {})
-        dtype = _cat_dtype(tensors) if tensors or dtype is None else dtype
-        device = _combine_device(tensors)
-        offsets = [0]
-        for t in tensors:
-            offsets.append(offsets[-1] + t.numel())
-        self = torch.Tensor._make_wrapper_subclass(
-            cls, (offsets[-1],), dtype=dtype, device=device, requires_grad=False
+        self = cls._layout(
+            names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
+            strategy, options, dtype, left_out,
         )
         self._tensors = tensors
-        self._names = names
-        self._shapes = tuple(t.shape for t in tensors)
+        self._compute = None
+        return self
+
+    @classmethod
+    def _layout(
+        cls,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        dtypes: Sequence[torch.dtype],
+        devices: Sequence[torch.device],
+        strategy: str,
+        options: Mapping[str, Any] | None,
+        dtype: torch.dtype | None,
+        left_out: Sequence[str],
+    ) -> ParameterBundle:
+        _strategies.get(strategy).check_options(options or {})
+        dtype = _cat_dtype(dtypes) if dtypes or dtype is None else dtype
+        device = _combine_device(devices)
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + shape.numel())
+        self: ParameterBundle = torch.Tensor._make_wrapper_subclass(
+            cls, (offsets[-1],), dtype=dtype, device=device, requires_grad=False
+        )
+        self._names = tuple(names)
+        self._shapes = tuple(shapes)
+        self._dtypes = tuple(dtypes)
+        self._devices = tuple(devices)
         self._offsets = tuple(offsets)
         self._strategy = strategy
         self._options = MappingProxyType(dict(options or {}))
@@ -110,6 +134,29 @@ class ParameterBundle(DispatchTensor):
         self._device = device
         self._numel = offsets[-1]
         self._left_out = tuple(left_out)
+        self._lazy_requires_grad = False
+        return self
+
+    @classmethod
+    def lazy(
+        cls,
+        compute: Callable[[int], torch.Tensor],
+        like: ParameterBundle,
+        dtypes: Sequence[torch.dtype],
+        requires_grad: bool,
+    ) -> ParameterBundle:
+        """A bundle shaped and named like `like` whose tensor i is `compute(i)`, made on demand.
+
+        Reductions and further elementwise ops take its tensors one at a time, so a chain such
+        as `(a - b).abs().sum()` never holds more than one tensor's intermediate. `tensors`
+        computes and keeps them all.
+        """
+        self = cls._layout(
+            like._names, like._shapes, dtypes, like._devices, like._strategy, like._options, None, ()
+        )
+        self._tensors = None
+        self._compute = compute
+        self._lazy_requires_grad = requires_grad
         return self
 
     # -- structure -------------------------------------------------------------------------
@@ -129,6 +176,9 @@ class ParameterBundle(DispatchTensor):
             >>> mt.bundle([w]).tensors[0] is w
             True
         """
+        if self._tensors is None:  # computed on demand until now: compute and keep them
+            self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
+            self._compute = None
         return self._tensors
 
     @property
@@ -144,6 +194,8 @@ class ParameterBundle(DispatchTensor):
     @property
     def requires_grad(self) -> bool:
         """True if any of the tensors requires grad."""
+        if self._tensors is None:
+            return self._lazy_requires_grad
         return any(t.requires_grad for t in self._tensors)
 
     @requires_grad.setter
@@ -172,10 +224,10 @@ class ParameterBundle(DispatchTensor):
             >>> g.names, g.left_out, float(g.norm())
             (('weight',), ('bias',), 2.0)
         """
-        named = [(n, t.grad) for n, t in zip(self._names, self._tensors) if t.grad is not None]
+        named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
         if not named:
             return None
-        left_out = tuple(n for n, t in zip(self._names, self._tensors) if t.grad is None)
+        left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
         return ParameterBundle(
             [g for _, g in named], [n for n, _ in named], self._strategy, self._options, left_out=left_out
         )
@@ -190,12 +242,15 @@ class ParameterBundle(DispatchTensor):
     @property
     def data(self) -> ParameterBundle:  # type: ignore[override]
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
-        return self.derive([t.data for t in self._tensors])
+        return self.derive([t.data for t in self.tensors])
 
     def _tensor(self, i: int) -> torch.Tensor:
         # Tensor i alone. Ops that walk a bundle one tensor at a time use this rather than
         # `tensors`, so a bundle computed on demand never holds all its tensors at once.
-        return self._tensors[i]
+        if self._tensors is not None:
+            return self._tensors[i]
+        assert self._compute is not None
+        return self._compute(i)
 
     def items(self) -> tuple[tuple[str, torch.Tensor], ...]:
         """Return `(name, tensor)` pairs in order.
@@ -205,7 +260,7 @@ class ParameterBundle(DispatchTensor):
             >>> [(n, tuple(t.shape)) for n, t in mt.bundle({"a": torch.ones(2)}).items()]
             [('a', (2,))]
         """
-        return tuple(zip(self._names, self._tensors))
+        return tuple(zip(self._names, self.tensors))
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Return a `{name: tensor}` dict of the real tensors, in order.
@@ -215,7 +270,7 @@ class ParameterBundle(DispatchTensor):
             >>> list(mt.bundle([torch.ones(1), torch.ones(2)]).to_dict())
             ['0', '1']
         """
-        return dict(zip(self._names, self._tensors))
+        return dict(zip(self._names, self.tensors))
 
     def derive(self, tensors: Sequence[torch.Tensor]) -> ParameterBundle:
         """Return a bundle of `tensors` with this bundle's names, strategy and options.
@@ -270,6 +325,12 @@ class ParameterBundle(DispatchTensor):
             >>> mt.bundle([torch.ones(2)]).with_strategy("concat").strategy
             'concat'
         """
+        if self._tensors is None:  # stay on demand
+            assert self._compute is not None
+            other = ParameterBundle.lazy(self._compute, self, self._dtypes, self._lazy_requires_grad)
+            other._strategy, other._options = name, MappingProxyType(dict(options))
+            _strategies.get(name).check_options(options)
+            return other
         return ParameterBundle(self._tensors, self._names, name, options)
 
     def materialize(self) -> torch.Tensor:
@@ -282,9 +343,9 @@ class ParameterBundle(DispatchTensor):
             >>> mt.bundle([torch.ones(2), torch.zeros(1)]).materialize()
             tensor([1., 1., 0.])
         """
-        if not self._tensors:
+        if not self._names:
             return torch.empty(0, dtype=self._dtype, device=self._device)
-        return torch.cat([t.reshape(-1).to(self._device) for t in self._tensors])
+        return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:  # type: ignore[override]
         """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
@@ -349,7 +410,7 @@ class ParameterBundle(DispatchTensor):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ParameterBundle:
         # A bundle is a view of tensors it does not own: copying it copies the tensors.
-        return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self._tensors])
+        return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self.tensors])
 
 
 def _as_predicate(selector: Selector, what: str) -> Callable[[str, torch.Tensor], bool] | None:

@@ -14,7 +14,15 @@ from modtensor import _strategies
 from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, func_name
 from modtensor._pointwise import per_tensor_caller
-from modtensor._strategies import Reduction, ReduceArgs, ReductionCall, Strategy, register_strategy, strategies
+from modtensor._strategies import (
+    Pieces,
+    Reduction,
+    ReduceArgs,
+    ReductionCall,
+    Strategy,
+    register_strategy,
+    strategies,
+)
 
 __all__ = [
     "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "implements", "register_reduction",
@@ -69,7 +77,7 @@ def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
-    pieces = [(t, offset, t.numel()) for t, offset in zip(b.tensors, b._offsets)]
+    pieces = Pieces(b._tensor, b._offsets)
     # Under per_param and weighted, dim and the like apply to each tensor's own shape.
     per_tensor = per_tensor_caller(func, args, kwargs, b, cast=False)
     if per_tensor is NOT_HANDLED:

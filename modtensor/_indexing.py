@@ -52,9 +52,10 @@ def _slice_index(b: ParameterBundle, index: slice) -> torch.Tensor:
     if step <= 0:
         raise ValueError(f"step must be greater than zero (indexing {b.describe()}).")
     parts = []
-    for t, begin, end in zip(b._tensors, b._offsets, b._offsets[1:]):
+    for i, (begin, end) in enumerate(zip(b._offsets, b._offsets[1:])):
         if end <= start or begin >= stop or begin == end:
             continue
+        t = b._tensor(i)
         # first element of the slice inside this tensor, on the slice's grid
         first = start if start >= begin else start + -(-(begin - start) // step) * step
         if first >= min(end, stop):
@@ -72,9 +73,9 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     if not (isinstance(mask, ParameterBundle) or flat_mask):
         return NOT_HANDLED  # a 0-d mask adds a dimension: only the concatenation can do it
     getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")
-    if not b._tensors:
+    if not b._names:
         return torch.empty(0, dtype=b._dtype, device=b._device)
-    return torch.cat([t.to(b._dtype)[getter(i)] for i, t in enumerate(b._tensors)])
+    return torch.cat([b._tensor(i).to(b._dtype)[getter(i)].to(b._device) for i in range(len(b._names))])
 
 
 @ParameterBundle.implements(torch.Tensor.__getitem__)
@@ -123,7 +124,7 @@ def scalar_conversion(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict
 def tolist(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b.tolist()`: the concatenation's values as a Python list, read tensor by tensor."""
     b = args[0]
-    return [v for t in b._tensors for v in _flat(t, b._dtype).tolist()]
+    return [v for i in range(len(b._names)) for v in _flat(b._tensor(i), b._dtype).tolist()]
 
 
 @ParameterBundle.implements([torch.Tensor.numpy, torch.Tensor.__array__])

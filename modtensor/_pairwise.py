@@ -18,8 +18,8 @@ from modtensor import _strategies
 from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
-from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _real, _stack, check_dim
-from modtensor._strategies import Reduction, ReduceArgs, ReductionCall
+from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
+from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
 
@@ -40,10 +40,7 @@ def _operands(
             f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
             f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
         )
-    pieces = [
-        ((getters[0](i), getters[1](i)), offset, ref._shapes[i].numel())
-        for i, offset in enumerate(ref._offsets[:-1])
-    ]
+    pieces = Pieces(lambda i: (getters[0](i), getters[1](i)), ref._offsets)
     return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
 
 
@@ -108,7 +105,7 @@ def _sig_dist(input: Any, other: Any, p: Any = 2) -> Any:
 
 def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
     x, y = pair
-    return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), pair
+    return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), _kept(pair)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:

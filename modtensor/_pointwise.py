@@ -8,7 +8,7 @@ bundle of the same structure, or a flat `(N,)` tensor, which is split into views
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -127,16 +127,16 @@ def _piece_getter(arg: Any, ref: ParameterBundle, name: str, cast: bool = True) 
     if isinstance(arg, ParameterBundle):
         check_same_structure(name, ref, arg)
         if not cast:
-            return lambda i: arg._tensors[i]
-        return lambda i: _cast_piece(arg._tensors[i], arg._dtype)
+            return arg._tensor
+        return lambda i: _cast_piece(arg._tensor(i), arg._dtype)
     if not isinstance(arg, torch.Tensor):
         return None
     if arg.dim() == 1 and arg.shape[0] == ref._numel:
-        offsets, shapes, tensors = ref._offsets, ref._shapes, ref._tensors
+        offsets, shapes, devices = ref._offsets, ref._shapes, ref._devices
 
         def flat_piece(i: int) -> torch.Tensor:
             view = arg.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).view(shapes[i])
-            return view.to(tensors[i].device)  # a no-op unless the bundle spans devices
+            return view.to(devices[i])  # a no-op unless the bundle spans devices
 
         return flat_piece
     if arg.dim() <= 1 and arg.numel() == 1:
@@ -207,10 +207,17 @@ def map_elementwise(
         return NOT_HANDLED
     # Under concat each tensor computes in the concatenation's dtype; under the other
     # strategies, which see tensors one at a time, in its own.
-    call = per_tensor_caller(func, args, kwargs, ref, cast=ref.strategy == "concat")
+    cast = ref.strategy == "concat"
+    call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
     if call is NOT_HANDLED:
         return NOT_HANDLED
-    if not ref._tensors:
+    if func in ON_DEMAND and ref._names:
+        dtypes = _result_dtypes(call, args, kwargs, ref, cast)
+        if dtypes is not None:
+            return ParameterBundle.lazy(
+                _guarded(call, args, kwargs), ref, dtypes, _requires_grad(args, kwargs, dtypes)
+            )
+    if not ref._names:
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))
         def empty_like(out: torch.Tensor) -> ParameterBundle:
@@ -222,7 +229,7 @@ def map_elementwise(
             return type(probe)([empty_like(x) for x in probe])
         return NOT_HANDLED
 
-    results = [call(i) for i in range(len(ref._tensors))]
+    results = [call(i) for i in range(len(ref._names))]
     first = results[0]
     if isinstance(first, torch.Tensor):
         if not all(isinstance(r, torch.Tensor) and r.shape == s for r, s in zip(results, ref._shapes)):
@@ -234,6 +241,75 @@ def map_elementwise(
     return NOT_HANDLED
 
 
+# -- computing on demand -------------------------------------------------------------------------
+# Math ops return bundles whose tensors are computed when a reduction (or another op, or
+# `tensors`) asks for them, one at a time: `(b ** 2).sum()` or `topk(b.abs(), k)` never hold a
+# whole-model intermediate. Conversions (`to`, `clone`...) stay eager: they are snapshots or
+# moves; so does rrelu, whose randomness must not be drawn twice.
+
+
+def _operand_dtype(arg: Any, i: int, cast: bool) -> Any:
+    if isinstance(arg, ParameterBundle):
+        return arg._dtype if cast else arg._dtypes[i]
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype
+    return type(arg) if isinstance(arg, (bool, int, float, complex)) else None
+
+
+def _result_dtypes(
+    call: Callable[[int], Any], args: tuple[Any, ...], kwargs: dict[str, Any], ref: ParameterBundle, cast: bool
+) -> tuple[torch.dtype, ...] | None:
+    """Each result tensor's dtype, or None where the results are not one tensor per tensor.
+
+    One real call per distinct combination of operand dtypes, on the smallest such tensor:
+    it fixes the dtype and raises torch's error now, not when the bundle is consumed.
+    """
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i in range(len(ref._names)):
+        key = tuple(_operand_dtype(a, i, cast) for a in (*args, *kwargs.values()))
+        groups.setdefault(key, []).append(i)
+    dtypes: list[Any] = [None] * len(ref._names)
+    for members in groups.values():
+        nonempty = [i for i in members if ref._shapes[i].numel()] or members
+        probe = min(nonempty, key=lambda i: ref._shapes[i].numel())
+        out = call(probe)
+        if not isinstance(out, torch.Tensor) or out.shape != ref._shapes[probe]:
+            return None
+        for i in members:
+            dtypes[i] = out.dtype
+    return tuple(dtypes)
+
+
+def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequence[torch.dtype]) -> bool:
+    if not torch.is_grad_enabled() or not any(d.is_floating_point or d.is_complex for d in dtypes):
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+def _guarded(call: Callable[[int], Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[int], Any]:
+    """`call`, run in the grad mode of now, refusing inputs modified in place since now."""
+    grad_enabled = torch.is_grad_enabled()
+    plain = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and not isinstance(a, ParameterBundle)]
+    bundles = [a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle) and a._tensors is not None]
+    plain_versions = [t._version for t in plain]
+    bundle_versions = [[t._version for t in b.tensors] for b in bundles]
+
+    def compute(i: int) -> Any:
+        changed = [t for t, v in zip(plain, plain_versions) if t._version != v] + [
+            b for b, vs in zip(bundles, bundle_versions) if b.tensors[i]._version != vs[i]
+        ]
+        if changed:
+            raise RuntimeError(
+                "An input of a bundle computed on demand was modified in place after the bundle "
+                "was made, so its values would no longer be those of that moment. Compute it "
+                "before the in-place op (e.g. `d = (a - b).clone()`), or take `d.tensors` first."
+            )
+        with torch.set_grad_enabled(grad_enabled):
+            return call(i)
+
+    return compute
+
+
 def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(args) + len(kwargs) == 1:  # torch.where(cond) is nonzero, not elementwise
         return NOT_HANDLED
@@ -242,3 +318,10 @@ def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
 
 for _name, _funcs in POINTWISE_FUNCTIONS.items():
     ParameterBundle.implements(_funcs)(_where if _name == "where" else map_elementwise)
+
+ON_DEMAND = frozenset(
+    f
+    for name, funcs in POINTWISE_FUNCTIONS.items()
+    if name not in CONVERSIONS and name != "nn.functional.rrelu"
+    for f in funcs
+)

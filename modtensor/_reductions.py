@@ -276,6 +276,15 @@ def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
 
 
+def _kept(t: Any) -> Any:
+    """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
+
+    Without grad mode no gradient is taken, and an on-demand tensor is dropped as soon as
+    its partial is computed.
+    """
+    return t if torch.is_grad_enabled() else None
+
+
 def _extremum(
     values: list[torch.Tensor],
     tensors: list[torch.Tensor],
@@ -326,7 +335,7 @@ def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., An
     reducer = torch.amax if largest else torch.amin
 
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-        return reducer(t), t
+        return reducer(t), _kept(t)
 
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
         return _extremum([v for v, _ in states], [t for _, t in states], largest, a.dtype)
@@ -346,7 +355,7 @@ def _parse_aminmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any
 
 
 def _partial_aminmax(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    return torch.amin(t), torch.amax(t), t
+    return torch.amin(t), torch.amax(t), _kept(t)
 
 
 def _combine_aminmax(states: list[Any], a: ReduceArgs) -> Any:
@@ -544,7 +553,7 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype):
         t = t.to(a.dtype)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)
-    return value, t
+    return value, _kept(t)
 
 
 def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
 __all__ = [
-    "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get",
+    "Pieces", "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get",
     "register_strategy", "strategies", "resolve_weights",
 ]
 
@@ -72,6 +72,36 @@ class Reduction:
     needs_elements: Callable[[ReduceArgs], bool] = lambda args: False
 
 
+class Pieces(Sequence[tuple[Any, int, int]]):
+    """`(operand, offset, numel)` per tensor, each operand made only when asked for.
+
+    A strategy that walks the pieces once holds one tensor's operand at a time, which is
+    what keeps reductions of on-demand bundles (`(b ** 2).sum()`) within one tensor's memory.
+    """
+
+    def __init__(self, get: Callable[[int], Any], offsets: Sequence[int]) -> None:
+        self._get, self._offsets = get, offsets
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def operand(self, i: int) -> tuple[Any, int]:
+        """Tensor i's operand and its offset in the concatenation."""
+        return self._get(i), self._offsets[i]
+
+    def nonempty(self) -> list[int]:
+        """The indices of the tensors with elements."""
+        return [i for i in range(len(self)) if self._offsets[i + 1] > self._offsets[i]]
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self._get(i), self._offsets[i], self._offsets[i + 1] - self._offsets[i]
+
+
 class ReductionCall:
     """Everything a strategy sees of one reduction call.
 
@@ -86,7 +116,7 @@ class ReductionCall:
         >>> class Describe(mt.Strategy):
         ...     name = "describe_call"
         ...     def reduce(self, call):
-        ...         return call.name, [float(call.per_tensor(i)) for i in range(len(call.bundle.tensors))]
+        ...         return call.name, [float(call.per_tensor(i)) for i in range(len(call.bundle.names))]
         >>> mt.register_strategy(Describe())
         >>> mt.bundle([torch.ones(2), torch.ones(3)], strategy="describe_call").sum()
         ('torch.Tensor.sum', [2.0, 3.0])
@@ -100,7 +130,7 @@ class ReductionCall:
         bundle: ParameterBundle,
         reduction: Reduction,
         parse: Callable[[], Any],
-        pieces: Sequence[tuple[Any, int, int]],
+        pieces: Pieces,
         per_tensor: Callable[[int], Any],
     ) -> None:
         self.func, self.args, self.kwargs = func, args, kwargs
@@ -134,7 +164,7 @@ class Strategy:
         >>> class MaxOverTensors(mt.Strategy):
         ...     name = "max_over_tensors"
         ...     def reduce(self, call):
-        ...         results = [call.per_tensor(i) for i in range(len(call.bundle.tensors))]
+        ...         results = [call.per_tensor(i) for i in range(len(call.bundle.names))]
         ...         return torch.stack(results).amax()
         >>> mt.register_strategy(MaxOverTensors())
         >>> b = mt.bundle([torch.ones(2), torch.full((3,), 5.0)], strategy="max_over_tensors")
@@ -171,7 +201,8 @@ class Concat(Strategy):
         b, red, parsed = call.bundle, call.reduction, call.parsed
         if parsed is NOT_HANDLED:
             return NOT_HANDLED
-        states = [red.partial(piece, offset, parsed) for piece, offset, n in call.pieces if n > 0]
+        # One call per tensor, so each operand is dropped before the next is made.
+        states = [red.partial(*call.pieces.operand(i), parsed) for i in call.pieces.nonempty()]
         if not states:
             if red.needs_elements(parsed):
                 raise RuntimeError(
@@ -191,7 +222,7 @@ def _as_tensor(result: Any, device: torch.device) -> torch.Tensor:
 def _per_tensor_bundle(b: ParameterBundle, results: list[Any], dtype: torch.dtype) -> ParameterBundle:
     from modtensor._bundle import ParameterBundle
 
-    tensors = [_as_tensor(r, t.device) for r, t in zip(results, b.tensors)]
+    tensors = [_as_tensor(r, device) for r, device in zip(results, b._devices)]
     return ParameterBundle(tensors, b.names, "concat", None, dtype)
 
 
@@ -202,7 +233,7 @@ class PerParam(Strategy):
 
     def reduce(self, call: ReductionCall) -> Any:
         b = call.bundle
-        results = [call.per_tensor(i) for i in range(len(b.tensors))]
+        results = [call.per_tensor(i) for i in range(len(b.names))]
         if results and isinstance(results[0], tuple):
             parts = list(zip(*results))
             return type(results[0])(
@@ -225,9 +256,9 @@ Weights = Union[None, Mapping[str, float], Callable[[str, torch.Tensor], float],
 def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
     """One weight per tensor: numel by default, else from patterns, a callable or a list."""
     if weights is None:
-        return [float(t.numel()) for t in b.tensors]
+        return [float(shape.numel()) for shape in b._shapes]
     if callable(weights):
-        return [float(weights(n, t)) for n, t in b.items()]
+        return [float(weights(n, b._tensor(i))) for i, n in enumerate(b.names)]
     if isinstance(weights, Mapping):
         resolved, unmatched = [], []
         for n in b.names:

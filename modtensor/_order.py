@@ -1,0 +1,690 @@
+"""Order statistics over the whole bundle: topk, kthvalue, median, nanmedian, quantile, nanquantile.
+
+Results equal the same call on `torch.cat([t.reshape(-1) for t in tensors])`, found by counting
+rather than sorting, so the concatenation is never built:
+
+- Elements are read in flat chunks of at most `_CHUNK` elements, each cast to the bundle's dtype
+  (the one copy made, of one chunk at a time).
+- Each value has an integer key with the same order: a float's bits read as an integer, with
+  negative values' magnitudes negated (so -0.0 and +0.0 share the key 0); an integer is its own key.
+- A pass over the chunks counts the keys of a range in 65536 bins of their next 16 bits (a radix
+  histogram); the bin holding the wanted rank is the next, narrower range. A rank is pinned to one
+  key within 2 passes for 16/32-bit dtypes and 4 for 64-bit ones, whatever the data.
+- Once a range holds at most `max(_GATHER, N // 256)` elements, one more pass gathers them with
+  their global indices and a sort of those few finishes exactly. A range of a single value that
+  is larger than that (many ties) finds the index by counting occurrences instead.
+So the extra memory is a few chunk-sized temporaries plus the gathered candidates (and, for topk,
+the k results), whatever the model's size; and there is no 2**24-element limit as in
+`torch.quantile`.
+
+Ties and NaN follow a stable sort of the concatenation, NaN last (first for `topk(largest=True)`):
+`kthvalue(b, k)` gives the element `torch.sort(cat, stable=True)` puts at position k - 1, `topk`
+gives `torch.sort(cat, descending=largest, stable=True)[:k]` (also with `sorted=False`), the
+median with `dim` the lower median (the first NaN if there is any NaN). torch itself leaves the
+order of ties unspecified, so indices may differ from its own among equal values; the values do
+not. Gradients reach the selected elements; the full `median` and `nanmedian` spread theirs evenly
+over the elements equal to the result, as torch does.
+
+`quantile` computes the ranks `q * (N - 1)` in the input's dtype, as torch does, so results match
+it exactly; beyond torch's own limit of 2**24 elements the ranks are computed in float64.
+
+Under a strategy other than concat each tensor is handled on its own, as for reductions. `torch.sort`,
+`argsort`, `msort` and `mode` are not handled (they fall back to the concatenation): a sort's result
+is as large as the model anyway.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from modtensor._bundle import ParameterBundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._extend import run_reduction
+from modtensor._reductions import _bind, _cast, check_dim
+from modtensor._strategies import Reduction
+
+__all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]
+
+_T = torch.Tensor
+Number = Union[int, float]
+
+_CHUNK = 1 << 18  # elements read at a time
+_GATHER = 1 << 16  # candidates gathered at once, at least
+_BITS = 16  # key bits resolved per counting pass
+_INTERPOLATIONS = ("linear", "lower", "higher", "midpoint", "nearest")
+
+
+# -- reading a bundle in chunks ----------------------------------------------------------------
+
+
+def _flat_chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """`t.reshape(-1)` in pieces of at most `size` elements; only non-contiguous pieces are copied."""
+    if t.numel() <= size or t.dim() <= 1 or t.is_contiguous():
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), size):
+            yield flat[start : start + size]
+        return
+    row = t[0].numel()
+    if row > size:
+        for r in t:
+            yield from _flat_chunks(r, size)
+        return
+    rows = size // row
+    for start in range(0, t.shape[0], rows):
+        yield t[start : start + rows].reshape(-1)
+
+
+def _scan(b: ParameterBundle) -> Iterator[tuple[torch.Tensor, int]]:
+    """Every element once, as (chunk in the bundle's dtype, its offset in the concatenation)."""
+    for i in range(len(b.names)):
+        offset = b._offsets[i]
+        for piece in _flat_chunks(b._tensor(i).detach(), _CHUNK):
+            yield _cast(piece, b._dtype), offset
+            offset += piece.numel()
+
+
+def _nan_mask(c: torch.Tensor) -> torch.Tensor | None:
+    # A sum is NaN whenever an element is, and costs far less than isnan: most chunks skip it.
+    if not c.dtype.is_floating_point or not bool(c.sum().isnan()):
+        return None
+    return c.isnan()
+
+
+# -- order-preserving integer keys ---------------------------------------------------------------
+
+_FLOAT_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_INT_KEYS = {torch.uint8: torch.int32, torch.int8: torch.int32, torch.int16: torch.int32, torch.int32: torch.int32, torch.int64: torch.int64}
+
+
+class _Keys:
+    """Integer keys with the order of a dtype's values, spanning `width` bits (16, 32 or 64)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.floating = dtype.is_floating_point
+        bits = _FLOAT_BITS.get(dtype, dtype)
+        self.bits_dtype = bits
+        self.width = torch.iinfo(bits).bits if self.floating else max(16, torch.iinfo(dtype).bits)
+        # 16-bit keys are widened so that bin arithmetic cannot overflow
+        self.key_dtype = _INT_KEYS[bits] if self.floating else _INT_KEYS[dtype]
+        info = torch.iinfo(self.key_dtype)
+        self.key_min, self.key_max = info.min, info.max
+        if self.floating:
+            self.value_min, self.value_max = -self._of_value(math.inf), self._of_value(math.inf)
+        else:
+            self.value_min, self.value_max = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+
+    def of(self, c: torch.Tensor) -> torch.Tensor:
+        """The keys of chunk `c` (NaN keys are meaningless: callers mask NaN out)."""
+        if not self.floating:
+            return c.to(self.key_dtype)
+        bits = c.view(self.bits_dtype).to(self.key_dtype)
+        sign = bits >> (self.width - 1)  # -1 for negative values, else 0
+        return (bits ^ (sign & ((1 << (self.width - 1)) - 1))) - sign
+
+    def _of_value(self, value: float) -> int:
+        return int(self.of(torch.tensor([value], dtype=self.dtype))[0])
+
+    def value(self, key: int) -> Number:
+        """The value of `key`, clipped to the keys of non-NaN values."""
+        key = min(max(key, self.value_min), self.value_max)
+        if not self.floating:
+            return key
+        bits = key if key >= 0 else -key - (1 << (self.width - 1))
+        return float(torch.tensor(bits, dtype=self.bits_dtype).view(self.dtype))
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Keys `low .. low + 2**width - 1`, which hold `size` elements; `below` elements have smaller keys."""
+
+    low: int
+    width: int
+    below: int
+    size: int
+
+    @property
+    def high(self) -> int:
+        return self.low + (1 << self.width) - 1
+
+    def bins(self, keys: torch.Tensor, space: _Keys) -> torch.Tensor:
+        """Bin 0: below the range; 1 .. 2**16: its sub-ranges by the next 16 bits; then above."""
+        shift = self.width - _BITS
+        clipped = keys.clamp(max(self.low - (1 << shift), space.key_min), min(self.high + 1, space.key_max))
+        return (clipped >> shift) - ((self.low >> shift) - 1)
+
+    def narrow(self, counts: torch.Tensor, rank: int) -> _Range:
+        """The sub-range holding `rank`, from the counts of the 2**16 sub-ranges."""
+        shift = self.width - _BITS
+        upto = counts.cumsum(0)
+        j = int(torch.searchsorted(upto, rank - self.below, right=True))
+        before = int(upto[j - 1]) if j else 0
+        return _Range(self.low + (j << shift), shift, self.below + before, int(counts[j]))
+
+    def values(self, space: _Keys) -> tuple[Number, Number]:
+        return space.value(self.low), space.value(self.high)
+
+
+@dataclass(frozen=True)
+class _Stat:
+    """The element at one rank: its value, global index, and how many elements sort before it
+    (`below`) and not after its value (`upto`)."""
+
+    value: Number
+    index: int
+    below: int
+    upto: int
+
+
+# -- counting passes ------------------------------------------------------------------------------
+
+
+def _histograms(b: ParameterBundle, space: _Keys, ranges: Sequence[_Range]) -> tuple[list[torch.Tensor], int]:
+    """One pass: each range's counts by its next 16 key bits, and the number of NaN."""
+    hists: list[torch.Tensor | None] = [None] * len(ranges)
+    n_nan = 0
+    for c, _ in _scan(b):
+        nan = _nan_mask(c)
+        keys = space.of(c)
+        for j, r in enumerate(ranges):
+            bins = r.bins(keys, space)
+            if nan is not None:
+                bins.masked_fill_(nan, 0)
+            h = torch.bincount(bins, minlength=(1 << _BITS) + 2)
+            prev = hists[j]
+            hists[j] = h if prev is None else prev.to(h.device) + h
+        if nan is not None:
+            n_nan += int(nan.sum())
+    empty = torch.zeros((1 << _BITS) + 2, dtype=torch.int64)
+    return [(empty if h is None else h.cpu())[1:-1] for h in hists], n_nan
+
+
+def _gather(b: ParameterBundle, bounds: Sequence[tuple[Number, Number]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass: for each `(lo, hi)`, the elements with `lo <= x <= hi` and their global indices."""
+    found: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in bounds]
+    for c, offset in _scan(b):
+        for (lo, hi), (values, indices) in zip(bounds, found):
+            pos = ((c >= lo) & (c <= hi)).nonzero().squeeze(1)
+            if pos.numel():
+                values.append(c[pos].to(b._device))
+                indices.append((pos + offset).to(b._device))
+    empty_values = torch.empty(0, dtype=b._dtype, device=b._device)
+    empty_indices = torch.empty(0, dtype=torch.int64, device=b._device)
+    return [
+        (torch.cat(v) if v else empty_values, torch.cat(i) if i else empty_indices) for v, i in found
+    ]
+
+
+def _equal(c: torch.Tensor, value: Number) -> torch.Tensor:
+    return c.isnan() if isinstance(value, float) and math.isnan(value) else c == value
+
+
+def _occurrences(b: ParameterBundle, wanted: Sequence[tuple[Number, int]]) -> list[int]:
+    """One pass, stopping early: the global index of element `j` (from 0) among those equal to
+    `value` (or among the NaN), for each `(value, j)`."""
+    seen = [0] * len(wanted)
+    found: list[int | None] = [None] * len(wanted)
+    if not wanted:
+        return []
+    for c, offset in _scan(b):
+        for w, (value, j) in enumerate(wanted):
+            if found[w] is not None:
+                continue
+            mask = _equal(c, value)
+            count = int(mask.sum())
+            if seen[w] + count > j:
+                found[w] = offset + int(mask.nonzero()[j - seen[w]])
+            seen[w] += count
+        if all(f is not None for f in found):
+            break
+    return [f for f in found if f is not None]
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+
+class _Selection:
+    """The bundle's elements in the order of a stable sort, NaN last, queried rank by rank."""
+
+    def __init__(self, b: ParameterBundle) -> None:
+        self.b = b
+        self.space = _Keys(b._dtype)
+        self.n = b._numel
+        self.budget = max(_GATHER, self.n // 256)
+        self._hists: dict[_Range, torch.Tensor] = {}
+        self._sorted: dict[_Range, tuple[torch.Tensor, torch.Tensor]] = {}
+        root = _Range(-(1 << (self.space.width - 1)), self.space.width, 0, 0)
+        if self.n <= self.budget:  # small: one pass gathers everything
+            values, indices = _gather(b, [root.values(self.space)])[0]
+            self.root = _Range(root.low, root.width, 0, values.numel())
+            self._sorted[self.root] = _stable_sort(values, indices)
+        else:
+            (hist,), n_nan = _histograms(b, self.space, [root])
+            self.root = _Range(root.low, root.width, 0, self.n - n_nan)
+            self._hists[self.root] = hist
+        self.n_valid = self.root.size  # elements that are not NaN
+
+    def stats(self, ranks: Sequence[int]) -> list[_Stat]:
+        """The element at each rank (0 <= rank < N) of the stable sort."""
+        where = self._narrow_all({r: self.root for r in ranks if r < self.n_valid})
+        small = [r for r in set(where.values()) if r.size <= self.budget and r not in self._sorted]
+        for r, (values, indices) in zip(small, _gather(self.b, [r.values(self.space) for r in small])):
+            self._sorted[r] = _stable_sort(values, indices)
+        return self._finish(ranks, where)
+
+    def _narrow_all(self, where: dict[int, _Range]) -> dict[int, _Range]:
+        while True:
+            wide = {r for r in where.values() if r.size > self.budget and r.width > 0 and r not in self._sorted}
+            if not wide:
+                return where
+            missing = [r for r in wide if r not in self._hists]
+            if missing:
+                hists, _ = _histograms(self.b, self.space, missing)
+                self._hists.update(zip(missing, hists))
+            where = {k: (r.narrow(self._hists[r], k) if r in wide else r) for k, r in where.items()}
+
+    def _finish(self, ranks: Sequence[int], where: dict[int, _Range]) -> list[_Stat]:
+        stats: dict[int, _Stat] = {}
+        counted: list[tuple[int, Number, int, int]] = []  # rank, value, below, upto
+        for rank in ranks:
+            r = where.get(rank)
+            if r is None:  # a NaN
+                counted.append((rank, math.nan, self.n_valid, self.n))
+            elif r in self._sorted:
+                stats[rank] = _stat_in(self._sorted[r], rank, r.below)
+            else:  # one value, too many ties to gather
+                counted.append((rank, self.space.value(r.low), r.below, r.below + r.size))
+        indices = _occurrences(self.b, [(value, rank - below) for rank, value, below, _ in counted])
+        for (rank, value, below, upto), index in zip(counted, indices):
+            stats[rank] = _Stat(value, index, below, upto)
+        return [stats[r] for r in ranks]
+
+
+def _stable_sort(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # `values` come in index order, so a stable sort orders ties by index
+    ordered, perm = torch.sort(values, stable=True)
+    return ordered, indices[perm]
+
+
+def _stat_in(candidates: tuple[torch.Tensor, torch.Tensor], rank: int, below: int) -> _Stat:
+    values, indices = candidates
+    value = values[rank - below]
+    first = int(torch.searchsorted(values, value.reshape(1)))
+    last = int(torch.searchsorted(values, value.reshape(1), right=True))
+    return _Stat(value.item(), int(indices[rank - below]), below + first, below + last)
+
+
+# -- differentiable results ---------------------------------------------------------------------
+
+
+def _take(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        return t.reshape(1)[local]
+    return t[torch.unravel_index(local, t.shape)]
+
+
+def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
+    """`result`, made to require grad where the concatenation's would (adding -0.0 changes nothing)."""
+    if result.requires_grad or not torch.is_grad_enabled() or not result.dtype.is_floating_point:
+        return result
+    for i in range(len(b.names)):
+        t = b._tensor(i)
+        if t.requires_grad and t.numel():
+            nothing = t.reshape(1) if t.dim() == 0 else t.narrow(0, 0, 0)
+            return result - nothing[:0].sum().to(device=result.device, dtype=result.dtype)
+    return result
+
+
+def _elements(b: ParameterBundle, index: torch.Tensor) -> torch.Tensor:
+    """The elements at the global indices `index`, as a differentiable 1-D tensor in the bundle's dtype."""
+    order = torch.argsort(index.cpu())
+    ascending = index.cpu()[order]
+    owner = torch.searchsorted(torch.tensor(b._offsets[1:]), ascending, right=True)
+    pieces, start = [], 0
+    for i, n in enumerate(torch.bincount(owner, minlength=len(b.names)).tolist()):
+        if n:
+            t = b._tensor(i)
+            local = (ascending[start : start + n] - b._offsets[i]).to(t.device)
+            pieces.append(_cast(_take(t, local), b._dtype).to(b._device))
+        start += n
+    if not pieces:
+        return _connect(torch.empty(0, dtype=b._dtype, device=b._device), b)
+    return _connect(torch.cat(pieces)[torch.argsort(order).to(b._device)], b)
+
+
+class _EvenShare(torch.autograd.Function):
+    """-0.0, whose gradient spreads `grad / ties` over the elements of `t` equal to `value`."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, value: torch.Tensor, ties: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(t)
+        ctx.value, ctx.ties = value, ties
+        return torch.full((), -0.0, dtype=value.dtype, device=value.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (t,) = ctx.saved_tensors
+        value = ctx.value.to(t.device)
+        mask = _equal(_cast(t, value.dtype), float(value))
+        return (mask * (grad.to(t.device) / ctx.ties)).to(t.dtype), None, None
+
+
+def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
+    """The 0-d value of `stat`, with the gradient torch's median gives: shared by all its ties."""
+    value = _elements(b, torch.tensor([stat.index])).detach().reshape(())
+    if not torch.is_grad_enabled():
+        return value
+    result = value
+    for i in range(len(b.names)):
+        t = b._tensor(i)
+        if t.requires_grad and t.numel():
+            result = result + _EvenShare.apply(t, value, stat.upto - stat.below).to(b._device)
+    return result
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+
+def _check_dtype(name: str, b: ParameterBundle, probe: Callable[[torch.Tensor], Any]) -> None:
+    # torch's own verdict on the dtype, from a one-element tensor of it
+    try:
+        probe(torch.zeros(1, dtype=b._dtype, device=b._device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise type(e)(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
+
+
+def _on_empty(func: Callable[..., Any], b: ParameterBundle, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """torch's answer (or error) on the empty concatenation."""
+    try:
+        return func(torch.empty(0, dtype=b._dtype, device=b._device), *args[1:], **kwargs)
+    except (RuntimeError, IndexError) as e:
+        raise type(e)(f"{func_name(func)}: {b.describe()} has no elements ({e}).") from None
+
+
+def _int_arg(name: str, what: str, value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"{name}: argument '{what}' must be int, not {type(value).__name__}.")
+    return operator.index(value)
+
+
+def _values_indices(b: ParameterBundle, stat: _Stat, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1,) if keepdim else ()
+    values = _elements(b, torch.tensor([stat.index])).reshape(shape)
+    return values, torch.tensor(stat.index, device=b._device).reshape(shape)
+
+
+# -- the handlers -------------------------------------------------------------------------------
+
+
+def _sig_topk(input: Any, k: Any, dim: int = -1, largest: bool = True, sorted: bool = True) -> Any:
+    return k, dim, largest, sorted
+
+
+def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.topk(b, k)`: the k largest (or smallest) elements and their global indices.
+
+    Same as `torch.topk(torch.cat([...]), k)`, ties ordered by index (see the module's docstring).
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([1.0, 5.0]), torch.tensor([[3.0, 4.0]])])
+        >>> torch.topk(b, 2)
+        torch.return_types.topk(
+        values=tensor([5., 4.]),
+        indices=tensor([1, 3]))
+    """
+    name = func_name(func)
+    k, dim, largest, _ = _bind(_sig_topk, name, args, kwargs)
+    k = _int_arg(name, "k", k)
+    check_dim(_int_arg(name, "dim", dim), name, b)
+    _check_dtype(name, b, lambda x: torch.topk(x, 1))
+    if not 0 <= k <= b._numel:
+        raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
+    if k == 0:
+        return _on_empty(func, b, args, kwargs)
+    sel = _Selection(b)
+    threshold = sel.stats([b._numel - k if largest else k - 1])[0]
+    indices = _members(b, threshold, k, bool(largest))
+    return torch.return_types.topk((_elements(b, indices), indices.to(b._device)))
+
+
+def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> torch.Tensor:
+    """One pass: the global indices of the top k, given the k-th one, in the order of the result."""
+    v, is_nan = threshold.value, isinstance(threshold.value, float) and math.isnan(threshold.value)
+    ties = k - ((b._numel - threshold.upto) if largest else threshold.below)  # ties of v to take
+    found, values = [], []
+    for c, offset in _scan(b):
+        if largest:
+            better = torch.zeros_like(c, dtype=torch.bool) if is_nan else (c > v) | c.isnan()
+        else:
+            better = ~c.isnan() if is_nan else c < v
+        tied = _equal(c, v).nonzero().squeeze(1)[: max(ties, 0)]
+        ties -= tied.numel()
+        pos = torch.cat([better.nonzero().squeeze(1), tied]).sort().values
+        found.append((pos + offset).to(b._device))
+        values.append(c[pos].to(b._device))
+    indices, chosen = torch.cat(found), torch.cat(values)
+    order = torch.sort(chosen, descending=largest, stable=True).indices
+    return indices[order].cpu()
+
+
+def _sig_kthvalue(input: Any, k: Any, dim: int = -1, keepdim: bool = False) -> Any:
+    return k, dim, keepdim
+
+
+def kthvalue(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.kthvalue(b, k)`: the k-th smallest element (from 1) and its global index.
+
+    Same as on the concatenation; among ties, the index a stable sort puts at position k - 1.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([4.0, 1.0]), torch.tensor([3.0])])
+        >>> torch.kthvalue(b, 2)
+        torch.return_types.kthvalue(
+        values=tensor(3.),
+        indices=tensor(2))
+    """
+    name = func_name(func)
+    k, dim, keepdim = _bind(_sig_kthvalue, name, args, kwargs)
+    k = _int_arg(name, "k", k)
+    check_dim(_int_arg(name, "dim", dim), name, b)
+    if b._numel == 0:
+        return _on_empty(func, b, args, kwargs)
+    _check_dtype(name, b, lambda x: torch.kthvalue(x, 1))
+    if not 1 <= k <= b._numel:
+        raise RuntimeError(
+            f"{name}: selected number k out of range for dimension 0: k={k} for {b.describe()} "
+            f"of {b._numel} elements."
+        )
+    stat = _Selection(b).stats([k - 1])[0]
+    return torch.return_types.kthvalue(_values_indices(b, stat, bool(keepdim)))
+
+
+_NO_DIM: Any = object()
+
+
+def _sig_median(input: Any, dim: Any = _NO_DIM, keepdim: Any = _NO_DIM) -> Any:
+    return dim, keepdim
+
+
+def _median_rank(sel: _Selection, ignore_nan: bool) -> int:
+    # the lower median; with NaN, torch's median is the first NaN, nanmedian skips them
+    if not ignore_nan and sel.n_valid < sel.n:
+        return sel.n_valid
+    return max(sel.n_valid - 1, 0) // 2
+
+
+def _median(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_median, name, args, kwargs)
+    if dim is _NO_DIM and keepdim is not _NO_DIM:
+        raise TypeError(f"{name}: keepdim needs a dim (torch's median(input) takes neither).")
+    if dim is not _NO_DIM:
+        check_dim(_int_arg(name, "dim", dim), name, b)
+    if b._numel == 0:
+        return _on_empty(func, b, args, kwargs)
+    _check_dtype(name, b, lambda x: torch.median(x, 0))
+    sel = _Selection(b)
+    stat = sel.stats([_median_rank(sel, ignore_nan)])[0]
+    if dim is _NO_DIM:
+        return _evenly(b, stat)
+    return_type = torch.return_types.nanmedian if ignore_nan else torch.return_types.median
+    return return_type(_values_indices(b, stat, keepdim is not _NO_DIM and bool(keepdim)))
+
+
+def median(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.median(b)`: the lower median of the concatenation (NaN if any element is NaN).
+
+    With `dim` (0 or -1): values and global indices. The full median's gradient is spread
+    evenly over the elements equal to it, as torch does.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([4.0, 1.0]), torch.tensor([3.0, 2.0])])
+        >>> torch.median(b), b.median(dim=0).indices
+        (tensor(2.), tensor(3))
+    """
+    return _median(b, func, args, kwargs, ignore_nan=False)
+
+
+def nanmedian(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.nanmedian(b)`: the lower median of the elements that are not NaN.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([4.0, float("nan")]), torch.tensor([3.0, 2.0])])
+        >>> torch.nanmedian(b)
+        tensor(3.)
+    """
+    return _median(b, func, args, kwargs, ignore_nan=True)
+
+
+def _sig_quantile(input: Any, q: Any, dim: Any = None, keepdim: bool = False, *, interpolation: str = "linear") -> Any:
+    return q, dim, keepdim, interpolation
+
+
+def _ranks(q: torch.Tensor, count: int, has_nan: bool, ignore_nan: bool) -> torch.Tensor:
+    """The fractional ranks torch.quantile reads, computed in the same dtype as torch does."""
+    if count > 2**24:  # beyond torch's limit: float64 keeps the rank exact
+        q = q.double()
+    if ignore_nan:
+        return (q * (count - 1)).clamp(min=0)
+    return torch.full_like(q, count - 1) if has_nan else q * (count - 1)
+
+
+def _quantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool) -> Any:
+    name = func_name(func)
+    q, dim, keepdim, interpolation = _bind(_sig_quantile, name, args, kwargs)
+    if isinstance(q, ParameterBundle):
+        return NOT_HANDLED
+    check_dim(dim, name, b)
+    # torch's own checks of q, interpolation and dtype, on one element; and the result's shape
+    try:
+        probe = torch.zeros(1, dtype=b._dtype, device=b._device)
+        shape = func(probe, q, dim, keepdim, interpolation=interpolation).shape
+    except RuntimeError as e:
+        raise RuntimeError(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
+    if b._numel == 0:
+        return _on_empty(func, b, args, kwargs)
+    sel = _Selection(b)
+    qs = torch.as_tensor(q, dtype=b._dtype).reshape(-1).cpu()
+    ranks = _ranks(qs, sel.n_valid if ignore_nan else b._numel, sel.n_valid < b._numel, ignore_nan)
+    return _interpolate(b, sel, ranks, interpolation).reshape(shape)
+
+
+def quantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.quantile(b, q)`: the q-th quantiles of the concatenation (NaN if any element is NaN).
+
+    `q` is a float or a 1-D tensor of the bundle's dtype; `interpolation` is one of linear,
+    lower, higher, midpoint, nearest. Works beyond torch's limit of 2**24 elements.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([4.0, 1.0]), torch.tensor([3.0, 2.0])])
+        >>> torch.quantile(b, 0.5), b.quantile(torch.tensor([0.0, 1.0]), interpolation="lower")
+        (tensor(2.5000), tensor([1., 4.]))
+    """
+    return _quantile(b, func, args, kwargs, ignore_nan=False)
+
+
+def nanquantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch.nanquantile(b, q)`: the q-th quantiles of the elements that are not NaN.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle([torch.tensor([4.0, float("nan")]), torch.tensor([3.0, 2.0])])
+        >>> torch.nanquantile(b, 0.5)
+        tensor(3.)
+    """
+    return _quantile(b, func, args, kwargs, ignore_nan=True)
+
+
+def _interpolate(b: ParameterBundle, sel: _Selection, ranks: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """torch.quantile's last steps: round or interpolate between the order statistics at `ranks`."""
+    if interpolation == "lower":
+        ranks = ranks.floor()
+    elif interpolation == "higher":
+        ranks = ranks.ceil()
+    elif interpolation == "nearest":
+        ranks = ranks.round()
+    below = ranks.long()
+    above = ranks.ceil().long()
+    wanted = sorted(set(below.tolist()) | set(above.tolist()))
+    stats = dict(zip(wanted, sel.stats(wanted)))
+    at = _elements(b, torch.tensor([stats[r].index for r in wanted], dtype=torch.int64))
+    position = {r: i for i, r in enumerate(wanted)}
+    low = at[[position[r] for r in below.tolist()]]
+    if interpolation not in ("linear", "midpoint"):
+        return low
+    high = at[[position[r] for r in above.tolist()]]
+    weights = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
+    return torch.lerp(low, high, weights.to(device=b._device, dtype=b._dtype))
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+# Under per_param and weighted, each tensor's own result (the reductions' behaviour); other
+# strategies get NOT_HANDLED from `parse`, which sends them to the fallback.
+_PER_TENSOR = Reduction(
+    parse=lambda b, func, args, kwargs: NOT_HANDLED,
+    partial=lambda t, offset, a: t,
+    combine=lambda states, a: NOT_HANDLED,
+)
+
+_COMPUTE: dict[str, Callable[..., Any]] = {
+    "topk": topk,
+    "kthvalue": kthvalue,
+    "median": median,
+    "nanmedian": nanmedian,
+    "quantile": quantile,
+    "nanquantile": nanquantile,
+}
+
+# The torch functions each op serves; tests/test_coverage.py counts them as tested in tests/test_order.py.
+ORDER_FUNCTIONS = tuple(f for name in _COMPUTE for f in (getattr(torch, name), getattr(_T, name)))
+
+
+def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        b = args[0] if args else None
+        if not isinstance(b, ParameterBundle) or kwargs.get("out") is not None:
+            return NOT_HANDLED
+        if b.strategy != "concat":
+            return run_reduction(func, args, kwargs, b, _PER_TENSOR)
+        if b._device.type == "meta":  # no values to count: torch.cat of meta tensors is free
+            return NOT_HANDLED
+        return compute(b, func, args, kwargs)
+
+    return handler
+
+
+for _name, _compute in _COMPUTE.items():
+    ParameterBundle.implements((getattr(torch, _name), getattr(_T, _name)))(_handler(_compute))

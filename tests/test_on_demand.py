@@ -1,0 +1,101 @@
+"""Elementwise results are computed on demand, one tensor at a time, with eager semantics."""
+
+import weakref
+
+import pytest
+import torch
+
+import modtensor as mt
+
+
+def _count_live(lazy):
+    """Wrap a lazy bundle's compute to record how many of its tensors are alive at once."""
+    live, peak = [], [0]
+    compute = lazy._compute
+
+    def tracked(i):
+        out = compute(i)
+        live.append(weakref.ref(out))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+        return out
+
+    lazy._compute = tracked
+    return peak
+
+
+def test_math_ops_are_on_demand_and_conversions_are_not():
+    b = mt.bundle([torch.randn(3, 3), torch.randn(4)])
+    assert (b**2)._tensors is None and (b - b).abs()._tensors is None
+    assert torch.where(b > 0, b, 0.0)._tensors is None
+    assert b.clone()._tensors is not None and b.double()._tensors is not None
+
+
+@pytest.mark.parametrize(
+    "reduce",
+    [torch.sum, torch.amax, torch.std, torch.norm, lambda x: torch.linalg.vector_norm(x, float("inf"))],
+)
+def test_reductions_hold_one_intermediate_at_a_time(reduce):
+    b = mt.bundle([torch.randn(100) for _ in range(6)])
+    lazy = (b - 1).abs()
+    peak = _count_live(lazy)
+    with torch.no_grad():
+        reduce(lazy)
+    assert peak[0] == 1
+    assert lazy._tensors is None  # nothing was kept
+
+
+def test_squared_sum_forward_backward_keeps_no_intermediate():
+    params = [torch.randn(50, requires_grad=True) for _ in range(4)]
+    lazy = mt.bundle(params) ** 2
+    peak = _count_live(lazy)
+    lazy.sum().backward()
+    assert peak[0] == 1  # pow's backward keeps its input (the parameter), not the square
+    for p in params:
+        torch.testing.assert_close(p.grad, 2 * p.detach())
+
+
+def test_tensors_computes_once_and_keeps():
+    b = mt.bundle([torch.ones(2), torch.ones(3)])
+    lazy = b * 2
+    first = lazy.tensors
+    assert lazy.tensors is first and lazy._tensors is first
+    torch.testing.assert_close(lazy.materialize(), torch.full((5,), 2.0))
+
+
+def test_inputs_modified_in_place_afterwards_are_refused():
+    a, c = torch.ones(3), torch.zeros(3)
+    diff = mt.bundle([a]) - mt.bundle([c])
+    a.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the bundle was made"):
+        diff.sum()
+    snapshot = (mt.bundle([a]) - mt.bundle([c])).clone()
+    a.add_(1)
+    assert float(snapshot.sum()) == 6.0
+
+
+def test_grad_mode_of_creation_is_kept():
+    p = torch.ones(3, requires_grad=True)
+    with torch.no_grad():
+        doubled = mt.bundle([p]) * 2
+    assert not doubled.requires_grad and not doubled.sum().requires_grad
+    squared = mt.bundle([p]) ** 2
+    with torch.no_grad():
+        pass
+    assert squared.requires_grad and squared.sum().requires_grad
+
+
+def test_errors_are_raised_when_the_op_is_called_not_later():
+    b = mt.bundle([torch.arange(3), torch.arange(4)])
+    with pytest.raises(NotImplementedError, match="bitwise_and"):
+        torch.bitwise_and(b.float(), b.float())
+
+
+def test_chains_feed_order_free_reductions_tensor_by_tensor():
+    torch.manual_seed(0)
+    a = mt.bundle([torch.randn(5, 5), torch.randn(7)])
+    c = mt.bundle([torch.randn(5, 5), torch.randn(7)])
+    ref = a.materialize() - c.materialize()
+    torch.testing.assert_close((a - c).norm(), ref.norm())
+    torch.testing.assert_close(torch.dist(a, c), ref.norm())
+    torch.testing.assert_close(((a - c) ** 2).mean(), (ref**2).mean())
+    assert ((a - c).abs() > 1).sum() == (ref.abs() > 1).sum()
