@@ -138,12 +138,14 @@ class ParameterBundle(DispatchTensor):
         return self
 
     @classmethod
-    def lazy(
+    def _on_demand(
         cls,
         compute: Callable[[int], torch.Tensor],
         like: ParameterBundle,
         dtypes: Sequence[torch.dtype],
         requires_grad: bool,
+        strategy: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> ParameterBundle:
         """A bundle shaped and named like `like` whose tensor i is `compute(i)`, made on demand.
 
@@ -152,7 +154,14 @@ class ParameterBundle(DispatchTensor):
         computes and keeps them all.
         """
         self = cls._layout(
-            like._names, like._shapes, dtypes, like._devices, like._strategy, like._options, None, ()
+            like._names,
+            like._shapes,
+            dtypes,
+            like._devices,
+            like._strategy if strategy is None else strategy,
+            like._options if strategy is None else options,
+            None,
+            (),
         )
         self._tensors = None
         self._compute = compute
@@ -327,10 +336,9 @@ class ParameterBundle(DispatchTensor):
         """
         if self._tensors is None:  # stay on demand
             assert self._compute is not None
-            other = ParameterBundle.lazy(self._compute, self, self._dtypes, self._lazy_requires_grad)
-            other._strategy, other._options = name, MappingProxyType(dict(options))
-            _strategies.get(name).check_options(options)
-            return other
+            return ParameterBundle._on_demand(
+                self._compute, self, self._dtypes, self._lazy_requires_grad, name, options
+            )
         return ParameterBundle(self._tensors, self._names, name, options)
 
     def materialize(self) -> torch.Tensor:

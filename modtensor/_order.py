@@ -363,13 +363,13 @@ class _EvenShare(torch.autograd.Function):
     """-0.0, whose gradient spreads `grad / ties` over the elements of `t` equal to `value`."""
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, value: torch.Tensor, ties: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor, value: torch.Tensor, ties: int) -> torch.Tensor:
         ctx.save_for_backward(t)
         ctx.value, ctx.ties = value, ties
         return torch.full((), -0.0, dtype=value.dtype, device=value.device)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (t,) = ctx.saved_tensors
         value = ctx.value.to(t.device)
         mask = _equal(_cast(t, value.dtype), float(value))
@@ -385,7 +385,8 @@ def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
     for i in range(len(b.names)):
         t = b._tensor(i)
         if t.requires_grad and t.numel():
-            result = result + _EvenShare.apply(t, value, stat.upto - stat.below).to(b._device)
+            share = _EvenShare.apply(t, value, stat.upto - stat.below)  # type: ignore[no-untyped-call]
+            result = result + share.to(b._device)
     return result
 
 

@@ -214,7 +214,7 @@ def map_elementwise(
     if func in ON_DEMAND and ref._names:
         dtypes = _result_dtypes(call, args, kwargs, ref, cast)
         if dtypes is not None:
-            return ParameterBundle.lazy(
+            return ParameterBundle._on_demand(
                 _guarded(call, args, kwargs), ref, dtypes, _requires_grad(args, kwargs, dtypes)
             )
     if not ref._names:
