@@ -87,6 +87,9 @@ _OBJECT_FUNCTIONS = frozenset(
 )
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def func_name(func: Callable[..., Any]) -> str:
     """Return torch's public name for `func`, e.g. `torch.Tensor.sum`.
 
@@ -95,10 +98,18 @@ def func_name(func: Callable[..., Any]) -> str:
         >>> func_name(torch.Tensor.sum)
         'torch.Tensor.sum'
     """
-    name = resolve_name(func)
-    if name:
-        return str(name)
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    # resolve_name silences warnings around its lookup, which costs tens of microseconds
+    name = resolve_name(func) or getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    name = str(name or repr(func))
+    try:
+        _NAMES[func] = name
+    except TypeError:  # unhashable callables are named afresh each time
+        pass
+    return name
 
 
 def _short_name(func: Callable[..., Any]) -> str:

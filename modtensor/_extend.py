@@ -78,10 +78,18 @@ def run_reduction(
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
     pieces = Pieces(b._tensor, b._offsets)
-    # Under per_param and weighted, dim and the like apply to each tensor's own shape.
-    per_tensor = per_tensor_caller(func, args, kwargs, b, cast=False)
-    if per_tensor is NOT_HANDLED:
-        return NOT_HANDLED
+
+    callers: list[Any] = []
+
+    def per_tensor(i: int) -> Any:
+        # Under per_param and weighted, dim and the like apply to each tensor's own shape.
+        # Built on first use: the concat strategy never needs it.
+        if not callers:
+            callers.append(per_tensor_caller(func, args, kwargs, b, cast=False))
+            if callers[0] is NOT_HANDLED:
+                raise ValueError(f"{func_name(func)}: an argument cannot be split tensor by tensor.")
+        return callers[0](i)
+
     call = ReductionCall(
         func, args, kwargs, b, reduction, lambda: reduction.parse(b, func, args, kwargs), pieces, per_tensor
     )
