@@ -3,13 +3,13 @@
 Results equal the same call on `torch.cat([t.reshape(-1) for t in tensors])`, found by counting
 rather than sorting, so the concatenation is never built:
 
-- Elements are read in flat chunks of at most `_CHUNK` elements, each cast to the bundle's dtype
-  (the one copy made, of one chunk at a time).
+- Elements are read in flat chunks of at most 2**18 elements (2**22 on a GPU), each cast to the
+  bundle's dtype (the one copy made, of one chunk at a time).
 - Each value has an integer key with the same order: a float's bits read as an integer, with
   negative values' magnitudes negated (so -0.0 and +0.0 share the key 0); an integer is its own key.
 - A pass over the chunks counts the keys of a range in 65536 bins of their next 16 bits (a radix
-  histogram); the bin holding the wanted rank is the next, narrower range. A rank is pinned to one
-  key within 2 passes for 16/32-bit dtypes and 4 for 64-bit ones, whatever the data.
+  histogram); the bin holding the wanted rank is the next, narrower range. So a rank is pinned to
+  one key within 1, 2 or 4 passes for 16-, 32- and 64-bit dtypes, whatever the data.
 - Once a range holds at most `max(_GATHER, N // 256)` elements, one more pass gathers them with
   their global indices and a sort of those few finishes exactly. A range of a single value that
   is larger than that (many ties) finds the index by counting occurrences instead.
@@ -35,11 +35,11 @@ is as large as the model anyway.
 
 from __future__ import annotations
 
-import bisect
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Union
 
 import torch
@@ -55,7 +55,8 @@ __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", 
 _T = torch.Tensor
 Number = Union[int, float]
 
-_CHUNK = 1 << 18  # elements read at a time
+_CHUNK = 1 << 18  # elements read at a time on the CPU
+_CHUNK_ACCELERATOR = 1 << 22  # on a GPU, where each op's launch costs more than 2**18 elements
 _GATHER = 1 << 16  # candidates gathered at once, at least
 _BITS = 16  # key bits resolved per counting pass
 _INTERPOLATIONS = ("linear", "lower", "higher", "midpoint", "nearest")
@@ -81,13 +82,30 @@ def _flat_chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield t[start : start + rows].reshape(-1)
 
 
-def _scan(b: ParameterBundle) -> Iterator[tuple[torch.Tensor, int]]:
-    """Every element once, as (chunk in the bundle's dtype, its offset in the concatenation)."""
+Visit = Callable[[torch.Tensor, int], bool]
+
+
+def _scan(b: ParameterBundle, visit: Visit) -> None:
+    """Call `visit(chunk, offset)` on every element once, in flat order, until it returns True.
+
+    Chunks are in the bundle's dtype; `offset` is where a chunk starts in the concatenation.
+    """
     for i in range(len(b.names)):
-        offset = b._offsets[i]
-        for piece in _flat_chunks(b._tensor(i).detach(), _CHUNK):
-            yield _cast(piece, b._dtype), offset
-            offset += piece.numel()
+        if b._shapes[i].numel() and _scan_tensor(b, i, visit):
+            return
+
+
+def _scan_tensor(b: ParameterBundle, i: int, visit: Visit) -> bool:
+    # A function of its own, so that nothing of tensor i outlives it: a bundle computed on
+    # demand then holds one tensor at a time.
+    with torch.no_grad():
+        t = b._tensor(i).detach()
+    offset = b._offsets[i]
+    for piece in _flat_chunks(t, _CHUNK if t.device.type == "cpu" else _CHUNK_ACCELERATOR):
+        if visit(_cast(piece, b._dtype), offset):
+            return True
+        offset += piece.numel()
+    return False
 
 
 def _nan_mask(c: torch.Tensor) -> torch.Tensor | None:
@@ -99,8 +117,14 @@ def _nan_mask(c: torch.Tensor) -> torch.Tensor | None:
 
 # -- order-preserving integer keys ---------------------------------------------------------------
 
-_FLOAT_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
-_INT_KEYS = {torch.uint8: torch.int32, torch.int8: torch.int32, torch.int16: torch.int32, torch.int32: torch.int32, torch.int64: torch.int64}
+_FLOAT_BITS = {
+    torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64,
+}
+# keys of 16-bit values are held in int32, so that bin arithmetic cannot overflow
+_INT_KEYS = {
+    torch.uint8: torch.int32, torch.int8: torch.int32, torch.int16: torch.int32, torch.int32: torch.int32,
+    torch.int64: torch.int64,
+}
 
 
 class _Keys:
@@ -109,17 +133,15 @@ class _Keys:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.floating = dtype.is_floating_point
-        bits = _FLOAT_BITS.get(dtype, dtype)
-        self.bits_dtype = bits
-        self.width = torch.iinfo(bits).bits if self.floating else max(16, torch.iinfo(dtype).bits)
-        # 16-bit keys are widened so that bin arithmetic cannot overflow
-        self.key_dtype = _INT_KEYS[bits] if self.floating else _INT_KEYS[dtype]
-        info = torch.iinfo(self.key_dtype)
-        self.key_min, self.key_max = info.min, info.max
+        self.bits_dtype = _FLOAT_BITS.get(dtype, dtype)
+        self.width = max(16, torch.iinfo(self.bits_dtype).bits)
+        self.key_dtype = _INT_KEYS[self.bits_dtype]
+        self.key_min, self.key_max = torch.iinfo(self.key_dtype).min, torch.iinfo(self.key_dtype).max
+        # the keys of the lowest and highest values that are not NaN
         if self.floating:
-            self.value_min, self.value_max = -self._of_value(math.inf), self._of_value(math.inf)
+            self.lowest, self.highest = -self._of_value(math.inf), self._of_value(math.inf)
         else:
-            self.value_min, self.value_max = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+            self.lowest, self.highest = torch.iinfo(dtype).min, torch.iinfo(dtype).max
 
     def of(self, c: torch.Tensor) -> torch.Tensor:
         """The keys of chunk `c` (NaN keys are meaningless: callers mask NaN out)."""
@@ -134,7 +156,7 @@ class _Keys:
 
     def value(self, key: int) -> Number:
         """The value of `key`, clipped to the keys of non-NaN values."""
-        key = min(max(key, self.value_min), self.value_max)
+        key = min(max(key, self.lowest), self.highest)
         if not self.floating:
             return key
         bits = key if key >= 0 else -key - (1 << (self.width - 1))
@@ -157,8 +179,8 @@ class _Range:
     def bins(self, keys: torch.Tensor, space: _Keys) -> torch.Tensor:
         """Bin 0: below the range; 1 .. 2**16: its sub-ranges by the next 16 bits; then above."""
         shift = self.width - _BITS
-        clipped = keys.clamp(max(self.low - (1 << shift), space.key_min), min(self.high + 1, space.key_max))
-        return (clipped >> shift) - ((self.low >> shift) - 1)
+        below, above = max(self.low - (1 << shift), space.key_min), min(self.high + 1, space.key_max)
+        return (keys.clamp(below, above) >> shift) - ((self.low >> shift) - 1)
 
     def narrow(self, counts: torch.Tensor, rank: int) -> _Range:
         """The sub-range holding `rank`, from the counts of the 2**16 sub-ranges."""
@@ -186,11 +208,15 @@ class _Stat:
 # -- counting passes ------------------------------------------------------------------------------
 
 
-def _histograms(b: ParameterBundle, space: _Keys, ranges: Sequence[_Range]) -> tuple[list[torch.Tensor], int]:
+def _histograms(
+    b: ParameterBundle, space: _Keys, ranges: Sequence[_Range]
+) -> tuple[list[torch.Tensor], int]:
     """One pass: each range's counts by its next 16 key bits, and the number of NaN."""
     hists: list[torch.Tensor | None] = [None] * len(ranges)
     n_nan = 0
-    for c, _ in _scan(b):
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
+        nonlocal n_nan
         nan = _nan_mask(c)
         keys = space.of(c)
         for j, r in enumerate(ranges):
@@ -202,24 +228,31 @@ def _histograms(b: ParameterBundle, space: _Keys, ranges: Sequence[_Range]) -> t
             hists[j] = h if prev is None else prev.to(h.device) + h
         if nan is not None:
             n_nan += int(nan.sum())
+        return False
+
+    _scan(b, visit)
     empty = torch.zeros((1 << _BITS) + 2, dtype=torch.int64)
     return [(empty if h is None else h.cpu())[1:-1] for h in hists], n_nan
 
 
-def _gather(b: ParameterBundle, bounds: Sequence[tuple[Number, Number]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _gather(
+    b: ParameterBundle, bounds: Sequence[tuple[Number, Number]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One pass: for each `(lo, hi)`, the elements with `lo <= x <= hi` and their global indices."""
     found: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in bounds]
-    for c, offset in _scan(b):
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
         for (lo, hi), (values, indices) in zip(bounds, found):
             pos = ((c >= lo) & (c <= hi)).nonzero().squeeze(1)
             if pos.numel():
                 values.append(c[pos].to(b._device))
                 indices.append((pos + offset).to(b._device))
+        return False
+
+    _scan(b, visit)
     empty_values = torch.empty(0, dtype=b._dtype, device=b._device)
     empty_indices = torch.empty(0, dtype=torch.int64, device=b._device)
-    return [
-        (torch.cat(v) if v else empty_values, torch.cat(i) if i else empty_indices) for v, i in found
-    ]
+    return [(torch.cat(v) if v else empty_values, torch.cat(i) if i else empty_indices) for v, i in found]
 
 
 def _equal(c: torch.Tensor, value: Number) -> torch.Tensor:
@@ -231,19 +264,19 @@ def _occurrences(b: ParameterBundle, wanted: Sequence[tuple[Number, int]]) -> li
     `value` (or among the NaN), for each `(value, j)`."""
     seen = [0] * len(wanted)
     found: list[int | None] = [None] * len(wanted)
-    if not wanted:
-        return []
-    for c, offset in _scan(b):
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
         for w, (value, j) in enumerate(wanted):
-            if found[w] is not None:
-                continue
-            mask = _equal(c, value)
-            count = int(mask.sum())
-            if seen[w] + count > j:
-                found[w] = offset + int(mask.nonzero()[j - seen[w]])
-            seen[w] += count
-        if all(f is not None for f in found):
-            break
+            if found[w] is None:
+                mask = _equal(c, value)
+                count = int(mask.sum())
+                if seen[w] + count > j:
+                    found[w] = offset + int(mask.nonzero()[j - seen[w]])
+                seen[w] += count
+        return all(f is not None for f in found)
+
+    if wanted:
+        _scan(b, visit)
     return [f for f in found if f is not None]
 
 
@@ -324,22 +357,31 @@ def _stat_in(candidates: tuple[torch.Tensor, torch.Tensor], rank: int, below: in
 # -- differentiable results ---------------------------------------------------------------------
 
 
-def _take(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 0:
-        return t.reshape(1)[local]
-    return t[torch.unravel_index(local, t.shape)]
+def _take(b: ParameterBundle, i: int, local: torch.Tensor) -> torch.Tensor:
+    """Tensor i's elements at the flat indices `local`, differentiable, in the bundle's dtype."""
+    t = b._tensor(i)
+    local = local.to(t.device)
+    taken = t.reshape(1)[local] if t.dim() == 0 else t[torch.unravel_index(local, t.shape)]
+    return _cast(taken, b._dtype).to(b._device)
 
 
 def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
-    """`result`, made to require grad where the concatenation's would (adding -0.0 changes nothing)."""
-    if result.requires_grad or not torch.is_grad_enabled() or not result.dtype.is_floating_point:
+    """`result`, made to require grad where the concatenation's would (subtracting 0.0 changes nothing)."""
+    if result.requires_grad or not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
         return result
     for i in range(len(b.names)):
-        t = b._tensor(i)
-        if t.requires_grad and t.numel():
-            nothing = t.reshape(1) if t.dim() == 0 else t.narrow(0, 0, 0)
-            return result - nothing[:0].sum().to(device=result.device, dtype=result.dtype)
+        nothing = _no_elements(b, i)
+        if nothing is not None:
+            return result - nothing.sum().to(device=result.device, dtype=result.dtype)
     return result
+
+
+def _no_elements(b: ParameterBundle, i: int) -> torch.Tensor | None:
+    # an empty slice of tensor i if it has elements and requires grad: it links a result to it
+    t = b._tensor(i) if b._shapes[i].numel() else None
+    if t is None or not t.requires_grad:
+        return None
+    return t.reshape(1)[:0] if t.dim() == 0 else t.narrow(0, 0, 0)
 
 
 def _elements(b: ParameterBundle, index: torch.Tensor) -> torch.Tensor:
@@ -350,9 +392,7 @@ def _elements(b: ParameterBundle, index: torch.Tensor) -> torch.Tensor:
     pieces, start = [], 0
     for i, n in enumerate(torch.bincount(owner, minlength=len(b.names)).tolist()):
         if n:
-            t = b._tensor(i)
-            local = (ascending[start : start + n] - b._offsets[i]).to(t.device)
-            pieces.append(_cast(_take(t, local), b._dtype).to(b._device))
+            pieces.append(_take(b, i, ascending[start : start + n] - b._offsets[i]))
         start += n
     if not pieces:
         return _connect(torch.empty(0, dtype=b._dtype, device=b._device), b)
@@ -360,34 +400,52 @@ def _elements(b: ParameterBundle, index: torch.Tensor) -> torch.Tensor:
 
 
 class _EvenShare(torch.autograd.Function):
-    """-0.0, whose gradient spreads `grad / ties` over the elements of `t` equal to `value`."""
+    """-0.0, whose gradient spreads `grad / ties` over the elements of `t` equal to `value`.
+
+    `t` itself is not saved: `recompute()` gives it again in backward, so that a bundle
+    computed on demand does not keep every tensor alive until then.
+    """
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, value: torch.Tensor, ties: int) -> torch.Tensor:
-        ctx.save_for_backward(t)
-        ctx.value, ctx.ties = value, ties
+    def forward(
+        ctx: Any, t: torch.Tensor, value: torch.Tensor, ties: int, recompute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        ctx.value, ctx.ties, ctx.recompute, ctx.version = value, ties, recompute, t._version
         return torch.full((), -0.0, dtype=value.dtype, device=value.device)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (t,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        with torch.no_grad():
+            t = ctx.recompute()
+        if t._version != ctx.version:  # what saving t would have caught
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                "operation: a tensor of the bundle whose median is differentiated changed since."
+            )
         value = ctx.value.to(t.device)
         mask = _equal(_cast(t, value.dtype), float(value))
-        return (mask * (grad.to(t.device) / ctx.ties)).to(t.dtype), None, None
+        return (mask * (grad.to(t.device) / ctx.ties)).to(t.dtype), None, None, None
 
 
 def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
     """The 0-d value of `stat`, with the gradient torch's median gives: shared by all its ties."""
     value = _elements(b, torch.tensor([stat.index])).detach().reshape(())
-    if not torch.is_grad_enabled():
+    if not (torch.is_grad_enabled() and b.requires_grad):
         return value
     result = value
     for i in range(len(b.names)):
-        t = b._tensor(i)
-        if t.requires_grad and t.numel():
-            share = _EvenShare.apply(t, value, stat.upto - stat.below)  # type: ignore[no-untyped-call]
+        share = _share(b, i, value, stat.upto - stat.below)
+        if share is not None:
             result = result + share.to(b._device)
     return result
+
+
+def _share(b: ParameterBundle, i: int, value: torch.Tensor, ties: int) -> torch.Tensor | None:
+    t = b._tensor(i) if b._shapes[i].numel() else None
+    if t is None or not t.requires_grad:
+        return None
+    share: torch.Tensor = _EvenShare.apply(t, value, ties, partial(b._tensor, i))  # type: ignore[no-untyped-call]
+    return share
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -407,12 +465,6 @@ def _on_empty(func: Callable[..., Any], b: ParameterBundle, args: tuple[Any, ...
         return func(torch.empty(0, dtype=b._dtype, device=b._device), *args[1:], **kwargs)
     except (RuntimeError, IndexError) as e:
         raise type(e)(f"{func_name(func)}: {b.describe()} has no elements ({e}).") from None
-
-
-def _int_arg(name: str, what: str, value: Any) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
-        raise TypeError(f"{name}: argument '{what}' must be int, not {type(value).__name__}.")
-    return operator.index(value)
 
 
 def _values_indices(b: ParameterBundle, stat: _Stat, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,8 +495,8 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     """
     name = func_name(func)
     k, dim, largest, _ = _bind(_sig_topk, name, args, kwargs)
-    k = _int_arg(name, "k", k)
-    check_dim(_int_arg(name, "dim", dim), name, b)
+    k = operator.index(k)  # torch's parser has already refused floats and bools
+    check_dim(operator.index(dim), name, b)
     _check_dtype(name, b, lambda x: torch.topk(x, 1))
     if not 0 <= k <= b._numel:
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
@@ -460,8 +512,11 @@ def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> tor
     """One pass: the global indices of the top k, given the k-th one, in the order of the result."""
     v, is_nan = threshold.value, isinstance(threshold.value, float) and math.isnan(threshold.value)
     ties = k - ((b._numel - threshold.upto) if largest else threshold.below)  # ties of v to take
-    found, values = [], []
-    for c, offset in _scan(b):
+    found: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
+        nonlocal ties
         if largest:
             better = torch.zeros_like(c, dtype=torch.bool) if is_nan else (c > v) | c.isnan()
         else:
@@ -471,6 +526,9 @@ def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> tor
         pos = torch.cat([better.nonzero().squeeze(1), tied]).sort().values
         found.append((pos + offset).to(b._device))
         values.append(c[pos].to(b._device))
+        return False
+
+    _scan(b, visit)
     indices, chosen = torch.cat(found), torch.cat(values)
     order = torch.sort(chosen, descending=largest, stable=True).indices
     return indices[order].cpu()
@@ -495,8 +553,8 @@ def kthvalue(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...]
     """
     name = func_name(func)
     k, dim, keepdim = _bind(_sig_kthvalue, name, args, kwargs)
-    k = _int_arg(name, "k", k)
-    check_dim(_int_arg(name, "dim", dim), name, b)
+    k = operator.index(k)  # torch's parser has already refused floats and bools
+    check_dim(operator.index(dim), name, b)
     if b._numel == 0:
         return _on_empty(func, b, args, kwargs)
     _check_dtype(name, b, lambda x: torch.kthvalue(x, 1))
@@ -512,7 +570,7 @@ def kthvalue(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...]
 _NO_DIM: Any = object()
 
 
-def _sig_median(input: Any, dim: Any = _NO_DIM, keepdim: Any = _NO_DIM) -> Any:
+def _sig_median(input: Any, dim: Any = _NO_DIM, keepdim: bool = False) -> Any:
     return dim, keepdim
 
 
@@ -523,13 +581,13 @@ def _median_rank(sel: _Selection, ignore_nan: bool) -> int:
     return max(sel.n_valid - 1, 0) // 2
 
 
-def _median(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool) -> Any:
+def _median(
+    b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool
+) -> Any:
     name = func_name(func)
-    dim, keepdim = _bind(_sig_median, name, args, kwargs)
-    if dim is _NO_DIM and keepdim is not _NO_DIM:
-        raise TypeError(f"{name}: keepdim needs a dim (torch's median(input) takes neither).")
+    dim, keepdim = _bind(_sig_median, name, args, kwargs)  # torch's parser rejects keepdim without dim
     if dim is not _NO_DIM:
-        check_dim(_int_arg(name, "dim", dim), name, b)
+        check_dim(operator.index(dim), name, b)
     if b._numel == 0:
         return _on_empty(func, b, args, kwargs)
     _check_dtype(name, b, lambda x: torch.median(x, 0))
@@ -538,7 +596,7 @@ def _median(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...],
     if dim is _NO_DIM:
         return _evenly(b, stat)
     return_type = torch.return_types.nanmedian if ignore_nan else torch.return_types.median
-    return return_type(_values_indices(b, stat, keepdim is not _NO_DIM and bool(keepdim)))
+    return return_type(_values_indices(b, stat, bool(keepdim)))
 
 
 def median(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -581,7 +639,9 @@ def _ranks(q: torch.Tensor, count: int, has_nan: bool, ignore_nan: bool) -> torc
     return torch.full_like(q, count - 1) if has_nan else q * (count - 1)
 
 
-def _quantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool) -> Any:
+def _quantile(
+    b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ignore_nan: bool
+) -> Any:
     name = func_name(func)
     q, dim, keepdim, interpolation = _bind(_sig_quantile, name, args, kwargs)
     if isinstance(q, ParameterBundle):

@@ -12,12 +12,6 @@ import modtensor as mt
 from modtensor import recipes
 
 
-# TEMPORARY: until the order-statistics module lands, kthvalue falls back.
-needs_order = pytest.mark.skipif(
-    (torch.kthvalue, "*") not in mt.ParameterBundle.HANDLERS, reason="order statistics not registered yet"
-)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
@@ -103,7 +97,6 @@ def _ties_reference(base, tvs, weights, keep):
     return torch.cat([p.detach().reshape(-1) for p in base.parameters()]) + merged
 
 
-@needs_order
 def test_ties_merge_matches_the_concatenated_reference():
     base, ft1, ft2 = _model(0), _model(1), _model(2)
     tvs = [recipes.task_vector(ft, base) for ft in (ft1, ft2)]
@@ -111,7 +104,6 @@ def test_ties_merge_matches_the_concatenated_reference():
     torch.testing.assert_close(got.materialize(), _ties_reference(base, tvs, [1.0, 0.5], 0.2))
 
 
-@needs_order
 @pytest.mark.parametrize("amount", [0.0, 0.1, 0.5, 0.93, 1.0])
 def test_magnitude_prune_matches_global_unstructured(amount):
     ours, theirs = _model(3), _model(3)
@@ -125,7 +117,6 @@ def test_magnitude_prune_matches_global_unstructured(amount):
         torch.testing.assert_close(a, b)
 
 
-@needs_order
 def test_magnitude_prune_with_ties_zeroes_exactly_k():
     w = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0])
     recipes.magnitude_prune_(mt.bundle([w]), 0.4)

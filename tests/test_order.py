@@ -1,0 +1,399 @@
+"""Order statistics (topk, kthvalue, median, nanmedian, quantile, nanquantile) follow the concatenation.
+
+Values must equal torch's on the concatenation exactly; indices must be those of a stable sort
+of it (torch leaves the order of ties unspecified, so its own indices are only checked to point
+at the same values). Each property test also runs with tiny chunk, gather and radix limits, so that the
+counting passes, the occurrence search and the chunking of non-contiguous tensors all run on
+small generated bundles.
+"""
+
+import contextlib
+import math
+import warnings
+import weakref
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import modtensor as mt
+import modtensor._order as _order  # registers the handlers until modtensor/__init__.py imports it
+from generators import FLOATS, INTS, check_against_concat, cases
+
+NUMERIC = (*FLOATS, *INTS)
+ALL_KINDS = ("normal", "ties", "special")
+
+
+@contextlib.contextmanager
+def tiny_limits():
+    with mock.patch.multiple(_order, _CHUNK=16, _GATHER=3, _BITS=4):
+        yield
+
+
+LIMITS = (contextlib.nullcontext, tiny_limits)
+
+
+def exact(got, want):
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0, equal_nan=True)
+
+
+def stable_indices(x, descending=False):
+    return torch.sort(x.detach(), descending=descending, stable=True).indices
+
+
+def check_values_and_indices(case, call, reference_indices):
+    """`call(x).values` equals torch's exactly; `call(bundle).indices` are `reference_indices`."""
+    check_against_concat(case, lambda x, y: call(x).values, grads=False)  # ties: see test_gradients_*
+    cat = case.concat()
+    try:
+        want = call(cat)
+    except Exception:
+        return  # the check above made sure the bundle raises too
+    got = call(case.bundle())
+    exact(got.values, want.values)
+    assert got.indices.dtype == torch.int64 and got.indices.shape == want.indices.shape
+    assert torch.equal(got.indices, reference_indices().reshape(want.indices.shape))
+    exact(cat.detach()[want.indices], want.values)  # torch's own indices, for the record
+
+
+# -- property tests against the concatenation ---------------------------------------------------
+
+
+@given(case=cases(dtypes=NUMERIC, kinds=ALL_KINDS), data=st.data())
+def test_topk(case, data):
+    n = case.concat().numel()
+    k = data.draw(st.integers(0, n + 1), label="k")
+    largest, sort = data.draw(st.booleans(), label="largest"), data.draw(st.booleans(), label="sorted")
+    f = data.draw(st.sampled_from([torch.topk, torch.Tensor.topk]))
+    dim = data.draw(st.sampled_from([(), (0,), (-1,)]))
+
+    def call(x):
+        out = f(x, k, *dim, largest=largest, sorted=sort)
+        if sort:
+            return out
+        # torch's order is unspecified without sorted=True: compare in sorted order
+        order = torch.sort(out.values.detach(), descending=largest, stable=True).indices
+        return torch.return_types.topk((out.values[order], out.indices[order]))
+
+    for limits in LIMITS:
+        with limits():
+            check_values_and_indices(case, call, lambda: stable_indices(case.concat(), largest)[:k])
+
+
+@given(case=cases(dtypes=NUMERIC, kinds=ALL_KINDS), data=st.data())
+def test_kthvalue(case, data):
+    n = case.concat().numel()
+    k = data.draw(st.integers(0, n + 1), label="k")
+    f = data.draw(st.sampled_from([torch.kthvalue, torch.Tensor.kthvalue]))
+    dim, keepdim = data.draw(st.sampled_from([(), (0,), (-1,)])), data.draw(st.booleans())
+    call = lambda x: f(x, k, *dim, keepdim=keepdim) if dim else f(x, k)  # noqa: E731
+    for limits in LIMITS:
+        with limits():
+            check_values_and_indices(case, call, lambda: stable_indices(case.concat())[k - 1])
+
+
+def _median_rank(x, ignore_nan):
+    n, valid = x.numel(), int((~x.isnan()).sum())
+    if not ignore_nan and valid < n:
+        return valid  # the first NaN
+    return max(valid - 1, 0) // 2
+
+
+@pytest.mark.parametrize("name", ["median", "nanmedian"])
+@given(case=cases(dtypes=NUMERIC, kinds=ALL_KINDS), data=st.data())
+def test_median_with_dim(name, case, data):
+    f = data.draw(st.sampled_from([getattr(torch, name), getattr(torch.Tensor, name)]))
+    dim, keepdim = data.draw(st.sampled_from([0, -1])), data.draw(st.booleans())
+    cat = case.concat()
+    rank = _median_rank(cat.detach(), name == "nanmedian")
+    for limits in LIMITS:
+        with limits():
+            check_values_and_indices(case, lambda x: f(x, dim, keepdim), lambda: stable_indices(cat)[rank])
+
+
+@pytest.mark.parametrize("name", ["median", "nanmedian"])
+@given(case=cases(dtypes=NUMERIC, kinds=ALL_KINDS))
+def test_full_median_values_and_gradients(name, case):
+    # torch spreads the full median's gradient evenly over ties: deterministic, so compared as is
+    for f in (getattr(torch, name), getattr(torch.Tensor, name)):
+        for limits in LIMITS:
+            with limits():
+                check_against_concat(case, lambda x, y: f(x))
+                if case.concat().numel():
+                    exact(f(case.bundle()), f(case.concat()))
+
+
+def _q(data):
+    """A draw of q for input x: a float, or a 0-d or 1-D tensor in x's dtype."""
+    values = data.draw(st.lists(st.floats(0, 1), min_size=0, max_size=4), label="q")
+    form = data.draw(st.sampled_from(["float", "0-d", "1-d"]) if values else st.just("1-d"))
+    if form == "float":
+        return lambda x: values[0]
+    if form == "0-d":
+        return lambda x: torch.tensor(values[0], dtype=x.dtype)
+    return lambda x: torch.tensor(values, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("name", ["quantile", "nanquantile"])
+@given(case=cases(dtypes=NUMERIC, kinds=ALL_KINDS), data=st.data())
+def test_quantile(name, case, data):
+    q = _q(data)
+    f = data.draw(st.sampled_from([getattr(torch, name), getattr(torch.Tensor, name)]))
+    dim = data.draw(st.sampled_from([{}, {"dim": 0}, {"dim": -1}, {"dim": None}]))
+    keepdim = data.draw(st.sampled_from([{}, {"keepdim": True}, {"keepdim": False}]))
+    interpolation = data.draw(st.sampled_from(_order._INTERPOLATIONS))
+    call = lambda x, y: f(x, q(x), **dim, **keepdim, interpolation=interpolation)  # noqa: E731
+    for limits in LIMITS:
+        with limits():
+            # ties put torch's gradient on whichever tied element its (unstable) sort chose
+            check_against_concat(case, call, grads=False)
+            try:
+                want = call(case.concat(), None)
+            except RuntimeError:
+                continue
+            exact(call(case.bundle(), None), want)  # the same ranks, weights and lerp as torch
+
+
+# -- gradients (values without ties, where torch's choice of element is the only one) ------------
+
+
+@given(case=cases(kinds=("normal",)), data=st.data())
+def test_gradients_reach_the_selected_elements(case, data):
+    n = case.concat().numel()
+    k = data.draw(st.integers(1, max(n, 1)))
+    q = data.draw(st.lists(st.floats(0, 1), min_size=1, max_size=3))
+    interpolation = data.draw(st.sampled_from(_order._INTERPOLATIONS))
+    calls = [
+        lambda x, y: torch.topk(x, min(k, x.numel()), largest=k % 2 == 0).values,
+        lambda x, y: torch.kthvalue(x, k).values,
+        lambda x, y: torch.median(x, 0).values,
+        lambda x, y: x.nanmedian(dim=-1, keepdim=True).values,
+        lambda x, y: torch.quantile(x, torch.tensor(q, dtype=x.dtype), interpolation=interpolation),
+        lambda x, y: x.nanquantile(q[0]),
+    ]
+    for limits in LIMITS:
+        with limits():
+            for call in calls:
+                check_against_concat(case, call)
+
+
+def test_results_require_grad_like_the_concatenation():
+    frozen, trained = torch.tensor([5.0, 6.0, 7.0]), torch.tensor([1.0, 2.0], requires_grad=True)
+    b = mt.bundle([frozen, trained])
+    # every result below is one of the frozen elements
+    results = [torch.quantile(b, 1.0), torch.topk(b, 1).values, torch.kthvalue(b, 4).values]
+    for result in [*results, b.median(), b.nanmedian(0).values]:
+        assert result.requires_grad
+        result.sum().backward()
+    assert not trained.grad.any()
+
+
+def test_on_demand_bundles_are_read_one_tensor_at_a_time():
+    params = [torch.randn(40, requires_grad=True) for _ in range(5)]
+    lazy = (mt.bundle(params) - 0.5).abs()
+    if lazy._tensors is not None:
+        pytest.skip("elementwise results are not computed on demand")
+    compute, live, peak = lazy._compute, [], [0]
+
+    def tracked(i):
+        out = compute(i)
+        live.append(weakref.ref(out))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+        return out
+
+    lazy._compute = tracked
+    reference = [(p - 0.5).abs() for p in params]
+    cat = torch.cat(reference)
+    calls = [lambda x: torch.quantile(x, 0.3), lambda x: torch.topk(x, 7).values, lambda x: x.kthvalue(9).values]
+    for call in [*calls, torch.median]:
+        exact(call(lazy), call(cat))
+    assert peak[0] == 1
+    torch.median(lazy).backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    torch.median(cat).backward()
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad)
+
+
+# -- beyond torch's limits, and the counting machinery ------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread():
+    # The counting passes run ~10 ops per chunk of 2**18 elements; on cores shared with other
+    # processes each of torch's parallel regions can stall for a scheduler tick, so this big
+    # test runs on one thread to take ~1 s whatever else runs on the machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
+def test_quantile_beyond_torchs_size_limit():
+    # A shuffle of 0 .. N-1 in float32: rounding is monotone, so the element at rank r of the
+    # sorted concatenation is float32(r), a reference that needs no sort of 20M elements.
+    n = 20_000_000
+    values = ((torch.arange(n) * 7_777_777) % n).float()  # 7_777_777 is prime to n: a bijection
+    first, second, third = values[:8_000_000], values[8_000_000:17_000_000], values[17_000_000:]
+    tensors = [first.reshape(2000, 4000), second, third.reshape(100, 30_000).t()]
+    b = mt.bundle(tensors)
+    assert b.numel() == n > 2**24  # torch.quantile raises "quantile() input tensor is too large" here
+    q = torch.tensor([0.0, 0.2, 0.5, 0.7, 1.0])
+    got = torch.quantile(b, q)
+    for qi, value in zip(q.tolist(), got.tolist()):
+        rank = qi * (n - 1)  # qi is already rounded to float32, as torch rounds q
+        low, high = (float(torch.tensor(float(r)).float()) for r in (math.floor(rank), math.ceil(rank)))
+        assert value == pytest.approx(low + (high - low) * (rank - math.floor(rank)), rel=1e-7)
+    assert torch.kthvalue(b, 12_345_678).values == float(torch.tensor(12_345_677.0))
+    assert torch.median(b) == float(torch.tensor(float((n - 1) // 2)))
+
+
+@given(
+    shape=st.lists(st.integers(0, 4), max_size=4), size=st.integers(1, 9), layout=st.sampled_from(["plain", "t", "step"])
+)
+def test_chunks_read_elements_in_flat_order(shape, size, layout):
+    x = torch.arange(math.prod(shape) * 2, dtype=torch.float32)
+    t = x[: math.prod(shape)].reshape(shape)
+    if layout == "t" and len(shape) >= 2:
+        t = x[: math.prod(shape)].reshape(shape[::-1]).permute(*reversed(range(len(shape))))
+    elif layout == "step" and len(shape) >= 1:
+        t = x.reshape(shape[0] * 2, *shape[1:])[::2]
+    pieces = list(_order._flat_chunks(t, size))
+    assert all(0 < p.numel() <= size for p in pieces)
+    flat = torch.cat(pieces) if pieces else torch.empty(0)
+    assert torch.equal(flat, t.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_keys_order_like_values(dtype):
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, info.tiny, -info.tiny, info.max, -info.max, math.inf, -math.inf, info.tiny / 4, 1.0, -1.0]
+    x = torch.cat([torch.tensor(special, dtype=dtype), torch.randn(500).to(dtype), torch.randn(500).to(dtype) * 1e-30])
+    space = _order._Keys(dtype)
+    keys = space.of(x)
+    order = torch.sort(x, stable=True).indices
+    assert torch.equal(keys[order], torch.sort(keys).values)  # same order, ties included
+    assert (keys[x == 0] == 0).all()  # -0.0 and +0.0 share a key
+    for v, key in zip(x.tolist(), keys.tolist()):
+        assert space.value(key) == v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.uint8])
+def test_many_ties_are_found_by_counting(dtype):
+    # far more ties of the median than the gather budget: the index comes from counting
+    tensors = [torch.zeros(50, 40, dtype=dtype).t(), torch.ones(3000, dtype=dtype), torch.zeros(1000, dtype=dtype)]
+    b = mt.bundle(tensors)
+    cat = torch.cat([t.reshape(-1) for t in tensors])
+    with mock.patch.multiple(_order, _GATHER=100, _CHUNK=700, _BITS=8):
+        for k in (1, 2000, 2001, 4000, 4001, 6000):
+            got = torch.kthvalue(b, k)
+            assert got.values == cat[got.indices] and got.indices == stable_indices(cat)[k - 1]
+        assert torch.equal(torch.topk(b, 4500).indices, stable_indices(cat, descending=True)[:4500])
+
+
+_MORE_DTYPES = {
+    "float16": lambda g: [torch.randn(50, 7, generator=g).half(), torch.tensor([math.inf, -math.inf, -0.0, 65504]).half()],
+    "bfloat16": lambda g: [torch.randn(300, generator=g).bfloat16(), torch.randn(3, 3, generator=g).bfloat16().t()],
+    "int64 extremes": lambda g: [torch.tensor([2**63 - 1, -(2**63), 0, -5]), torch.randint(-(2**62), 2**62, (99,), generator=g)],
+    "uint8": lambda g: [torch.randint(0, 256, (40, 5), generator=g, dtype=torch.uint8)],
+    "int8": lambda g: [torch.randint(-128, 128, (333,), generator=g, dtype=torch.int8)],
+    "subnormals": lambda g: [torch.tensor([1e-45, -1e-45, 1e-40, 0.0, -0.0]), torch.randn(20, generator=g) * 1e-39],
+}
+
+
+@pytest.mark.parametrize("name", list(_MORE_DTYPES))
+def test_dtypes_beyond_the_generators(name):
+    b = mt.bundle(_MORE_DTYPES[name](torch.Generator().manual_seed(1)))
+    cat = b.materialize()
+    n = cat.numel()
+    for limits in LIMITS:
+        with limits():
+            for k in (1, n // 3, n):
+                for largest in (True, False):
+                    got = torch.topk(b, k, largest=largest)
+                    exact(got.values, torch.topk(cat, k, largest=largest).values)
+                    assert torch.equal(got.indices, stable_indices(cat, largest)[:k])
+                got = torch.kthvalue(b, k)
+                assert got.values == torch.kthvalue(cat, k).values and got.indices == stable_indices(cat)[k - 1]
+            exact(torch.median(b), torch.median(cat))
+
+
+# -- strategies, fallbacks and errors -----------------------------------------------------------
+
+
+def test_other_strategies_take_each_tensor_on_its_own():
+    tensors = [torch.tensor([[4.0, 1.0], [2.0, 9.0]]), torch.tensor([3.0, 7.0, 5.0])]
+    medians = mt.bundle(tensors).per_param().median()
+    assert medians.to_dict() == {"0": torch.tensor(2.0), "1": torch.tensor(5.0)}
+    weighted = mt.bundle(tensors).weighted({"*": 1.0}).quantile(0.5)
+    assert float(weighted) == pytest.approx((3.0 + 5.0) / 2)
+
+
+@pytest.mark.parametrize("call", [lambda b: torch.sort(b), lambda b: b.argsort(), lambda b: torch.msort(b)])
+def test_sorts_fall_back_with_a_warning(call):
+    b = mt.bundle([torch.tensor([3.0, 1.0]), torch.tensor([2.0])])
+    with pytest.warns(mt.MaterializationWarning):
+        call(b)
+
+
+def test_meta_bundles_fall_back():
+    b = mt.bundle([torch.empty(3, device="meta"), torch.empty(2, device="meta")])
+    with pytest.warns(mt.MaterializationWarning, match="topk"):
+        out = torch.topk(b, 2)
+    assert out.values.shape == (2,) and out.values.device.type == "meta"
+
+
+def test_no_warning_on_the_handled_paths():
+    b = mt.bundle([torch.randn(3, 4), torch.randn(5, dtype=torch.float64)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.topk(b, 3), b.kthvalue(2), b.median(), torch.nanmedian(b, 0), b.quantile(0.3), torch.nanquantile(b, 0.9)
+
+
+EMPTY = mt.bundle([torch.empty(0), torch.empty(2, 0)])
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda b: torch.topk(b, 4), RuntimeError, "selected index k out of range: k=4 for ParameterBundle of 2 tensors"),
+        (lambda b: torch.topk(b, -1), RuntimeError, "selected index k out of range"),
+        (lambda b: torch.topk(b, 1.0), TypeError, "must be int, not float"),
+        (lambda b: torch.topk(b, 1, dim=1), IndexError, r"Dimension out of range \(expected to be in range of \[-1, 0\]"),
+        (lambda b: torch.kthvalue(b, 0), RuntimeError, "kthvalue: selected number k out of range for dimension 0"),
+        (lambda b: torch.kthvalue(b, 4), RuntimeError, "selected number k out of range"),
+        (lambda b: b.median(keepdim=True), TypeError, "missing 1 required positional arguments"),
+        (lambda b: torch.quantile(b, 1.5), RuntimeError, r"quantile\(\) q must be in the range \[0, 1\] but got 1.5"),
+        (lambda b: torch.quantile(b, torch.tensor([0.1, -0.1])), RuntimeError, r"q values must be in the range \[0, 1\]"),
+        (lambda b: torch.quantile(b, torch.tensor([0.5], dtype=torch.float64)), RuntimeError, "q tensor must be same dtype"),
+        (lambda b: torch.quantile(b, 0.5, interpolation="cubic"), RuntimeError, "interpolation must be one of linear"),
+        (lambda b: b.long().quantile(0.5), RuntimeError, "input tensor must be either float or double dtype.*ParameterBundle"),
+        (lambda b: b.bool().topk(1), RuntimeError, "topk does not support bool dtypes.*concatenates to torch.bool"),
+        (lambda b: torch.median(b.bool(), 0), NotImplementedError, "not implemented for 'Bool'"),
+        (
+            lambda b: torch.quantile(EMPTY, 0.5),
+            RuntimeError,
+            r"ParameterBundle of 2 tensors \[0 \(0,\), 1 \(2, 0\)\] has no elements .*non-empty",
+        ),
+        (lambda b: torch.kthvalue(EMPTY, 1), IndexError, "has no elements .*non-zero size"),
+        (lambda b: torch.median(EMPTY, 0), IndexError, "has no elements"),
+        (lambda b: torch.topk(EMPTY, 1), RuntimeError, "selected index k out of range"),
+    ],
+)
+def test_errors_name_the_function_and_the_bundle(call, error, match):
+    b = mt.bundle([torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
+    with pytest.raises(error, match=match):
+        call(b)
+
+
+def test_empty_bundles_answer_as_torch_does_where_torch_does():
+    assert torch.isnan(torch.median(EMPTY)) and torch.isnan(EMPTY.nanmedian())
+    out = torch.topk(EMPTY, 0)
+    assert out.values.shape == (0,) and out.indices.dtype == torch.int64
