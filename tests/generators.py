@@ -9,6 +9,7 @@ generator, so hypothesis shrinks over a handful of integers rather than every el
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,6 +92,23 @@ def other_like(case: Case, seed: int = 1, positive: bool = False) -> Case:
         x = _values(gen, tuple(t.shape), t.dtype, "positive" if positive else "normal")
         leaves.append(x.requires_grad_(t.requires_grad))
     return Case(leaves, leaves)
+
+
+def track_live(lazy: mt.ParameterBundle) -> list[int]:
+    """Count how many of an on-demand bundle's tensors are alive at once; returns [peak]."""
+    live: list[weakref.ref[torch.Tensor]] = []
+    peak = [0]
+    compute = lazy._compute
+    assert compute is not None, "the bundle is not computed on demand"
+
+    def tracked(i: int) -> torch.Tensor:
+        out = compute(i)
+        live.append(weakref.ref(out))
+        peak[0] = max(peak[0], sum(r() is not None for r in live))
+        return out
+
+    lazy._compute = tracked
+    return peak
 
 
 # -- comparing a bundle's result with the concatenation's ------------------------------------

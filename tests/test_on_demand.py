@@ -1,26 +1,10 @@
 """Elementwise results are computed on demand, one tensor at a time, with eager semantics."""
 
-import weakref
-
 import pytest
 import torch
 
 import modtensor as mt
-
-
-def _count_live(lazy):
-    """Wrap a lazy bundle's compute to record how many of its tensors are alive at once."""
-    live, peak = [], [0]
-    compute = lazy._compute
-
-    def tracked(i):
-        out = compute(i)
-        live.append(weakref.ref(out))
-        peak[0] = max(peak[0], sum(r() is not None for r in live))
-        return out
-
-    lazy._compute = tracked
-    return peak
+from generators import track_live
 
 
 def test_math_ops_are_on_demand_and_conversions_are_not():
@@ -37,7 +21,7 @@ def test_math_ops_are_on_demand_and_conversions_are_not():
 def test_reductions_hold_one_intermediate_at_a_time(reduce):
     b = mt.bundle([torch.randn(100) for _ in range(6)])
     lazy = (b - 1).abs()
-    peak = _count_live(lazy)
+    peak = track_live(lazy)
     with torch.no_grad():
         reduce(lazy)
     assert peak[0] == 1
@@ -47,7 +31,7 @@ def test_reductions_hold_one_intermediate_at_a_time(reduce):
 def test_squared_sum_forward_backward_keeps_no_intermediate():
     params = [torch.randn(50, requires_grad=True) for _ in range(4)]
     lazy = mt.bundle(params) ** 2
-    peak = _count_live(lazy)
+    peak = track_live(lazy)
     lazy.sum().backward()
     assert peak[0] == 1  # pow's backward keeps its input (the parameter), not the square
     for p in params:

@@ -10,7 +10,6 @@ small generated bundles.
 import contextlib
 import math
 import warnings
-import weakref
 from unittest import mock
 
 import pytest
@@ -19,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import modtensor as mt
-import modtensor._order as _order  # registers the handlers until modtensor/__init__.py imports it
-from generators import FLOATS, INTS, check_against_concat, cases
+import modtensor._order as _order
+from generators import FLOATS, INTS, cases, check_against_concat, track_live
 
 NUMERIC = (*FLOATS, *INTS)
 ALL_KINDS = ("normal", "ties", "special")
@@ -193,17 +192,7 @@ def test_results_require_grad_like_the_concatenation():
 def test_on_demand_bundles_are_read_one_tensor_at_a_time():
     params = [torch.randn(40, requires_grad=True) for _ in range(5)]
     lazy = (mt.bundle(params) - 0.5).abs()
-    if lazy._tensors is not None:
-        pytest.skip("elementwise results are not computed on demand")
-    compute, live, peak = lazy._compute, [], [0]
-
-    def tracked(i):
-        out = compute(i)
-        live.append(weakref.ref(out))
-        peak[0] = max(peak[0], sum(r() is not None for r in live))
-        return out
-
-    lazy._compute = tracked
+    peak = track_live(lazy)
     reference = [(p - 0.5).abs() for p in params]
     cat = torch.cat(reference)
     calls = [lambda x: torch.quantile(x, 0.3), lambda x: torch.topk(x, 7).values, lambda x: x.kthvalue(9).values]
