@@ -67,6 +67,7 @@ class ParameterBundle(DispatchTensor):
 
     _tensors: tuple[torch.Tensor, ...] | None  # None while computed on demand (see lazy)
     _compute: Callable[[int], torch.Tensor] | None
+    _compute_range: Callable[[int, int, int], torch.Tensor | None] | None
     _dtypes: tuple[torch.dtype, ...]
     _devices: tuple[torch.device, ...]
     _lazy_requires_grad: bool
@@ -100,6 +101,7 @@ class ParameterBundle(DispatchTensor):
         )
         self._tensors = tensors
         self._compute = None
+        self._compute_range = None
         return self
 
     @classmethod
@@ -146,12 +148,14 @@ class ParameterBundle(DispatchTensor):
         requires_grad: bool,
         strategy: str | None = None,
         options: Mapping[str, Any] | None = None,
+        compute_range: Callable[[int, int, int], torch.Tensor | None] | None = None,
     ) -> ParameterBundle:
         """A bundle shaped and named like `like` whose tensor i is `compute(i)`, made on demand.
 
         Reductions and further elementwise ops take its tensors one at a time, so a chain such
         as `(a - b).abs().sum()` never holds more than one tensor's intermediate. `tensors`
-        computes and keeps them all.
+        computes and keeps them all. `compute_range(i, start, stop)`, where given, makes just
+        elements [start, stop) of tensor i flattened (or None where it cannot).
         """
         self = cls._layout(
             like._names,
@@ -165,6 +169,7 @@ class ParameterBundle(DispatchTensor):
         )
         self._tensors = None
         self._compute = compute
+        self._compute_range = compute_range
         self._lazy_requires_grad = requires_grad
         return self
 
@@ -187,7 +192,7 @@ class ParameterBundle(DispatchTensor):
         """
         if self._tensors is None:  # computed on demand until now: compute and keep them
             self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
-            self._compute = None
+            self._compute = self._compute_range = None
         return self._tensors
 
     @property
@@ -260,6 +265,15 @@ class ParameterBundle(DispatchTensor):
             return self._tensors[i]
         assert self._compute is not None
         return self._compute(i)
+
+    def _flat_range(self, i: int, start: int, stop: int) -> torch.Tensor | None:
+        # Elements [start, stop) of tensor i flattened, without making the rest of it; None
+        # where that is impossible (a non-contiguous tensor, an op that is not elementwise).
+        # Order statistics read on-demand bundles this way, a chunk at a time.
+        if self._tensors is not None:
+            t = self._tensors[i]
+            return t.reshape(-1)[start:stop] if t.is_contiguous() else None
+        return None if self._compute_range is None else self._compute_range(i, start, stop)
 
     def items(self) -> tuple[tuple[str, torch.Tensor], ...]:
         """Return `(name, tensor)` pairs in order.
@@ -337,7 +351,7 @@ class ParameterBundle(DispatchTensor):
         if self._tensors is None:  # stay on demand
             assert self._compute is not None
             return ParameterBundle._on_demand(
-                self._compute, self, self._dtypes, self._lazy_requires_grad, name, options
+                self._compute, self, self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
         return ParameterBundle(self._tensors, self._names, name, options)
 

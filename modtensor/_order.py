@@ -98,10 +98,26 @@ def _scan(b: ParameterBundle, visit: Visit) -> None:
 def _scan_tensor(b: ParameterBundle, i: int, visit: Visit) -> bool:
     # A function of its own, so that nothing of tensor i outlives it: a bundle computed on
     # demand then holds one tensor at a time.
+    size = _CHUNK if b._devices[i].type == "cpu" else _CHUNK_ACCELERATOR
+    begin, n = b._offsets[i], b._shapes[i].numel()
+    if b._tensors is None:
+        # An on-demand bundle (`b.abs()`...) makes each chunk alone where its op allows, so
+        # not even one whole tensor of the intermediate exists at once.
+        with torch.no_grad():
+            first = b._flat_range(i, 0, min(size, n))
+        if first is not None:
+            for start in range(0, n, size):
+                with torch.no_grad():
+                    chunk = first if start == 0 else b._flat_range(i, start, min(start + size, n))
+                assert chunk is not None
+                first = None  # drop the first chunk with the others
+                if visit(_cast(chunk.detach(), b._dtype), begin + start):
+                    return True
+            return False
     with torch.no_grad():
         t = b._tensor(i).detach()
-    offset = b._offsets[i]
-    for piece in _flat_chunks(t, _CHUNK if t.device.type == "cpu" else _CHUNK_ACCELERATOR):
+    offset = begin
+    for piece in _flat_chunks(t, size):
         if visit(_cast(piece, b._dtype), offset):
             return True
         offset += piece.numel()
@@ -357,8 +373,30 @@ def _stat_in(candidates: tuple[torch.Tensor, torch.Tensor], rank: int, below: in
 # -- differentiable results ---------------------------------------------------------------------
 
 
+def _take_by_chunks(b: ParameterBundle, i: int, local: torch.Tensor) -> torch.Tensor | None:
+    # For an on-demand bundle when no gradient is wanted: make only the chunks that hold the
+    # wanted elements, not the whole tensor. None where chunks cannot be made alone.
+    size, n = _CHUNK, b._shapes[i].numel()
+    local = local.cpu()
+    chunk_of = torch.div(local, size, rounding_mode="floor")
+    taken = torch.empty(local.numel(), dtype=b._dtype, device=b._device)
+    for c in torch.unique(chunk_of).tolist():
+        start = c * size
+        with torch.no_grad():
+            chunk = b._flat_range(i, start, min(start + size, n))
+        if chunk is None:
+            return None
+        mask = chunk_of == c
+        taken[mask.to(b._device)] = _cast(chunk[(local[mask] - start).to(chunk.device)], b._dtype).to(b._device)
+    return taken
+
+
 def _take(b: ParameterBundle, i: int, local: torch.Tensor) -> torch.Tensor:
     """Tensor i's elements at the flat indices `local`, differentiable, in the bundle's dtype."""
+    if b._tensors is None and not (torch.is_grad_enabled() and b.requires_grad):
+        by_chunks = _take_by_chunks(b, i, local)
+        if by_chunks is not None:
+            return by_chunks
     t = b._tensor(i)
     local = local.to(t.device)
     taken = t.reshape(1)[local] if t.dim() == 0 else t[torch.unravel_index(local, t.shape)]

@@ -212,10 +212,15 @@ def map_elementwise(
     if call is NOT_HANDLED:
         return NOT_HANDLED
     if func in ON_DEMAND and ref._names:
-        dtypes = _result_dtypes(call, args, kwargs, ref, cast)
+        dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
+            guard = _guard(args, kwargs)
             return ParameterBundle._on_demand(
-                _guarded(call, args, kwargs), ref, dtypes, _requires_grad(args, kwargs, dtypes)
+                lambda i: guard(i, call, i),
+                ref,
+                dtypes,
+                _requires_grad(args, kwargs, dtypes),
+                compute_range=lambda i, start, stop: guard(i, _range_call, func, args, kwargs, ref, cast, i, start, stop),
             )
     if not ref._names:
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
@@ -257,12 +262,18 @@ def _operand_dtype(arg: Any, i: int, cast: bool) -> Any:
 
 
 def _result_dtypes(
-    call: Callable[[int], Any], args: tuple[Any, ...], kwargs: dict[str, Any], ref: ParameterBundle, cast: bool
+    call: Callable[[int], Any],
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    ref: ParameterBundle,
+    cast: bool,
 ) -> tuple[torch.dtype, ...] | None:
     """Each result tensor's dtype, or None where the results are not one tensor per tensor.
 
-    One real call per distinct combination of operand dtypes, on the smallest such tensor:
-    it fixes the dtype and raises torch's error now, not when the bundle is consumed.
+    One real call per distinct combination of operand dtypes, on one element of the smallest
+    such tensor (on all of it where one element cannot be taken alone): it fixes the dtype
+    and raises torch's error now, not when the bundle is consumed.
     """
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i in range(len(ref._names)):
@@ -272,9 +283,12 @@ def _result_dtypes(
     for members in groups.values():
         nonempty = [i for i in members if ref._shapes[i].numel()] or members
         probe = min(nonempty, key=lambda i: ref._shapes[i].numel())
-        out = call(probe)
-        if not isinstance(out, torch.Tensor) or out.shape != ref._shapes[probe]:
-            return None
+        n = ref._shapes[probe].numel()
+        out = _range_call(func, args, kwargs, ref, cast, probe, 0, 1) if n else None
+        if out is None:
+            out = call(probe)
+            if not isinstance(out, torch.Tensor) or out.shape != ref._shapes[probe]:
+                return None
         for i in members:
             dtypes[i] = out.dtype
     return tuple(dtypes)
@@ -286,15 +300,17 @@ def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequen
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
-def _guarded(call: Callable[[int], Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[int], Any]:
-    """`call`, run in the grad mode of now, refusing inputs modified in place since now."""
+def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode of now, refusing tensor i's inputs if
+    they were modified in place since now."""
     grad_enabled = torch.is_grad_enabled()
-    plain = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and not isinstance(a, ParameterBundle)]
-    bundles = [a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle) and a._tensors is not None]
+    operands = (*args, *kwargs.values())
+    plain = [a for a in operands if isinstance(a, torch.Tensor) and not isinstance(a, ParameterBundle)]
+    bundles = [a for a in operands if isinstance(a, ParameterBundle) and a._tensors is not None]
     plain_versions = [t._version for t in plain]
     bundle_versions = [[t._version for t in b.tensors] for b in bundles]
 
-    def compute(i: int) -> Any:
+    def guard(i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
         changed = [t for t, v in zip(plain, plain_versions) if t._version != v] + [
             b for b, vs in zip(bundles, bundle_versions) if b.tensors[i]._version != vs[i]
         ]
@@ -305,9 +321,38 @@ def _guarded(call: Callable[[int], Any], args: tuple[Any, ...], kwargs: dict[str
                 "before the in-place op (e.g. `d = (a - b).clone()`), or take `d.tensors` first."
             )
         with torch.set_grad_enabled(grad_enabled):
-            return call(i)
+            return fn(*fn_args)
 
-    return compute
+    return guard
+
+
+_NO_RANGE = object()
+
+
+def _operand_range(arg: Any, ref: ParameterBundle, i: int, start: int, stop: int, cast: bool) -> Any:
+    if isinstance(arg, ParameterBundle):
+        part = arg._flat_range(i, start, stop)
+        if part is None:
+            return _NO_RANGE
+        return _cast_piece(part, arg._dtype) if cast else part
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    if arg.dim() == 1 and arg.shape[0] == ref._numel:
+        return arg.narrow(0, ref._offsets[i] + start, stop - start).to(ref._devices[i])
+    return arg.reshape(()) if arg.numel() == 1 else _NO_RANGE
+
+
+def _range_call(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ref: ParameterBundle,
+    cast: bool, i: int, start: int, stop: int,
+) -> torch.Tensor | None:
+    """An elementwise op on elements [start, stop) of tensor i's operands alone."""
+    parts = [_operand_range(a, ref, i, start, stop, cast) for a in args]
+    kwparts = {k: _operand_range(v, ref, i, start, stop, cast) for k, v in kwargs.items()}
+    if any(p is _NO_RANGE for p in (*parts, *kwparts.values())):
+        return None
+    out = func(*parts, **kwparts)
+    return out if isinstance(out, torch.Tensor) and out.shape == (stop - start,) else None
 
 
 def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

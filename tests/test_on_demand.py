@@ -83,3 +83,26 @@ def test_chains_feed_order_free_reductions_tensor_by_tensor():
     torch.testing.assert_close(torch.dist(a, c), ref.norm())
     torch.testing.assert_close(((a - c) ** 2).mean(), (ref**2).mean())
     assert ((a - c).abs() > 1).sum() == (ref.abs() > 1).sum()
+
+
+def test_order_statistics_make_on_demand_chunks_not_whole_tensors():
+    torch.manual_seed(0)
+    params = [torch.randn(3000), torch.randn(40, 50).t(), torch.randn(7)]  # one non-contiguous
+    lazy = (mt.bundle(params) - 0.5).abs()
+    cat = torch.cat([(p - 0.5).abs().reshape(-1) for p in params])
+    peak = track_live(lazy)
+    with torch.no_grad():
+        assert torch.equal(torch.topk(lazy, 5).values, torch.topk(cat, 5).values)
+        assert torch.equal(torch.quantile(lazy, 0.3), torch.quantile(cat, 0.3))
+        assert torch.equal(torch.kthvalue(lazy, 100).values, torch.kthvalue(cat, 100).values)
+    # only the non-contiguous tensor is ever made whole: its flat chunks are not views
+    assert peak[0] <= 1
+
+
+def test_contiguous_on_demand_chunks_never_make_a_whole_tensor():
+    lazy = mt.bundle([torch.randn(3000), torch.randn(500)]).abs()
+    peak = track_live(lazy)
+    with torch.no_grad():
+        torch.quantile(lazy, 0.5)
+        torch.topk(lazy, 3)
+    assert peak[0] == 0
