@@ -322,17 +322,12 @@ class Weighted(Strategy):
         dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
         for v in values[1:]:
             dtype = torch.promote_types(dtype, v.dtype)
-        device = combine_device(b)
+        device = b.device  # where a bundle's partials meet (see mt.bundle)
         total = sum(
             (w * v.to(device=device, dtype=dtype) for w, v in zip(weights, values)),
             torch.zeros(values[0].shape, dtype=dtype, device=device),
         )
         return total / sum(weights) if b.options.get("normalize", True) else total
-
-
-def combine_device(b: ParameterBundle) -> torch.device:
-    """Where partials from several devices meet: the first tensor's device, but meta wins."""
-    return b.device
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Concat(), PerParam(), Weighted())}

@@ -8,7 +8,7 @@ from torch import nn
 import modtensor as mt
 from generators import INTS, Case, cases, other_like
 from modtensor._inplace import INPLACE_FUNCTIONS
-from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE, is_binary, pointwise_calls
+from op_specs import INTEGER_OPS, is_binary, pointwise_calls
 
 # How each in-place op is called: `call(f, x, y)`, x the target, y an operand of the same structure.
 EXPLICIT_CALLS = {
