@@ -182,7 +182,8 @@ class ParameterBundle(DispatchTensor):
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The real tensors, in order; never copies.
+        """The real tensors, in order; never copies. A bundle computed on demand (the result of
+        an elementwise op) computes them here, once, and keeps them.
 
         Example:
             >>> import torch, modtensor as mt

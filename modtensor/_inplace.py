@@ -134,11 +134,13 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         )
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
-    if torch.is_grad_enabled():
-        _check_writable(name, b, [])
+    _check_writable(name, b, [])  # the leaf rule; copy_ casts, so no dtype check
     if b.tensors:
         torch._foreach_copy_(list(b.tensors), pieces, **kwargs)
     return b
+
+
+_masked_fill = _per_tensor(_T.masked_fill_)
 
 
 def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -161,11 +163,7 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
             f"same structure or a flat ({b._numel},) bool tensor), got {type(index).__name__}. "
             "Write into the tensors themselves for other indices."
         )
-    masks = _operand_pieces(name, b, index)
-    assert masks is not None
-    _check_writable(name, b, [value])
-    for t, m in zip(b.tensors, masks):
-        t.masked_fill_(m, value)
+    _masked_fill(func, types, (b, index, value), {})
     return None
 
 
@@ -191,7 +189,7 @@ INPLACE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
     "addcmul_": ((_T.addcmul_,), _per_tensor(_T.addcmul_)),
     "addcdiv_": ((_T.addcdiv_,), _per_tensor(_T.addcdiv_)),
     "clamp_": ((_T.clamp_, _T.clip_), _per_tensor(_T.clamp_)),
-    "masked_fill_": ((_T.masked_fill_,), _per_tensor(_T.masked_fill_)),
+    "masked_fill_": ((_T.masked_fill_,), _masked_fill),
     "neg_": ((_T.neg_,), _unary(torch._foreach_neg_)),
     "abs_": ((_T.abs_,), _unary(torch._foreach_abs_)),
     "sqrt_": ((_T.sqrt_,), _unary(torch._foreach_sqrt_)),

@@ -379,7 +379,9 @@ def _parse_argmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any,
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
 
 
-def _make_arg_extremum(largest: bool) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
+def _arg_extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Partial and combine of argmax / argmin, and of max / min with dim: (value, global index)."""
+
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         # torch's arg-extrema count NaN as the extremum and pick the first; taking the
         # first tensor's candidate among equals keeps that order across tensors.
@@ -388,10 +390,6 @@ def _make_arg_extremum(largest: bool) -> Callable[[torch.Tensor, int, ReduceArgs
         # gather, not flat[local]: indexing with a tensor would read it back (and fail on meta)
         return flat.gather(0, local.reshape(1)).reshape(()), local + offset
 
-    return partial
-
-
-def _make_combine_arg(largest: bool) -> Callable[[list[Any], ReduceArgs], Any]:
     def combine(states: list[Any], a: ReduceArgs) -> Any:
         values = _stack([v for v, _ in states], a.dtype)
         k = values.argmax() if largest else values.argmin()
@@ -399,7 +397,7 @@ def _make_combine_arg(largest: bool) -> Callable[[list[Any], ReduceArgs], Any]:
         indices = _stack([i for _, i in states], torch.int64)
         return values.gather(0, pick).reshape(()), indices.gather(0, pick).reshape(())
 
-    return combine
+    return partial, combine
 
 
 def _fin_index(state: Any, a: ReduceArgs) -> torch.Tensor:
@@ -640,19 +638,11 @@ REDUCTIONS: dict[str, Reduction] = {
         needs_elements=_NEEDS_ELEMENTS,
     ),
     "argmax": register_reduction(
-        REDUCTION_FUNCTIONS["argmax"],
-        _make_arg_extremum(True),
-        _make_combine_arg(True),
-        _fin_index,
-        parse=_parse_argmax,
+        REDUCTION_FUNCTIONS["argmax"], *_arg_extremum_parts(True), _fin_index, parse=_parse_argmax,
         needs_elements=_NEEDS_ELEMENTS,
     ),
     "argmin": register_reduction(
-        REDUCTION_FUNCTIONS["argmin"],
-        _make_arg_extremum(False),
-        _make_combine_arg(False),
-        _fin_index,
-        parse=_parse_argmax,
+        REDUCTION_FUNCTIONS["argmin"], *_arg_extremum_parts(False), _fin_index, parse=_parse_argmax,
         needs_elements=_NEEDS_ELEMENTS,
     ),
     "all": register_reduction(REDUCTION_FUNCTIONS["all"], *_all_parts(torch.all), parse=_parse_all),
@@ -679,8 +669,7 @@ REDUCTIONS: dict[str, Reduction] = {
 _MAX_DIM = {
     largest: Reduction(
         _parse_max_dim,
-        _make_arg_extremum(largest),
-        _make_combine_arg(largest),
+        *_arg_extremum_parts(largest),
         _fin_values_indices(torch.return_types.max if largest else torch.return_types.min),
         _NEEDS_ELEMENTS,
     )
