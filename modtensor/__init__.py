@@ -2,7 +2,7 @@
 
 from modtensor import _indexing, _inplace, _order, _pairwise, _pointwise, _reductions  # noqa: F401  (fill the table)
 from modtensor import recipes
-from modtensor._bundle import ParameterBundle, bundle
+from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._dispatch import fallback
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 from modtensor._extend import (
@@ -32,6 +32,7 @@ __all__ = [
     "implements",
     "install",
     "installed",
+    "is_bundle",
     "recipes",
     "register_reduction",
     "register_strategy",

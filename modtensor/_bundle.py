@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any, Union, cast
+
+from typing_extensions import TypeGuard
 
 import torch
 from torch import nn
 
 from modtensor import _strategies
-from modtensor._dispatch import DispatchTensor
+from modtensor._dispatch import DispatchTensor, TracedDispatch
 from modtensor._errors import UnsupportedOperationError
 
-__all__ = ["ParameterBundle", "bundle", "Selector", "Source"]
+__all__ = ["ParameterBundle", "bundle", "is_bundle", "Selector", "Source"]
 
 Selector = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None]
 Source = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Any], "ParameterBundle"]
@@ -47,23 +48,12 @@ def _format_shape(shape: torch.Size) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-class ParameterBundle(DispatchTensor):
-    """A bundle of tensors that behaves like `torch.cat([t.reshape(-1) for t in tensors])`.
+class _BundleAPI:
+    """Structure and methods of a bundle, shared by `ParameterBundle` and its traced twin.
 
-    It is a `torch.Tensor` of shape `(N,)` (N the total number of elements) whose torch calls
-    are dispatched tensor by tensor, so the concatenation is never built. Make one with
-    `mt.bundle(...)`.
-
-    Example:
-        >>> import torch, modtensor as mt
-        >>> b = mt.bundle({"w": torch.ones(2, 2), "b": torch.zeros(2)})
-        >>> b.shape, b.names
-        (torch.Size([6]), ('w', 'b'))
-        >>> round(float(torch.mean(b)), 4)  # same as torch.cat([...]).mean()
-        0.6667
+    While torch.compile traces a function, `ParameterBundle(...)` makes a `_TracedBundle`
+    (see `TracedDispatch`): the same attributes and methods below, without the tensor.
     """
-
-    __module__ = "modtensor"
 
     _tensors: tuple[torch.Tensor, ...] | None  # None while computed on demand (see lazy)
     _compute: Callable[[int], torch.Tensor] | None
@@ -79,99 +69,7 @@ class ParameterBundle(DispatchTensor):
     _device: torch.device
     _numel: int
     _left_out: tuple[str, ...]
-
-    @staticmethod
-    def __new__(
-        cls,
-        tensors: Sequence[torch.Tensor],
-        names: Sequence[str],
-        strategy: str = "concat",
-        options: Mapping[str, Any] | None = None,
-        dtype: torch.dtype | None = None,
-        left_out: Sequence[str] = (),
-    ) -> ParameterBundle:
-        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes;
-        `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
-        tensors = tuple(tensors)
-        if len(tensors) != len(names):
-            raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
-        self = cls._layout(
-            names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
-            strategy, options, dtype, left_out,
-        )
-        self._tensors = tensors
-        self._compute = None
-        self._compute_range = None
-        return self
-
-    @classmethod
-    def _layout(
-        cls,
-        names: Sequence[str],
-        shapes: Sequence[torch.Size],
-        dtypes: Sequence[torch.dtype],
-        devices: Sequence[torch.device],
-        strategy: str,
-        options: Mapping[str, Any] | None,
-        dtype: torch.dtype | None,
-        left_out: Sequence[str],
-    ) -> ParameterBundle:
-        _strategies.get(strategy).check_options(options or {})
-        dtype = _cat_dtype(dtypes) if dtypes or dtype is None else dtype
-        device = _combine_device(devices)
-        offsets = [0]
-        for shape in shapes:
-            offsets.append(offsets[-1] + shape.numel())
-        self: ParameterBundle = torch.Tensor._make_wrapper_subclass(
-            cls, (offsets[-1],), dtype=dtype, device=device, requires_grad=False
-        )
-        self._names = tuple(names)
-        self._shapes = tuple(shapes)
-        self._dtypes = tuple(dtypes)
-        self._devices = tuple(devices)
-        self._offsets = tuple(offsets)
-        self._strategy = strategy
-        self._options = MappingProxyType(dict(options or {}))
-        self._dtype = dtype
-        self._device = device
-        self._numel = offsets[-1]
-        self._left_out = tuple(left_out)
-        self._lazy_requires_grad = False
-        return self
-
-    @classmethod
-    def _on_demand(
-        cls,
-        compute: Callable[[int], torch.Tensor],
-        like: ParameterBundle,
-        dtypes: Sequence[torch.dtype],
-        requires_grad: bool,
-        strategy: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        compute_range: Callable[[int, int, int], torch.Tensor | None] | None = None,
-    ) -> ParameterBundle:
-        """A bundle shaped and named like `like` whose tensor i is `compute(i)`, made on demand.
-
-        Reductions and further elementwise ops take its tensors one at a time, so a chain such
-        as `(a - b).abs().sum()` never holds more than one tensor's intermediate. `tensors`
-        computes and keeps them all. `compute_range(i, start, stop)`, where given, makes just
-        elements [start, stop) of tensor i flattened (or None where it cannot).
-        """
-        self = cls._layout(
-            like._names,
-            like._shapes,
-            dtypes,
-            like._devices,
-            like._strategy if strategy is None else strategy,
-            like._options if strategy is None else options,
-            None,
-            (),
-        )
-        self._tensors = None
-        self._compute = compute
-        self._compute_range = compute_range
-        self._lazy_requires_grad = requires_grad
-        return self
+    _strategy: str
 
     # -- structure -------------------------------------------------------------------------
 
@@ -225,7 +123,7 @@ class ParameterBundle(DispatchTensor):
         """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`)."""
         return self._left_out
 
-    @property  # type: ignore[override]
+    @property
     def grad(self) -> ParameterBundle | None:
         """The bundle of the tensors' gradients, same names; None if no tensor has one.
 
@@ -255,7 +153,7 @@ class ParameterBundle(DispatchTensor):
         )
 
     @property
-    def data(self) -> ParameterBundle:  # type: ignore[override]
+    def data(self) -> ParameterBundle:
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
         return self.derive([t.data for t in self.tensors])
 
@@ -352,7 +250,7 @@ class ParameterBundle(DispatchTensor):
         if self._tensors is None:  # stay on demand
             assert self._compute is not None
             return ParameterBundle._on_demand(
-                self._compute, self, self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
+                self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
         return ParameterBundle(self._tensors, self._names, name, options)
 
@@ -370,7 +268,7 @@ class ParameterBundle(DispatchTensor):
             return torch.empty(0, dtype=self._dtype, device=self._device)
         return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
 
-    def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:  # type: ignore[override]
+    def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:
         """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
 
         This is the inverse of `materialize()`; torch's own `split(split_size)` is available
@@ -384,7 +282,7 @@ class ParameterBundle(DispatchTensor):
             tensor([[0., 1.],
                     [2., 3.]])
         """
-        if args or kwargs or not isinstance(vector, torch.Tensor) or isinstance(vector, DispatchTensor):
+        if args or kwargs or not isinstance(vector, torch.Tensor) or is_bundle(vector):
             raise TypeError(
                 f"ParameterBundle.split takes one flat tensor of {self._numel} elements "
                 f"(got {type(vector).__name__}); for torch's split by sizes use "
@@ -416,7 +314,7 @@ class ParameterBundle(DispatchTensor):
             parts.append(f"... {len(self._names) - limit} more")
         return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]"
 
-    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:
         shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
         dtype = str(self._dtype).replace("torch.", "")
         left_out = f", left_out={list(self._left_out)}" if self._left_out else ""
@@ -436,6 +334,142 @@ class ParameterBundle(DispatchTensor):
         return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self.tensors])
 
 
+# The shared methods stand in for torch.Tensor's (grad, data, split, __repr__) on purpose.
+class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
+    """A bundle of tensors that behaves like `torch.cat([t.reshape(-1) for t in tensors])`.
+
+    It is a `torch.Tensor` of shape `(N,)` (N the total number of elements) whose torch calls
+    are dispatched tensor by tensor, so the concatenation is never built. Make one with
+    `mt.bundle(...)`.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> b = mt.bundle({"w": torch.ones(2, 2), "b": torch.zeros(2)})
+        >>> b.shape, b.names
+        (torch.Size([6]), ('w', 'b'))
+        >>> round(float(torch.mean(b)), 4)  # same as torch.cat([...]).mean()
+        0.6667
+    """
+
+    __module__ = "modtensor"
+
+    @staticmethod
+    def __new__(
+        cls,
+        tensors: Sequence[torch.Tensor],
+        names: Sequence[str],
+        strategy: str = "concat",
+        options: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        left_out: Sequence[str] = (),
+    ) -> ParameterBundle:
+        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes;
+        `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
+        tensors = tuple(tensors)
+        if len(tensors) != len(names):
+            raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
+        self = cls._layout(
+            names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
+            strategy, options, dtype, left_out,
+        )
+        self._tensors = tensors
+        self._compute = None
+        self._compute_range = None
+        return self
+
+    @classmethod
+    def _layout(
+        cls,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        dtypes: Sequence[torch.dtype],
+        devices: Sequence[torch.device],
+        strategy: str,
+        options: Mapping[str, Any] | None,
+        dtype: torch.dtype | None,
+        left_out: Sequence[str],
+    ) -> ParameterBundle:
+        _strategies.get(strategy).check_options(options or {})
+        dtype = _cat_dtype(dtypes) if dtypes or dtype is None else dtype
+        device = _combine_device(devices)
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + shape.numel())
+        self: ParameterBundle
+        if torch.compiler.is_compiling():  # no wrapper tensor can be made in a graph
+            traced = _TracedBundle()
+            traced._owner = cls
+            self = cast(ParameterBundle, traced)
+        else:
+            self = torch.Tensor._make_wrapper_subclass(
+                cls, (offsets[-1],), dtype=dtype, device=device, requires_grad=False
+            )
+        self._names = tuple(names)
+        self._shapes = tuple(shapes)
+        self._dtypes = tuple(dtypes)
+        self._devices = tuple(devices)
+        self._offsets = tuple(offsets)
+        self._strategy = strategy
+        self._options = MappingProxyType(dict(options or {}))
+        self._dtype = dtype
+        self._device = device
+        self._numel = offsets[-1]
+        self._left_out = tuple(left_out)
+        self._lazy_requires_grad = False
+        return self
+
+    @classmethod
+    def _on_demand(
+        cls,
+        compute: Callable[[int], torch.Tensor],
+        like: ParameterBundle,
+        dtypes: Sequence[torch.dtype],
+        requires_grad: bool,
+        strategy: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        compute_range: Callable[[int, int, int], torch.Tensor | None] | None = None,
+    ) -> ParameterBundle:
+        """A bundle shaped and named like `like` whose tensor i is `compute(i)`, made on demand.
+
+        Reductions and further elementwise ops take its tensors one at a time, so a chain such
+        as `(a - b).abs().sum()` never holds more than one tensor's intermediate. `tensors`
+        computes and keeps them all. `compute_range(i, start, stop)`, where given, makes just
+        elements [start, stop) of tensor i flattened (or None where it cannot).
+        """
+        self = cls._layout(
+            like._names,
+            like._shapes,
+            dtypes,
+            like._devices,
+            like._strategy if strategy is None else strategy,
+            like._options if strategy is None else options,
+            None,
+            (),
+        )
+        self._tensors = None
+        self._compute = compute
+        self._compute_range = compute_range
+        self._lazy_requires_grad = requires_grad
+        return self
+
+
+class _TracedBundle(_BundleAPI, TracedDispatch):
+    """What `mt.bundle` makes while torch.compile traces: see `TracedDispatch`."""
+
+    __module__ = "modtensor"
+
+
+def is_bundle(x: object) -> TypeGuard[ParameterBundle]:
+    """True for a `ParameterBundle`, and for its stand-in while torch.compile traces.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> mt.is_bundle(mt.bundle([torch.ones(2)])), mt.is_bundle(torch.ones(2))
+        (True, False)
+    """
+    return isinstance(x, (ParameterBundle, _TracedBundle))
+
+
 def _as_predicate(selector: Selector, what: str) -> Callable[[str, torch.Tensor], bool] | None:
     if selector is None:
         return None
@@ -447,11 +481,11 @@ def _as_predicate(selector: Selector, what: str) -> Callable[[str, torch.Tensor]
             f"bundle: {what} must be a glob pattern, a list of them, or a predicate "
             f"(name, tensor) -> bool; got {selector!r}."
         )
-    return lambda name, _t: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return lambda name, _t: any(_strategies.glob_match(name, p) for p in patterns)
 
 
 def _named_tensors(source: Any, recurse: bool, buffers: bool) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(source, ParameterBundle):
+    if is_bundle(source):
         return list(source.items())
     if isinstance(source, nn.Module):
         named: list[tuple[str, torch.Tensor]] = list(source.named_parameters(recurse=recurse))
@@ -531,7 +565,7 @@ def bundle(
     drop = _as_predicate(exclude, "exclude")
     named = _named_tensors(source, recurse, buffers)
     for name, t in named:
-        if isinstance(t, DispatchTensor):
+        if is_bundle(t):
             raise TypeError(
                 f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
                 "(`mt.bundle(inner)` keeps its names)."

@@ -20,8 +20,8 @@ from torch.overrides import resolve_name
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
-    "ANY_STRATEGY", "DispatchTensor", "Handler", "NOT_HANDLED", "fallback", "find_bundles",
-    "func_name", "materialized",
+    "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "NOT_HANDLED", "TracedDispatch",
+    "dispatch", "fallback", "find_bundles", "func_name", "materialized",
 ]
 
 Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]
@@ -102,6 +102,8 @@ def func_name(func: Callable[..., Any]) -> str:
         return _NAMES[func]
     except (KeyError, TypeError):
         pass
+    if torch.compiler.is_compiling():  # resolve_name touches warnings filters: untraceable
+        return str(getattr(func, "__qualname__", None) or repr(func))
     # resolve_name silences warnings around its lookup, which costs tens of microseconds
     name = resolve_name(func) or getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     name = str(name or repr(func))
@@ -158,8 +160,8 @@ class fallback:  # noqa: N801 - used like torch.no_grad, as a setter and a conte
         _FALLBACK.reset(self._token)
 
 
-def _replace_bundles(obj: Any, convert: Callable[[DispatchTensor], Any]) -> Any:
-    if isinstance(obj, DispatchTensor):
+def _replace_bundles(obj: Any, convert: Callable[[Any], Any]) -> Any:
+    if isinstance(obj, BUNDLE_TYPES):
         return convert(obj)
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(_replace_bundles(x, convert) for x in obj)
@@ -173,14 +175,14 @@ def materialized(obj: Any) -> Any:
     return _replace_bundles(obj, lambda b: b.materialize())
 
 
-def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[DispatchTensor]:
+def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[Any]:
     """Every bundle among the arguments, in order, looking one level into lists and tuples."""
     found = []
     for a in (*args, *kwargs.values()):
-        if isinstance(a, DispatchTensor):
+        if isinstance(a, BUNDLE_TYPES):
             found.append(a)
         elif isinstance(a, (list, tuple)):
-            found.extend(x for x in a if isinstance(x, DispatchTensor))
+            found.extend(x for x in a if isinstance(x, BUNDLE_TYPES))
     return found
 
 
@@ -197,6 +199,12 @@ def _materialize_call(
             "(`for t in b.tensors: ...`) or register an in-place handler with "
             f"@mt.implements({name})."
         )
+    if torch.compiler.is_compiling():  # a compiled graph cannot warn, and a copy must not be silent
+        raise UnsupportedOperationError(
+            f"{name} is not in the dispatch table of {structure}, and inside torch.compile the "
+            "materializing fallback cannot warn, so it is an error there. Call it on "
+            f"`b.materialize()` explicitly, or register a handler with @mt.implements({name})."
+        )
     if _FALLBACK.get() == "error":
         raise UnsupportedOperationError(
             f"{name} is not in the dispatch table of {structure}. Call it on "
@@ -211,6 +219,30 @@ def _materialize_call(
         stacklevel=stacklevel,
     )
     return func(*materialized(args), **materialized(kwargs))
+
+
+def dispatch(
+    owner: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run `func` through `owner`'s table (a `DispatchTensor` subclass), else the fallback."""
+    strategy: str = owner._strategy
+    for a in args:
+        if isinstance(a, BUNDLE_TYPES):
+            strategy = a._strategy
+            break
+    table = owner.HANDLERS
+    handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
+    if handler is not None:
+        result = handler(func, (owner,), args, kwargs)
+        if result is not NOT_HANDLED:
+            return result
+    elif func in PASSTHROUGH:
+        traced = next((a for a in args if isinstance(a, TracedDispatch)), None)
+        if traced is not None:  # no wrapper to ask: a meta tensor of the same metadata answers
+            args = tuple(traced._meta() if a is traced else a for a in args)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    return _materialize_call(func, args, kwargs, stacklevel=4)
 
 
 class DispatchTensor(torch.Tensor):
@@ -260,6 +292,7 @@ class DispatchTensor(torch.Tensor):
         def decorator(handler: H) -> H:
             for f in func_list:
                 cls.HANDLERS[(f, strategy)] = handler
+                func_name(f)  # named now, so that traced code (torch.compile) finds the name
             return handler
 
         return decorator
@@ -272,22 +305,7 @@ class DispatchTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        strategy = cls._strategy
-        for a in args:
-            if isinstance(a, DispatchTensor):
-                strategy = a._strategy
-                break
-        table = cls.HANDLERS
-        handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
-        if handler is not None:
-            result = handler(func, types, args, kwargs)
-            if result is not NOT_HANDLED:
-                return result
-        elif func in PASSTHROUGH:
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        return _materialize_call(func, args, kwargs, stacklevel=3)
+        return dispatch(cls, func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]
@@ -303,3 +321,115 @@ class DispatchTensor(torch.Tensor):
             f"{func} reached a {cls.__name__} below __torch_function__; the bundle has no "
             "storage of its own. Call it on `b.materialize()` or on `b.tensors`."
         )
+
+
+class TracedDispatch:
+    """The stand-in `DispatchTensor` subclasses make while torch.compile traces a function.
+
+    Dynamo cannot build a storage-less wrapper tensor inside a graph, but it traces plain
+    Python objects that define `__torch_function__`. So while compiling, a bundle is one of
+    these: the same attributes, dispatched through the same table (its owner's), with the
+    tensor methods forwarded to it. Only metadata differs: it is not a `torch.Tensor`.
+    """
+
+    _owner: type[DispatchTensor]
+    _strategy: str
+    _numel: int
+    _dtype: torch.dtype
+    _device: torch.device
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        owner = find_bundles(args, kwargs)[0]._owner
+        return dispatch(owner, func, args, kwargs)
+
+    def _meta(self) -> torch.Tensor:
+        return torch.empty((self._numel,), dtype=self._dtype, device="meta")
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._numel,))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def ndim(self) -> int:
+        return 1
+
+    @property
+    def is_leaf(self) -> bool:
+        return True
+
+    @property
+    def grad_fn(self) -> None:
+        return None
+
+    def dim(self) -> int:
+        return 1
+
+    ndimension = dim
+
+    def numel(self) -> int:
+        return self._numel
+
+    nelement = numel
+
+    def __len__(self) -> int:
+        return self._numel
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def is_floating_point(self) -> bool:
+        return self._dtype.is_floating_point
+
+    def is_complex(self) -> bool:
+        return self._dtype.is_complex
+
+    def element_size(self) -> int:
+        return self._dtype.itemsize
+
+    # Hashable by identity, though `==` is elementwise (as for tensors).
+    __hash__ = object.__hash__
+
+
+def _forward(name: str) -> Callable[..., Any]:
+    # The method is looked up by name at call time: dynamo fails to find a torch.Tensor
+    # method held in a closure among the table's keys (seen with torch 2.13's __pow__).
+    def method(self: TracedDispatch, *args: Any, **kwargs: Any) -> Any:
+        return dispatch(self._owner, getattr(torch.Tensor, name), (self, *args), kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# Every torch.Tensor method and operator, so `b.sum()` and `b ** 2` reach the table as they
+# do for the tensor; names TracedDispatch defines itself (metadata) are left alone.
+for _name in sorted(set(vars(torch._C.TensorBase)) | set(vars(torch.Tensor))):
+    if callable(getattr(torch.Tensor, _name)) and not _name.startswith("_") or _name in (
+        "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+        "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__",
+        "__rpow__", "__matmul__", "__rmatmul__", "__neg__", "__pos__", "__abs__", "__invert__",
+        "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__",
+        "__rlshift__", "__rshift__", "__rrshift__", "__eq__", "__ne__", "__lt__", "__le__",
+        "__gt__", "__ge__", "__getitem__", "__setitem__", "__iadd__", "__isub__", "__imul__",
+        "__itruediv__", "__ipow__", "__bool__", "__float__", "__int__", "__index__",
+        "__complex__",
+    ):
+        if _name not in vars(TracedDispatch):
+            setattr(TracedDispatch, _name, _forward(_name))
+
+BUNDLE_TYPES: tuple[type[DispatchTensor], type[TracedDispatch]] = (DispatchTensor, TracedDispatch)

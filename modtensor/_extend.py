@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from modtensor import _strategies
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, func_name
 from modtensor._pointwise import per_tensor_caller
 from modtensor._strategies import (
@@ -139,7 +139,7 @@ def register_reduction(
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not args or not isinstance(args[0], ParameterBundle) or kwargs.get("out") is not None:
+        if not args or not is_bundle(args[0]) or kwargs.get("out") is not None:
             return NOT_HANDLED
         return run_reduction(func, args, kwargs, args[0], reduction)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED
 from modtensor._pointwise import _piece_getter
 
@@ -70,7 +70,7 @@ def _slice_index(b: ParameterBundle, index: slice) -> torch.Tensor:
 
 def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     flat_mask = mask.dim() == 1 and mask.shape[0] == b._numel
-    if not (isinstance(mask, ParameterBundle) or flat_mask):
+    if not (is_bundle(mask) or flat_mask):
         return NOT_HANDLED  # a 0-d mask adds a dimension: only the concatenation can do it
     getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")
     if not b._names:
@@ -82,11 +82,11 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
 def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b[index]` for an int, a slice or a boolean mask, as on the concatenation."""
     b, index = args
-    if not isinstance(b, ParameterBundle):
+    if not is_bundle(b):
         return NOT_HANDLED
     if (
         isinstance(index, torch.Tensor)
-        and not isinstance(index, ParameterBundle)
+        and not is_bundle(index)
         and index.dim() == 0
         and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
     ):

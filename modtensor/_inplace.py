@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._indexing import _locate
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter
@@ -65,7 +65,7 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         b, *rest = args
-        if not isinstance(b, ParameterBundle) or len(rest) != 1:
+        if not is_bundle(b) or len(rest) != 1:
             return NOT_HANDLED
         name = func_name(func)
         other = rest[0]
@@ -87,7 +87,7 @@ def _unary(foreach: Callable[..., Any]) -> Callable[..., Any]:
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         b = args[0]
-        if not isinstance(b, ParameterBundle) or len(args) != 1 or kwargs:
+        if not is_bundle(b) or len(args) != 1 or kwargs:
             return NOT_HANDLED
         _check_writable(func_name(func), b, [])
         if b.tensors:
@@ -102,7 +102,7 @@ def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         b, *rest = args
-        if not isinstance(b, ParameterBundle):
+        if not is_bundle(b):
             return NOT_HANDLED
         name = func_name(func)
         arg_pieces = [_operand_pieces(name, b, a) for a in rest]
@@ -125,9 +125,9 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     """`b.copy_(src)`: src a bundle of the same structure, or a flat (N,) tensor."""
     b, src = args[0], args[1]
     name = func_name(func)
-    if not isinstance(b, ParameterBundle):
+    if not is_bundle(b):
         return NOT_HANDLED
-    if not isinstance(src, torch.Tensor) or (not isinstance(src, ParameterBundle) and src.dim() != 1):
+    if not isinstance(src, torch.Tensor) or (not is_bundle(src) and src.dim() != 1):
         raise TypeError(
             f"{name}: copy from a bundle of the same structure or a flat ({b._numel},) tensor "
             f"into {b.describe()}; got {type(src).__name__} of shape {tuple(getattr(src, 'shape', ()))}."
@@ -146,7 +146,7 @@ _masked_fill = _per_tensor(_T.masked_fill_)
 def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b[mask] = value`, `b[i] = value`: write into the selected elements of the tensors."""
     b, index, value = args
-    if not isinstance(b, ParameterBundle):
+    if not is_bundle(b):
         return NOT_HANDLED
     name = "ParameterBundle.__setitem__"
     if isinstance(value, torch.Tensor) and value.numel() != 1:
@@ -157,7 +157,7 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
         b._tensor(i)[coords] = value
         return None
     is_mask = isinstance(index, torch.Tensor) and index.dtype == torch.bool
-    if not is_mask or not (isinstance(index, ParameterBundle) or (index.dim() == 1 and index.shape[0] == b._numel)):
+    if not is_mask or not (is_bundle(index) or (index.dim() == 1 and index.shape[0] == b._numel)):
         raise TypeError(
             f"{name}: write-through assignment takes an int or a boolean mask (a bundle of the "
             f"same structure or a flat ({b._numel},) bool tensor), got {type(index).__name__}. "

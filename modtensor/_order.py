@@ -44,7 +44,7 @@ from typing import Any, Union
 
 import torch
 
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import run_reduction
 from modtensor._reductions import _bind, _cast, check_dim
@@ -682,7 +682,7 @@ def _quantile(
 ) -> Any:
     name = func_name(func)
     q, dim, keepdim, interpolation = _bind(_sig_quantile, name, args, kwargs)
-    if isinstance(q, ParameterBundle):
+    if is_bundle(q):
         return NOT_HANDLED
     check_dim(dim, name, b)
     # torch's own checks of q, interpolation and dtype, on one element; and the result's shape
@@ -774,7 +774,7 @@ ORDER_FUNCTIONS = tuple(f for name in _COMPUTE for f in (getattr(torch, name), g
 def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         b = args[0] if args else None
-        if not isinstance(b, ParameterBundle) or kwargs.get("out") is not None:
+        if not is_bundle(b) or kwargs.get("out") is not None:
             return NOT_HANDLED
         if b.strategy != "concat":
             return run_reduction(func, args, kwargs, b, _PER_TENSOR)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modtensor import _strategies
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
@@ -30,11 +30,11 @@ def _operands(
     name: str, first: Any, second: Any, require_same_dtype: bool
 ) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
     """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`."""
-    ref = first if isinstance(first, ParameterBundle) else second
+    ref = first if is_bundle(first) else second
     getters = [_piece_getter(x, ref, name) for x in (first, second)]
     if any(g is NOT_HANDLED or g is None for g in getters):
         return NOT_HANDLED
-    dtypes = [x._dtype if isinstance(x, ParameterBundle) else x.dtype for x in (first, second)]
+    dtypes = [x._dtype if is_bundle(x) else x.dtype for x in (first, second)]
     if require_same_dtype and dtypes[0] != dtypes[1]:
         raise RuntimeError(
             f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
@@ -169,7 +169,7 @@ _COSINE = Reduction(parse=lambda *a: None, partial=_partial_cosine, combine=_com
 def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     first, second, dim, eps = _bind(_sig_cosine, name, args, kwargs)
-    ref = first if isinstance(first, ParameterBundle) else second
+    ref = first if is_bundle(first) else second
     check_dim(dim, name, ref)
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
@@ -269,11 +269,11 @@ def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
     first, second = _bind(_sig_dot, name, args, kwargs)
     if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
         return NOT_HANDLED
-    ref = first if isinstance(first, ParameterBundle) else second
-    assert isinstance(ref, ParameterBundle)
+    ref = first if is_bundle(first) else second
+    assert is_bundle(ref)
     if ref.strategy == "concat" and first.shape != second.shape:
         return False
-    if isinstance(first, ParameterBundle) and isinstance(second, ParameterBundle) and first._shapes != second._shapes:
+    if is_bundle(first) and is_bundle(second) and first._shapes != second._shapes:
         return NOT_HANDLED  # same length, different split: compare the concatenations
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 
 __all__ = [
@@ -124,7 +124,7 @@ def _piece_getter(arg: Any, ref: ParameterBundle, name: str, cast: bool = True) 
 
     With `cast`, a bundle's tensors come in the bundle's dtype, as in the concatenation.
     """
-    if isinstance(arg, ParameterBundle):
+    if is_bundle(arg):
         check_same_structure(name, ref, arg)
         if not cast:
             return arg._tensor
@@ -165,7 +165,7 @@ def _flattened(getter: Any) -> Any:
 
 def first_bundle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> ParameterBundle | None:
     """The first bundle among the arguments: it gives the structure and the strategy."""
-    return next((a for a in (*args, *kwargs.values()) if isinstance(a, ParameterBundle)), None)
+    return next((a for a in (*args, *kwargs.values()) if is_bundle(a)), None)
 
 
 def per_tensor_caller(
@@ -211,7 +211,9 @@ def map_elementwise(
     call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
     if call is NOT_HANDLED:
         return NOT_HANDLED
-    if func in ON_DEMAND and ref._names:
+    # While torch.compile traces, the compiler fuses the chain itself; computing on demand
+    # would need version counters, which it cannot trace.
+    if func in ON_DEMAND and ref._names and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
             guard = _guard(args, kwargs)
@@ -254,7 +256,7 @@ def map_elementwise(
 
 
 def _operand_dtype(arg: Any, i: int, cast: bool) -> Any:
-    if isinstance(arg, ParameterBundle):
+    if is_bundle(arg):
         return arg._dtype if cast else arg._dtypes[i]
     if isinstance(arg, torch.Tensor):
         return arg.dtype
@@ -305,8 +307,8 @@ def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
     they were modified in place since now."""
     grad_enabled = torch.is_grad_enabled()
     operands = (*args, *kwargs.values())
-    plain = [a for a in operands if isinstance(a, torch.Tensor) and not isinstance(a, ParameterBundle)]
-    bundles = [a for a in operands if isinstance(a, ParameterBundle) and a._tensors is not None]
+    plain = [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
+    bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
     plain_versions = [t._version for t in plain]
     bundle_versions = [[t._version for t in b.tensors] for b in bundles]
 
@@ -330,7 +332,7 @@ _NO_RANGE = object()
 
 
 def _operand_range(arg: Any, ref: ParameterBundle, i: int, start: int, stop: int, cast: bool) -> Any:
-    if isinstance(arg, ParameterBundle):
+    if is_bundle(arg):
         part = arg._flat_range(i, start, stop)
         if part is None:
             return _NO_RANGE

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from modtensor._bundle import ParameterBundle
+from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import register_reduction, run_reduction
 from modtensor._pointwise import map_elementwise
@@ -304,6 +304,8 @@ def _extremum(
     m = stacked.amax() if largest else stacked.amin()
     if len(values) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
         return m
+    if torch.compiler.is_compiling():
+        return _traced_extremum(stacked, m, tensors, dtype, key)
     tied = (stacked == m).tolist()
     if sum(tied) <= 1:
         return m
@@ -319,6 +321,29 @@ def _extremum(
     for v, w in shares:
         result = result + (v - v.detach()) * w
     return result
+
+
+def _traced_extremum(
+    stacked: torch.Tensor,
+    m: torch.Tensor,
+    tensors: list[torch.Tensor],
+    dtype: torch.dtype,
+    key: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    # _extremum without data-dependent branches, which torch.compile cannot trace: ties are
+    # counted in every tensor (one more read of each), and torch.where picks the result.
+    tied = stacked == m
+    counts = torch.stack(
+        [(_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) for t in tensors]
+    )
+    counts = torch.where(tied, counts, torch.zeros_like(counts))
+    total = counts.sum()
+    shares = (counts / total.clamp(min=1)).to(stacked.dtype)
+    kept = torch.where(tied, stacked, torch.zeros_like(stacked))
+    finite = m.detach() + ((kept - kept.detach()) * shares).sum()
+    infinite = (kept * shares).sum()  # +-inf: the shares sum to one, so the value stays exact
+    shared = torch.where(m.isfinite(), finite, infinite)
+    return torch.where(total > 1, shared, m)
 
 
 def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:
@@ -421,7 +446,7 @@ def _max_handler(largest: bool) -> Callable[..., Any]:
     with_dim = _MAX_DIM[largest]
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not isinstance(args[0], ParameterBundle):
+        if not is_bundle(args[0]):
             return map_elementwise(func, types, args, kwargs)
         b = args[0]
         dim, keepdim, other = _bind(_sig_max, func_name(func), args, kwargs)

@@ -26,6 +26,12 @@ __all__ = [
 ]
 
 
+@torch.compiler.assume_constant_result
+def glob_match(name: str, pattern: str) -> bool:
+    """`fnmatch.fnmatchcase`, which torch.compile takes as a constant instead of tracing it."""
+    return fnmatch.fnmatchcase(name, pattern)
+
+
 @dataclass
 class ReduceArgs:
     """A reduction call's arguments, parsed once and shared by partial, combine and finalize.
@@ -176,7 +182,7 @@ class Strategy:
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise TypeError for options this strategy does not take."""
-        if options:
+        if len(options):  # not `if options`: torch.compile takes a mappingproxy as always true
             raise TypeError(f"strategy {self.name!r} takes no options, got {sorted(options)}.")
 
     def reduce(self, call: ReductionCall) -> Any:
@@ -262,7 +268,7 @@ def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
     if isinstance(weights, Mapping):
         resolved, unmatched = [], []
         for n in b.names:
-            match = next((w for pattern, w in weights.items() if fnmatch.fnmatchcase(n, pattern)), None)
+            match = next((w for pattern, w in weights.items() if glob_match(n, pattern)), None)
             if match is None:
                 unmatched.append(n)
             resolved.append(float(match or 0.0))

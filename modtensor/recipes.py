@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modtensor._bundle import ParameterBundle, bundle
+from modtensor._bundle import ParameterBundle, bundle, is_bundle
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -34,12 +34,12 @@ BundleLike = Union[ParameterBundle, nn.Module]
 
 def _b(x: Any) -> ParameterBundle:
     # Elementwise ops on a bundle return a bundle; torch's stubs say Tensor.
-    assert isinstance(x, ParameterBundle)
+    assert is_bundle(x)
     return x
 
 
 def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
-    if isinstance(x, ParameterBundle):
+    if is_bundle(x):
         return x
     if isinstance(x, nn.Module):
         return bundle(x)
@@ -247,7 +247,7 @@ def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
 def _distance_figures(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     # The same torch calls serve a bundle (over the whole model) and a single tensor.
     empty = x.numel() == 0
-    if not isinstance(x, ParameterBundle):
+    if not is_bundle(x):
         x, y = x.reshape(-1), y.reshape(-1)
     return {
         "l2": float(torch.dist(x, y)),
