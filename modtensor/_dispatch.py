@@ -192,18 +192,18 @@ def _materialize_call(
     name = func_name(func)
     bundles = find_bundles(args, kwargs)
     structure = bundles[0].describe() if bundles else "a bundle"
+    if torch.compiler.is_compiling():  # a compiled graph cannot warn, and a copy must not be silent
+        raise UnsupportedOperationError(
+            f"{name} is not in the dispatch table of {structure}, and inside torch.compile the "
+            "materializing fallback cannot warn, so it is an error there. Call it on "
+            f"`b.materialize()` explicitly, or register a handler with @mt.implements({name})."
+        )
     if _writes_in_place(func, kwargs):
         raise UnsupportedOperationError(
             f"{name} would write into a temporary copy of {structure}, not into its tensors, "
             "so modtensor refuses it. Apply it to the tensors themselves "
             "(`for t in b.tensors: ...`) or register an in-place handler with "
             f"@mt.implements({name})."
-        )
-    if torch.compiler.is_compiling():  # a compiled graph cannot warn, and a copy must not be silent
-        raise UnsupportedOperationError(
-            f"{name} is not in the dispatch table of {structure}, and inside torch.compile the "
-            "materializing fallback cannot warn, so it is an error there. Call it on "
-            f"`b.materialize()` explicitly, or register a handler with @mt.implements({name})."
         )
     if _FALLBACK.get() == "error":
         raise UnsupportedOperationError(

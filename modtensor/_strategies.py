@@ -26,10 +26,10 @@ __all__ = [
 ]
 
 
-@torch.compiler.assume_constant_result
-def glob_match(name: str, pattern: str) -> bool:
-    """`fnmatch.fnmatchcase`, which torch.compile takes as a constant instead of tracing it."""
-    return fnmatch.fnmatchcase(name, pattern)
+# fnmatch, which torch.compile takes as a constant instead of tracing it (it cannot).
+glob_match: Callable[[str, str], bool] = torch.compiler.assume_constant_result(  # type: ignore[no-untyped-call]
+    fnmatch.fnmatchcase
+)
 
 
 @dataclass

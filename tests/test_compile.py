@@ -1,0 +1,165 @@
+"""Bundles inside torch.compile: `mt.bundle(model)` called in the compiled function.
+
+Every loss compiles with `fullgraph=True` (so with no graph break at all) and gives eager's
+values and gradients. `aot_eager` traces forward and backward as inductor would, without the
+C++ build; one loss goes through inductor itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modtensor as mt
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch._dynamo")
+
+Loss = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x), y)
+
+
+# The issue's losses, and one per common family: reductions, elementwise chains, pairwise
+# ops, strategies (a per_param result reduced again), install()'s module methods.
+LOSSES: dict[str, Loss] = {
+    "l2_penalty": lambda m, r, x, y: _mse(m, x, y) + 1e-2 * (mt.bundle(m) ** 2).sum(),
+    "std": lambda m, r, x, y: mt.bundle(m).std(),
+    "var_correction0": lambda m, r, x, y: torch.var(mt.bundle(m), correction=0),
+    "mean_abs": lambda m, r, x, y: mt.bundle(m).abs().mean(),
+    "distance": lambda m, r, x, y: (mt.bundle(m) - mt.bundle(r)).norm(),
+    "torch_dist": lambda m, r, x, y: torch.dist(mt.bundle(m), mt.bundle(r)),
+    "mse_to_reference": lambda m, r, x, y: F.mse_loss(mt.bundle(m), mt.bundle(r)),
+    "cosine": lambda m, r, x, y: F.cosine_similarity(mt.bundle(m), mt.bundle(r), dim=0),
+    "weighted": lambda m, r, x, y: mt.bundle(m).weighted({"0.*": 1.0, "*": 0.1}).norm(),
+    "per_param_max_norm": lambda m, r, x, y: mt.bundle(m).per_param().norm().amax(),
+    "amax_amin": lambda m, r, x, y: mt.bundle(m).amax() - mt.bundle(m).amin(),
+    "l1_inf_norms": lambda m, r, x, y: mt.bundle(m).norm(p=1) + mt.bundle(m).norm(p=math.inf),
+    "logsumexp": lambda m, r, x, y: torch.logsumexp(mt.bundle(m, include="*.weight"), dim=0),
+    "chain": lambda m, r, x, y: torch.sigmoid(mt.bundle(m) * 3 - 1).clamp(0.2, 0.8).sum(),
+}
+
+
+def _models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ref = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    return model, ref
+
+
+def _value_and_grads(fn: Callable[..., torch.Tensor], model: nn.Module, ref: nn.Module):
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(16, 2)
+    model.zero_grad()
+    value = fn(model, ref, x, y)
+    value.backward()
+    return value.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _check_compiled(loss: Loss, backend: str) -> None:
+    model, ref = _models()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=backend)
+    want, want_grads = _value_and_grads(loss, model, ref)
+    got, got_grads = _value_and_grads(compiled, model, ref)
+    torch.testing.assert_close(got, want)
+    assert [g is None for g in got_grads] == [w is None for w in want_grads]
+    for g, w in zip(got_grads, want_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_compiled_loss_matches_eager(name: str) -> None:
+    _check_compiled(LOSSES[name], "aot_eager")
+
+
+def test_inductor_l2_penalty() -> None:
+    _check_compiled(LOSSES["l2_penalty"], "inductor")
+
+
+def test_no_graph_breaks() -> None:
+    model, ref = _models()
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = mt.bundle(model)
+        return (
+            _mse(model, x, y)
+            + 1e-2 * (b ** 2).sum()
+            + b.std()
+            + (b - mt.bundle(ref)).norm()
+            + b.per_param().norm().amax()
+        )
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x, y)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_installed_module_methods_compile() -> None:
+    model, ref = _models()
+    with mt.installed(tensor_methods=True):
+        loss = lambda m, r, x, y: m[0].mean() + m[2].as_tensor().std()  # noqa: E731
+        _check_compiled(loss, "aot_eager")
+
+
+def test_amax_ties_share_the_gradient_when_compiled() -> None:
+    # Two tensors holding the maximum: torch spreads the gradient over all tied elements.
+    a = torch.tensor([1.0, 3.0, 3.0], requires_grad=True)
+    b = torch.tensor([[3.0, 0.0]], requires_grad=True)
+
+    def loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return mt.bundle([a, b]).amax() * 2
+
+    torch._dynamo.reset()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(a, b).backward()
+    reference = torch.cat([a.detach().reshape(-1), b.detach().reshape(-1)]).requires_grad_()
+    (reference.amax() * 2).backward()
+    torch.testing.assert_close(torch.cat([a.grad.reshape(-1), b.grad.reshape(-1)]), reference.grad)
+
+
+def test_fallback_is_an_error_inside_fullgraph() -> None:
+    model, _ = _models()
+
+    def loss() -> torch.Tensor:
+        return torch.cumsum(mt.bundle(model), 0).sum()  # not in the table: would copy
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="materializing fallback cannot warn"):
+        torch.compile(loss, fullgraph=True, backend="eager")()
+
+
+def test_graph_break_runs_the_fallback_eagerly() -> None:
+    # Without fullgraph, dynamo breaks the graph there and the call runs eagerly: the usual
+    # fallback, with its warning.
+    model, _ = _models()
+
+    def loss() -> torch.Tensor:
+        return torch.cumsum(mt.bundle(model), 0).sum()
+
+    torch._dynamo.reset()
+    want = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cumsum(0).sum()
+    with pytest.warns(mt.MaterializationWarning):
+        got = torch.compile(loss, backend="eager")()
+    torch.testing.assert_close(got.detach(), want)
+
+
+def test_bundles_are_not_tensors_while_tracing() -> None:
+    # What user code can rely on inside a compiled function: mt.is_bundle, not isinstance.
+    model, _ = _models()
+
+    def probe() -> torch.Tensor:
+        b = mt.bundle(model)
+        assert mt.is_bundle(b) and not isinstance(b, torch.Tensor)
+        assert b.shape == (sum(p.numel() for p in model.parameters()),)
+        return b.sum()
+
+    torch._dynamo.reset()
+    torch.compile(probe, fullgraph=True, backend="eager")()
