@@ -406,11 +406,18 @@ class TracedDispatch:
     __hash__ = object.__hash__
 
 
+# Comparison operators are C slot wrappers, which dynamo cannot call on a tensor's parts;
+# their named twins mean the same.
+_COMPARISONS = {f"__{op}__": op for op in ("eq", "ne", "lt", "le", "gt", "ge")}
+
+
 def _forward(name: str) -> Callable[..., Any]:
     # The method is looked up by name at call time: dynamo fails to find a torch.Tensor
     # method held in a closure among the table's keys (seen with torch 2.13's __pow__).
+    target = _COMPARISONS.get(name, name)
+
     def method(self: TracedDispatch, *args: Any, **kwargs: Any) -> Any:
-        return dispatch(self._owner, getattr(torch.Tensor, name), (self, *args), kwargs)
+        return dispatch(self._owner, getattr(torch.Tensor, target), (self, *args), kwargs)
 
     method.__name__ = name
     return method

@@ -7,7 +7,6 @@ contiguous tensor), a mask the selected elements. Other indices fall back. `toli
 
 from __future__ import annotations
 
-import bisect
 from typing import Any
 
 import torch
@@ -32,7 +31,9 @@ def _locate(b: ParameterBundle, index: int) -> tuple[int, tuple[int, ...]]:
             f"index {index} is out of bounds for dimension 0 with size {n} ({b.describe()})."
         )
     index %= n
-    i = bisect.bisect_right(b._offsets, index) - 1
+    # The last tensor starting at or before index (empty ones share their successor's
+    # start); a count rather than bisect, which torch.compile cannot trace.
+    i = sum(1 for start in b._offsets[1:-1] if start <= index)
     local = index - b._offsets[i]
     coords = []
     for size in reversed(b._shapes[i]):
@@ -95,7 +96,7 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         return _int_index(b, index)
     if isinstance(index, slice):
         return _slice_index(b, index)
-    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+    if (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool:
         return _mask_index(b, index)
     return NOT_HANDLED
 

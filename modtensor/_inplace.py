@@ -47,6 +47,10 @@ def _check_writable(name: str, b: ParameterBundle, operands: list[list[Any] | An
                 f"({leaves[:3]}{' ...' if len(leaves) > 3 else ''} of {b.describe()}). Wrap the "
                 "update in `with torch.no_grad():`, as optimizers do."
             )
+    if torch.compiler.is_compiling():
+        # torch.compile runs the whole graph on fake tensors before it writes anything, so
+        # torch's own cast check fails before any write; result_type cannot be traced.
+        return
     for i, (n, t) in enumerate(b.items()):
         for operand in operands:
             other = operand[i] if isinstance(operand, list) else operand

@@ -151,6 +151,42 @@ def test_graph_break_runs_the_fallback_eagerly() -> None:
     torch.testing.assert_close(got.detach(), want)
 
 
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("topk", lambda b: torch.topk(b, 3).values.sum()),
+        ("quantile", lambda b: torch.quantile(b, 0.3)),
+        ("mask", lambda b: b[b > 0].sum()),
+    ],
+)
+def test_data_dependent_ops_break_the_graph_and_stay_exact(name: str, fn: Callable) -> None:
+    # Order statistics count elements and masks select them: shapes that depend on the data,
+    # which dynamo cannot trace. It breaks the graph there; the result is still exact.
+    model, _ = _models()
+    want = fn(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch._dynamo.reset()
+    got = torch.compile(lambda: fn(mt.bundle(model)), backend="eager")()
+    torch.testing.assert_close(got.detach(), want)
+
+
+def test_int_index_compiles() -> None:
+    model, _ = _models()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch._dynamo.reset()
+    got = torch.compile(lambda: mt.bundle(model)[37] - mt.bundle(model)[-1], fullgraph=True, backend="eager")()
+    torch.testing.assert_close(got.detach(), flat[37] - flat[-1])
+
+
+def test_a_returned_bundle_is_the_stand_in() -> None:
+    model, _ = _models()
+    torch._dynamo.reset()
+    doubled = torch.compile(lambda: mt.bundle(model) * 2, fullgraph=True, backend="eager")()
+    assert mt.is_bundle(doubled) and not isinstance(doubled, torch.Tensor)
+    again = mt.bundle(doubled)  # outside the graph: a ParameterBundle of the same tensors
+    assert isinstance(again, mt.ParameterBundle) and again.names == mt.bundle(model).names
+    torch.testing.assert_close(again.sum(), mt.bundle(model).sum() * 2)
+
+
 def test_bundles_are_not_tensors_while_tracing() -> None:
     # What user code can rely on inside a compiled function: mt.is_bundle, not isinstance.
     model, _ = _models()
@@ -163,3 +199,27 @@ def test_bundles_are_not_tensors_while_tracing() -> None:
 
     torch._dynamo.reset()
     torch.compile(probe, fullgraph=True, backend="eager")()
+
+
+def test_in_place_recipes_compile() -> None:
+    # An EMA step and gradient clipping, compiled whole: the writes reach the parameters.
+    model, ema = _models()
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    eager_model, eager_ema = _models()
+    eager_model.load_state_dict(model.state_dict())
+    for p, q in zip(eager_model.parameters(), model.parameters()):
+        p.grad = q.grad.clone()
+
+    def step(model: nn.Module, ema: nn.Module) -> torch.Tensor:
+        norm = mt.recipes.clip_grad_norm_(model, 0.5)
+        mt.recipes.ema_(ema, model, 0.9)
+        return norm
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(model, ema)
+    want = step(eager_model, eager_ema)
+    torch.testing.assert_close(got, want)
+    for a, b in zip((*model.parameters(), *ema.parameters()), (*eager_model.parameters(), *eager_ema.parameters())):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
