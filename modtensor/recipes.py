@@ -52,7 +52,7 @@ def clip_grad_norm_(
     """Clip the gradients' global norm to `max_norm`, in place; return the norm before clipping.
 
     Same as `torch.nn.utils.clip_grad_norm_` on the bundle's tensors (tensors without a
-    gradient are skipped).
+    gradient are skipped), up to the last bit of the norm, which is summed in float64.
 
     Example:
         >>> import torch, modtensor as mt
@@ -73,7 +73,8 @@ def clip_grad_norm_(
             "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
             "by the non-finite norm anyway, set `error_if_nonfinite=False`"
         )
-    # torch's formula, epsilon included, so the clipped gradients agree to the last bit
+    # torch's formula, epsilon included. The norm is summed in float64, so it can differ from
+    # torch's float32 total in the last bit (it is the more accurate of the two).
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     with torch.no_grad():
         grads.mul_(coefficient)
@@ -84,7 +85,8 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
     """Move `target` towards `source` in place: `target = decay * target + (1 - decay) * source`.
 
     Same as the update of `torch.optim.swa_utils.get_ema_multi_avg_fn(decay)` (a `lerp_` with
-    weight `1 - decay`), so an `AveragedModel` and `ema_` stay equal step after step.
+    weight `1 - decay`), so an `AveragedModel` and `ema_` stay equal step after step once both
+    start from the same weights (`AveragedModel`'s first `update_parameters` copies them).
 
     Example:
         >>> import torch, modtensor as mt
