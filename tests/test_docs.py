@@ -20,3 +20,15 @@ def test_public_names_have_a_docstring_with_an_example(name):
 )
 def test_bundle_methods_have_examples(member):
     assert ">>>" in (inspect.getdoc(getattr(mt.ParameterBundle, member)) or "")
+
+
+def test_api_reference_is_in_sync():
+    # docs/API.md is generated from the docstrings; regenerate it with `python docs/gen_api.py`.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "gen_api.py"
+    spec = importlib.util.spec_from_file_location("gen_api", path)
+    gen_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_api)
+    assert gen_api.OUT.read_text() == gen_api.render(), "docs/API.md is stale: run `python docs/gen_api.py`"

@@ -1,0 +1,67 @@
+"""Write docs/API.md from the public docstrings: `python docs/gen_api.py`.
+
+tests/test_docs.py renders it again and fails when the committed file is stale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+from typing import Any
+
+import modtensor as mt
+
+OUT = pathlib.Path(__file__).resolve().parent / "API.md"
+
+# ParameterBundle's own API; the torch.Tensor methods it inherits are documented by torch.
+BUNDLE_MEMBERS = (
+    "names", "tensors", "strategy", "options", "grad", "left_out", "items", "to_dict", "derive",
+    "per_param", "weighted", "with_strategy", "materialize", "split", "describe",
+)
+
+
+def _signature(obj: Any) -> str:
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return ""
+    # The modules use postponed annotations: show them as written, not as quoted strings.
+    params = [
+        p.replace(annotation=p.annotation.strip("'") if isinstance(p.annotation, str) else p.annotation)
+        for p in signature.parameters.values()
+    ]
+    ret = signature.return_annotation
+    ret = ret.strip("'") if isinstance(ret, str) else ret
+    return str(signature.replace(parameters=params, return_annotation=ret))
+
+
+def _entry(title: str, obj: Any, level: str = "###") -> str:
+    doc = inspect.getdoc(obj) or ""
+    signature = "" if isinstance(obj, property) or inspect.isclass(obj) else _signature(obj)
+    return f"{level} `{title}{signature}`\n\n{doc}\n"
+
+
+def render() -> str:
+    """The text of docs/API.md."""
+    parts = [
+        "# API reference\n",
+        "Generated from the docstrings by `python docs/gen_api.py`; do not edit by hand.\n",
+        "## modtensor\n",
+    ]
+    for name in mt.__all__:
+        obj = getattr(mt, name)
+        if inspect.ismodule(obj):
+            continue
+        parts.append(_entry(f"mt.{name}", obj))
+        if obj is mt.ParameterBundle:
+            for member in BUNDLE_MEMBERS:
+                parts.append(_entry(f"ParameterBundle.{member}", inspect.getattr_static(obj, member), "####"))
+    parts.append("## modtensor.recipes\n")
+    for name in mt.recipes.__all__:
+        parts.append(_entry(f"mt.recipes.{name}", getattr(mt.recipes, name)))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
