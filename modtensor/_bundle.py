@@ -70,6 +70,8 @@ class _BundleAPI:
     _numel: int
     _left_out: tuple[str, ...]
     _strategy: str
+    # How an on-demand bundle is computed: (func, args, kwargs, guard), for _kernels.fuse.
+    _expr: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Callable[..., Any]] | None
 
     # -- structure -------------------------------------------------------------------------
 
@@ -416,6 +418,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._numel = offsets[-1]
         self._left_out = tuple(left_out)
         self._lazy_requires_grad = False
+        self._expr = None
         return self
 
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._kernels import fuse
 from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, func_name
 from modtensor._pointwise import per_tensor_caller
 from modtensor._strategies import (
@@ -77,6 +78,11 @@ def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
+    if b._expr is not None and b.strategy == "concat":  # (x ** 2).sum(): maybe one kernel
+        parsed = reduction.parse(b, func, args, kwargs)
+        fused = NOT_HANDLED if parsed is NOT_HANDLED else fuse(func, parsed, b)
+        if fused is not NOT_HANDLED:
+            return fused
     pieces = Pieces(b._tensor, b._offsets)
 
     callers: list[Any] = []

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._kernels import diff_l2_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall
@@ -105,6 +106,8 @@ def _sig_dist(input: Any, other: Any, p: Any = 2) -> Any:
 
 def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
     x, y = pair
+    if a.options["p"] == 2:
+        return diff_l2_norm(_cast(x, a.dtype), _cast(y, a.dtype)), _kept(pair)
     return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), _kept(pair)
 
 

@@ -217,13 +217,15 @@ def map_elementwise(
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
             guard = _guard(args, kwargs)
-            return ParameterBundle._on_demand(
+            lazy = ParameterBundle._on_demand(
                 lambda i: guard(i, call, i),
                 ref,
                 dtypes,
                 _requires_grad(args, kwargs, dtypes),
                 compute_range=lambda i, start, stop: guard(i, _range_call, func, args, kwargs, ref, cast, i, start, stop),
             )
+            lazy._expr = (func, args, kwargs, guard)
+            return lazy
     if not ref._names:
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))

@@ -16,6 +16,7 @@ import torch
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import register_reduction, run_reduction
+from modtensor._kernels import l2_norm
 from modtensor._pointwise import map_elementwise
 from modtensor._strategies import Reduction, ReduceArgs
 
@@ -576,6 +577,8 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype):
         t = t.to(a.dtype)
+    if a.options["p"] == 2 and t.dtype == a.dtype:
+        return l2_norm(t), _kept(t)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)
     return value, _kept(t)
 

@@ -1,0 +1,169 @@
+"""Per-tensor kernels for the hottest reductions, and the chains fused into them.
+
+torch's CPU `vector_norm` of one long float32 tensor accumulates with a relative error of
+about 1e-3, and `(x ** 2).sum()` or `(a - b).norm()` first write a whole-tensor temporary.
+Here a long tensor's L2 norm is taken over a `(-1, ROW)` view, one short row at a time in
+torch's kernel (as fast, and accurate on short rows), the rows' norms combined in float64;
+`a - b` is formed a block at a time; and a sum of squares or a norm of a difference computed
+on demand is recognised and computed by these kernels, with one-allocation backwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modtensor._dispatch import NOT_HANDLED
+
+if TYPE_CHECKING:
+    from modtensor._bundle import ParameterBundle
+    from modtensor._strategies import ReduceArgs
+
+__all__ = ["diff_l2_norm", "fuse", "l2_norm"]
+
+ROW = 1024
+MIN_NUMEL = 1 << 16  # below this torch's kernel is accurate enough, and cheaper to call
+BLOCK = 1 << 20  # elements of `a - b` formed at once (4 MiB in float32)
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _eligible(*tensors: torch.Tensor) -> bool:
+    t = tensors[0]
+    return (
+        t.dtype in _DTYPES
+        and t.numel() >= MIN_NUMEL
+        and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
+        and all(u.device == t.device for u in tensors)
+    )
+
+
+def _rows_norms(flat: torch.Tensor) -> list[torch.Tensor]:
+    n = flat.numel() // ROW * ROW
+    parts = [torch.linalg.vector_norm(flat[:n].view(-1, ROW), dim=1)]
+    if n < flat.numel():
+        parts.append(torch.linalg.vector_norm(flat[n:]).reshape(1))
+    return parts
+
+
+def _combine_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    norm: torch.Tensor = torch.linalg.vector_norm(torch.cat(parts).to(torch.float64))
+    return norm
+
+
+def _scale(g: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # torch's norm backward is x * g / norm, and 0 where the norm is 0
+    return torch.where(norm == 0, torch.zeros_like(norm), g / norm).to(dtype)
+
+
+class _L2Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        norm = _combine_rows(_rows_norms(t.detach().reshape(-1)))
+        ctx.save_for_backward(t, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        t, norm = ctx.saved_tensors
+        grad: torch.Tensor = t * _scale(g, norm, t.dtype)
+        return grad
+
+
+class _DiffL2Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+        parts: list[torch.Tensor] = []
+        for start in range(0, fa.numel(), BLOCK):
+            stop = min(start + BLOCK, fa.numel())
+            parts += _rows_norms(fa[start:stop] - fb[start:stop])
+        norm = _combine_rows(parts)
+        ctx.save_for_backward(a, b, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b, norm = ctx.saved_tensors
+        grad = (a - b).mul_(_scale(g, norm, a.dtype))
+        return (grad if ctx.needs_input_grad[0] else None), (-grad if ctx.needs_input_grad[1] else None)
+
+
+def l2_norm(t: torch.Tensor) -> torch.Tensor:
+    """`torch.linalg.vector_norm(t)`, accurate for long float tensors (then in float64).
+
+    Example:
+        >>> import torch
+        >>> x = torch.full((1 << 20,), 0.1)
+        >>> abs(float(l2_norm(x)) - 0.1 * 2 ** 10) < 1e-4  # the float32 concatenation's: 6e-3 off
+        True
+    """
+    if not _eligible(t):
+        norm: torch.Tensor = torch.linalg.vector_norm(t)
+        return norm
+    result: torch.Tensor = _L2Norm.apply(t)  # type: ignore[no-untyped-call]
+    return result
+
+
+def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.dist(a, b)` for tensors of one shape and dtype, without an `a - b` temporary.
+
+    Example:
+        >>> import torch
+        >>> float(diff_l2_norm(torch.ones(1 << 20), torch.zeros(1 << 20)))
+        1024.0
+    """
+    if not _eligible(a, b):
+        return torch.dist(a, b)
+    result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
+    return result
+
+
+# -- fused chains ------------------------------------------------------------------------------
+
+_T = torch.Tensor
+_SUMS = frozenset({torch.sum, _T.sum})
+_NORMS = frozenset({torch.norm, _T.norm, torch.linalg.vector_norm, torch.linalg.norm})
+_SQUARES = frozenset({torch.pow, _T.pow, _T.__pow__, torch.square, _T.square})
+_DIFFERENCES = frozenset({torch.sub, _T.sub, _T.__sub__, torch.subtract, _T.subtract})
+
+
+def _uniform(x: Any, dtype: torch.dtype) -> bool:
+    from modtensor._bundle import is_bundle
+
+    return is_bundle(x) and dtype in _DTYPES and all(d == dtype for d in x._dtypes)
+
+
+def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> Any:
+    """`(x ** 2).sum()` and `(x - y).norm()` of an on-demand `b`, by the kernels above.
+
+    `parsed` are the call's arguments. NOT_HANDLED where `b` is not such a chain, or the
+    call asks for more than the plain full reduction (keepdim, another dtype or order).
+    """
+    from modtensor._reductions import _cast, _stack
+
+    expr = b._expr
+    if expr is None or b._strategy != "concat" or parsed.keepdim or parsed.dtype != b._dtype:
+        return NOT_HANDLED
+    op, op_args, op_kwargs, guard = expr
+    n = len(b._names)
+    if func in _SUMS and op in _SQUARES and not op_kwargs:
+        x, exponent = op_args if len(op_args) == 2 else (op_args[0], 2)
+        if not (type(exponent) in (int, float) and exponent == 2 and _uniform(x, b._dtype)):
+            return NOT_HANDLED
+        norms = [guard(i, l2_norm, x._tensor(i)) for i in range(n) if b._shapes[i].numel()]
+        if not norms:
+            return NOT_HANDLED
+        return _cast(_stack(norms, torch.float64).square().sum(), b._dtype)
+    if func in _NORMS and parsed.options.get("p") == 2 and op in _DIFFERENCES and not op_kwargs and len(op_args) == 2:
+        x, y = op_args
+        if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):
+            return NOT_HANDLED
+        norms = [
+            guard(i, diff_l2_norm, x._tensor(i), y._tensor(i)) for i in range(n) if b._shapes[i].numel()
+        ]
+        if not norms:
+            return NOT_HANDLED
+        return _cast(torch.linalg.vector_norm(_stack(norms, torch.float64)), b._dtype)
+    return NOT_HANDLED
