@@ -10,7 +10,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from modtensor import _strategies
+from modtensor import _distributed, _strategies
 from modtensor._dispatch import DispatchTensor
 from modtensor._errors import UnsupportedOperationError
 
@@ -79,6 +79,7 @@ class ParameterBundle(DispatchTensor):
     _device: torch.device
     _numel: int
     _left_out: tuple[str, ...]
+    _dist: _distributed.Sharding | None = None  # this rank's shards of a bundle over a group
 
     @staticmethod
     def __new__(
@@ -171,6 +172,7 @@ class ParameterBundle(DispatchTensor):
         self._compute = compute
         self._compute_range = compute_range
         self._lazy_requires_grad = requires_grad
+        self._dist = None if like._dist is None else like._dist.derived()
         return self
 
     # -- structure -------------------------------------------------------------------------
@@ -221,6 +223,27 @@ class ParameterBundle(DispatchTensor):
         )
 
     @property
+    def group(self) -> Any:
+        """The process group over which this bundle is sharded; None for a local bundle.
+
+        A distributed bundle holds this rank's shards (see `mt.bundle(..., group=)`): its shape,
+        tensors, elementwise and in-place ops are this rank's, its full reductions are global.
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle([torch.ones(2)]).group is None
+            True
+        """
+        return None if self._dist is None else self._dist.group
+
+    def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> ParameterBundle:
+        # A bundle derived from a distributed one holds the same ranks' shards, so its
+        # reductions run over the same group; only the same tensors keep their parameters.
+        if self._dist is not None:
+            derived._dist = self._dist if same_tensors else self._dist.derived()
+        return derived
+
+    @property
     def left_out(self) -> tuple[str, ...]:
         """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`)."""
         return self._left_out
@@ -239,13 +262,15 @@ class ParameterBundle(DispatchTensor):
             >>> g.names, g.left_out, float(g.norm())
             (('weight',), ('bias',), 2.0)
         """
+        if self._dist is not None and self._dist.sources is not None:  # DTensor parameters
+            return _distributed.grad(self)
         named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
         if not named:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
-        return ParameterBundle(
+        return self._carry(ParameterBundle(
             [g for _, g in named], [n for n, _ in named], self._strategy, self._options, left_out=left_out
-        )
+        ))
 
     @grad.setter
     def grad(self, value: Any) -> None:
@@ -305,7 +330,7 @@ class ParameterBundle(DispatchTensor):
             >>> b.derive([torch.zeros(2)]).names
             ('w',)
         """
-        return ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype)
+        return self._carry(ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype))
 
     def per_param(self) -> ParameterBundle:
         """Return the same tensors under the `per_param` strategy.
@@ -354,7 +379,7 @@ class ParameterBundle(DispatchTensor):
             return ParameterBundle._on_demand(
                 self._compute, self, self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
-        return ParameterBundle(self._tensors, self._names, name, options)
+        return self._carry(ParameterBundle(self._tensors, self._names, name, options), same_tensors=True)
 
     def materialize(self) -> torch.Tensor:
         """Return exactly `torch.cat([t.reshape(-1) for t in b.tensors])`, differentiable.
@@ -399,7 +424,7 @@ class ParameterBundle(DispatchTensor):
             vector.narrow(0, start, end - start).view(shape)
             for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
         ]
-        return ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype)
+        return self._carry(ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype))
 
     # -- text ------------------------------------------------------------------------------
 
@@ -414,7 +439,8 @@ class ParameterBundle(DispatchTensor):
         parts = [f"{n} {_format_shape(s)}" for n, s in zip(self._names[:limit], self._shapes)]
         if len(self._names) > limit:
             parts.append(f"... {len(self._names) - limit} more")
-        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]"
+        where = "" if self._dist is None else f" {self._dist}"
+        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]" + where
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
         shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
@@ -423,7 +449,7 @@ class ParameterBundle(DispatchTensor):
         return (
             f"ParameterBundle({len(self._names)} tensors, {self._numel} elements, "
             f"dtype={dtype}, device={self._device}, strategy={self._strategy!r}, "
-            f"names={shown}{left_out})"
+            f"names={shown}{left_out}{'' if self._dist is None else ', ' + str(self._dist)[1:-1]})"
         )
 
     __str__ = __repr__
@@ -503,6 +529,7 @@ def bundle(
     exclude: Selector = None,
     recurse: bool = True,
     buffers: bool = False,
+    group: Any = None,
     **options: Any,
 ) -> ParameterBundle:
     """Bundle the tensors of `source` so they behave as one flat tensor.
@@ -515,6 +542,14 @@ def bundle(
     where each tensor lives and combined on the first tensor's device (meta if any is meta).
     `strategy` is `"concat"` (the default), `"per_param"`, `"weighted"` (options `weights=`,
     `normalize=`) or a registered one.
+
+    Sharded tensors (torch.distributed): DTensor parameters, as FSDP2's `fully_shard` makes
+    them, give a bundle of this rank's local shards over their device mesh's group (FSDP2
+    modules' sharded parameters, whatever their state). `group=` (a ProcessGroup, such as
+    `dist.group.WORLD`) says plain tensors are this rank's shards of a bundle that
+    concatenates every rank's, in rank order. Such a bundle's shape, tensors, elementwise and
+    in-place ops are this rank's; its full reductions run over all ranks and give every rank
+    the global value, so every rank must call them (see the README on FSDP2 and DDP).
 
     Example:
         >>> import torch, modtensor as mt
@@ -539,4 +574,6 @@ def bundle(
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
     ]
+    if group is not None or _distributed.involved(source, named):
+        return _distributed.bundle(source, named, strategy, options, group)
     return ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)

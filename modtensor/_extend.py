@@ -93,7 +93,7 @@ def run_reduction(
     call = ReductionCall(
         func, args, kwargs, b, reduction, lambda: reduction.parse(b, func, args, kwargs), pieces, per_tensor
     )
-    return _strategies.get(b.strategy).reduce(call)
+    return _strategies.reduce(call)
 
 
 def register_reduction(
