@@ -230,9 +230,16 @@ class ParameterBundle(DispatchTensor):
         tensors, elementwise and in-place ops are this rank's, its full reductions are global.
 
         Example:
-            >>> import torch, modtensor as mt
+            >>> import torch, torch.distributed as dist, modtensor as mt
             >>> mt.bundle([torch.ones(2)]).group is None
             True
+            >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            >>> b = mt.bundle({"w": torch.ones(2, 3), "b": torch.zeros(2)}, group=dist.group.WORLD)
+            >>> b.group is dist.group.WORLD, b.describe()
+            (True, 'ParameterBundle of 2 tensors [w (2, 3), b (2,)] (shards of rank 0 of 1)')
+            >>> float(b.mean())  # over every rank's shards (here, a group of one)
+            0.75
+            >>> dist.destroy_process_group()
         """
         return None if self._dist is None else self._dist.group
 

@@ -547,14 +547,33 @@ def _form(reduction: Reduction) -> _Form:
 # -- the exchange --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Wire:
+    """A tensor as it crosses ranks: Python numbers pickle about 10x faster than tensors do,
+    and carry no device (a CUDA tensor pickled on one rank would be unpickled onto that
+    rank's device on the others)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    values: Any
+
+
 def _portable(payload: Any) -> Any:
-    # What crosses ranks: detached, on the CPU (a CUDA tensor pickled on one rank would be
-    # unpickled onto that rank's device on the others).
-    return pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, payload)
+    def wire(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return _Wire(x.dtype, tuple(x.shape), x.detach().cpu().tolist())
+
+    return pytree.tree_map(wire, payload)
 
 
 def _to(payload: Any, device: torch.device) -> Any:
-    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, payload)
+    def tensor(x: Any) -> Any:
+        if not isinstance(x, _Wire):
+            return x
+        return torch.tensor(x.values, dtype=x.dtype, device=device).reshape(x.shape)
+
+    return pytree.tree_map(tensor, payload)
 
 
 def _with_numel(a: Any, numel: int) -> Any:
@@ -564,10 +583,10 @@ def _with_numel(a: Any, numel: int) -> Any:
 def _failure(name: str, error: BaseException | None, failures: Sequence[tuple[int, str]]) -> NoReturn:
     if error is not None:
         raise error
-    rank, message = failures[0]
+    which = f"rank {failures[0][0]} of the group failed ({failures[0][1]})" if failures else "another rank failed"
     raise RuntimeError(
-        f"{name}: rank {rank} of the group failed ({message}); every rank stops here, as the "
-        "reduction has no value without that rank's shards."
+        f"{name}: {which}; every rank stops here, as the reduction has no value without that "
+        "rank's shards."
     )
 
 
@@ -613,19 +632,20 @@ def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, 
     live = mine.live[0] if mine.error is None else None
     own = form.encode(live, a) if live is not None else None
     device = own.device if own is not None else call.bundle.device
-    head = torch.tensor([float(mine.error is not None), float(mine.numels[0])], dtype=torch.float64, device=device)
+    numel = mine.numels[0] if mine.error is None else 0
+    head = torch.tensor([float(mine.error is not None), float(numel)], dtype=torch.float64, device=device)
     body = own.detach() if own is not None else torch.zeros(form.width, dtype=torch.float64, device=device)
     vector = torch.cat([head, body])
     dist.all_reduce(vector, group=sharding.group)
-    failures, numel = vector[:2].tolist()
+    failures, total_numel = vector[:2].tolist()
     if failures:
-        _failure(call.name, mine.error, [(-1, "an error on another rank")])
+        _failure(call.name, mine.error, [])
     total = vector[2:]
     if own is not None:  # this rank's slot, live: gradients reach its shards
         total = total + (own - own.detach())
     if mine.replicated[0] is not None:
         total = total + form.encode(mine.replicated[0], a)
-    count = int(numel) + mine.replicated_numels[0]
+    count = int(total_numel) + mine.replicated_numels[0]
     return (form.decode(total, _with_numel(a, count)) if count else _EMPTY), count
 
 
@@ -743,15 +763,14 @@ def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     return _connect(_keepdim(red.finalize(state, a), a.keepdim), b)
 
 
-def _probe(call: ReductionCall, i: int) -> Any:
-    """What `func` gives on tensor i alone (shape and dtype), from a meta tensor.
+def _probe(call: ReductionCall, ndim: int, dtype: torch.dtype) -> Any:
+    """What `func` gives on one tensor of `ndim` dims alone (its shape and dtype).
 
-    Dims are made at least 2 long, so a reduction over some dims leaves more than one element
-    whatever the shard's shape: only full reductions of each tensor can be merged across ranks.
+    On a tiny tensor with every dim 2 long: a reduction over some of the dims then leaves
+    more than one element, and only full reductions of each tensor can merge across ranks.
     """
     b = call.bundle
-    meta = torch.empty([max(s, 2) for s in b._shapes[i]], dtype=b._dtypes[i], device="meta")
-    out = call.func(meta, *call.args[1:], **call.kwargs)
+    out = call.func(torch.zeros([2] * ndim, dtype=dtype), *call.args[1:], **call.kwargs)
     parts = out if isinstance(out, tuple) else (out,)
     if not all(isinstance(p, torch.Tensor) and p.numel() == 1 for p in parts):
         raise UnsupportedOperationError(
@@ -775,7 +794,11 @@ def _per_tensor(call: ReductionCall, sharding: Sharding) -> Any:
     n = len(b.names)
     # A one-bundle reduction takes no other tensor; a bundle-with-bundle one compares vectors.
     one_bundle = not any(isinstance(x, torch.Tensor) for x in (*call.args[1:], *call.kwargs.values()))
-    probes = [_probe(call, i) if one_bundle else None for i in range(n)]
+    probed: dict[tuple[int, torch.dtype], Any] = {}
+    for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
+        if kind not in probed:
+            probed[kind] = _probe(call, *kind)
+    probes = [probed.get(kind) for kind in zip(map(len, b._shapes), b._dtypes)]
     parsed = call.parsed
     if parsed is NOT_HANDLED:
         return NOT_HANDLED

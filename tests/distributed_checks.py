@@ -361,9 +361,9 @@ def _raises(kind: type, text: str, fn: Callable[[], Any]) -> None:
     caller = traceback.extract_stack(limit=2)[0]
     try:
         fn()
-    except kind as e:
-        if text not in str(e):
-            FAILURES.append(f"line {caller.lineno}: {text!r} not in {e}")
+    except Exception as e:  # recorded, not raised: see FAILURES
+        if not isinstance(e, kind) or text not in str(e):
+            FAILURES.append(f"line {caller.lineno}: expected {kind.__name__} with {text!r}, got {e!r}")
         return
     FAILURES.append(f"line {caller.lineno}: {caller.line}\nno {kind.__name__} raised")
 
@@ -436,6 +436,75 @@ def group_mismatched_groups(rank: int, world: int) -> None:
     close(mt.bundle(a, include="a").sum(), full_tensors()["a"].sum())  # a bundle as source keeps the group
 
 
+@check
+def group_collectives_and_custom_reductions(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    calls = {"all_reduce": 0, "all_gather_object": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    full = full_tensors()
+    b = world_bundle(sharded(full, world, rank))
+    expected = {  # one collective per reduction; sums and the 0-, 1-, 2-norms by all_reduce
+        "sum": (lambda: b.sum(), "all_reduce"),
+        "mean": (lambda: b.mean(), "all_reduce"),
+        "norm": (lambda: (b - 1).norm(), "all_reduce"),
+        "dist1": (lambda: torch.dist(b, b * 2, p=1), "all_reduce"),
+        "count_nonzero": (lambda: b.count_nonzero(), "all_reduce"),
+        "std": (lambda: b.std(), "all_gather_object"),
+        "amax": (lambda: b.amax(), "all_gather_object"),
+        "norm3": (lambda: b.norm(p=3), "all_gather_object"),
+        "per_param": (lambda: b.per_param().sum(), "all_gather_object"),
+    }
+    try:
+        for name in calls:
+            setattr(dist, name, counting(name))
+        for what, (fn, collective) in expected.items():
+            before = dict(calls)
+            fn()
+            used = {k: calls[k] - before[k] for k in calls}
+            if used != {k: int(k == collective) for k in calls}:
+                FAILURES.append(f"{what}: collectives {used}, expected one {collective}")
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+    # A reduction registered by another library: its combine returns a state, as documented.
+    def sum_of_cubes(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(sum_of_cubes, (x,), x, dim=dim, keepdim=keepdim)
+        return (x**3).sum()
+
+    failing, fail_now = world - 1, [False]
+
+    def partial(t: torch.Tensor, offset: int, a: Any) -> torch.Tensor:
+        if fail_now[0] and rank == failing:
+            raise ValueError("no cubes here")
+        return (t**3).sum()
+
+    mt.register_reduction(sum_of_cubes, partial=partial, combine=lambda s, a: torch.stack(s).sum())
+    close(sum_of_cubes(b), (cat(full) ** 3).sum())
+    # A partial that fails on one rank only: every rank raises, none hangs.
+    fail_now[0] = True
+    expect = (ValueError, "no cubes here") if rank == failing else (RuntimeError, f"rank {failing} of the group failed")
+    _raises(*expect, lambda: sum_of_cubes(b))
+    # The same through sum's all_reduce: an on-demand input modified in place on one rank only.
+    mine = sharded(full, world, rank)
+    doubled = world_bundle(mine) * 2
+    if rank == failing:
+        with torch.no_grad():
+            mine["d"].add_(0)
+    expect = (RuntimeError, "modified in place") if rank == failing else (RuntimeError, "another rank failed")
+    _raises(*expect, lambda: doubled.sum())
+
+
 # -- FSDP2 --------------------------------------------------------------------------------------
 
 
@@ -487,14 +556,18 @@ def fsdp_values(rank: int, world: int) -> None:
 @fsdp_check
 def fsdp_training_step(rank: int, world: int) -> None:
     import modtensor as mt
+    from torch.distributed.tensor import DTensor
 
     lam = 0.1
     for root_owns_last in (False, True):
         model, reference = sharded_mlp(world, root_owns_last)
         torch.manual_seed(1)
         x, y = torch.randn(8, 5), torch.randn(8, 2)
-        # the penalty after the forward: the root's parameters are unsharded then
-        loss = F.mse_loss(model(x), y) + lam * (mt.bundle(model) ** 2).sum()
+        # the penalty after the forward: the root's own parameters are unsharded then
+        out = model(x)
+        unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        assert bool(unsharded) == root_owns_last, unsharded
+        loss = F.mse_loss(out, y) + lam * (mt.bundle(model) ** 2).sum()
         ref_loss = F.mse_loss(reference(x), y) + lam * (mt.bundle(reference) ** 2).sum()
         close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         loss.backward()

@@ -53,15 +53,24 @@ def _run(world: int, out_dir: Path) -> dict[int, dict[str, str | None]]:
         start_method="forkserver",
     )
     deadline = time.monotonic() + DEADLINE_S
+    problem = None
     try:
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:
                 for p in context.processes:
                     p.kill()
-                pytest.fail(f"world size {world}: the ranks did not finish within {DEADLINE_S} s (a hang?)")
-    except tmp.ProcessRaisedException as e:  # outside the checks: setup or teardown
-        pytest.fail(f"world size {world}: a rank failed outside the checks:\n{e}")
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)}
+                problem = f"the ranks did not finish within {DEADLINE_S} s (a hang?)"
+                break
+    except Exception as e:  # outside the checks (setup, teardown), or a rank that died
+        problem = f"a rank failed outside the checks: {e}"
+    # Each rank wrote what ran so far: the checks that did not run report the problem.
+    results = {}
+    for r in range(world):
+        path = out_dir / f"rank{r}.json"
+        results[r] = json.loads(path.read_text()) if path.exists() else {}
+        if problem:
+            results[r]["problem"] = problem
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +84,7 @@ def test_distributed(results: dict[int, dict[int, dict[str, str | None]]], world
     ranks = results[world]
     setup = [f"rank {r}: {out['setup']}" for r, out in ranks.items() if out.get("setup")]
     assert not setup, "\n".join(setup)
-    outcomes = {r: out.get(name, "the check did not run") for r, out in ranks.items()}
+    outcomes = {r: out.get(name, f"the check did not run: {out.get('problem')}") for r, out in ranks.items()}
     if all(o is not None and o.startswith("skip:") for o in outcomes.values()):
         pytest.skip(str(outcomes[0])[len("skip: ") :])
     failed = {r: o for r, o in outcomes.items() if o is not None}
