@@ -259,7 +259,8 @@ class ParameterBundle(DispatchTensor):
     def grad(self) -> ParameterBundle | None:
         """The bundle of the tensors' gradients, same names; None if no tensor has one.
 
-        Tensors without a gradient are left out and named in `b.grad.left_out`.
+        Tensors without a gradient are left out and named in `b.grad.left_out`. A distributed
+        bundle's is never None (other ranks' tensors may have gradients): an empty bundle then.
 
         Example:
             >>> import torch, modtensor as mt
@@ -272,11 +273,11 @@ class ParameterBundle(DispatchTensor):
         if self._dist is not None and self._dist.sources is not None:  # DTensor parameters
             return _distributed.grad(self)
         named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
-        if not named:
+        if not named and self._dist is None:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
         return self._carry(ParameterBundle(
-            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, left_out=left_out
+            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out
         ))
 
     @grad.setter

@@ -240,21 +240,23 @@ def _from_dtensors(
     return dataclasses.replace(sharding, replicated=frozenset(replicated), sources=sources), tensors
 
 
-def grad(b: ParameterBundle) -> ParameterBundle | None:
-    """`b.grad` of a bundle of DTensor parameters: their gradients' local shards, same group."""
+def grad(b: ParameterBundle) -> ParameterBundle:
+    """`b.grad` of a bundle of DTensor parameters: their gradients' local shards, same group.
+
+    Never None, even where no parameter has a gradient: every rank must be able to make the
+    same calls on it.
+    """
     from modtensor._bundle import ParameterBundle
 
     sharding = b._dist
     assert sharding is not None and sharding.sources is not None
     pairs = [(n, p.grad) for n, p in zip(b.names, sharding.sources)]
     named = [(n, g) for n, g in pairs if g is not None]
-    if not named:
-        return None
     dtensor = _dtensor_type()
     local: Callable[[Any], torch.Tensor] = lambda g: g.to_local()  # noqa: E731
     tensors = [local(g) if dtensor is not None and isinstance(g, dtensor) else g for _, g in named]
     left_out = [n for n, g in pairs if g is None]
-    out = ParameterBundle(tensors, [n for n, _ in named], b.strategy, b.options, left_out=left_out)
+    out = ParameterBundle(tensors, [n for n, _ in named], b.strategy, b.options, b.dtype, left_out)
     out._dist = sharding.derived()
     return out
 

@@ -239,6 +239,12 @@ def group_ragged_structures(rank: int, world: int) -> None:
         close(got, want) if rank else close(_cast_like(got, want), want, rtol=1e-6, atol=1e-7)
     got, want = (b - 1).abs().sum(), (cat(full) - 1).abs().sum()  # on rank 0 an on-demand bundle of nothing
     close(got, want) if rank else close(got.double(), want, rtol=1e-6)
+    # gradients: rank 0 has none, yet its b.grad is a bundle, so every rank can reduce it
+    for t in mine.values():
+        t.grad = torch.full_like(t, 2.0)
+    grads = world_bundle(mine).grad
+    assert grads is not None and grads.group is not None and len(grads.names) == len(mine)
+    close(grads.norm().double(), torch.tensor(2.0 * cat(full).numel() ** 0.5, dtype=torch.float64), rtol=1e-6)
 
 
 def _cast_like(got: Any, want: Any) -> Any:
@@ -433,6 +439,7 @@ def group_mismatched_groups(rank: int, world: int) -> None:
     _raises(ValueError, "group= has ranks", lambda: mt.bundle(a, group=sub))
     _raises(TypeError, "ProcessGroup", lambda: mt.bundle(mine, group="world"))
     close(c.sum(), cat(mine).sum())  # a group of one: this rank's own
+    _raises(mt.UnsupportedOperationError, "recipes.distance", lambda: mt.recipes.distance(a, a * 2))
     close(mt.bundle(a, include="a").sum(), full_tensors()["a"].sum())  # a bundle as source keeps the group
 
 
@@ -561,6 +568,9 @@ def fsdp_training_step(rank: int, world: int) -> None:
     lam = 0.1
     for root_owns_last in (False, True):
         model, reference = sharded_mlp(world, root_owns_last)
+        no_grads = mt.bundle(model).grad  # before backward: an empty bundle on every rank
+        assert no_grads is not None and not no_grads.names and len(no_grads.left_out) == 6
+        close(no_grads.norm(), torch.zeros(()))
         torch.manual_seed(1)
         x, y = torch.randn(8, 5), torch.randn(8, 2)
         # the penalty after the forward: the root's own parameters are unsharded then
