@@ -49,12 +49,15 @@ def _run(rank: int, world: int, port: int, width: int, depth: int, repeat: int) 
     model(torch.randn(4, width)).square().sum().backward()
     grads = [p.grad for p in model.parameters()]
     b = mt.bundle(model)
+    g = b.grad
     one = torch.ones(())
     methods: dict[str, Callable[[], Any]] = {
         "dist.all_reduce(scalar)": lambda: dist.all_reduce(one),
         "dist.all_gather_object(scalar)": lambda: dist.all_gather_object([None] * world, 1.0),
         "mt.bundle(model).grad.norm()  [all_reduce]": lambda: mt.bundle(model).grad.norm(),
         "torch.nn.utils.get_total_norm(grads).full_tensor()": lambda: torch.nn.utils.get_total_norm(grads).full_tensor(),
+        "mt.bundle(model).grad  [no collective]": lambda: mt.bundle(model).grad,
+        "g.norm(), g = mt.bundle(model).grad made once": lambda: g.norm(),
         "b.sum()  [all_reduce]": lambda: b.sum(),
         "b.std()  [all_gather_object]": lambda: b.std(),
         "b.amax()  [all_gather_object]": lambda: b.amax(),

@@ -45,8 +45,8 @@ from typing import Any, Union
 import torch
 
 from modtensor._bundle import ParameterBundle
-from modtensor._distributed import refuse
 from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reductions import _bind, _cast, check_dim
 from modtensor._strategies import Reduction

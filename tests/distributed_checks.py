@@ -600,6 +600,29 @@ def fsdp_training_step(rank: int, world: int) -> None:
 
 
 @fsdp_check
+def fsdp_training_loop_with_one_bundle(rank: int, world: int) -> None:
+    # One bundle made before the loop serves every step: its shards are views of the
+    # parameters, which the optimizer updates in place.
+    import modtensor as mt
+
+    model, reference = sharded_mlp(world)
+    b, ref_b = mt.bundle(model), mt.bundle(reference)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(4)
+    for _ in range(3):
+        x, y = torch.randn(6, 5), torch.randn(6, 2)
+        for m, bb, o in ((model, b, opt), (reference, ref_b, ref_opt)):
+            o.zero_grad()
+            (F.mse_loss(m(x), y) + 0.05 * bb.std() + 0.01 * bb.norm(p=1)).backward()
+            mt.recipes.clip_grad_norm_(m, 0.3)
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+    close(b.std(), ref_b.std(), rtol=1e-5, atol=1e-6)
+
+
+@fsdp_check
 def fsdp_inplace_writes_through(rank: int, world: int) -> None:
     import modtensor as mt
 
