@@ -23,7 +23,7 @@ import distributed_checks
 import modtensor as mt
 
 WORLD_SIZES = (2, 4)
-DEADLINE_S = 180
+DEADLINE_S = 120  # the whole run of one world size; a normal one takes a few seconds
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -40,17 +40,20 @@ def _free_port() -> int:
 def _run(world: int, out_dir: Path) -> dict[int, dict[str, str | None]]:
     import torch.multiprocessing as tmp
 
-    # A fork server that imported these once forks each rank ready to run.
-    multiprocessing.forkserver.set_forkserver_preload(
-        ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.nn.parallel"]
-    )
+    # A fork server that imported these once forks each rank ready to run (where there is
+    # none, as on Windows, each rank starts a fresh interpreter).
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        multiprocessing.forkserver.set_forkserver_preload(
+            ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "torch.nn.parallel"]
+        )
     modtensor_dir = str(Path(mt.__file__).resolve().parent)
     context = tmp.start_processes(
         distributed_checks.run,
         args=(world, _free_port(), str(out_dir), modtensor_dir),
         nprocs=world,
         join=False,
-        start_method="forkserver",
+        start_method=method,
     )
     deadline = time.monotonic() + DEADLINE_S
     problem = None
