@@ -234,9 +234,11 @@ def _from_dtensors(
             "Leave group= out: DTensors carry their own."
         )
     sources = tuple(t for _, t in named)
-    # to_local is a differentiable view of the shard: in-place ops write into the parameter,
-    # and gradients reach it as a DTensor of its own placements.
-    tensors = [t.to_local() for t in sources]  # type: ignore[attr-defined]
+    # to_local is a view of the shard: in-place ops write into the parameter, and gradients
+    # reach it as a DTensor of its own placements. Made in grad mode whatever the caller's, as
+    # a bundle of plain parameters stays differentiable wherever it was made.
+    with torch.enable_grad():
+        tensors = [t.to_local() for t in sources]  # type: ignore[attr-defined]
     return dataclasses.replace(sharding, replicated=frozenset(replicated), sources=sources), tensors
 
 
@@ -691,20 +693,25 @@ def _gathered(
     return states, counts
 
 
-def _connect(result: Any, b: ParameterBundle) -> Any:
-    """`result`, requiring grad wherever the bundle does, even on a rank whose shards are empty.
+def _connect(result: Any, b: ParameterBundle, indices: Sequence[int]) -> Any:
+    """`result`, with a zero gradient path to each empty shard among `indices` that needs one.
 
-    Every rank then can call backward on a loss made of it; its empty shards get empty gradients.
+    An empty shard has no partial, so autograd would leave its parameter's gradient None on
+    this rank while the other ranks set theirs; DTensor-aware code that then walks the
+    gradients (`clip_grad_norm_`, optimizers) would run different collectives on different
+    ranks. So every shard gets a gradient (empty), and every rank's result requires grad
+    where the bundle does, so every rank can call backward.
     """
     if not torch.is_grad_enabled() or not b.requires_grad:
         return result
-    empty = [i for i in range(len(b.names)) if b._offsets[i + 1] == b._offsets[i]]
+    empty = [i for i in indices if b._offsets[i + 1] == b._offsets[i]]
+    if not empty:
+        return result
 
     def link(r: Any) -> Any:
-        if not isinstance(r, torch.Tensor) or r.requires_grad or not (r.is_floating_point() or r.is_complex()):
+        if not isinstance(r, torch.Tensor) or not (r.is_floating_point() or r.is_complex()):
             return r
-        zeros = [b._tensor(i).sum() * 0 for i in empty]
-        zeros = [z for z in zeros if z.requires_grad]
+        zeros = [z for z in (b._tensor(i).sum() * 0 for i in empty) if z.requires_grad]
         return r + sum(z.to(r.device, r.dtype) for z in zeros) if zeros else r
 
     if isinstance(result, tuple):  # var_mean's tuple, aminmax's torch.return_types
@@ -762,7 +769,7 @@ def _concat(call: ReductionCall, sharding: Sharding) -> Any:
             )
         # Every rank's concatenation is empty: torch's own answer on torch.empty(0).
         return call.func(*materialized(call.args), **materialized(call.kwargs))
-    return _connect(_keepdim(red.finalize(state, a), a.keepdim), b)
+    return _connect(_keepdim(red.finalize(state, a), a.keepdim), b, range(len(b.names)))
 
 
 def _probe(call: ReductionCall, ndim: int, dtype: torch.dtype) -> Any:
@@ -817,7 +824,7 @@ def _per_tensor(call: ReductionCall, sharding: Sharding) -> Any:
             results.append(_EMPTY)
             continue
         a = _with_numel(parsed, count)
-        results.append(_like(_keepdim(red.finalize(state, a), a.keepdim), probes[i]))
+        results.append(_connect(_like(_keepdim(red.finalize(state, a), a.keepdim), probes[i]), b, [i]))
     if b.strategy == "per_param":
         if not n:
             return _strategies.PerParam().reduce(call)

@@ -637,6 +637,16 @@ def fsdp_inplace_writes_through(rank: int, world: int) -> None:
     with torch.no_grad():
         mt.bundle(reference).mul_(0.5).add_(0.25)
     close(model(x), reference(x), rtol=1e-5, atol=1e-6)  # FSDP all-gathers the written shards
+    # in grad mode: refused before any write, as for plain parameters
+    b = mt.bundle(model)
+    _raises(RuntimeError, "leaf Variable that requires grad", lambda: b.mul_(2))
+    close(mt.bundle(model).sum(), mt.bundle(reference).sum(), rtol=1e-5, atol=1e-6)
+    # a bundle made under no_grad still carries gradients to the parameters
+    with torch.no_grad():
+        b = mt.bundle(model)
+    (b**2).sum().backward()
+    for p in model.parameters():
+        close(p.grad.full_tensor(), 2 * p.detach().full_tensor())
 
 
 @fsdp_check
