@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import distributed_checks
 import modtensor as mt
+from modtensor._strategies import STRATEGIES
 
 WORLD_SIZES = (2, 4)
 DEADLINE_S = 120  # the whole run of one world size; a normal one takes a few seconds
@@ -118,5 +119,19 @@ def test_single_process_group() -> None:
         with pytest.raises(mt.UnsupportedOperationError, match="torch.argmax on ParameterBundle of 2 tensors"):
             torch.argmax(b)
         assert "(shards of rank 0 of 1)" in b.describe()
+
+        class Largest(mt.Strategy):
+            name = "largest_of_tensors"
+
+            def reduce(self, call):  # type: ignore[no-untyped-def]
+                return max(float(call.per_tensor(i)) for i in range(len(call.bundle.names)))
+
+        mt.register_strategy(Largest())
+        try:
+            with pytest.raises(mt.UnsupportedOperationError, match="has no distributed form"):
+                b.with_strategy("largest_of_tensors").sum()
+        finally:
+            del STRATEGIES["largest_of_tensors"]
+        torch.testing.assert_close(b.per_param().sum().to_dict()["v"], torch.tensor(2.0))
     finally:
         dist.destroy_process_group()
