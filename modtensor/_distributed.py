@@ -785,7 +785,7 @@ def _probe(call: ReductionCall, ndim: int, dtype: torch.dtype) -> Any:
         raise UnsupportedOperationError(
             f"{call.name} under the {b.strategy} strategy reduces each tensor of {b.describe()} "
             "over some of its dims, which needs the rest of each dim from the other ranks. "
-            "Across ranks each tensor is reduced whole: leave dim out."
+            "Across ranks each tensor is reduced whole: leave dim out where the function allows it."
         )
     return out
 
