@@ -15,7 +15,7 @@ OUT = pathlib.Path(__file__).resolve().parent / "API.md"
 
 # ParameterBundle's own API; the torch.Tensor methods it inherits are documented by torch.
 BUNDLE_MEMBERS = (
-    "names", "tensors", "strategy", "options", "grad", "left_out", "items", "to_dict", "derive",
+    "names", "tensors", "strategy", "options", "group", "grad", "left_out", "items", "to_dict", "derive",
     "per_param", "weighted", "with_strategy", "materialize", "split", "describe",
 )
 

@@ -11,7 +11,7 @@ from typing_extensions import TypeGuard
 import torch
 from torch import nn
 
-from modtensor import _strategies
+from modtensor import _distributed, _strategies
 from modtensor._dispatch import DispatchTensor, TracedDispatch
 from modtensor._errors import UnsupportedOperationError
 
@@ -72,6 +72,7 @@ class _BundleAPI:
     _strategy: str
     # How an on-demand bundle is computed: (func, args, kwargs, guard), for _kernels.fuse.
     _expr: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Callable[..., Any]] | None
+    _dist: _distributed.Sharding | None = None  # this rank's shards of a bundle over a group
 
     # -- structure -------------------------------------------------------------------------
 
@@ -121,6 +122,34 @@ class _BundleAPI:
         )
 
     @property
+    def group(self) -> Any:
+        """The process group over which this bundle is sharded; None for a local bundle.
+
+        A distributed bundle holds this rank's shards (see `mt.bundle(..., group=)`): its shape,
+        tensors, elementwise and in-place ops are this rank's, its full reductions are global.
+
+        Example:
+            >>> import torch, torch.distributed as dist, modtensor as mt
+            >>> mt.bundle([torch.ones(2)]).group is None
+            True
+            >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            >>> b = mt.bundle({"w": torch.ones(2, 3), "b": torch.zeros(2)}, group=dist.group.WORLD)
+            >>> b.group is dist.group.WORLD, b.describe()
+            (True, 'ParameterBundle of 2 tensors [w (2, 3), b (2,)] (shards of rank 0 of 1)')
+            >>> float(b.mean())  # over every rank's shards (here, a group of one)
+            0.75
+            >>> dist.destroy_process_group()
+        """
+        return None if self._dist is None else self._dist.group
+
+    def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> ParameterBundle:
+        # A bundle derived from a distributed one holds the same ranks' shards, so its
+        # reductions run over the same group; only the same tensors keep their parameters.
+        if self._dist is not None:
+            derived._dist = self._dist if same_tensors else self._dist.derived()
+        return derived
+
+    @property
     def left_out(self) -> tuple[str, ...]:
         """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`)."""
         return self._left_out
@@ -129,7 +158,8 @@ class _BundleAPI:
     def grad(self) -> ParameterBundle | None:
         """The bundle of the tensors' gradients, same names; None if no tensor has one.
 
-        Tensors without a gradient are left out and named in `b.grad.left_out`.
+        Tensors without a gradient are left out and named in `b.grad.left_out`. A distributed
+        bundle's is never None (other ranks' tensors may have gradients): an empty bundle then.
 
         Example:
             >>> import torch, modtensor as mt
@@ -139,13 +169,15 @@ class _BundleAPI:
             >>> g.names, g.left_out, float(g.norm())
             (('weight',), ('bias',), 2.0)
         """
+        if self._dist is not None and self._dist.sources is not None:  # DTensor parameters
+            return _distributed.grad(cast(ParameterBundle, self))
         named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
-        if not named:
+        if not named and self._dist is None:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
-        return ParameterBundle(
-            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, left_out=left_out
-        )
+        return self._carry(ParameterBundle(
+            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out
+        ))
 
     @grad.setter
     def grad(self, value: Any) -> None:
@@ -205,7 +237,7 @@ class _BundleAPI:
             >>> b.derive([torch.zeros(2)]).names
             ('w',)
         """
-        return ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype)
+        return self._carry(ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype))
 
     def per_param(self) -> ParameterBundle:
         """Return the same tensors under the `per_param` strategy.
@@ -254,7 +286,7 @@ class _BundleAPI:
             return ParameterBundle._on_demand(
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
-        return ParameterBundle(self._tensors, self._names, name, options)
+        return self._carry(ParameterBundle(self._tensors, self._names, name, options), same_tensors=True)
 
     def materialize(self) -> torch.Tensor:
         """Return exactly `torch.cat([t.reshape(-1) for t in b.tensors])`, differentiable.
@@ -299,7 +331,7 @@ class _BundleAPI:
             vector.narrow(0, start, end - start).view(shape)
             for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
         ]
-        return ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype)
+        return self._carry(ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype))
 
     # -- text ------------------------------------------------------------------------------
 
@@ -314,7 +346,8 @@ class _BundleAPI:
         parts = [f"{n} {_format_shape(s)}" for n, s in zip(self._names[:limit], self._shapes)]
         if len(self._names) > limit:
             parts.append(f"... {len(self._names) - limit} more")
-        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]"
+        where = "" if self._dist is None else f" {self._dist}"
+        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]" + where
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:
         shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
@@ -323,7 +356,7 @@ class _BundleAPI:
         return (
             f"ParameterBundle({len(self._names)} tensors, {self._numel} elements, "
             f"dtype={dtype}, device={self._device}, strategy={self._strategy!r}, "
-            f"names={shown}{left_out})"
+            f"names={shown}{left_out}{'' if self._dist is None else ', ' + str(self._dist)[1:-1]})"
         )
 
     __str__ = __repr__
@@ -453,6 +486,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._compute = compute
         self._compute_range = compute_range
         self._lazy_requires_grad = requires_grad
+        self._dist = None if like._dist is None else like._dist.derived()
         return self
 
 
@@ -540,6 +574,7 @@ def bundle(
     exclude: Selector = None,
     recurse: bool = True,
     buffers: bool = False,
+    group: Any = None,
     **options: Any,
 ) -> ParameterBundle:
     """Bundle the tensors of `source` so they behave as one flat tensor.
@@ -552,6 +587,14 @@ def bundle(
     where each tensor lives and combined on the first tensor's device (meta if any is meta).
     `strategy` is `"concat"` (the default), `"per_param"`, `"weighted"` (options `weights=`,
     `normalize=`) or a registered one.
+
+    Sharded tensors (torch.distributed): DTensor parameters, as FSDP2's `fully_shard` makes
+    them, give a bundle of this rank's local shards over their device mesh's group (FSDP2
+    modules' sharded parameters, whatever their state). `group=` (a ProcessGroup, such as
+    `dist.group.WORLD`) says plain tensors are this rank's shards of a bundle that
+    concatenates every rank's, in rank order. Such a bundle's shape, tensors, elementwise and
+    in-place ops are this rank's; its full reductions run over all ranks and give every rank
+    the global value, so every rank must call them (see the README on FSDP2 and DDP).
 
     Example:
         >>> import torch, modtensor as mt
@@ -576,4 +619,6 @@ def bundle(
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
     ]
+    if group is not None or _distributed.involved(source, named):
+        return _distributed.bundle(source, named, strategy, options, group)
     return ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)

@@ -205,6 +205,10 @@ def _materialize_call(
             "(`for t in b.tensors: ...`) or register an in-place handler with "
             f"@mt.implements({name})."
         )
+    if any(getattr(b, "_dist", None) is not None for b in bundles):
+        from modtensor._distributed import refuse_fallback
+
+        refuse_fallback(name, bundles)  # on this rank's shards alone, the answer would be wrong
     if _FALLBACK.get() == "error":
         raise UnsupportedOperationError(
             f"{name} is not in the dispatch table of {structure}. Call it on "

@@ -78,7 +78,8 @@ def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
-    if b._expr is not None and b.strategy == "concat":  # (x ** 2).sum(): maybe one kernel
+    # (x ** 2).sum() of a local bundle: maybe one kernel (a distributed one combines across ranks)
+    if b._expr is not None and b.strategy == "concat" and b._dist is None:
         parsed = reduction.parse(b, func, args, kwargs)
         fused = NOT_HANDLED if parsed is NOT_HANDLED else fuse(func, parsed, b)
         if fused is not NOT_HANDLED:
@@ -99,7 +100,7 @@ def run_reduction(
     call = ReductionCall(
         func, args, kwargs, b, reduction, lambda: reduction.parse(b, func, args, kwargs), pieces, per_tensor
     )
-    return _strategies.get(b.strategy).reduce(call)
+    return _strategies.reduce(call)
 
 
 def register_reduction(

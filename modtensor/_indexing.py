@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._distributed import refuse
 from modtensor._pointwise import _piece_getter
 
 __all__ = ["READOUT_FUNCTIONS", "getitem"]
@@ -23,8 +24,15 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
+def _local_only(name: str, b: ParameterBundle) -> None:
+    # Positions and read-outs of a distributed bundle would be this rank's alone.
+    if b._dist is not None:
+        refuse(name, b, "it addresses this rank's concatenation, not the global one,")
+
+
 def _locate(b: ParameterBundle, index: int) -> tuple[int, tuple[int, ...]]:
     """Which tensor holds element `index` of the concatenation, and where in it."""
+    _local_only("indexing by position", b)
     n = b._numel
     if not -n <= index < n:
         raise IndexError(
@@ -85,6 +93,7 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     b, index = args
     if not is_bundle(b):
         return NOT_HANDLED
+    _local_only("ParameterBundle.__getitem__", b)
     if (
         isinstance(index, torch.Tensor)
         and not is_bundle(index)
@@ -114,6 +123,7 @@ READOUT_FUNCTIONS = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__arr
 def scalar_conversion(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b.item()`, `bool(b)`, `float(b)`...: the one element, or torch's error for the count."""
     b = args[0]
+    _local_only(func_name(func), b)
     if b._numel != 1:
         # torch's own error for this many elements ("ambiguous", "cannot be converted");
         # torch.empty reserves the memory without touching it.
@@ -125,10 +135,12 @@ def scalar_conversion(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict
 def tolist(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b.tolist()`: the concatenation's values as a Python list, read tensor by tensor."""
     b = args[0]
+    _local_only(func_name(func), b)
     return [v for i in range(len(b._names)) for v in _flat(b._tensor(i), b._dtype).tolist()]
 
 
 @ParameterBundle.implements([torch.Tensor.numpy, torch.Tensor.__array__])
 def to_numpy(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b.numpy()`, `np.asarray(b)`: a NumPy array needs one buffer, so this is the one copy."""
+    _local_only(func_name(func), args[0])
     return func(args[0].materialize(), *args[1:], **kwargs)

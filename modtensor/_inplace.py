@@ -40,7 +40,9 @@ def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | No
 def _check_writable(name: str, b: ParameterBundle, operands: list[list[Any] | Any]) -> None:
     """Raise before any write: torch's autograd rule for leaves, and dtype casting."""
     if torch.is_grad_enabled():
-        leaves = [n for n, t in b.items() if t.is_leaf and t.requires_grad]
+        # a bundle of DTensor parameters holds views of them: the parameters are the leaves
+        holders = b.tensors if b._dist is None or b._dist.sources is None else b._dist.sources
+        leaves = [n for n, t in zip(b.names, holders) if t.is_leaf and t.requires_grad]
         if leaves:
             raise RuntimeError(
                 f"{name}: a leaf Variable that requires grad is being used in an in-place operation "

@@ -46,6 +46,7 @@ import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reductions import _bind, _cast, check_dim
 from modtensor._strategies import Reduction
@@ -776,6 +777,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
         b = args[0] if args else None
         if not is_bundle(b) or kwargs.get("out") is not None:
             return NOT_HANDLED
+        if b._dist is not None:
+            refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":
             return run_reduction(func, args, kwargs, b, _PER_TENSOR)
         if b._device.type == "meta":  # no values to count: torch.cat of meta tensors is free

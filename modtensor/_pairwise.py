@@ -59,7 +59,7 @@ def _run(
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
     per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)
     call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
-    return _strategies.get(ref.strategy).reduce(call)
+    return _strategies.reduce(call)
 
 
 def _combine_sum(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:

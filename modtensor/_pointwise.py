@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from modtensor import _distributed
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 
@@ -202,7 +203,7 @@ def map_elementwise(
     func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Apply `func` tensor by tensor; return a bundle (or a tuple of bundles) of the results."""
-    ref = first_bundle(args, kwargs)
+    ref = _distributed.reference(func, first_bundle(args, kwargs), args, kwargs)
     if ref is None or kwargs.get("out") is not None or kwargs.get("inplace"):
         return NOT_HANDLED
     # Under concat each tensor computes in the concatenation's dtype; under the other
@@ -230,7 +231,7 @@ def map_elementwise(
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))
         def empty_like(out: torch.Tensor) -> ParameterBundle:
-            return ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype)
+            return ref._carry(ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype))
 
         if isinstance(probe, torch.Tensor):
             return empty_like(probe)

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from modtensor._dispatch import NOT_HANDLED, materialized
+from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
 __all__ = [
     "Pieces", "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get",
-    "register_strategy", "strategies", "resolve_weights",
+    "register_strategy", "strategies", "resolve_weights", "reduce",
 ]
 
 
@@ -345,6 +345,15 @@ def get(name: str) -> Strategy:
         return STRATEGIES[name]
     except (KeyError, TypeError):
         raise ValueError(f"Unknown strategy {name!r}. Expect one of {tuple(STRATEGIES)}.") from None
+
+
+def reduce(call: ReductionCall) -> Any:
+    """Run `call` under its bundle's strategy; with a distributed operand, across its group."""
+    if any(getattr(x, "_dist", None) is not None for x in find_bundles(call.args, call.kwargs)):
+        from modtensor._distributed import reduce as reduce_across_ranks
+
+        return reduce_across_ranks(call)
+    return get(call.bundle.strategy).reduce(call)
 
 
 def register_strategy(strategy: Strategy) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
+from modtensor._errors import UnsupportedOperationError
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -238,6 +239,12 @@ def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
         (3.0, 3.0, 0.5, 3.0)
     """
     x, y = _b(_as_bundle(a, "distance").detach()), _b(_as_bundle(b, "distance").detach())
+    if x.group is not None or y.group is not None:
+        raise UnsupportedOperationError(
+            f"recipes.distance of {x.describe()}: its per-parameter figures and changed fraction "
+            "would be this rank's alone. Use the global reductions: torch.dist(a, b), "
+            "(a - b).abs().amax(), F.cosine_similarity(a, b, dim=0), (a - b).per_param().norm()."
+        )
     with torch.no_grad():
         figures = _distance_figures(x, y)
         report = DistanceReport(figures["l2"], figures["max_abs"], figures["cosine"], figures["changed_fraction"])

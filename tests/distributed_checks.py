@@ -1,0 +1,746 @@
+"""Checks that run in every rank of a real gloo process group (see test_distributed.py).
+
+`run(rank, world, port, out_dir)` runs every check of `CHECKS` in order and writes, per rank,
+`{check: None or the traceback}` to `out_dir/rank<r>.json`. Each rank computes the unsharded
+reference itself, from the same seed, and compares its distributed results with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+CHECKS: dict[str, Callable[[int, int], None]] = {}
+# Checks that need torch.distributed.fsdp and DTensor.
+FSDP_CHECKS: set[str] = set()
+
+
+def check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# A comparison that fails on some ranks only must not stop them there: the others would go on
+# to the check's next collective and wait for them. So comparisons are recorded, and a check
+# fails at its end.
+FAILURES: list[str] = []
+
+
+def close(got: Any, want: Any, rtol: float = 1e-9, atol: float = 1e-12) -> None:
+    try:
+        _close(got, want, rtol, atol)
+    except AssertionError as e:
+        caller = traceback.extract_stack(limit=2)[0]
+        FAILURES.append(f"line {caller.lineno}: {caller.line}\n{e}")
+
+
+def _close(got: Any, want: Any, rtol: float, atol: float) -> None:
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            _close(g, w, rtol, atol)
+        return
+    if isinstance(want, bool):
+        assert got is want, (got, want)
+        return
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+# -- plain shards with group= ----------------------------------------------------------------------
+
+SHAPES = {"a": (5, 3), "b": (7,), "c": (0, 2), "d": (4, 2, 2), "e": (), "f": (1,)}
+
+
+def full_tensors(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The unsharded tensors: the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g, dtype=dtype) for n, s in SHAPES.items()}
+
+
+def rows(n: int, world: int, rank: int) -> slice:
+    """Uneven rows of dim 0 for `rank`: the last rank gets the most, the first ranks often none."""
+    weights = [r * r for r in range(world)]  # 0, 1, 4, 9...: rank 0 holds nothing
+    total = sum(weights)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w)
+    cut = [round(n * b / total) for b in bounds]
+    return slice(cut[rank], cut[rank + 1])
+
+
+def shard(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    if t.dim() == 0:  # a 0-d tensor is one rank's alone: the last's
+        return t.clone() if rank == world - 1 else t.new_empty(0)
+    return t[rows(t.shape[0], world, rank)].clone()
+
+
+def sharded(full: dict[str, torch.Tensor], world: int, rank: int, grad: bool = False) -> dict[str, torch.Tensor]:
+    return {n: shard(t, world, rank).requires_grad_(grad) for n, t in full.items()}
+
+
+def cat(tensors: Any) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in (tensors.values() if isinstance(tensors, dict) else tensors)])
+
+
+def world_bundle(tensors: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    import modtensor as mt
+
+    return mt.bundle(tensors, group=dist.group.WORLD, **kwargs)
+
+
+REDUCTIONS: dict[str, Callable[[Any], Any]] = {
+    "sum": lambda x: x.sum(),
+    "sum_dim_keepdim": lambda x: torch.sum(x, dim=0, keepdim=True),
+    "mean": lambda x: x.mean(),
+    "prod": lambda x: (x * 0.1 + 1).prod(),
+    "var": lambda x: x.var(),
+    "var_correction0": lambda x: torch.var(x, correction=0),
+    "std_correction2": lambda x: x.std(correction=2),
+    "var_mean": lambda x: torch.var_mean(x),
+    "std_mean": lambda x: torch.std_mean(x, correction=0),
+    "norm2": lambda x: x.norm(),
+    "norm1": lambda x: x.norm(p=1),
+    "norm3": lambda x: x.norm(p=3),
+    "norm0": lambda x: torch.linalg.vector_norm(x, ord=0),
+    "norm_inf": lambda x: x.norm(p=float("inf")),
+    "norm_neg_inf": lambda x: torch.linalg.vector_norm(x, ord=float("-inf")),
+    "vector_norm": lambda x: torch.linalg.vector_norm(x),
+    "linalg_norm": lambda x: torch.linalg.norm(x, ord=1),
+    "amax": lambda x: x.amax(),
+    "amin": lambda x: torch.amin(x),
+    "max_full": lambda x: x.max(),
+    "aminmax": lambda x: tuple(torch.aminmax(x)),
+    "logsumexp": lambda x: torch.logsumexp(x, 0),
+    "count_nonzero": lambda x: torch.count_nonzero(x > 0),
+    "all": lambda x: (x > -10).all(),
+    "any": lambda x: (x > 1.5).any(),
+    "any_false": lambda x: (x > 100).any(),
+}
+DIFFERENTIABLE = [
+    "sum", "mean", "prod", "var", "std_correction2", "var_mean", "norm2", "norm1", "norm3", "norm_inf",
+    "amax", "amin", "logsumexp", "aminmax",
+]
+
+
+def _scalar(result: Any) -> torch.Tensor:
+    return sum(r.sum() for r in result) if isinstance(result, tuple) else result.sum()
+
+
+@check
+def group_shards_values(rank: int, world: int) -> None:
+    full = full_tensors()
+    b = world_bundle(sharded(full, world, rank))
+    assert b.group is dist.group.WORLD and b.numel() == cat(sharded(full, world, rank)).numel()
+    want_all = cat(full)
+    for name, f in REDUCTIONS.items():
+        close(f(b), f(want_all))
+        if FAILURES and not FAILURES[-1].startswith(name):
+            FAILURES[-1] = f"{name}: {FAILURES[-1]}"
+
+
+@check
+def group_shards_float32_and_int(rank: int, world: int) -> None:
+    full = full_tensors(torch.float32)
+    b = world_bundle(sharded(full, world, rank))
+    for f in (REDUCTIONS["sum"], REDUCTIONS["mean"], REDUCTIONS["std_correction2"], REDUCTIONS["norm2"]):
+        close(f(b), f(cat(full)), rtol=1e-5, atol=1e-6)
+    ints = {n: (t * 10).to(torch.int64) for n, t in full.items()}
+    bi = world_bundle(sharded(ints, world, rank))
+    close(bi.sum(), cat(ints).sum(), 0, 0)
+    close(bi.amax(), cat(ints).amax(), 0, 0)
+    close(torch.count_nonzero(bi), torch.count_nonzero(cat(ints)), 0, 0)
+
+
+@check
+def group_shards_nan(rank: int, world: int) -> None:
+    full = full_tensors()
+    full["a"][1, 1] = float("nan")
+    full["d"][3, 0, 1] = float("nan")
+    b = world_bundle(sharded(full, world, rank))
+    close(b.nansum(), cat(full).nansum())
+    close(torch.nanmean(b), torch.nanmean(cat(full)))
+    close(b.sum(), cat(full).sum())  # nan on every rank
+    close(b.amax(), cat(full).amax())
+
+
+@check
+def group_shards_gradients(rank: int, world: int) -> None:
+    for name in DIFFERENTIABLE:
+        f = REDUCTIONS[name]
+        full = {n: t.requires_grad_() for n, t in full_tensors().items()}
+        _scalar(f(cat(full))).backward()
+        mine = sharded({n: t.detach() for n, t in full.items()}, world, rank, grad=True)
+        _scalar(f(world_bundle(mine))).backward()
+        for n, t in mine.items():
+            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(full[n].grad, world, rank))
+            if FAILURES and not FAILURES[-1].startswith(name):
+                FAILURES[-1] = f"{name}, gradient of {n}: {FAILURES[-1]}"
+
+
+@check
+def group_shards_square_sum_penalty(rank: int, world: int) -> None:
+    # (b ** 2).sum(): an on-demand bundle keeps the group; its gradient is 2 * the shard.
+    full = full_tensors()
+    mine = sharded(full, world, rank, grad=True)
+    b = world_bundle(mine)
+    square = b**2
+    assert square.group is b.group
+    loss = (square).sum()
+    close(loss, (cat(full) ** 2).sum())
+    loss.backward()
+    for n, t in mine.items():  # an empty shard gets no gradient (as an empty tensor in a bundle)
+        close(t.grad if t.numel() else torch.zeros_like(t), 2 * t.detach())
+
+
+@check
+def group_ties_split_gradient_across_ranks(rank: int, world: int) -> None:
+    # The maximum appears on several ranks: torch spreads the gradient over all its copies.
+    full = {n: t.clamp(max=1.0) for n, t in full_tensors().items()}
+    full["a"][-1, 0] = full["d"][-1, 1, 1] = full["b"][-1] = 1.0
+    full["a"][-1, 1] = full["d"][-1, 1, 0] = full["a"][2, 2] = -7.0
+    # rtol: the local share of a tie among tensors is computed in float32 (_extremum's c / total)
+    for f in (REDUCTIONS["amax"], REDUCTIONS["norm_inf"], REDUCTIONS["aminmax"], REDUCTIONS["amin"]):
+        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+        _scalar(f(cat(ref))).backward()
+        mine = sharded(full, world, rank, grad=True)
+        _scalar(f(world_bundle(mine))).backward()
+        for n, t in mine.items():
+            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank), rtol=1e-6)
+
+
+@check
+def group_ragged_structures(rank: int, world: int) -> None:
+    # Ranks hold different numbers of tensors, rank 0 none at all: the concatenation of all.
+    full = full_tensors()
+    names = list(full)
+    mine = {n: full[n] for i, n in enumerate(names) if i % world == rank and rank != 0}
+    if rank == 1:
+        mine.update({n: full[n] for i, n in enumerate(names) if i % world == 0})
+    b = world_bundle(mine)
+    assert b.numel() == sum(t.numel() for t in mine.values())
+    names = ("sum", "mean", "var", "std_mean", "norm2", "norm_inf", "amax", "aminmax", "count_nonzero", "all")
+    for name in names:
+        got, want = REDUCTIONS[name](b), REDUCTIONS[name](cat(full))
+        # A rank without tensors cannot know their dtype: its bundle has the default dtype,
+        # and so do its results (of the same value).
+        close(got, want) if rank else close(_cast_like(got, want), want, rtol=1e-6, atol=1e-7)
+    got, want = (b - 1).abs().sum(), (cat(full) - 1).abs().sum()  # on rank 0 an on-demand bundle of nothing
+    close(got, want) if rank else close(got.double(), want, rtol=1e-6)
+    # gradients: rank 0 has none, yet its b.grad is a bundle, so every rank can reduce it
+    for t in mine.values():
+        t.grad = torch.full_like(t, 2.0)
+    grads = world_bundle(mine).grad
+    assert grads is not None and grads.group is not None and len(grads.names) == len(mine)
+    close(grads.norm().double(), torch.tensor(2.0 * cat(full).numel() ** 0.5, dtype=torch.float64), rtol=1e-6)
+
+
+def _cast_like(got: Any, want: Any) -> Any:
+    if isinstance(want, tuple):
+        return tuple(_cast_like(g, w) for g, w in zip(got, want))
+    return got.to(want.dtype) if isinstance(got, torch.Tensor) else got
+
+
+@check
+def group_empty_everywhere(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    b = world_bundle({"w": torch.zeros(0, 3, dtype=torch.float64)})
+    close(b.sum(), torch.zeros((), dtype=torch.float64))
+    assert torch.isnan(b.mean())
+    close(b.norm(), torch.zeros((), dtype=torch.float64))
+    try:
+        b.amax()
+    except RuntimeError as e:
+        assert "no elements on any rank" in str(e), e
+    else:
+        raise AssertionError("amax of an empty bundle did not raise")
+    assert mt.bundle([], group=dist.group.WORLD).sum().item() == 0.0
+
+
+@check
+def group_pairwise(rank: int, world: int) -> None:
+    full_a, full_b = full_tensors(seed=1), full_tensors(seed=2)
+    a, b = world_bundle(sharded(full_a, world, rank)), world_bundle(sharded(full_b, world, rank))
+    x, y = cat(full_a), cat(full_b)
+    close(torch.dist(a, b), torch.dist(x, y))
+    close(torch.dist(a, b, p=1), torch.dist(x, y, p=1))
+    close(torch.dist(a, b, p=3), torch.dist(x, y, p=3))
+    close(torch.dist(a, b, p=float("inf")), torch.dist(x, y, p=float("inf")))
+    close((a - b).norm(), (x - y).norm())
+    close(torch.dot(a, b), torch.dot(x, y))
+    close(a @ b, x @ y)
+    close(F.cosine_similarity(a, b, dim=0), F.cosine_similarity(x, y, dim=0))
+    close(F.mse_loss(a, b), F.mse_loss(x, y))
+    close(F.l1_loss(a, b, reduction="sum"), F.l1_loss(x, y, reduction="sum"))
+    close(F.huber_loss(a, b), F.huber_loss(x, y))
+    assert torch.allclose(a, a.clone()) is True and torch.allclose(a, b) is False
+    assert torch.equal(a, a.clone()) is True and torch.equal(a, b) is False
+    # local operand with a distributed one: the result is distributed too
+    local = a.derive(list(a.tensors))
+    local._dist = None
+    close(torch.dist(local, b), torch.dist(x, y))
+    assert (local - b).group is b.group
+    close((local - b).norm(), (x - y).norm())
+
+
+@check
+def group_pairwise_gradients(rank: int, world: int) -> None:
+    tests: dict[str, Callable[[Any, Any], Any]] = {
+        "dist": lambda p, q: torch.dist(p, q),
+        "dist_inf": lambda p, q: torch.dist(p, q, p=float("inf")),
+        "cosine": lambda p, q: F.cosine_similarity(p, q, dim=0),
+        "mse": lambda p, q: F.mse_loss(p, q),
+        "dot": lambda p, q: torch.dot(p, q),
+        "diff_norm": lambda p, q: (p - q).norm(),
+    }
+    for name, f in tests.items():
+        ref_a = {n: t.requires_grad_() for n, t in full_tensors(seed=1).items()}
+        ref_b = full_tensors(seed=2)
+        f(cat(ref_a), cat(ref_b)).backward()
+        mine = sharded({n: t.detach() for n, t in ref_a.items()}, world, rank, grad=True)
+        f(world_bundle(mine), world_bundle(sharded(ref_b, world, rank))).backward()
+        for n, t in mine.items():
+            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref_a[n].grad, world, rank))
+            if FAILURES and not FAILURES[-1].startswith(name):
+                FAILURES[-1] = f"{name}, gradient of {n}: {FAILURES[-1]}"
+
+
+@check
+def group_per_param_and_weighted(rank: int, world: int) -> None:
+    full = full_tensors()
+    b = world_bundle(sharded(full, world, rank))
+    per_tensor: list[Callable[[Any], Any]] = [
+        lambda x: x.sum(), lambda x: x.norm(), lambda x: x.std(), lambda x: torch.var_mean(x),
+        lambda x: torch.linalg.vector_norm(x, keepdim=True), lambda x: x.norm(p=float("inf")), lambda x: x.amax(),
+    ]
+    for f in per_tensor:
+        try:
+            want = {n: f(t) for n, t in full.items()}
+        except RuntimeError:  # amax of the empty tensor: torch raises, so does every rank
+            _raises(RuntimeError, "", lambda: f(b.per_param()))
+            continue
+        got = f(b.per_param())
+        for n in full:
+            value = tuple(g.to_dict()[n] for g in got) if isinstance(got, tuple) else got.to_dict()[n]
+            if n == "e" and not isinstance(value, tuple):  # keepdim: the 0-d tensor's empty shards elsewhere are 1-D, so shapes differ
+                value, want[n] = value.reshape(()), want[n].reshape(())  # type: ignore[union-attr]
+            close(value, want[n])
+    assert b.per_param().sum().group is None  # per-tensor results are the same on every rank
+    close(b.weighted().mean(), cat(full).mean())
+    nonempty = [t for t in full.values() if t.numel()]
+    close(b.weighted({"c": 0.0, "*": 1.0}).mean(), torch.stack([t.mean() for t in nonempty]).mean())
+    close(b.weighted({"c": 0.0, "*": 1.0}).norm(), torch.stack([t.norm() for t in nonempty]).mean())
+    a2 = world_bundle(sharded(full_tensors(seed=5), world, rank))
+    got = torch.dist(b.per_param(), a2.per_param()).to_dict()
+    for n, t in full_tensors(seed=5).items():
+        close(got[n], torch.dist(full[n], t))
+
+
+@check
+def group_per_param_refusals(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    full = full_tensors()
+    b = world_bundle(sharded(full, world, rank))
+    _raises(mt.UnsupportedOperationError, "leave dim out", lambda: b.per_param().sum(dim=1))
+    # per_param needs the same tensors on every rank
+    ragged = world_bundle({"x": torch.ones(rank + 1)} if rank else {})
+    _raises(ValueError, "tensor i of every rank", lambda: ragged.per_param().sum())
+    ragged_ok = world_bundle({"x": torch.ones(rank)})
+    close(ragged_ok.per_param().sum().to_dict()["x"], torch.tensor(float(sum(range(world)))))
+
+
+def _raises(kind: type, text: str, fn: Callable[[], Any]) -> None:
+    caller = traceback.extract_stack(limit=2)[0]
+    try:
+        fn()
+    except Exception as e:  # recorded, not raised: see FAILURES
+        if not isinstance(e, kind) or text not in str(e):
+            FAILURES.append(f"line {caller.lineno}: expected {kind.__name__} with {text!r}, got {e!r}")
+        return
+    FAILURES.append(f"line {caller.lineno}: {caller.line}\nno {kind.__name__} raised")
+
+
+@check
+def group_elementwise_and_inplace_stay_local(rank: int, world: int) -> None:
+    full = full_tensors()
+    mine = sharded(full, world, rank)
+    b = world_bundle(mine)
+    doubled = b * 2
+    assert doubled.group is b.group and doubled.numel() == b.numel()
+    for n, t in doubled.to_dict().items():
+        close(t, 2 * mine[n])
+    with torch.no_grad():
+        b.mul_(0.5).add_(1.0)
+    for n, t in mine.items():
+        close(t, shard(full[n], world, rank) * 0.5 + 1.0)
+    close(b.sum(), (cat(full) * 0.5 + 1).sum())
+    for derived in (b.detach(), b.clone(), b.data, b.with_strategy("concat"), b.derive(b.tensors), b.split(b.materialize())):
+        assert derived.group is b.group, derived
+        close(derived.sum(), (cat(full) * 0.5 + 1).sum())
+    close(torch.relu(b - 1.5).sum(), torch.relu(cat(full) * 0.5 - 0.5).sum())
+    assert "(shards of rank" in b.describe() and "shards of rank" in repr(b)
+
+
+@check
+def group_refusals(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    b = world_bundle(sharded(full_tensors(), world, rank))
+    refused: dict[str, Callable[[], Any]] = {
+        "torch.argmax": lambda: torch.argmax(b),
+        "torch.Tensor.argmin": lambda: b.argmin(),
+        "torch.Tensor.max": lambda: b.max(dim=0),
+        "torch.min": lambda: torch.min(b, 0),
+        "torch.topk": lambda: torch.topk(b, 2),
+        "torch.Tensor.median": lambda: b.median(),
+        "torch.quantile": lambda: torch.quantile(b, 0.5),
+        "torch.Tensor.kthvalue": lambda: b.kthvalue(1),
+        "ParameterBundle.__getitem__": lambda: b[0],
+        "indexing by position": lambda: b.__setitem__(0, 1.0),
+        "torch.Tensor.tolist": lambda: b.tolist(),
+        "torch.Tensor.item": lambda: b.item(),
+        "torch.Tensor.numpy": lambda: b.numpy(),
+        "torch.cumsum": lambda: torch.cumsum(b, 0),
+        "torch.Tensor.sort": lambda: b.sort(),
+    }
+    for name, fn in refused.items():
+        _raises(mt.UnsupportedOperationError, name, fn)
+    _raises(mt.UnsupportedOperationError, "b.amax()", lambda: torch.argmax(b))
+    _raises(mt.UnsupportedOperationError, "materialize", lambda: b[1:3])
+    with mt.fallback("error"):
+        _raises(mt.UnsupportedOperationError, "this rank's shards alone", lambda: torch.cumsum(b, 0))
+    close(b.materialize(), cat(b.tensors))  # explicit: this rank's concatenation
+
+
+@check
+def group_mismatched_groups(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    mine = sharded(full_tensors(), world, rank)
+    sub, _ = dist.new_subgroups(1)  # each rank alone
+    a, c = world_bundle(mine), mt.bundle(mine, group=sub)
+    assert c.group is sub
+    _raises(ValueError, "different process groups", lambda: torch.dist(a, c))
+    _raises(ValueError, "different process groups", lambda: a + c)
+    _raises(ValueError, "group= has ranks", lambda: mt.bundle(a, group=sub))
+    _raises(TypeError, "ProcessGroup", lambda: mt.bundle(mine, group="world"))
+    close(c.sum(), cat(mine).sum())  # a group of one: this rank's own
+    _raises(mt.UnsupportedOperationError, "recipes.distance", lambda: mt.recipes.distance(a, a * 2))
+    close(mt.bundle(a, include="a").sum(), full_tensors()["a"].sum())  # a bundle as source keeps the group
+
+
+@check
+def group_collectives_and_custom_reductions(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    calls = {"all_reduce": 0, "all_gather_object": 0}
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return wrapper
+
+    full = full_tensors()
+    b = world_bundle(sharded(full, world, rank))
+    expected = {  # one collective per reduction; sums and the 0-, 1-, 2-norms by all_reduce
+        "sum": (lambda: b.sum(), "all_reduce"),
+        "mean": (lambda: b.mean(), "all_reduce"),
+        "norm": (lambda: (b - 1).norm(), "all_reduce"),
+        "dist1": (lambda: torch.dist(b, b * 2, p=1), "all_reduce"),
+        "count_nonzero": (lambda: b.count_nonzero(), "all_reduce"),
+        "std": (lambda: b.std(), "all_gather_object"),
+        "amax": (lambda: b.amax(), "all_gather_object"),
+        "norm3": (lambda: b.norm(p=3), "all_gather_object"),
+        "per_param": (lambda: b.per_param().sum(), "all_gather_object"),
+    }
+    try:
+        for name in calls:
+            setattr(dist, name, counting(name))
+        for what, (fn, collective) in expected.items():
+            before = dict(calls)
+            fn()
+            used = {k: calls[k] - before[k] for k in calls}
+            if used != {k: int(k == collective) for k in calls}:
+                FAILURES.append(f"{what}: collectives {used}, expected one {collective}")
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+    # A reduction registered by another library: its combine returns a state, as documented.
+    def sum_of_cubes(x: Any, dim: Any = None, keepdim: bool = False) -> Any:
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(sum_of_cubes, (x,), x, dim=dim, keepdim=keepdim)
+        return (x**3).sum()
+
+    failing, fail_now = world - 1, [False]
+
+    def partial(t: torch.Tensor, offset: int, a: Any) -> torch.Tensor:
+        if fail_now[0] and rank == failing:
+            raise ValueError("no cubes here")
+        return (t**3).sum()
+
+    mt.register_reduction(sum_of_cubes, partial=partial, combine=lambda s, a: torch.stack(s).sum())
+    close(sum_of_cubes(b), (cat(full) ** 3).sum())
+    # A partial that fails on one rank only: every rank raises, none hangs.
+    fail_now[0] = True
+    expect = (ValueError, "no cubes here") if rank == failing else (RuntimeError, f"rank {failing} of the group failed")
+    _raises(*expect, lambda: sum_of_cubes(b))
+    # The same through sum's all_reduce: an on-demand input modified in place on one rank only.
+    mine = sharded(full, world, rank)
+    doubled = world_bundle(mine) * 2
+    if rank == failing:
+        with torch.no_grad():
+            mine["d"].add_(0)
+    expect = (RuntimeError, "modified in place") if rank == failing else (RuntimeError, "another rank failed")
+    _raises(*expect, lambda: doubled.sum())
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------
+
+
+def mlp(seed: int = 0, widths: tuple[int, ...] = (5, 3, 6, 2)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (m, n) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(m, n)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def fsdp_check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    FSDP_CHECKS.add(fn.__name__)
+    return check(fn)
+
+
+def sharded_mlp(world: int, root_owns_last: bool = False) -> tuple[nn.Module, nn.Module]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    reference = mlp()
+    model = copy.deepcopy(reference)
+    mesh = init_device_mesh("cpu", (world,))
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for m in linears[:-1] if root_owns_last else linears:
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, reference
+
+
+@fsdp_check
+def fsdp_values(rank: int, world: int) -> None:
+    import modtensor as mt
+    from torch.distributed.tensor import DTensor
+
+    model, reference = sharded_mlp(world)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    b, want = mt.bundle(model), mt.bundle(reference).materialize()
+    assert b.group is not None and b.names == mt.bundle(reference).names
+    for name in ("sum", "mean", "std_correction2", "var_mean", "norm2", "norm1", "norm_inf", "amax", "amin",
+                 "count_nonzero", "any", "all", "logsumexp"):
+        close(REDUCTIONS[name](b), REDUCTIONS[name](want), rtol=1e-5, atol=1e-6)
+    close(b.per_param().norm().tensors, mt.bundle(reference).per_param().norm().tensors, rtol=1e-5, atol=1e-6)
+    close(b.weighted().mean(), want.mean(), rtol=1e-5, atol=1e-6)
+    close(mt.bundle(model, include="*.weight").std(), mt.bundle(reference, include="*.weight").std(), rtol=1e-5, atol=1e-6)
+    close(torch.dist(b, mt.bundle(model).detach() * 2), want.norm(), rtol=1e-5, atol=1e-6)
+
+
+@fsdp_check
+def fsdp_training_step(rank: int, world: int) -> None:
+    import modtensor as mt
+    from torch.distributed.tensor import DTensor
+
+    lam = 0.1
+    for root_owns_last in (False, True):
+        model, reference = sharded_mlp(world, root_owns_last)
+        no_grads = mt.bundle(model).grad  # before backward: an empty bundle on every rank
+        assert no_grads is not None and not no_grads.names and len(no_grads.left_out) == 6
+        close(no_grads.norm(), torch.zeros(()))
+        torch.manual_seed(1)
+        x, y = torch.randn(8, 5), torch.randn(8, 2)
+        # the penalty after the forward: the root's own parameters are unsharded then
+        out = model(x)
+        unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        assert bool(unsharded) == root_owns_last, unsharded
+        loss = F.mse_loss(out, y) + lam * (mt.bundle(model) ** 2).sum()
+        ref_loss = F.mse_loss(reference(x), y) + lam * (mt.bundle(reference) ** 2).sum()
+        close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        ref_loss.backward()
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert q.grad is not None and p.grad is not None, n
+            close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6)
+        grads = mt.bundle(model).grad
+        assert grads is not None and grads.group is not None
+        total = torch.nn.utils.get_total_norm([q.grad for q in reference.parameters()])
+        close(grads.norm(), total, rtol=1e-5, atol=1e-6)
+        fsdp_total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        close(grads.norm(), fsdp_total.full_tensor(), rtol=1e-5, atol=1e-6)
+        # clipping: modtensor's recipe on the FSDP model equals torch's on the reference
+        before = mt.recipes.clip_grad_norm_(model, 0.5)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        close(before, total, rtol=1e-5, atol=1e-6)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6)
+
+
+@fsdp_check
+def fsdp_training_loop_with_one_bundle(rank: int, world: int) -> None:
+    # One bundle made before the loop serves every step: its shards are views of the
+    # parameters, which the optimizer updates in place.
+    import modtensor as mt
+
+    model, reference = sharded_mlp(world)
+    b, ref_b = mt.bundle(model), mt.bundle(reference)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(4)
+    for _ in range(3):
+        x, y = torch.randn(6, 5), torch.randn(6, 2)
+        for m, bb, o in ((model, b, opt), (reference, ref_b, ref_opt)):
+            o.zero_grad()
+            (F.mse_loss(m(x), y) + 0.05 * bb.std() + 0.01 * bb.norm(p=1)).backward()
+            mt.recipes.clip_grad_norm_(m, 0.3)
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+    close(b.std(), ref_b.std(), rtol=1e-5, atol=1e-6)
+
+
+@fsdp_check
+def fsdp_inplace_writes_through(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    model, reference = sharded_mlp(world)
+    with torch.no_grad():
+        mt.bundle(model).mul_(0.5).add_(0.25)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        close(p.full_tensor(), q.detach() * 0.5 + 0.25)
+    close(mt.bundle(model).sum(), (mt.bundle(reference).materialize() * 0.5 + 0.25).sum(), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(2)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        mt.bundle(reference).mul_(0.5).add_(0.25)
+    close(model(x), reference(x), rtol=1e-5, atol=1e-6)  # FSDP all-gathers the written shards
+    # in grad mode: refused before any write, as for plain parameters
+    b = mt.bundle(model)
+    _raises(RuntimeError, "leaf Variable that requires grad", lambda: b.mul_(2))
+    close(mt.bundle(model).sum(), mt.bundle(reference).sum(), rtol=1e-5, atol=1e-6)
+    # a bundle made under no_grad still carries gradients to the parameters
+    with torch.no_grad():
+        b = mt.bundle(model)
+    (b**2).sum().backward()
+    for p in model.parameters():
+        close(p.grad.full_tensor(), 2 * p.detach().full_tensor())
+
+
+@fsdp_check
+def fsdp_dtensor_errors(rank: int, world: int) -> None:
+    import modtensor as mt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(12.0).reshape(6, 2)
+    s = distribute_tensor(full, mesh, [Shard(0)])
+    r = distribute_tensor(torch.ones(3), mesh, [Replicate()])
+    b = mt.bundle({"s": s, "r": r})
+    close(b.sum(), full.sum() + 3)  # a replicated tensor counts once
+    close(b.mean(), (full.sum() + 3) / 15)
+    close(b.std(), torch.cat([full.reshape(-1), torch.ones(3)]).std(), rtol=1e-6)
+    # each replica gets the full gradient, as DDP / HSDP expect before averaging
+    r2 = distribute_tensor(torch.ones(3), mesh, [Replicate()]).requires_grad_()
+    (mt.bundle({"r": r2}) * 2).sum().backward()
+    close(r2.grad.to_local(), torch.full((3,), 2.0))
+    part = DTensor.from_local(torch.ones(2), mesh, [Partial()])
+    _raises(ValueError, "Partial", lambda: mt.bundle({"p": part}))
+    _raises(TypeError, "plain tensors", lambda: mt.bundle({"s": s, "x": torch.ones(2)}))
+    sub, _ = dist.new_subgroups(1)
+    _raises(ValueError, "group= has ranks", lambda: mt.bundle({"s": s}, group=sub))
+    close(mt.bundle({"s": s}, group=dist.group.WORLD).sum(), full.sum())
+    if world >= 4:  # a 2-D mesh, as HSDP makes: replicated over dim 0, sharded over dim 1
+        hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        other = distribute_tensor(torch.arange(4.0), hsdp, [Replicate(), Shard(0)])
+        _raises(ValueError, "different device meshes", lambda: mt.bundle({"s": s, "o": other}))
+        close(mt.bundle({"o": other}).sum(), torch.tensor(6.0))
+        close(mt.bundle({"o": other}).std(), torch.arange(4.0).std())
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+
+@check
+def ddp_bundle_is_local(rank: int, world: int) -> None:
+    import modtensor as mt
+
+    reference = mlp()
+    model = nn.parallel.DistributedDataParallel(copy.deepcopy(reference))
+    b = mt.bundle(model)
+    assert b.group is None and b.names == tuple("module." + n for n in mt.bundle(reference).names)
+    close(b.std(), mt.bundle(reference).std())
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+    (F.mse_loss(model(x), y) + 0.1 * (b**2).sum()).backward()  # DDP averages identical grads
+    (F.mse_loss(reference(x), y) + 0.1 * (mt.bundle(reference) ** 2).sum()).backward()
+    grads = mt.bundle(model).grad
+    assert grads is not None
+    close(grads.norm(), mt.bundle(reference).grad.norm(), rtol=1e-5, atol=1e-6)
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+def run(rank: int, world: int, port: int, out_dir: str, modtensor_dir: str, only: tuple[str, ...] = ()) -> None:
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    results: dict[str, str | None] = {}
+    import modtensor
+
+    here = str(Path(modtensor.__file__).resolve().parent)
+    if here != modtensor_dir:
+        results["setup"] = f"modtensor imported from {here}, expected {modtensor_dir}"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),  # a collective some rank never joins fails
+    )
+    out = Path(out_dir, f"rank{rank}.json")
+    try:
+        try:
+            importlib.import_module("torch.distributed.fsdp")
+            importlib.import_module("torch.distributed.tensor")
+            fsdp = True
+        except ImportError:
+            fsdp = False
+        for name, fn in CHECKS.items():
+            if only and name not in only:
+                continue
+            if name in FSDP_CHECKS and not fsdp:
+                results[name] = "skip: torch.distributed.fsdp is unavailable"
+                continue
+            FAILURES.clear()
+            try:
+                fn(rank, world)
+                results[name] = "\n\n".join(FAILURES) if FAILURES else None
+            except Exception:
+                results[name] = "\n\n".join([*FAILURES, traceback.format_exc()])
+            out.write_text(json.dumps(results))  # what ran so far, should a later check hang
+            dist.barrier()  # a check failing on some ranks only must not desync the next one
+    finally:
+        out.write_text(json.dumps(results))
+        dist.destroy_process_group()
