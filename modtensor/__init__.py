@@ -17,7 +17,7 @@ from modtensor._extend import (
 )
 from modtensor._install import install, installed, uninstall
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "MaterializationWarning",
