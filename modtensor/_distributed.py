@@ -395,7 +395,7 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
 
 def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype) -> torch.Tensor:
     """The max (or min) of every rank's `(extremum, ties)`, with torch's gradient for ties."""
-    from modtensor._reductions import _stack
+    from modtensor._reductions import _stack, tie_shared
 
     stacked = _stack([v for v, _ in payloads], dtype)
     m = stacked.amax() if largest else stacked.amin()
@@ -405,13 +405,7 @@ def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype) -> t
     total = sum(c for (_, c), t in zip(payloads, tied) if t)
     if sum(tied) <= 1 or total == 0:
         return m
-    shares = [(v, c / total) for v, (_, c), t in zip(stacked, payloads, tied) if t]
-    if not bool(m.isfinite()):  # +-inf: the shares sum to one, so the value stays exact
-        return sum((v * w for v, w in shares), torch.zeros_like(m))
-    result = m.detach()
-    for v, w in shares:
-        result = result + (v - v.detach()) * w
-    return result
+    return tie_shared(stacked, m, [c if t else None for (_, c), t in zip(payloads, tied)])
 
 
 def _extremum_form(

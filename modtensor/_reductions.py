@@ -314,14 +314,31 @@ def _extremum(
         (_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) if is_tied else None
         for t, is_tied in zip(tensors, tied)
     ]
+    return tie_shared(stacked, m, counts)
+
+
+def tie_shared(stacked: torch.Tensor, m: torch.Tensor, counts: Sequence[Any]) -> torch.Tensor:
+    """`m`, the extremum of `stacked`, with its gradient split over the tied entries.
+
+    `counts[i]` is how many elements entry i's extremum stands for (None where it is not
+    tied), so each tied entry gets its share of torch's evenly spread gradient.
+    """
     total = sum(c for c in counts if c is not None)
-    shares = [(v, (c / total).to(v.dtype)) for v, c in zip(stacked, counts) if c is not None]
+    shares = [
+        (v, (c.to(torch.float64) if isinstance(c, torch.Tensor) else float(c)) / total)
+        for v, c in zip(stacked, counts)
+        if c is not None
+    ]
     if not bool(m.isfinite()):  # +-inf: the shares sum to one, so the value stays exact
-        return sum((v * w for v, w in shares), torch.zeros_like(m))
+        return sum((v * _as_share(w, v) for v, w in shares), torch.zeros_like(m))
     result = m.detach()
     for v, w in shares:
-        result = result + (v - v.detach()) * w
+        result = result + (v - v.detach()) * _as_share(w, v)
     return result
+
+
+def _as_share(w: Any, v: torch.Tensor) -> Any:
+    return w.to(v.dtype) if isinstance(w, torch.Tensor) else w
 
 
 def _traced_extremum(
