@@ -10,6 +10,7 @@ on demand is recognised and computed by these kernels, with one-allocation backw
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,10 @@ __all__ = ["diff_l2_norm", "fuse", "l2_norm"]
 
 ROW = 1024
 MIN_NUMEL = 1 << 16  # below this torch's kernel is accurate enough, and cheaper to call
-BLOCK = 1 << 20  # elements of `a - b` formed at once (4 MiB in float32)
+# Below this `a - b` fits in cache and the allocator reuses it: torch.dist is faster.
+DIFF_MIN_NUMEL = 1 << 20
+BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
+_SCRATCH = threading.local()
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -39,17 +43,39 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _rows_norms(flat: torch.Tensor) -> list[torch.Tensor]:
-    n = flat.numel() // ROW * ROW
-    parts = [torch.linalg.vector_norm(flat[:n].view(-1, ROW), dim=1)]
-    if n < flat.numel():
-        parts.append(torch.linalg.vector_norm(flat[n:]).reshape(1))
-    return parts
+def _rows_into(flat: torch.Tensor, rows: torch.Tensor) -> None:
+    # The norms of flat's rows of ROW elements (the last one shorter) into `rows`.
+    full = flat.numel() // ROW * ROW
+    torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, out=rows[: full // ROW])
+    if full < flat.numel():
+        torch.linalg.vector_norm(flat[full:], out=rows[-1])
 
 
-def _combine_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    norm: torch.Tensor = torch.linalg.vector_norm(torch.cat(parts).to(torch.float64))
+def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
+    if flat.requires_grad and torch.is_grad_enabled():  # traced by autograd (torch.compile)
+        full = flat.numel() // ROW * ROW
+        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1)]
+        if full < flat.numel():
+            parts.append(torch.linalg.vector_norm(flat[full:]).reshape(1))
+        rows = torch.cat(parts)
+    else:  # written in place: out= has no autograd
+        rows = torch.empty(-(-flat.numel() // ROW), dtype=flat.dtype, device=flat.device)
+        _rows_into(flat, rows)
+    norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
     return norm
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    # One block buffer per thread, dtype and device, kept: a fresh block per tensor costs its
+    # page faults again each time (the allocator hands large blocks back to the system).
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    key = (like.dtype, like.device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer[:numel]
 
 
 def _scale(g: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,7 +86,7 @@ def _scale(g: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 class _L2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        norm = _combine_rows(_rows_norms(t.detach().reshape(-1)))
+        norm = _rows_norm(t.detach().reshape(-1))
         ctx.save_for_backward(t, norm)
         return norm
 
@@ -75,11 +101,15 @@ class _DiffL2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
-        parts: list[torch.Tensor] = []
-        for start in range(0, fa.numel(), BLOCK):
-            stop = min(start + BLOCK, fa.numel())
-            parts += _rows_norms(fa[start:stop] - fb[start:stop])
-        norm = _combine_rows(parts)
+        n = fa.numel()
+        block = _scratch(min(BLOCK, n), fa)
+        rows = torch.empty(-(-n // ROW), dtype=fa.dtype, device=fa.device)
+        for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
+            stop = min(start + BLOCK, n)
+            difference = block[: stop - start]
+            torch.sub(fa[start:stop], fb[start:stop], out=difference)
+            _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
+        norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
         ctx.save_for_backward(a, b, norm)
         return norm
 
@@ -102,6 +132,9 @@ def l2_norm(t: torch.Tensor) -> torch.Tensor:
     if not _eligible(t):
         norm: torch.Tensor = torch.linalg.vector_norm(t)
         return norm
+    if torch.compiler.is_compiling() or not (t.requires_grad and torch.is_grad_enabled()):
+        # no backward to write (or the compiler traces the rows through autograd itself)
+        return _rows_norm(t.reshape(-1))
     result: torch.Tensor = _L2Norm.apply(t)  # type: ignore[no-untyped-call]
     return result
 
@@ -114,8 +147,9 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> float(diff_l2_norm(torch.ones(1 << 20), torch.zeros(1 << 20)))
         1024.0
     """
-    if not _eligible(a, b):
-        return torch.dist(a, b)
+    if not _eligible(a, b) or a.numel() < DIFF_MIN_NUMEL or torch.compiler.is_compiling():
+        distance: torch.Tensor = torch.dist(a, b)
+        return distance
     result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
     return result
 

@@ -223,3 +223,23 @@ def test_in_place_recipes_compile() -> None:
         torch.testing.assert_close(a, b)
     for a, b in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_long_tensors_norm_compiles() -> None:
+    # Tensors past the kernels' size threshold take the row-wise norm, traced by autograd.
+    torch.manual_seed(0)
+    w = torch.randn(70_001, requires_grad=True)
+    v = torch.randn(300, requires_grad=True)
+
+    def loss(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return mt.bundle([w, v]).norm() + (mt.bundle([w, v]) ** 2).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(w, v)
+    got_grads = torch.autograd.grad(got, (w, v))
+    flat = torch.cat([w, v])
+    want = flat.norm() + (flat**2).sum()
+    want_grads = torch.autograd.grad(want, (w, v))
+    torch.testing.assert_close(got, want)
+    for g, h in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, h)

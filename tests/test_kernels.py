@@ -31,8 +31,9 @@ CALLS = {
 @pytest.fixture
 def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "ROW", 3)
-    monkeypatch.setattr(_kernels, "BLOCK", 7)
+    monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -49,7 +50,7 @@ def test_fused_chains_use_the_kernels(small_kernels, monkeypatch):
     monkeypatch.setattr(
         _kernels._DiffL2Norm, "apply", lambda a, b, _f=_kernels._DiffL2Norm.apply: seen.append("diff") or _f(a, b)
     )
-    x = mt.bundle([torch.randn(5, 4), torch.randn(9)])
+    x = mt.bundle([torch.randn(5, 4, requires_grad=True), torch.randn(9, requires_grad=True)])
     y = mt.bundle([torch.randn(5, 4), torch.randn(9)])
     square, difference = x**2, x - y
     peaks = track_live(square), track_live(difference)
@@ -86,7 +87,7 @@ def test_not_fused_where_semantics_differ(small_kernels):
 
 def test_real_sizes_are_more_accurate_than_the_concatenation():
     torch.manual_seed(0)
-    tensors = [torch.randn(1_000_003) * 0.02 + 0.01, torch.randn(3 * _kernels.BLOCK + 5) * 0.5, torch.randn(10)]
+    tensors = [torch.randn(1_000_003) * 0.02 + 0.01, torch.randn(5 * _kernels.BLOCK + 5) * 0.5, torch.randn(10)]
     others = [t + 0.001 * torch.randn_like(t) for t in tensors]
     exact = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
     exact_dist = math.sqrt(sum(float((t.double() - o.double()).pow(2).sum()) for t, o in zip(tensors, others)))
@@ -103,8 +104,8 @@ def test_real_sizes_are_more_accurate_than_the_concatenation():
 
 def test_real_size_gradients():
     torch.manual_seed(0)
-    p = [torch.randn(300_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
-    q = [torch.randn(300_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
+    p = [torch.randn(1_100_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
+    q = [torch.randn(1_100_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
     ((mt.bundle(p) ** 2).sum() + (mt.bundle(p) - mt.bundle(q)).norm()).backward()
     cat_p = torch.cat([t.detach().reshape(-1) for t in p]).requires_grad_()
     cat_q = torch.cat([t.detach().reshape(-1) for t in q]).requires_grad_()
