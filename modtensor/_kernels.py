@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["diff_l2_norm", "fuse", "l2_norm"]
 
 ROW = 1024
-MIN_NUMEL = 1 << 16  # below this torch's kernel is accurate enough, and cheaper to call
-# Below this `a - b` fits in cache and the allocator reuses it: torch.dist is faster.
+# Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
+# reuses them; a row pass costs a few more calls), and accurate enough.
+MIN_NUMEL = 1 << 20
 DIFF_MIN_NUMEL = 1 << 20
 BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
 _SCRATCH = threading.local()

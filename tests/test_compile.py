@@ -228,7 +228,7 @@ def test_in_place_recipes_compile() -> None:
 def test_long_tensors_norm_compiles() -> None:
     # Tensors past the kernels' size threshold take the row-wise norm, traced by autograd.
     torch.manual_seed(0)
-    w = torch.randn(70_001, requires_grad=True)
+    w = torch.randn(1_100_001, requires_grad=True)
     v = torch.randn(300, requires_grad=True)
 
     def loss(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
