@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
     from modtensor._strategies import ReduceArgs
 
-__all__ = ["diff_l2_norm", "fuse", "l2_norm"]
+__all__ = ["diff_l2_norm", "fuse", "l2_norm", "sum_of_squares"]
 
 ROW = 1024
 # Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
@@ -140,6 +140,20 @@ def l2_norm(t: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """`(t ** 2).sum()`: by `l2_norm` for long tensors, else torch's (accurate) sum.
+
+    Example:
+        >>> import torch
+        >>> float(sum_of_squares(torch.full((3,), 2.0)))
+        12.0
+    """
+    if not _eligible(t):  # the square fits in cache, and torch's sum is pairwise
+        small: torch.Tensor = torch.square(t).sum()
+        return small
+    return l2_norm(t).square()
+
+
 def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`torch.dist(a, b)` for tensors of one shape and dtype, without an `a - b` temporary.
 
@@ -187,10 +201,10 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         x, exponent = op_args if len(op_args) == 2 else (op_args[0], 2)
         if not (type(exponent) in (int, float) and exponent == 2 and _uniform(x, b._dtype)):
             return NOT_HANDLED
-        norms = [guard(i, l2_norm, x._tensor(i)) for i in range(n) if b._shapes[i].numel()]
-        if not norms:
+        squares = [guard(i, sum_of_squares, x._tensor(i)) for i in range(n) if b._shapes[i].numel()]
+        if not squares:
             return NOT_HANDLED
-        return _cast(_stack(norms, torch.float64).square().sum(), b._dtype)
+        return _cast(_stack(squares, torch.float64).sum(), b._dtype)
     if func in _NORMS and parsed.options.get("p") == 2 and op in _DIFFERENCES and not op_kwargs and len(op_args) == 2:
         x, y = op_args
         if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):
