@@ -35,9 +35,12 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:
+    # CPU only: on a GPU torch's reductions are tree-shaped (accurate) and a Python block loop
+    # would cost a kernel launch per block.
     t = tensors[0]
     return (
-        t.dtype in _DTYPES
+        t.device.type == "cpu"
+        and t.dtype in _DTYPES
         and t.numel() >= MIN_NUMEL
         and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
         and all(u.device == t.device for u in tensors)
