@@ -78,12 +78,14 @@ def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
+    parse: Callable[[], Any] = lambda: reduction.parse(b, func, args, kwargs)
     # (x ** 2).sum() of a local bundle: maybe one kernel (a distributed one combines across ranks)
     if b._expr is not None and b.strategy == "concat" and b._dist is None:
-        parsed = reduction.parse(b, func, args, kwargs)
+        parsed = parse()
         fused = NOT_HANDLED if parsed is NOT_HANDLED else fuse(func, parsed, b)
         if fused is not NOT_HANDLED:
             return fused
+        parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     pieces = Pieces(b._tensor, b._offsets)
 
     callers: list[Any] = []
@@ -98,7 +100,7 @@ def run_reduction(
         return callers[0](i)
 
     call = ReductionCall(
-        func, args, kwargs, b, reduction, lambda: reduction.parse(b, func, args, kwargs), pieces, per_tensor
+        func, args, kwargs, b, reduction, parse, pieces, per_tensor
     )
     return _strategies.reduce(call)
 

@@ -133,7 +133,7 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     name = func_name(func)
     if not is_bundle(b):
         return NOT_HANDLED
-    if not isinstance(src, torch.Tensor) or (not is_bundle(src) and src.dim() != 1):
+    if not (is_bundle(src) or (isinstance(src, torch.Tensor) and src.dim() == 1)):
         raise TypeError(
             f"{name}: copy from a bundle of the same structure or a flat ({b._numel},) tensor "
             f"into {b.describe()}; got {type(src).__name__} of shape {tuple(getattr(src, 'shape', ()))}."
@@ -162,7 +162,7 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
         _check_writable(name, b, [value])
         b._tensor(i)[coords] = value
         return None
-    is_mask = isinstance(index, torch.Tensor) and index.dtype == torch.bool
+    is_mask = (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool
     if not is_mask or not (is_bundle(index) or (index.dim() == 1 and index.shape[0] == b._numel)):
         raise TypeError(
             f"{name}: write-through assignment takes an int or a boolean mask (a bundle of the "

@@ -243,3 +243,19 @@ def test_long_tensors_norm_compiles() -> None:
     torch.testing.assert_close(got, want)
     for g, h in zip(got_grads, want_grads):
         torch.testing.assert_close(g, h)
+
+
+def test_copy_and_masked_assignment_between_bundles_compile() -> None:
+    # copy_ from a bundle and b[mask] = v with a bundle mask: stand-ins as the operands.
+    model, target = _models()
+
+    def step(model: nn.Module, target: nn.Module) -> None:
+        with torch.no_grad():
+            b = mt.bundle(target)
+            b.copy_(mt.bundle(model))
+            b[b < 0] = 0.0
+
+    torch._dynamo.reset()
+    torch.compile(step, fullgraph=True, backend="eager")(model, target)
+    for p, q in zip(model.parameters(), target.parameters()):
+        torch.testing.assert_close(q, p.detach().clamp_min(0))
