@@ -64,6 +64,8 @@ class _BundleAPI:
     _names: tuple[str, ...]
     _shapes: tuple[torch.Size, ...]
     _offsets: tuple[int, ...]
+    _keys: tuple[tuple[torch.dtype, torch.device], ...]  # which tensors may be packed together
+    _on_one_device: bool
     _options: Mapping[str, Any]
     _dtype: torch.dtype
     _device: torch.device
@@ -300,6 +302,8 @@ class _BundleAPI:
         """
         if not self._names:
             return torch.empty(0, dtype=self._dtype, device=self._device)
+        if self._tensors is not None and self._on_one_device:
+            return torch.cat([t.reshape(-1) for t in self._tensors])
         return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:
@@ -444,6 +448,8 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._dtypes = tuple(dtypes)
         self._devices = tuple(devices)
         self._offsets = tuple(offsets)
+        self._keys = tuple(zip(self._dtypes, self._devices))
+        self._on_one_device = all(d == device for d in self._devices)
         self._strategy = strategy
         self._options = MappingProxyType(dict(options or {}))
         self._dtype = dtype

@@ -20,8 +20,9 @@ from torch.overrides import resolve_name
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
-    "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "NOT_HANDLED", "TracedDispatch",
-    "dispatch", "fallback", "find_bundles", "func_name", "materialized",
+    "ANY_STRATEGY", "BUNDLE_TYPES", "DIRECT_CALLS", "DispatchTensor", "Handler", "NOT_HANDLED",
+    "TINY_NUMEL", "TracedDispatch", "copy_is_cheap", "dispatch", "fallback", "find_bundles",
+    "func_name", "materialized", "remember_direct",
 ]
 
 Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]
@@ -85,6 +86,38 @@ _INPLACE_DUNDERS = frozenset(
 _OBJECT_FUNCTIONS = frozenset(
     {"register_hook", "retain_grad", "register_post_accumulate_grad_hook", "share_memory_"}
 )
+
+
+# A whole bundle of at most this many elements is reduced by one torch call on its explicit
+# concatenation (16 KiB of float32): for a layer such as a small conv, the Python of even one
+# pass over its tensors costs more than the copy. The result is the concatenation's, exactly.
+TINY_NUMEL = 1 << 12
+
+# Reduction calls the reductions' handler has parsed and found valid, by bundle class, function,
+# dtype and the other arguments (plain values only): on a tiny bundle they skip the table and
+# the parsing. Registering any handler empties it.
+DIRECT_CALLS: set[tuple[Any, ...]] = set()
+_PLAIN = (type(None), bool, int, float, str, torch.dtype)
+
+
+def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Record that `func(b, *args[1:], **kwargs)` is a valid direct reduction for b's dtype."""
+    values = (*args[1:], *kwargs.values())
+    if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
+        DIRECT_CALLS.add((type(b), func, b._dtype, args[1:], *kwargs.items()))
+
+
+def copy_is_cheap(bundles: Iterable[Any], strategy: str) -> bool:
+    """True where one call on the bundles' concatenations beats a call per tensor.
+
+    That is for tiny, non-empty, local bundles under the concat strategy, outside
+    torch.compile (whose graphs keep the per-tensor form, which the compiler fuses).
+    """
+    return (
+        strategy == "concat"
+        and all(0 < b._numel <= TINY_NUMEL and b._dist is None for b in bundles)
+        and not torch.compiler.is_compiling()
+    )
 
 
 _NAMES: dict[Any, str] = {}
@@ -258,6 +291,9 @@ class DispatchTensor(torch.Tensor):
 
     HANDLERS: ClassVar[dict[tuple[Any, str], Handler]] = {}
     _strategy: str = "concat"
+    _dtype: torch.dtype
+    _numel: int
+    _dist: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -297,6 +333,7 @@ class DispatchTensor(torch.Tensor):
             for f in func_list:
                 cls.HANDLERS[(f, strategy)] = handler
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name
+            DIRECT_CALLS.clear()  # the new handler may serve one of them
             return handler
 
         return decorator
@@ -309,7 +346,17 @@ class DispatchTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        return dispatch(cls, func, args, kwargs or {})
+        kwargs = kwargs or {}
+        b = args[0] if args else None
+        # The fast lane of tiny bundles (see copy_is_cheap), for calls seen before.
+        if type(b) is cls and 0 < b._numel <= TINY_NUMEL and b._dist is None and b._strategy == "concat":
+            try:
+                seen = (cls, func, b._dtype, args[1:], *kwargs.items()) in DIRECT_CALLS
+            except TypeError:  # an unhashable argument: not a call the lane takes
+                seen = False
+            if seen and not torch.compiler.is_compiling():
+                return func(b.materialize(), *args[1:], **kwargs)
+        return dispatch(cls, func, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import torch
+
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
-from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, func_name
+from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, copy_is_cheap, func_name, remember_direct
 from modtensor._pointwise import per_tensor_caller
 from modtensor._strategies import (
     Pieces,
@@ -78,6 +80,12 @@ def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
     """Run `reduction` for the call `func(*args, **kwargs)` under `b`'s strategy."""
+    if reduction.direct and copy_is_cheap([b], b._strategy):
+        # Parsed all the same: bad arguments get the error the per-tensor path gives.
+        if reduction.parse(b, func, args, kwargs) is NOT_HANDLED:
+            return NOT_HANDLED
+        remember_direct(b, func, args, kwargs)  # valid for every tiny bundle of this dtype
+        return func(b.materialize(), *args[1:], **kwargs)  # the handler takes b as args[0]
     parse: Callable[[], Any] = lambda: reduction.parse(b, func, args, kwargs)
     # (x ** 2).sum() of a local bundle: maybe one kernel (a distributed one combines across ranks)
     if b._expr is not None and b.strategy == "concat" and b._dist is None:
@@ -86,7 +94,9 @@ def run_reduction(
         if fused is not NOT_HANDLED:
             return fused
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
-    pieces = Pieces(b._tensor, b._offsets)
+    # Packing copies small tensors: not while autograd records (it would keep the copies).
+    packs = not (torch.is_grad_enabled() and b.requires_grad) and not torch.compiler.is_compiling()
+    pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None)
 
     callers: list[Any] = []
 
@@ -113,15 +123,19 @@ def register_reduction(
     *,
     parse: Callable[..., Any] | None = None,
     needs_elements: Callable[[ReduceArgs], bool] | None = None,
+    direct: bool = False,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
-    `partial(tensor, offset, args)` is one non-empty tensor's state (`offset`: where the
-    tensor starts in the concatenation), `combine(states, args)` merges states associatively,
-    `finalize(state, args)` makes the result (default: the state itself). `args` is the
-    `ReduceArgs` that `parse(bundle, func, args, kwargs)` returns (default: accepts
-    `dim=0/-1` and `keepdim`). `needs_elements(args)` says torch raises on an empty input.
-    The per_param and weighted strategies come for free: they call `func` on each tensor.
+    `partial(segment, offset, args)` is the state of one non-empty segment of the
+    concatenation (a tensor, or small neighbouring tensors of one dtype and device packed
+    flat; `offset`: where it starts in the concatenation), `combine(states, args)` merges
+    states associatively, `finalize(state, args)` makes the result (default: the state
+    itself). `args` is the `ReduceArgs` that `parse(bundle, func, args, kwargs)` returns
+    (default: accepts `dim=0/-1` and `keepdim`). `needs_elements(args)` says torch raises on
+    an empty input. `direct=True` says `func` itself reduces a plain flat tensor the same way,
+    so a tiny bundle may be reduced by one call on its concatenation. The per_param and
+    weighted strategies come for free: they call `func` on each tensor.
 
     Example:
         >>> import torch, modtensor as mt
@@ -145,6 +159,7 @@ def register_reduction(
         combine=combine,
         finalize=finalize or (lambda state, args: state),
         needs_elements=needs_elements or (lambda args: False),
+        direct=direct,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

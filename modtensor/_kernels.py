@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modtensor._dispatch import NOT_HANDLED
+from modtensor._strategies import Pieces
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
@@ -199,12 +200,11 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     if expr is None or b._strategy != "concat" or parsed.keepdim or parsed.dtype != b._dtype:
         return NOT_HANDLED
     op, op_args, op_kwargs, guard = expr
-    n = len(b._names)
     if func in _SUMS and op in _SQUARES and not op_kwargs:
         x, exponent = op_args if len(op_args) == 2 else (op_args[0], 2)
         if not (type(exponent) in (int, float) and exponent == 2 and _uniform(x, b._dtype)):
             return NOT_HANDLED
-        squares = [guard(i, sum_of_squares, x._tensor(i)) for i in range(n) if b._shapes[i].numel()]
+        squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),))
         if not squares:
             return NOT_HANDLED
         return _cast(_stack(squares, torch.float64).sum(), b._dtype)
@@ -212,10 +212,26 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         x, y = op_args
         if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):
             return NOT_HANDLED
-        norms = [
-            guard(i, diff_l2_norm, x._tensor(i), y._tensor(i)) for i in range(n) if b._shapes[i].numel()
-        ]
+        norms = _per_segment(b, guard, diff_l2_norm, lambda i: (x._tensor(i), y._tensor(i)))
         if not norms:
             return NOT_HANDLED
         return _cast(torch.linalg.vector_norm(_stack(norms, torch.float64)), b._dtype)
     return NOT_HANDLED
+
+
+def _per_segment(
+    b: ParameterBundle,
+    guard: Callable[..., Any],
+    kernel: Callable[..., torch.Tensor],
+    operands: Callable[[int], tuple[torch.Tensor, ...]],
+) -> list[torch.Tensor]:
+    """`kernel(*operands(i))` for each non-empty tensor i of the on-demand `b`, under its guard.
+
+    Where no gradient is recorded, small tensors are packed together as in the concat
+    strategy (see `Pieces.map_segments`): one kernel call for many of them.
+    """
+    if b._lazy_requires_grad or torch.compiler.is_compiling():
+        return [guard(i, kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]
+    pieces = Pieces(lambda i: guard(i, operands, i), b._offsets, b._keys)
+    with torch.no_grad():  # the guard's grad mode recorded nothing either
+        return pieces.map_segments(lambda operands, offset: kernel(*operands))

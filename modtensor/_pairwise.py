@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, copy_is_cheap, func_name, materialized
 from modtensor._kernels import diff_l2_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
@@ -41,8 +41,24 @@ def _operands(
             f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
             f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
         )
-    pieces = Pieces(lambda i: (getters[0](i), getters[1](i)), ref._offsets)
+    pieces = Pieces(lambda i: (getters[0](i), getters[1](i)), ref._offsets, _pack_keys(ref, first, second))
     return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
+
+
+def _pack_keys(ref: ParameterBundle, first: Any, second: Any) -> list[Any] | None:
+    """Which pairs may be packed together (see `Pieces.map_segments`); None where none may."""
+    sides = []
+    for x in (first, second):
+        if is_bundle(x):
+            sides.append(x._dtypes)
+        elif x.dim() == 1 and x.shape[0] == ref._numel:  # a flat tensor, split into views
+            sides.append((x.dtype,) * len(ref._names))
+        else:  # a broadcast scalar: packing would repeat it once per tensor
+            return None
+    records = torch.is_grad_enabled() and any(x.requires_grad for x in (first, second))
+    if records or torch.compiler.is_compiling():  # as in run_reduction
+        return None
+    return list(zip(*sides, ref._devices))
 
 
 def _run(
@@ -56,6 +72,9 @@ def _run(
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
+    bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
+    if reduction.direct and copy_is_cheap(bundles, ref._strategy):
+        return func(*materialized(args), **materialized(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
     per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)
     call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
@@ -78,6 +97,7 @@ def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
         parse=lambda *a: None,
         partial=lambda pair, offset, a: product(pair[0].reshape(-1), pair[1].reshape(-1)),
         combine=_combine_sum,
+        direct=True,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -128,6 +148,7 @@ _DIST = Reduction(
     partial=_partial_dist,
     combine=_combine_dist,
     needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
+    direct=True,
 )
 
 
@@ -166,7 +187,7 @@ def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     return _cast(dot / (norms[0] * norms[1]), a.dtype)
 
 
-_COSINE = Reduction(parse=lambda *a: None, partial=_partial_cosine, combine=_combine_cosine)
+_COSINE = Reduction(parse=lambda *a: None, partial=_partial_cosine, combine=_combine_cosine, direct=True)
 
 
 def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -213,7 +234,9 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
     def finalize(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         return _cast(state / a.numel, a.dtype) if a.options["mean"] else state
 
-    reduction_of = Reduction(parse=lambda *a: None, partial=partial, combine=_combine_sum, finalize=finalize)
+    reduction_of = Reduction(
+        parse=lambda *a: None, partial=partial, combine=_combine_sum, finalize=finalize, direct=True
+    )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = func_name(func)
@@ -249,6 +272,7 @@ def _all_pairs(test: Callable[..., bool]) -> Reduction:
         parse=lambda *a: None,
         partial=lambda pair, offset, a: test(*pair, **a.options),
         combine=lambda states, a: all(states),
+        direct=True,
     )
 
 

@@ -643,65 +643,71 @@ REDUCTION_FUNCTIONS: dict[str, tuple[Any, ...]] = {
 
 _NEEDS_ELEMENTS = lambda a: True  # noqa: E731 - no identity: torch raises on empty input
 
+
+def _register(funcs: tuple[Any, ...], *parts: Any, **kwargs: Any) -> Reduction:
+    # torch's functions reduce a plain flat tensor themselves: tiny bundles may call them once
+    return register_reduction(funcs, *parts, direct=True, **kwargs)
+
+
 # Every reduction goes through the public `register_reduction`, as another library's would.
 REDUCTIONS: dict[str, Reduction] = {
-    "sum": register_reduction(
+    "sum": _register(
         REDUCTION_FUNCTIONS["sum"], _make_sum(torch.sum), _combine_sum, _finalize_sum, parse=_parse_sum
     ),
-    "nansum": register_reduction(
+    "nansum": _register(
         REDUCTION_FUNCTIONS["nansum"], _make_sum(torch.nansum), _combine_sum, _finalize_sum, parse=_parse_sum
     ),
-    "mean": register_reduction(
+    "mean": _register(
         REDUCTION_FUNCTIONS["mean"], _make_sum(torch.sum), _combine_sum, _finalize_mean, parse=_parse_mean
     ),
-    "nanmean": register_reduction(
+    "nanmean": _register(
         REDUCTION_FUNCTIONS["nanmean"], _partial_nanmean, _combine_nanmean, _finalize_nanmean, parse=_parse_mean
     ),
-    "prod": register_reduction(
+    "prod": _register(
         REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_sum, parse=_parse_prod
     ),
     # var and std: Chan et al.'s parallel merge of per-tensor (count, mean, M2)
-    "var": register_reduction(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, parse=_parse_var),
-    "std": register_reduction(REDUCTION_FUNCTIONS["std"], _partial_var, _combine_var, _fin_std, parse=_parse_var),
-    "var_mean": register_reduction(
+    "var": _register(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, parse=_parse_var),
+    "std": _register(REDUCTION_FUNCTIONS["std"], _partial_var, _combine_var, _fin_std, parse=_parse_var),
+    "var_mean": _register(
         REDUCTION_FUNCTIONS["var_mean"], _partial_var, _combine_var, _fin_var_mean, parse=_parse_var
     ),
-    "std_mean": register_reduction(
+    "std_mean": _register(
         REDUCTION_FUNCTIONS["std_mean"], _partial_var, _combine_var, _fin_std_mean, parse=_parse_var
     ),
-    "amax": register_reduction(
+    "amax": _register(
         REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
     ),
-    "amin": register_reduction(
+    "amin": _register(
         REDUCTION_FUNCTIONS["amin"], *_extremum_parts(False), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
     ),
-    "aminmax": register_reduction(
+    "aminmax": _register(
         REDUCTION_FUNCTIONS["aminmax"],
         _partial_aminmax,
         _combine_aminmax,
         parse=_parse_aminmax,
         needs_elements=_NEEDS_ELEMENTS,
     ),
-    "argmax": register_reduction(
+    "argmax": _register(
         REDUCTION_FUNCTIONS["argmax"], *_arg_extremum_parts(True), _fin_index, parse=_parse_argmax,
         needs_elements=_NEEDS_ELEMENTS,
     ),
-    "argmin": register_reduction(
+    "argmin": _register(
         REDUCTION_FUNCTIONS["argmin"], *_arg_extremum_parts(False), _fin_index, parse=_parse_argmax,
         needs_elements=_NEEDS_ELEMENTS,
     ),
-    "all": register_reduction(REDUCTION_FUNCTIONS["all"], *_all_parts(torch.all), parse=_parse_all),
-    "any": register_reduction(REDUCTION_FUNCTIONS["any"], *_all_parts(torch.any), parse=_parse_all),
-    "count_nonzero": register_reduction(
+    "all": _register(REDUCTION_FUNCTIONS["all"], *_all_parts(torch.all), parse=_parse_all),
+    "any": _register(REDUCTION_FUNCTIONS["any"], *_all_parts(torch.any), parse=_parse_all),
+    "count_nonzero": _register(
         REDUCTION_FUNCTIONS["count_nonzero"],
         lambda t, offset, a: torch.count_nonzero(t),
         _combine_sum,
         parse=_parse_count_nonzero,
     ),
-    "logsumexp": register_reduction(
+    "logsumexp": _register(
         REDUCTION_FUNCTIONS["logsumexp"], _partial_logsumexp, _combine_logsumexp, parse=_parse_logsumexp
     ),
-    "norm": register_reduction(
+    "norm": _register(
         REDUCTION_FUNCTIONS["norm"],
         _partial_norm,
         _combine_norm,
@@ -717,6 +723,7 @@ _MAX_DIM = {
         *_arg_extremum_parts(largest),
         _fin_values_indices(torch.return_types.max if largest else torch.return_types.min),
         _NEEDS_ELEMENTS,
+        direct=True,
     )
     for largest in (True, False)
 }

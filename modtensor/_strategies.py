@@ -9,7 +9,8 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -21,9 +22,20 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
 __all__ = [
-    "Pieces", "Reduction", "ReduceArgs", "ReductionCall", "Strategy", "STRATEGIES", "get",
-    "register_strategy", "strategies", "resolve_weights", "reduce",
+    "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall", "Strategy",
+    "STRATEGIES", "get", "register_strategy", "strategies",
+    "resolve_weights", "reduce",
 ]
+
+# A reduction over the concatenation is a monoid over any split of it, not only over its
+# tensors. Calling torch once per tensor costs a few microseconds of Python and dispatch each,
+# more than copying a small tensor, so small neighbours are copied into one flat segment and
+# reduced together. The copies are bounded: a segment holds at most PACK_LIMIT elements and
+# 1% of the bundle, and only one exists at a time (packing is off while autograd records,
+# which would keep every segment for the backward).
+PACK_NUMEL = 1 << 14  # tensors of at most this many elements are packed (64 KiB of float32)
+PACK_LIMIT = 1 << 16  # elements in one packed segment (256 KiB of float32: cache-sized)
+PACK_SHARE = 100  # and at most 1/PACK_SHARE of the bundle's elements
 
 
 # fnmatch, which torch.compile takes as a constant instead of tracing it (it cannot).
@@ -51,13 +63,15 @@ class ReduceArgs:
 
 @dataclass(frozen=True)
 class Reduction:
-    """A reduction over the concatenation, written as a monoid over the tensors.
+    """A reduction over the concatenation, written as a monoid over segments of it.
 
-    `partial(tensor, offset, args)` is one non-empty tensor's state (`offset` is where the
-    tensor starts in the concatenation), `combine(states, args)` merges states
-    associatively, `finalize(state, args)` turns the merged state into the result.
-    `needs_elements(args)` is true where torch raises on an empty input (no identity).
-    `mt.register_reduction` builds one and puts it in the dispatch table.
+    `partial(segment, offset, args)` is one non-empty segment's state: a tensor, or small
+    neighbouring tensors packed flat (`offset` is where it starts in the concatenation).
+    `combine(states, args)` merges states associatively, `finalize(state, args)` turns the
+    merged state into the result. `needs_elements(args)` is true where torch raises on an
+    empty input (no identity). `direct` is true where the torch function computes the
+    reduction of a flat tensor itself (tiny bundles then take one call on their
+    concatenation). `mt.register_reduction` builds one and puts it in the dispatch table.
 
     Example:
         >>> import torch, modtensor as mt
@@ -76,6 +90,9 @@ class Reduction:
     combine: Callable[[list[Any], ReduceArgs], Any]
     finalize: Callable[[Any, ReduceArgs], Any] = lambda state, args: state
     needs_elements: Callable[[ReduceArgs], bool] = lambda args: False
+    # True where the torch function itself computes the reduction of a flat tensor, so that
+    # a tiny bundle may be reduced by one call on its concatenation (see copy_is_cheap).
+    direct: bool = False
 
 
 class Pieces(Sequence[tuple[Any, int, int]]):
@@ -83,10 +100,14 @@ class Pieces(Sequence[tuple[Any, int, int]]):
 
     A strategy that walks the pieces once holds one tensor's operand at a time, which is
     what keeps reductions of on-demand bundles (`(b ** 2).sum()`) within one tensor's memory.
+    `keys[i]` (the operand's dtypes and device), where given, lets `map_segments` pack small
+    neighbours of one key together; None keeps one segment per tensor.
     """
 
-    def __init__(self, get: Callable[[int], Any], offsets: Sequence[int]) -> None:
-        self._get, self._offsets = get, offsets
+    def __init__(
+        self, get: Callable[[int], Any], offsets: Sequence[int], keys: Sequence[Hashable] | None = None
+    ) -> None:
+        self._get, self._offsets, self._keys = get, offsets, keys
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -98,6 +119,47 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     def nonempty(self) -> list[int]:
         """The indices of the tensors with elements."""
         return [i for i in range(len(self)) if self._offsets[i + 1] > self._offsets[i]]
+
+    def map_segments(self, fn: Callable[[Any, int], Any]) -> list[Any]:
+        """`fn(operand, offset)` for consecutive segments covering the non-empty tensors, in order.
+
+        A segment is one tensor, or small neighbours of one key flattened into one copy (see
+        PACK_NUMEL). Each operand is made just before its call and dropped just after it.
+        """
+        return [fn(make(), offset) for make, offset in self._segments()]
+
+    def _segments(self) -> Iterator[tuple[Callable[[], Any], int]]:
+        offsets, keys = self._offsets, self._keys
+        if keys is None:
+            for i in self.nonempty():
+                yield partial(self._get, i), offsets[i]
+            return
+        limit = min(PACK_LIMIT, offsets[-1] // PACK_SHARE)
+        small = min(PACK_NUMEL, limit)
+        run: list[int] = []
+        run_numel = 0
+        for i in range(len(self)):
+            n = offsets[i + 1] - offsets[i]
+            if not n:
+                continue
+            if run and (n > small or keys[run[0]] != keys[i] or run_numel + n > limit):
+                yield partial(self._packed, run), offsets[run[0]]
+                run, run_numel = [], 0
+            if n > small:
+                yield partial(self._get, i), offsets[i]
+            else:
+                run.append(i)
+                run_numel += n
+        if run:
+            yield partial(self._packed, run), offsets[run[0]]
+
+    def _packed(self, run: list[int]) -> Any:
+        if len(run) == 1:
+            return self._get(run[0])
+        operands = [self._get(i) for i in run]
+        if isinstance(operands[0], tuple):  # pairs of tensors: pack each side
+            return tuple(torch.cat([o[k].reshape(-1) for o in operands]) for k in range(len(operands[0])))
+        return torch.cat([o.reshape(-1) for o in operands])
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
@@ -207,8 +269,7 @@ class Concat(Strategy):
         b, red, parsed = call.bundle, call.reduction, call.parsed
         if parsed is NOT_HANDLED:
             return NOT_HANDLED
-        # One call per tensor, so each operand is dropped before the next is made.
-        states = [red.partial(*call.pieces.operand(i), parsed) for i in call.pieces.nonempty()]
+        states = call.pieces.map_segments(lambda operand, offset: red.partial(operand, offset, parsed))
         if not states:
             if red.needs_elements(parsed):
                 raise RuntimeError(

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import modtensor as mt
+from modtensor import _dispatch, _strategies
 
 # "ci" keeps the whole suite within a few minutes on two cores; "dev" digs deeper.
 settings.register_profile(
@@ -20,6 +21,25 @@ _BUILTIN_TABLE = frozenset(func for func, _strategy in mt.ParameterBundle.HANDLE
 @pytest.fixture
 def builtin_table():
     return _BUILTIN_TABLE
+
+
+_REAL_SIZES = {"TINY_NUMEL": _dispatch.TINY_NUMEL, "PACK_NUMEL": _strategies.PACK_NUMEL}
+
+
+@pytest.fixture
+def real_sizes(monkeypatch):
+    """The library's own sizes for tiny bundles and packed segments (see below)."""
+    monkeypatch.setattr(_dispatch, "TINY_NUMEL", _REAL_SIZES["TINY_NUMEL"])
+    monkeypatch.setattr(_strategies, "PACK_NUMEL", _REAL_SIZES["PACK_NUMEL"])
+
+
+@pytest.fixture(autouse=True)
+def _per_tensor_paths(monkeypatch):
+    """Hypothesis' bundles are tiny, so they would all be reduced on their concatenation (see
+    `TINY_NUMEL`) or in packed segments, and the per-tensor partials and combines would go
+    untested. So by default both are off; tests/test_packing.py runs the table with them on."""
+    monkeypatch.setattr(_dispatch, "TINY_NUMEL", 0)
+    monkeypatch.setattr(_strategies, "PACK_NUMEL", 0)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,190 @@
+"""The table's reductions with small tensors packed into segments, and tiny bundles reduced whole.
+
+By default the suite turns both off (see conftest.py), because Hypothesis' bundles are tiny.
+Here every reduction and bundle-with-bundle reduction runs again with them on: "packed" with
+the sizes shrunk so that Hypothesis' tensors are packed into several segments, and "tiny"
+where every bundle is reduced by one call on its concatenation (the fast lane included).
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import modtensor as mt
+from generators import cases, check_against_concat, other_like
+from modtensor import _dispatch, _kernels, _strategies
+from test_kernels import CALLS as KERNEL_CALLS
+from test_kernels import small_kernels  # noqa: F401 - a fixture
+from test_pairwise import PARAMS as PAIRWISE_PARAMS
+from test_reductions import PARAMS as REDUCTION_PARAMS
+
+FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def packed(monkeypatch):
+    monkeypatch.setattr(_strategies, "PACK_NUMEL", 4)
+    monkeypatch.setattr(_strategies, "PACK_LIMIT", 12)
+    monkeypatch.setattr(_strategies, "PACK_SHARE", 1)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(_dispatch, "TINY_NUMEL", 1 << 30)
+
+
+# Packing is off while autograd records, so the packed runs use cases without gradients.
+@pytest.mark.parametrize("f, call", REDUCTION_PARAMS)
+@FIXTURE_OK
+@given(case=cases(grad=False))
+def test_reductions_packed(packed, f, call, case):
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case))
+
+
+@pytest.mark.parametrize("f, call", PAIRWISE_PARAMS)
+@FIXTURE_OK
+@given(case=cases(grad=False), flat=st.booleans())
+def test_pairwise_packed(packed, f, call, case, flat):
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=7), flat_other=flat)
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_CALLS))
+@FIXTURE_OK
+@given(case=cases(grad=False))
+def test_fused_kernels_packed(packed, small_kernels, name, case):
+    check_against_concat(case, KERNEL_CALLS[name], other_like(case))
+
+
+@pytest.mark.parametrize("f, call", REDUCTION_PARAMS)
+@FIXTURE_OK
+@given(case=cases())
+def test_reductions_tiny(tiny, f, call, case):
+    call_twice = lambda x, y: (call(f, x, y), call(f, x, y))[1]  # noqa: E731 - the second takes the lane
+    check_against_concat(case, call_twice, other_like(case))
+
+
+@pytest.mark.parametrize("f, call", PAIRWISE_PARAMS)
+@FIXTURE_OK
+@given(case=cases())
+def test_pairwise_tiny(tiny, f, call, case):
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=7))
+
+
+# -- the segments themselves ---------------------------------------------------------------------
+
+
+def _recorder():
+    """A registered reduction whose partials record what they were given."""
+    seen = []
+
+    def count(x, dim=None, keepdim=False):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(count, (x,), x, dim=dim, keepdim=keepdim)
+        return torch.tensor(x.numel())
+
+    def partial(segment, offset, a):
+        seen.append((segment, offset))
+        return torch.tensor(segment.numel())
+
+    mt.register_reduction(count, partial, lambda states, a: torch.stack(states).sum())
+    return count, seen
+
+
+@FIXTURE_OK
+@given(case=cases(dtypes=(torch.float32, torch.float64, torch.int64), grad=False))
+def test_segments_tile_the_concatenation_in_order(packed, case):
+    count, seen = _recorder()
+    b = case.bundle()
+    assert int(count(b)) == b.numel()
+    position = 0
+    for segment, offset in seen:
+        assert offset == position  # consecutive, in order, no element twice or left out
+        position += segment.numel()
+        members = [
+            k for k in range(len(b.names)) if offset <= b._offsets[k] < position and b._shapes[k].numel()
+        ]
+        if len(members) == 1:
+            assert segment is b.tensors[members[0]]  # a lone tensor is never copied
+        else:
+            assert segment.numel() <= _strategies.PACK_LIMIT
+            assert all(b._shapes[k].numel() <= _strategies.PACK_NUMEL for k in members)
+            assert len({b.tensors[k].dtype for k in members}) == 1
+            want = torch.cat([b.tensors[k].reshape(-1) for k in members])
+            torch.testing.assert_close(segment, want, equal_nan=True, rtol=0, atol=0)
+    assert position == b.numel()
+
+
+def test_no_packing_while_autograd_records(packed):
+    count, seen = _recorder()
+    tensors = [torch.randn(3, requires_grad=True) for _ in range(4)]
+    count(mt.bundle(tensors))
+    assert [s for s, _ in seen] == tensors  # the tensors themselves: a copy would be kept for backward
+    seen.clear()
+    with torch.no_grad():
+        count(mt.bundle(tensors))
+    assert len(seen) == 1 and seen[0][0].numel() == 12
+
+
+def test_segments_stay_within_a_share_of_the_bundle(real_sizes):
+    # 1000 tensors of 100 elements pack into segments of at most 1% of the bundle
+    count, seen = _recorder()
+    with torch.no_grad():
+        assert int(count(mt.bundle([torch.ones(100) for _ in range(1000)]))) == 100_000
+    assert max(s.numel() for s, _ in seen) <= 1000
+    assert len(seen) == 100
+
+
+# -- the fast lane of tiny bundles -----------------------------------------------------------------
+
+
+def test_tiny_bundles_give_the_concatenations_result_exactly(real_sizes):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3)
+    b, flat = mt.bundle(conv), torch.cat([p.reshape(-1) for p in conv.parameters()])
+    ops = [torch.sum, torch.mean, torch.std, torch.norm, torch.amax, lambda x: torch.logsumexp(x, 0)]
+    for op in ops:
+        got, want = op(b), op(flat)
+        assert torch.equal(got, want) and type(got) is torch.Tensor
+    (got,) = torch.autograd.grad(b.std(), conv.weight)
+    (want,) = torch.autograd.grad(flat.std(), conv.weight)
+    assert torch.equal(got, want)
+
+
+def test_the_fast_lane_remembers_valid_calls_only(tiny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_dispatch, "dispatch", lambda *a: calls.append(a[1]) or _real_dispatch(*a))
+    b = mt.bundle([torch.ones(2, 2), torch.arange(3.0)])
+    for _ in range(2):
+        assert float(b.sum()) == 7.0 and float(b.mean(0)) == 1.0
+    assert calls == [torch.Tensor.sum, torch.Tensor.mean]  # the second round skips the table
+    ints = mt.bundle([torch.ones(2, dtype=torch.int64)])
+    for _ in range(2):  # the error is the per-tensor path's, every time
+        with pytest.raises(RuntimeError, match="Tensor.mean: the mean needs a floating point"):
+            ints.mean()
+    with pytest.raises(IndexError, match="behaves as one flat dimension"):
+        b.sum(1)
+
+
+def test_registering_a_handler_forgets_the_lane(tiny):
+    class Mine(mt.ParameterBundle):
+        pass
+
+    b = Mine([torch.ones(2)], ["w"])
+    assert float(b.sum()) == 2.0
+    Mine.implements(torch.Tensor.sum)(lambda func, types, args, kwargs: "mine")
+    assert b.sum() == "mine"
+
+
+@pytest.mark.parametrize("make", [lambda b: b.per_param(), lambda b: b.weighted(), lambda b: b**2])
+def test_other_strategies_and_chains_of_tiny_bundles(tiny, make):
+    b = make(mt.bundle({"w": torch.ones(2, 2), "b": torch.full((2,), 2.0)}))
+    for _ in range(2):
+        result = b.sum()
+    if mt.is_bundle(result):
+        assert result.to_dict() == {"w": torch.tensor(4.0), "b": torch.tensor(4.0)}
+    else:
+        assert float(result) == (4.0 if b.strategy == "weighted" else 12.0)  # numel weights: (16 + 8) / 6
+
+
+_real_dispatch = _dispatch.dispatch
