@@ -95,7 +95,8 @@ def run_reduction(
             return fused
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     # Packing copies small tensors: not while autograd records (it would keep the copies).
-    packs = not (torch.is_grad_enabled() and b.requires_grad) and not torch.compiler.is_compiling()
+    packs = reduction.commutative and not (torch.is_grad_enabled() and b.requires_grad)
+    packs = packs and not torch.compiler.is_compiling()
     pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None)
 
     callers: list[Any] = []
@@ -124,12 +125,14 @@ def register_reduction(
     parse: Callable[..., Any] | None = None,
     needs_elements: Callable[[ReduceArgs], bool] | None = None,
     direct: bool = False,
+    commutative: bool = False,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
     `partial(segment, offset, args)` is the state of one non-empty segment of the
-    concatenation (a tensor, or small neighbouring tensors of one dtype and device packed
-    flat; `offset`: where it starts in the concatenation), `combine(states, args)` merges
+    concatenation: a tensor (`offset`: where it starts in the concatenation) or, with
+    `commutative=True` (the order of elements does not matter), small tensors of one dtype
+    and device from anywhere in the bundle, packed flat. `combine(states, args)` merges
     states associatively, `finalize(state, args)` makes the result (default: the state
     itself). `args` is the `ReduceArgs` that `parse(bundle, func, args, kwargs)` returns
     (default: accepts `dim=0/-1` and `keepdim`). `needs_elements(args)` says torch raises on
@@ -160,6 +163,7 @@ def register_reduction(
         finalize=finalize or (lambda state, args: state),
         needs_elements=needs_elements or (lambda args: False),
         direct=direct,
+        commutative=commutative,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -40,9 +40,9 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     # would cost a kernel launch per block.
     t = tensors[0]
     return (
-        t.device.type == "cpu"
+        t.numel() >= MIN_NUMEL  # first: the cheapest test, and most tensors are smaller
+        and t.device.type == "cpu"
         and t.dtype in _DTYPES
-        and t.numel() >= MIN_NUMEL
         and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
         and all(u.device == t.device for u in tensors)
     )
@@ -228,7 +228,7 @@ def _per_segment(
     """`kernel(*operands(i))` for each non-empty tensor i of the on-demand `b`, under its guard.
 
     Where no gradient is recorded, small tensors are packed together as in the concat
-    strategy (see `Pieces.map_segments`): one kernel call for many of them.
+    strategy (see `Pieces.map_segments`; both kernels are commutative): one call for many.
     """
     if b._lazy_requires_grad or torch.compiler.is_compiling():
         return [guard(i, kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]

@@ -46,7 +46,8 @@ def _operands(
 
 
 def _pack_keys(ref: ParameterBundle, first: Any, second: Any) -> list[Any] | None:
-    """Which pairs may be packed together (see `Pieces.map_segments`); None where none may."""
+    """Which pairs may be packed together (see `Pieces.map_segments`; every reduction here
+    is commutative); None where none may."""
     sides = []
     for x in (first, second):
         if is_bundle(x):
@@ -97,7 +98,7 @@ def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
         parse=lambda *a: None,
         partial=lambda pair, offset, a: product(pair[0].reshape(-1), pair[1].reshape(-1)),
         combine=_combine_sum,
-        direct=True,
+        direct=True, commutative=True,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -148,7 +149,7 @@ _DIST = Reduction(
     partial=_partial_dist,
     combine=_combine_dist,
     needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
-    direct=True,
+    direct=True, commutative=True,
 )
 
 
@@ -187,7 +188,9 @@ def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     return _cast(dot / (norms[0] * norms[1]), a.dtype)
 
 
-_COSINE = Reduction(parse=lambda *a: None, partial=_partial_cosine, combine=_combine_cosine, direct=True)
+_COSINE = Reduction(
+    parse=lambda *a: None, partial=_partial_cosine, combine=_combine_cosine, direct=True, commutative=True
+)
 
 
 def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -235,7 +238,12 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         return _cast(state / a.numel, a.dtype) if a.options["mean"] else state
 
     reduction_of = Reduction(
-        parse=lambda *a: None, partial=partial, combine=_combine_sum, finalize=finalize, direct=True
+        parse=lambda *a: None,
+        partial=partial,
+        combine=_combine_sum,
+        finalize=finalize,
+        direct=True,
+        commutative=True,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -272,7 +280,7 @@ def _all_pairs(test: Callable[..., bool]) -> Reduction:
         parse=lambda *a: None,
         partial=lambda pair, offset, a: test(*pair, **a.options),
         combine=lambda states, a: all(states),
-        direct=True,
+        direct=True, commutative=True,
     )
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from modtensor import _distributed
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name, materialized
+from modtensor import _dispatch
+from modtensor._dispatch import NOT_HANDLED, find_bundles, func_name, materialized
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
@@ -213,8 +214,10 @@ def map_elementwise(
     if call is NOT_HANDLED:
         return NOT_HANDLED
     # While torch.compile traces, the compiler fuses the chain itself; computing on demand
-    # would need version counters, which it cannot trace.
-    if func in ON_DEMAND and ref._names and not torch.compiler.is_compiling():
+    # would need version counters, which it cannot trace. A tiny bundle's results take less
+    # memory than the bookkeeping of computing them on demand.
+    tiny = all(b._numel <= _dispatch.TINY_NUMEL and b._dist is None for b in find_bundles(args, kwargs))
+    if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
             guard = _guard(args, kwargs)

@@ -99,6 +99,12 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    first = states[0].dtype
+    if all(s.dtype == first for s in states):
+        try:  # one conversion, not one per state: for a hundred states that is most of the combine
+            return torch.stack(list(states)).to(dtype)
+        except RuntimeError:  # on several devices
+            pass
     # Partials of a bundle spanning devices meet on the first one's (see _combine_device).
     device = states[0].device
     if any(s.device != device for s in states):
@@ -645,8 +651,9 @@ _NEEDS_ELEMENTS = lambda a: True  # noqa: E731 - no identity: torch raises on em
 
 
 def _register(funcs: tuple[Any, ...], *parts: Any, **kwargs: Any) -> Reduction:
-    # torch's functions reduce a plain flat tensor themselves: tiny bundles may call them once
-    return register_reduction(funcs, *parts, direct=True, **kwargs)
+    # torch's functions reduce a plain flat tensor themselves: tiny bundles may call them once.
+    # All but the arg-extrema ignore where elements stand: small tensors may be packed.
+    return register_reduction(funcs, *parts, direct=True, **{"commutative": True, **kwargs})
 
 
 # Every reduction goes through the public `register_reduction`, as another library's would.
@@ -690,11 +697,11 @@ REDUCTIONS: dict[str, Reduction] = {
     ),
     "argmax": _register(
         REDUCTION_FUNCTIONS["argmax"], *_arg_extremum_parts(True), _fin_index, parse=_parse_argmax,
-        needs_elements=_NEEDS_ELEMENTS,
+        needs_elements=_NEEDS_ELEMENTS, commutative=False,
     ),
     "argmin": _register(
         REDUCTION_FUNCTIONS["argmin"], *_arg_extremum_parts(False), _fin_index, parse=_parse_argmax,
-        needs_elements=_NEEDS_ELEMENTS,
+        needs_elements=_NEEDS_ELEMENTS, commutative=False,
     ),
     "all": _register(REDUCTION_FUNCTIONS["all"], *_all_parts(torch.all), parse=_parse_all),
     "any": _register(REDUCTION_FUNCTIONS["any"], *_all_parts(torch.any), parse=_parse_all),

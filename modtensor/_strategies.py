@@ -27,12 +27,12 @@ __all__ = [
     "resolve_weights", "reduce",
 ]
 
-# A reduction over the concatenation is a monoid over any split of it, not only over its
-# tensors. Calling torch once per tensor costs a few microseconds of Python and dispatch each,
-# more than copying a small tensor, so small neighbours are copied into one flat segment and
-# reduced together. The copies are bounded: a segment holds at most PACK_LIMIT elements and
-# 1% of the bundle, and only one exists at a time (packing is off while autograd records,
-# which would keep every segment for the backward).
+# A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
+# partition of its elements, not only over its tensors. Calling torch once per tensor costs a
+# few microseconds of Python and dispatch each, more than copying a small tensor, so small
+# tensors are copied into flat segments and reduced together. The copies are bounded: a
+# segment holds at most PACK_LIMIT elements and 1% of the bundle, and only one exists at a
+# time (packing is off while autograd records, which would keep every segment for backward).
 PACK_NUMEL = 1 << 14  # tensors of at most this many elements are packed (64 KiB of float32)
 PACK_LIMIT = 1 << 16  # elements in one packed segment (256 KiB of float32: cache-sized)
 PACK_SHARE = 100  # and at most 1/PACK_SHARE of the bundle's elements
@@ -65,9 +65,10 @@ class ReduceArgs:
 class Reduction:
     """A reduction over the concatenation, written as a monoid over segments of it.
 
-    `partial(segment, offset, args)` is one non-empty segment's state: a tensor, or small
-    neighbouring tensors packed flat (`offset` is where it starts in the concatenation).
-    `combine(states, args)` merges states associatively, `finalize(state, args)` turns the
+    `partial(segment, offset, args)` is one non-empty segment's state: a tensor (`offset` is
+    where it starts in the concatenation), or, for a `commutative` reduction, small tensors
+    from anywhere in the bundle packed flat. `combine(states, args)` merges states
+    associatively (and, if `commutative`, in any order), `finalize(state, args)` turns the
     merged state into the result. `needs_elements(args)` is true where torch raises on an
     empty input (no identity). `direct` is true where the torch function computes the
     reduction of a flat tensor itself (tiny bundles then take one call on their
@@ -93,6 +94,9 @@ class Reduction:
     # True where the torch function itself computes the reduction of a flat tensor, so that
     # a tiny bundle may be reduced by one call on its concatenation (see copy_is_cheap).
     direct: bool = False
+    # True where the order of the elements does not matter (not argmax): small tensors may
+    # then be packed together, wherever they stand (see Pieces.map_segments).
+    commutative: bool = False
 
 
 class Pieces(Sequence[tuple[Any, int, int]]):
@@ -101,7 +105,8 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     A strategy that walks the pieces once holds one tensor's operand at a time, which is
     what keeps reductions of on-demand bundles (`(b ** 2).sum()`) within one tensor's memory.
     `keys[i]` (the operand's dtypes and device), where given, lets `map_segments` pack small
-    neighbours of one key together; None keeps one segment per tensor.
+    tensors of one key together (for commutative reductions only); None keeps one segment per
+    tensor.
     """
 
     def __init__(
@@ -121,10 +126,12 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         return [i for i in range(len(self)) if self._offsets[i + 1] > self._offsets[i]]
 
     def map_segments(self, fn: Callable[[Any, int], Any]) -> list[Any]:
-        """`fn(operand, offset)` for consecutive segments covering the non-empty tensors, in order.
+        """`fn(operand, offset)` for segments that together cover the non-empty tensors.
 
-        A segment is one tensor, or small neighbours of one key flattened into one copy (see
-        PACK_NUMEL). Each operand is made just before its call and dropped just after it.
+        Without keys a segment is one tensor, in order. With keys, small tensors of one key
+        are gathered, wherever they stand, into flat copies of at most PACK_LIMIT elements
+        (their offset is the first one's). Each operand is made just before its call and
+        dropped just after it.
         """
         return [fn(make(), offset) for make, offset in self._segments()]
 
@@ -136,21 +143,18 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             return
         limit = min(PACK_LIMIT, offsets[-1] // PACK_SHARE)
         small = min(PACK_NUMEL, limit)
-        run: list[int] = []
-        run_numel = 0
+        runs: dict[Hashable, tuple[list[int], int]] = {}  # per key: the tensors gathered, their numel
         for i in range(len(self)):
             n = offsets[i + 1] - offsets[i]
-            if not n:
-                continue
-            if run and (n > small or keys[run[0]] != keys[i] or run_numel + n > limit):
-                yield partial(self._packed, run), offsets[run[0]]
-                run, run_numel = [], 0
             if n > small:
                 yield partial(self._get, i), offsets[i]
-            else:
-                run.append(i)
-                run_numel += n
-        if run:
+            elif n:
+                run, numel = runs.get(keys[i], ([], 0))
+                if numel + n > limit:
+                    yield partial(self._packed, run), offsets[run[0]]
+                    run, numel = [], 0
+                runs[keys[i]] = (run + [i], numel + n)
+        for run, _ in runs.values():
             yield partial(self._packed, run), offsets[run[0]]
 
     def _packed(self, run: list[int]) -> Any:

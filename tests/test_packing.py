@@ -74,7 +74,7 @@ def test_pairwise_tiny(tiny, f, call, case):
 # -- the segments themselves ---------------------------------------------------------------------
 
 
-def _recorder():
+def _recorder(commutative=True):
     """A registered reduction whose partials record what they were given."""
     seen = []
 
@@ -87,32 +87,40 @@ def _recorder():
         seen.append((segment, offset))
         return torch.tensor(segment.numel())
 
-    mt.register_reduction(count, partial, lambda states, a: torch.stack(states).sum())
+    combine = lambda states, a: torch.stack(states).sum()  # noqa: E731
+    mt.register_reduction(count, partial, combine, commutative=commutative)
     return count, seen
 
 
 @FIXTURE_OK
 @given(case=cases(dtypes=(torch.float32, torch.float64, torch.int64), grad=False))
-def test_segments_tile_the_concatenation_in_order(packed, case):
+def test_segments_cover_every_element_once(packed, case):
     count, seen = _recorder()
     b = case.bundle()
     assert int(count(b)) == b.numel()
-    position = 0
-    for segment, offset in seen:
-        assert offset == position  # consecutive, in order, no element twice or left out
-        position += segment.numel()
-        members = [
-            k for k in range(len(b.names)) if offset <= b._offsets[k] < position and b._shapes[k].numel()
-        ]
-        if len(members) == 1:
-            assert segment is b.tensors[members[0]]  # a lone tensor is never copied
-        else:
-            assert segment.numel() <= _strategies.PACK_LIMIT
-            assert all(b._shapes[k].numel() <= _strategies.PACK_NUMEL for k in members)
-            assert len({b.tensors[k].dtype for k in members}) == 1
-            want = torch.cat([b.tensors[k].reshape(-1) for k in members])
-            torch.testing.assert_close(segment, want, equal_nan=True, rtol=0, atol=0)
-    assert position == b.numel()
+    lone = [s for s, _ in seen if any(s is t for t in b.tensors)]
+    copies = [s for s, _ in seen if not any(s is t for t in b.tensors)]
+    # A tensor reduced alone is never copied; copies are flat, bounded, and hold exactly the
+    # elements of the small tensors not reduced alone.
+    for c in copies:
+        assert c.dim() == 1 and c.numel() <= _strategies.PACK_LIMIT
+    small = [t for t in b.tensors if 0 < t.numel() <= _strategies.PACK_NUMEL and not any(t is s for s in lone)]
+    for dtype in {t.dtype for t in b.tensors}:
+        got = [c for c in copies if c.dtype == dtype]
+        want = [t.reshape(-1) for t in small if t.dtype == dtype]
+        assert sum(c.numel() for c in got) == sum(w.numel() for w in want)
+        if want:
+            sort = lambda xs: torch.cat(xs).sort().values  # noqa: E731
+            torch.testing.assert_close(sort(got), sort(want), equal_nan=True, rtol=0, atol=0)
+
+
+def test_ordered_reductions_see_each_tensor_in_order(packed):
+    count, seen = _recorder(commutative=False)
+    tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)]
+    with torch.no_grad():
+        assert int(count(mt.bundle(tensors))) == 49
+    assert [s for s, _ in seen] == [t for t in tensors if t.numel()]
+    assert [offset for _, offset in seen] == [0, 3, 5, 45, 46]
 
 
 def test_no_packing_while_autograd_records(packed):
