@@ -6,6 +6,7 @@ Here a long tensor's L2 norm is taken over a `(-1, ROW)` view, one short row at 
 torch's kernel (as fast, and accurate on short rows), the rows' norms combined in float64;
 `a - b` is formed a block at a time; and a sum of squares or a norm of a difference computed
 on demand is recognised and computed by these kernels, with one-allocation backwards.
+The raw moments (sum, sum of squares) that a fast variance needs come from the same rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
     from modtensor._strategies import ReduceArgs
 
-__all__ = ["diff_l2_norm", "fuse", "l2_norm", "sum_of_squares"]
+__all__ = ["diff_l2_norm", "fuse", "l2_norm", "moments", "moments_dtype", "sum_of_squares"]
 
 ROW = 1024
 # Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
@@ -31,6 +32,18 @@ ROW = 1024
 MIN_NUMEL = 1 << 20
 DIFF_MIN_NUMEL = 1 << 20
 BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
+# Moments serve tensors from MOMENTS_MIN_NUMEL elements: below, torch's var and mean take
+# fewer calls than the moments and the checks on them. Below MOMENTS_ROWS_NUMEL they are added in
+# float64, exact in practice (rows would be few to average their rounding out, and cost at most
+# 1.3x less there); from it, by rows. A bundle's var per tensor, 1 thread, against torch's var and
+# mean: 16 against 17 µs at 8Ki elements, 19 against 24 at 16Ki, 47 against 128 at 128Ki, 0.18
+# against 0.96 ms at 1Mi.
+MOMENTS_MIN_NUMEL = 1 << 13
+MOMENTS_ROWS_NUMEL = 1 << 17
+# Elements whose row norms and sums are taken before the next block's: the second pass reads them
+# from the cache. Measured on 38.6M float32, 1 thread: 9.7 ms at 1Mi (4 MiB), 10.1 at 512Ki,
+# 11.1 at 256Ki, 10.0 at 2Mi; the sum takes 5.2 ms, torch's var 40-46 ms.
+MOMENTS_BLOCK = 1 << 20  # ROW * k
 _SCRATCH = threading.local()
 _DTYPES = (torch.float32, torch.float64)
 
@@ -48,12 +61,16 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _rows_into(flat: torch.Tensor, rows: torch.Tensor) -> None:
-    # The norms of flat's rows of ROW elements (the last one shorter) into `rows`.
+def _rows_into(
+    flat: torch.Tensor, rows: torch.Tensor, reduce: Callable[..., Any] = torch.linalg.vector_norm
+) -> None:
+    # The norms (or sums) of flat's rows of ROW elements (the last one shorter) into `rows`.
     full = flat.numel() // ROW * ROW
-    torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, out=rows[: full // ROW])
-    if full < flat.numel():
-        torch.linalg.vector_norm(flat[full:], out=rows[-1])
+    if full == flat.numel():  # no tail row: no slices to make (each costs about a microsecond)
+        reduce(flat.view(-1, ROW), dim=1, out=rows)
+        return
+    reduce(flat[:full].view(-1, ROW), dim=1, out=rows[: full // ROW])
+    reduce(flat[full:], dim=0, out=rows[-1])
 
 
 def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,76 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return distance
     result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
     return result
+
+
+def _moments_eligible(t: torch.Tensor) -> bool:
+    # No autograd here (out= has none): a tensor that wants a gradient keeps torch's exact one.
+    return (
+        not torch.compiler.is_compiling()
+        and t.numel() >= MOMENTS_MIN_NUMEL
+        and t.device.type == "cpu"
+        and t.dtype in _DTYPES
+        and t.is_contiguous()
+        and not (t.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def moments_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype `moments(t)` adds in: float64 below `MOMENTS_ROWS_NUMEL` elements, else `t`'s.
+
+    Example:
+        >>> import torch
+        >>> moments_dtype(torch.ones(3)), moments_dtype(torch.ones(1 << 20))
+        (torch.float64, torch.float32)
+    """
+    return torch.float64 if t.numel() < MOMENTS_ROWS_NUMEL else t.dtype
+
+
+def _block_moments(block: torch.Tensor, rows: torch.Tensor) -> None:
+    # The norms first: their pass computes more per element, which hides the reads from memory
+    # better; the sums then read the block from the cache (10% faster than the other order).
+    norms, sums = rows.unbind()
+    _rows_into(block, norms)
+    _rows_into(block, sums, torch.sum)
+
+
+def _row_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = flat.numel()
+    rows = torch.empty(2, -(-n // ROW), dtype=flat.dtype, device=flat.device)  # norms, sums
+    if n <= MOMENTS_BLOCK:
+        _block_moments(flat, rows)
+    else:
+        for start in range(0, n, MOMENTS_BLOCK):  # MOMENTS_BLOCK is a multiple of ROW: one tail row at most
+            stop = min(start + MOMENTS_BLOCK, n)
+            _block_moments(flat[start:stop], rows[:, start // ROW : -(-stop // ROW)])
+    norms, sums = rows.to(torch.float64).unbind()
+    return sums.sum(), torch.dot(norms, norms)
+
+
+def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(t.sum(), (t ** 2).sum())` as float64 0-d tensors, in one pass; None where not served.
+
+    Served: float32 and float64 contiguous CPU tensors of at least `MOMENTS_MIN_NUMEL`
+    elements that need no gradient, while torch.compile is not tracing. Their elements are
+    added in float64 below `MOMENTS_ROWS_NUMEL`, else in rows of `ROW` in their own dtype,
+    the rows' sums and norms then in float64: a relative error of about 1e-8 in float32 at
+    the smallest sizes, 1e-9 from 4Mi elements.
+
+    Example:
+        >>> import torch
+        >>> s1, s2 = moments(torch.full((1 << 20,), 0.5))
+        >>> float(s1), float(s2), s1.dtype
+        (524288.0, 262144.0, torch.float64)
+        >>> moments(torch.ones(1 << 20, requires_grad=True)) is None  # torch's var keeps the gradient
+        True
+    """
+    if not _moments_eligible(t):
+        return None
+    flat = t.reshape(-1)
+    if flat.numel() >= MOMENTS_ROWS_NUMEL:
+        return _row_moments(flat)
+    wide = flat.to(torch.float64)  # float32 squares are exact in float64, their sums round at 2**-53
+    return wide.sum(), torch.dot(wide, wide)
 
 
 # -- fused chains ------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """The fast kernels (modtensor/_kernels.py) against the concatenation.
 
 The kernels serve tensors of at least `MIN_NUMEL` elements, in rows of `ROW` and blocks of
-`BLOCK`: the property tests shrink those sizes so that every path (rows, a tail row, several
-blocks, fused chains) runs on Hypothesis' small tensors; a few tests run real sizes.
+`BLOCK` (the moments behind var and std: from `MOMENTS_MIN_NUMEL`, by rows from
+`MOMENTS_ROWS_NUMEL`, in blocks of `MOMENTS_BLOCK`): the property tests shrink those sizes so
+that every path (rows, a tail row, several blocks, fused chains) runs on Hypothesis' small
+tensors; a few tests run real sizes.
 """
 
+import collections
 import math
 
 import pytest
@@ -13,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 import modtensor as mt
 from generators import cases, check_against_concat, other_like, track_live
-from modtensor import _kernels
+from modtensor import _kernels, _reductions
 
 CALLS = {
     "norm": lambda x, y: x.norm(),
@@ -34,6 +37,10 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
+    # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6
+    monkeypatch.setattr(_kernels, "MOMENTS_MIN_NUMEL", 2)
+    monkeypatch.setattr(_kernels, "MOMENTS_ROWS_NUMEL", 5)
+    monkeypatch.setattr(_kernels, "MOMENTS_BLOCK", 6)
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -112,3 +119,210 @@ def test_real_size_gradients():
     ((cat_p**2).sum() + (cat_p - cat_q).norm()).backward()
     torch.testing.assert_close(torch.cat([t.grad for t in p]), cat_p.grad)
     torch.testing.assert_close(torch.cat([t.grad for t in q]), cat_q.grad)
+
+
+# -- var and std from raw moments ----------------------------------------------------------------
+
+VAR_CALLS = {
+    "var": lambda x, y: x.var(),
+    "std": lambda x, y: torch.std(x),
+    "var_correction_0": lambda x, y: torch.var(x, correction=0),
+    "std_dim_keepdim": lambda x, y: x.std(dim=0, keepdim=True),
+    "std_unbiased_false": lambda x, y: torch.std(x, False),
+}
+# With +-inf, torch's Welford mean depends on the element order (see tests/op_specs.py): finite only.
+MEAN_CALLS = {
+    "var_mean": lambda x, y: torch.var_mean(x),
+    "var_mean_correction_0": lambda x, y: torch.var_mean(x, correction=0),
+    "std_mean_dim_keepdim": lambda x, y: torch.std_mean(x, 0, keepdim=True),
+}
+
+
+@pytest.fixture
+def var_paths():
+    """How many var partials took each path: "moments", "rejected" (moments taken, then
+    torch's var for accuracy) or "torch" (no moments served)."""
+    paths = collections.Counter()
+    moments, by_moments = _reductions.moments, _reductions._var_by_moments
+
+    def spy(x):
+        served = moments(x) is not None
+        state = by_moments(x)
+        paths["moments" if state is not None else "rejected" if served else "torch"] += 1
+        return state
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_reductions, "_var_by_moments", spy)
+        yield paths
+
+
+@pytest.mark.parametrize("name", sorted(VAR_CALLS))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_var_matches_concat(small_kernels, name, case):
+    check_against_concat(case, VAR_CALLS[name])
+
+
+@pytest.mark.parametrize("name", sorted(MEAN_CALLS))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases(kinds=("normal", "ties")))
+def test_var_mean_matches_concat(small_kernels, name, case):
+    check_against_concat(case, MEAN_CALLS[name])
+
+
+def _relative_error(got, want):
+    return abs(float(got.detach()) - float(want)) / abs(float(want))
+
+
+def test_var_paths(small_kernels, var_paths):
+    # Each tensor alone, in a bundle: as accurate as the concatenation, and the path taken.
+    torch.manual_seed(0)
+    cases = [
+        (torch.randn(40), "moments"),  # rows of 3 in blocks of 6, a tail row
+        (torch.randn(4, dtype=torch.float64) + 1, "moments"),  # in float64
+        (torch.randn(40) * 1e-3 + 1000, "rejected"),  # |mean| >> std: cancellation
+        (torch.randn(40) * 1e19, "rejected"),  # squares overflow float32 (the variance does not)
+        (torch.randn(40) * 1e-18, "rejected"),  # squares near float32's underflow (the variance too)
+        (torch.full((40,), 0.1), "rejected"),  # no spread: M2 is 0
+        (torch.randn(40, requires_grad=True), "torch"),  # the gradient stays torch's
+        (torch.randn(8, 5).t(), "torch"),  # not contiguous
+        (torch.randn(1), "torch"),  # below MOMENTS_MIN_NUMEL
+    ]
+    for t, path in cases:
+        var_paths.clear()
+        b, cat = mt.bundle([t]), t.detach().reshape(-1)
+        for c in (0, 1):
+            got = (*torch.var_mean(b, correction=c), b.std(correction=c))
+            # torch's var, not var_mean: the fallback's kernel (var_mean's is more accurate at a
+            # cancellation like 1000 +- 1e-3, var's 2e-3 off there, but 5x slower)
+            concat = (cat.var(correction=c), cat.mean(), cat.std(correction=c))
+            exact = (*torch.var_mean(cat.double(), correction=c), cat.double().std(correction=c))
+            for g, w, e in zip(got, concat, exact):
+                assert g.dtype == t.dtype
+                if e == 0 or e.isnan():  # no spread; one element with correction 1
+                    torch.testing.assert_close(g, w, equal_nan=True)
+                else:
+                    assert _relative_error(g, e) <= _relative_error(w, e) + 1e-6, (t, path, g, w, e)
+        assert dict(var_paths) == {path: 4}, (t, dict(var_paths))
+
+
+def test_cancellation_is_caught(small_kernels, var_paths):
+    # The raw moments of these values leave nothing of M2; the partial sees it and uses torch's var.
+    x = torch.randn(40, generator=torch.Generator().manual_seed(1)) * 1e-3 + 1000
+    s1, s2 = _kernels.moments(x)
+    raw = float(s2 - s1 * s1 / x.numel()) / (x.numel() - 1)
+    want = float(x.double().var())
+    assert abs(raw - want) > want  # the moments alone would be useless here
+    torch.testing.assert_close(mt.bundle([x]).var(), x.var())  # torch's (itself 2e-3 off here)
+    assert var_paths == {"rejected": 1}
+
+
+def test_nan_inf_and_empty_tensors(small_kernels, var_paths):
+    finite = torch.randn(40)
+    for special in (float("nan"), float("inf"), -float("inf")):
+        t = finite.clone()
+        t[7] = special
+        tensors = [t, torch.zeros(0), torch.randn(3, 0), finite]
+        b, cat = mt.bundle(tensors), torch.cat([u.reshape(-1) for u in tensors])
+        torch.testing.assert_close(b.var(), cat.var(), equal_nan=True)
+        torch.testing.assert_close(b.std(correction=0), cat.std(correction=0), equal_nan=True)
+    assert var_paths == {"rejected": 6, "moments": 6}  # the empty tensors have no partial
+
+
+def test_gradients_go_through_torchs_var(small_kernels, var_paths):
+    leaves = [torch.randn(40, requires_grad=True), torch.randn(7, 3, dtype=torch.float64, requires_grad=True)]
+    frozen = torch.randn(30)
+    (mt.bundle([*leaves, frozen]).std() * 3).backward()
+    assert var_paths == {"torch": 2, "moments": 1}
+    cat = [t.detach().double().reshape(-1).requires_grad_() for t in leaves]
+    (torch.cat([*cat, frozen.double()]).std() * 3).backward()
+    for leaf, want in zip(leaves, cat):
+        torch.testing.assert_close(leaf.grad.reshape(-1).double(), want.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no gradient wanted: the moments serve them too
+        mt.bundle(leaves).std()
+    assert var_paths == {"torch": 2, "moments": 3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64])
+def test_other_dtypes_keep_torchs_var(small_kernels, monkeypatch, dtype):
+    monkeypatch.setattr(_reductions, "moments", lambda t: pytest.fail("moments taken"))
+    tensors = [torch.randn(40).to(dtype), torch.randn(3, 4).to(dtype)]
+    b, cat = mt.bundle(tensors), torch.cat([t.reshape(-1) for t in tensors])
+    for got, want in [(b.var(), cat.var()), *zip(torch.std_mean(b), torch.std_mean(cat))]:
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_moments_are_the_float64_sums():
+    # Real sizes: each regime, a tail row, several blocks with a partial one.
+    torch.manual_seed(0)
+    rows, block = _kernels.MOMENTS_ROWS_NUMEL, _kernels.MOMENTS_BLOCK
+    sizes = [_kernels.MOMENTS_MIN_NUMEL, rows - 1, rows, rows + _kernels.ROW + 7, 2 * block + 3 * _kernels.ROW + 5]
+    for n in sizes:
+        for dtype, rtol in [(torch.float32, 1e-7), (torch.float64, 1e-14)]:
+            x = (torch.randn(n, dtype=dtype) + 0.5).reshape(n, 1)
+            s1, s2 = _kernels.moments(x)
+            assert s1.dtype == s2.dtype == torch.float64 and s1.shape == s2.shape == ()
+            exact = x.double().reshape(-1)
+            torch.testing.assert_close(s1, exact.sum(), rtol=rtol, atol=0)
+            torch.testing.assert_close(s2, exact.dot(exact), rtol=rtol, atol=0)
+            assert _kernels.moments_dtype(x) == (torch.float64 if n < rows else dtype)
+
+
+def test_moments_serve_only_what_they_can(monkeypatch):
+    n = _kernels.MOMENTS_ROWS_NUMEL
+    assert _kernels.moments(torch.ones(n)) is not None
+    for t in [
+        torch.ones(_kernels.MOMENTS_MIN_NUMEL - 1),
+        torch.ones(n, dtype=torch.float16),
+        torch.ones(n, dtype=torch.int64),
+        torch.ones(n, dtype=torch.complex64),
+        torch.ones(2, n)[:, ::2],
+        torch.ones(n, device="meta"),
+        torch.ones(n, requires_grad=True),
+    ]:
+        assert _kernels.moments(t) is None, t
+    with torch.no_grad():
+        assert _kernels.moments(torch.ones(n, requires_grad=True)) is not None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _kernels.moments(torch.ones(n)) is None
+
+
+@pytest.mark.parametrize(
+    "mean, std, path",
+    [(0.01, 1.0, "moments"), (1e-4, 0.02, "moments"), (1.0, 0.1, "rejected")],
+)
+def test_real_size_std_is_as_accurate_as_the_concatenation(var_paths, mean, std, path):
+    x = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * std + mean
+    b, exact = mt.bundle([x]), x.double()
+    # Where the moments are rejected, the partial is torch's var as before, rounded to float32
+    # before the merge: one rounding more than the concatenation's var (half as much in the std).
+    slack = 1e-9 if path == "moments" else 2**-24
+    assert _relative_error(b.std(), exact.std()) <= _relative_error(x.std(), exact.std()) + slack / 2
+    assert _relative_error(b.var(), exact.var()) <= _relative_error(x.var(), exact.var()) + slack
+    assert var_paths == {path: 2}
+
+
+def test_real_size_bundle_is_as_accurate_as_the_concatenation(var_paths):
+    # Each regime in one bundle, means apart (Chan's merge matters), mixed with float64.
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(1 << 22, generator=gen) + 0.01,  # rows, several blocks
+        torch.randn(300_001, generator=gen) * 0.02,  # rows, a tail row
+        torch.randn(50_000, generator=gen) * 0.1 + 1,  # float64 moments, though |mean| > std
+        torch.randn(1_000, generator=gen) * 0.1 + 1,  # torch's var
+    ]
+    b, cat = mt.bundle(tensors), torch.cat(tensors)
+    exact = cat.double()
+    for got, concat, want in [
+        (b.std(), cat.std(), exact.std()),
+        (b.var(correction=0), cat.var(correction=0), exact.var(correction=0)),
+        (torch.std_mean(b)[1], torch.std_mean(cat)[1], exact.mean()),
+    ]:
+        assert got.dtype == torch.float32
+        assert _relative_error(got, want) <= _relative_error(concat, want) + 1e-9
+    assert var_paths == {"moments": 9, "torch": 3}
+    mixed = mt.bundle([tensors[0], tensors[1].double()])  # float64: everything in float64
+    want = torch.cat([tensors[0].double(), tensors[1].double()]).std()
+    assert mixed.std().dtype == torch.float64
+    assert _relative_error(mixed.std(), want) <= 1e-13
