@@ -66,6 +66,7 @@ class _BundleAPI:
     _offsets: tuple[int, ...]
     _keys: tuple[tuple[torch.dtype, torch.device], ...]  # which tensors may be packed together
     _on_one_device: bool
+    _plans: dict[Any, Any]
     _options: Mapping[str, Any]
     _dtype: torch.dtype
     _device: torch.device
@@ -450,6 +451,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._offsets = tuple(offsets)
         self._keys = tuple(zip(self._dtypes, self._devices))
         self._on_one_device = all(d == device for d in self._devices)
+        self._plans = {}  # how reductions pack its small tensors (see Pieces)
         self._strategy = strategy
         self._options = MappingProxyType(dict(options or {}))
         self._dtype = dtype

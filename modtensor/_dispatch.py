@@ -104,6 +104,8 @@ def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
     """Record that `func(b, *args[1:], **kwargs)` is a valid direct reduction for b's dtype."""
     values = (*args[1:], *kwargs.values())
     if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
+        if len(DIRECT_CALLS) >= 4096:  # calls with ever new arguments: start again
+            DIRECT_CALLS.clear()
         DIRECT_CALLS.add((type(b), func, b._dtype, args[1:], *kwargs.items()))
 
 

@@ -97,7 +97,7 @@ def run_reduction(
     # Packing copies small tensors: not while autograd records (it would keep the copies).
     packs = reduction.commutative and not (torch.is_grad_enabled() and b.requires_grad)
     packs = packs and not torch.compiler.is_compiling()
-    pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None)
+    pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans)
 
     callers: list[Any] = []
 
@@ -126,6 +126,7 @@ def register_reduction(
     needs_elements: Callable[[ReduceArgs], bool] | None = None,
     direct: bool = False,
     commutative: bool = False,
+    partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
@@ -137,8 +138,10 @@ def register_reduction(
     itself). `args` is the `ReduceArgs` that `parse(bundle, func, args, kwargs)` returns
     (default: accepts `dim=0/-1` and `keepdim`). `needs_elements(args)` says torch raises on
     an empty input. `direct=True` says `func` itself reduces a plain flat tensor the same way,
-    so a tiny bundle may be reduced by one call on its concatenation. The per_param and
-    weighted strategies come for free: they call `func` on each tensor.
+    so a tiny bundle may be reduced by one call on its concatenation. `partials(tensors, args)`
+    may give the states of many tensors of one dtype and device in one call (for a
+    commutative reduction, where no gradient is recorded). The per_param and weighted
+    strategies come for free: they call `func` on each tensor.
 
     Example:
         >>> import torch, modtensor as mt
@@ -164,6 +167,7 @@ def register_reduction(
         needs_elements=needs_elements or (lambda args: False),
         direct=direct,
         commutative=commutative,
+        partials=partials,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

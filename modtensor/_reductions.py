@@ -16,6 +16,7 @@ import torch
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import register_reduction, run_reduction
+from modtensor import _kernels
 from modtensor._kernels import l2_norm, moments, moments_dtype
 from modtensor._pointwise import map_elementwise
 from modtensor._strategies import Reduction, ReduceArgs
@@ -643,10 +644,23 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype):
         t = t.to(a.dtype)
-    if a.options["p"] == 2 and t.dtype == a.dtype:
+    if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= _kernels.NORM_ROWS_NUMEL:
         return l2_norm(t), _kept(t)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)
     return value, _kept(t)
+
+
+def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
+    # Tensors of one dtype and device, no gradient recorded: the L2 norms of the short ones
+    # by one torch._foreach_norm (no Python per tensor), the long ones by rows (accurate).
+    if a.options["p"] != 2 or tensors[0].dtype != a.dtype or len(tensors) == 1:
+        return [_partial_norm(t, 0, a) for t in tensors]
+    long = [t for t in tensors if t.numel() >= _kernels.NORM_ROWS_NUMEL]
+    short = [t for t in tensors if t.numel() < _kernels.NORM_ROWS_NUMEL]
+    states = [(l2_norm(t), _kept(t)) for t in long]
+    if short:
+        states += [(v, _kept(t)) for v, t in zip(torch._foreach_norm(short), short)]
+    return states
 
 
 def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
@@ -726,7 +740,8 @@ REDUCTIONS: dict[str, Reduction] = {
         REDUCTION_FUNCTIONS["std_mean"], _partial_var, _combine_var, _fin_std_mean, parse=_parse_var
     ),
     "amax": _register(
-        REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
+        REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS,
+        partials=lambda tensors, a: [(v, _kept(t)) for v, t in zip(torch._foreach_max(tensors), tensors)],
     ),
     "amin": _register(
         REDUCTION_FUNCTIONS["amin"], *_extremum_parts(False), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS
@@ -762,6 +777,7 @@ REDUCTIONS: dict[str, Reduction] = {
         _partial_norm,
         _combine_norm,
         parse=_parse_norm,
+        partials=_partials_norm,
         needs_elements=lambda a: a.options["p"] < 0 or math.isinf(a.options["p"]),
     ),
 }

@@ -9,8 +9,7 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
-from functools import partial
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -97,6 +96,9 @@ class Reduction:
     # True where the order of the elements does not matter (not argmax): small tensors may
     # then be packed together, wherever they stand (see Pieces.map_segments).
     commutative: bool = False
+    # `partials(tensors, args)`: the states of several tensors of one dtype and device at once
+    # (one torch call for many), for a commutative reduction where no gradient is recorded.
+    partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
 
 
 class Pieces(Sequence[tuple[Any, int, int]]):
@@ -110,9 +112,16 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     """
 
     def __init__(
-        self, get: Callable[[int], Any], offsets: Sequence[int], keys: Sequence[Hashable] | None = None
+        self,
+        get: Callable[[int], Any],
+        offsets: Sequence[int],
+        keys: Sequence[Hashable] | None = None,
+        views: bool = False,
+        plans: dict[Any, Any] | None = None,
     ) -> None:
         self._get, self._offsets, self._keys = get, offsets, keys
+        self.views = views  # True where `get(i)` is a tensor that exists anyway (not on demand)
+        self._plans = plans  # where the packing plan of these offsets and keys is kept
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -125,37 +134,59 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         """The indices of the tensors with elements."""
         return [i for i in range(len(self)) if self._offsets[i + 1] > self._offsets[i]]
 
-    def map_segments(self, fn: Callable[[Any, int], Any]) -> list[Any]:
+    def map_segments(
+        self, fn: Callable[[Any, int], Any], batch: Callable[[list[Any]], list[Any]] | None = None
+    ) -> list[Any]:
         """`fn(operand, offset)` for segments that together cover the non-empty tensors.
 
         Without keys a segment is one tensor, in order. With keys, small tensors of one key
         are gathered, wherever they stand, into flat copies of at most PACK_LIMIT elements
         (their offset is the first one's). Each operand is made just before its call and
-        dropped just after it.
+        dropped just after it. `batch(tensors)`, where given and the operands are the
+        bundle's own tensors (`views`), gives the results of the tensors reduced alone, one
+        key at a time, in one call for many (such as `torch._foreach_norm`).
         """
-        return [fn(make(), offset) for make, offset in self._segments()]
+        get, offsets = self._get, self._offsets
+        if self._keys is None:
+            return [fn(get(i), offsets[i]) for i in self.nonempty()]
+        alone, packs = self._plan()
+        results: list[Any] = []
+        for group in alone:
+            if batch is not None and self.views:
+                results.extend(batch([get(i) for i in group]))
+            else:
+                results.extend(fn(get(i), offsets[i]) for i in group)
+        results.extend(fn(self._packed(run), offsets[run[0]]) for run in packs)
+        return results
 
-    def _segments(self) -> Iterator[tuple[Callable[[], Any], int]]:
+    def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
+        # (the tensors reduced alone, by key; the runs of small ones packed together), made
+        # once per bundle: the walk over every tensor costs as much as a reduction's Python.
+        sizes = (PACK_NUMEL, PACK_LIMIT, PACK_SHARE)
+        if self._plans is not None and sizes in self._plans:
+            return self._plans[sizes]  # type: ignore[no-any-return]
         offsets, keys = self._offsets, self._keys
-        if keys is None:
-            for i in self.nonempty():
-                yield partial(self._get, i), offsets[i]
-            return
+        assert keys is not None
         limit = min(PACK_LIMIT, offsets[-1] // PACK_SHARE)
         small = min(PACK_NUMEL, limit)
+        alone: dict[Hashable, list[int]] = {}
         runs: dict[Hashable, tuple[list[int], int]] = {}  # per key: the tensors gathered, their numel
+        packs: list[list[int]] = []
         for i in range(len(self)):
             n = offsets[i + 1] - offsets[i]
             if n > small:
-                yield partial(self._get, i), offsets[i]
+                alone.setdefault(keys[i], []).append(i)
             elif n:
                 run, numel = runs.get(keys[i], ([], 0))
                 if numel + n > limit:
-                    yield partial(self._packed, run), offsets[run[0]]
+                    packs.append(run)
                     run, numel = [], 0
                 runs[keys[i]] = (run + [i], numel + n)
-        for run, _ in runs.values():
-            yield partial(self._packed, run), offsets[run[0]]
+        packs.extend(run for run, _ in runs.values())
+        plan = (list(alone.values()), packs)
+        if self._plans is not None:
+            self._plans[sizes] = plan
+        return plan
 
     def _packed(self, run: list[int]) -> Any:
         if len(run) == 1:
@@ -273,7 +304,11 @@ class Concat(Strategy):
         b, red, parsed = call.bundle, call.reduction, call.parsed
         if parsed is NOT_HANDLED:
             return NOT_HANDLED
-        states = call.pieces.map_segments(lambda operand, offset: red.partial(operand, offset, parsed))
+        many = red.partials
+        states = call.pieces.map_segments(
+            lambda operand, offset: red.partial(operand, offset, parsed),
+            None if many is None else lambda tensors: many(tensors, parsed),
+        )
         if not states:
             if red.needs_elements(parsed):
                 raise RuntimeError(

@@ -34,6 +34,7 @@ CALLS = {
 @pytest.fixture
 def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
     monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
