@@ -284,9 +284,12 @@ def _result_dtypes(
     and raises torch's error now, not when the bundle is consumed.
     """
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for i in range(len(ref._names)):
-        key = tuple(_operand_dtype(a, i, cast) for a in (*args, *kwargs.values()))
-        groups.setdefault(key, []).append(i)
+    if cast:  # every operand comes in one dtype for all the tensors: one group
+        groups[()] = list(range(len(ref._names)))
+    else:
+        for i in range(len(ref._names)):
+            key = tuple(_operand_dtype(a, i, cast) for a in (*args, *kwargs.values()))
+            groups.setdefault(key, []).append(i)
     dtypes: list[Any] = [None] * len(ref._names)
     for members in groups.values():
         nonempty = [i for i in members if ref._shapes[i].numel()] or members
@@ -328,6 +331,8 @@ def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
                 "was made, so its values would no longer be those of that moment. Compute it "
                 "before the in-place op (e.g. `d = (a - b).clone()`), or take `d.tensors` first."
             )
+        if torch.is_grad_enabled() == grad_enabled:  # no mode to switch: spare the context
+            return fn(*fn_args)
         with torch.set_grad_enabled(grad_enabled):
             return fn(*fn_args)
 

@@ -36,6 +36,7 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
     monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
     # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6
@@ -95,7 +96,7 @@ def test_not_fused_where_semantics_differ(small_kernels):
 
 def test_real_sizes_are_more_accurate_than_the_concatenation():
     torch.manual_seed(0)
-    tensors = [torch.randn(1_100_003) * 0.02 + 0.01, torch.randn(5 * _kernels.BLOCK + 5) * 0.5, torch.randn(10)]
+    tensors = [torch.randn(4_200_003) * 0.02 + 0.01, torch.randn(5 * _kernels.BLOCK + 5) * 0.5, torch.randn(10)]
     others = [t + 0.001 * torch.randn_like(t) for t in tensors]
     exact = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
     exact_dist = math.sqrt(sum(float((t.double() - o.double()).pow(2).sum()) for t, o in zip(tensors, others)))
@@ -112,8 +113,8 @@ def test_real_sizes_are_more_accurate_than_the_concatenation():
 
 def test_real_size_gradients():
     torch.manual_seed(0)
-    p = [torch.randn(1_100_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
-    q = [torch.randn(1_100_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
+    p = [torch.randn(4_200_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
+    q = [torch.randn(4_200_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]
     ((mt.bundle(p) ** 2).sum() + (mt.bundle(p) - mt.bundle(q)).norm()).backward()
     cat_p = torch.cat([t.detach().reshape(-1) for t in p]).requires_grad_()
     cat_q = torch.cat([t.detach().reshape(-1) for t in q]).requires_grad_()
