@@ -472,20 +472,27 @@ def _parse_argmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any,
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
 
 
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    # torch's argmax has no bool kernel, but max(dim=) of a bool tensor has: compare as uint8.
+    return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+
 def _arg_extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """Partial and combine of argmax / argmin, and of max / min with dim: (value, global index)."""
 
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         # torch's arg-extrema count NaN as the extremum and pick the first; taking the
-        # first tensor's candidate among equals keeps that order across tensors.
-        flat = t.reshape(-1)
-        local = flat.argmax() if largest else flat.argmin()
+        # first tensor's candidate among equals keeps that order across tensors. Compared in
+        # the concatenation's dtype (a bool tensor among integers has no argmax of its own).
+        flat = _cast(t, a.dtype).reshape(-1)
+        keyed = _comparable(flat)
+        local = keyed.argmax() if largest else keyed.argmin()
         # gather, not flat[local]: indexing with a tensor would read it back (and fail on meta)
         return flat.gather(0, local.reshape(1)).reshape(()), local + offset
 
     def combine(states: list[Any], a: ReduceArgs) -> Any:
         values = _stack([v for v, _ in states], a.dtype)
-        k = values.argmax() if largest else values.argmin()
+        k = _comparable(values).argmax() if largest else _comparable(values).argmin()
         pick = k.reshape(1)
         indices = _stack([i for _, i in states], torch.int64)
         return values.gather(0, pick).reshape(()), indices.gather(0, pick).reshape(())
@@ -537,8 +544,6 @@ def _parse_max_dim(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any
     if not isinstance(dim, int):
         raise TypeError(f"{name}: dim must be an int, got {dim!r}.")
     check_dim(dim, name, b)
-    if b._dtype == torch.bool:
-        raise RuntimeError(f"{name}: does not support bool input with dim ({b.describe()}).")
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
 
 
@@ -709,7 +714,7 @@ _NEEDS_ELEMENTS = lambda a: True  # noqa: E731 - no identity: torch raises on em
 
 def _register(funcs: tuple[Any, ...], *parts: Any, **kwargs: Any) -> Reduction:
     # torch's functions reduce a plain flat tensor themselves: tiny bundles may call them once.
-    # All but the arg-extrema ignore where elements stand: small tensors may be packed.
+    # Most ignore where elements stand (not the arg-extrema): small tensors may be packed.
     return register_reduction(funcs, *parts, direct=True, **{"commutative": True, **kwargs})
 
 
@@ -727,8 +732,10 @@ REDUCTIONS: dict[str, Reduction] = {
     "nanmean": _register(
         REDUCTION_FUNCTIONS["nanmean"], _partial_nanmean, _combine_nanmean, _finalize_nanmean, parse=_parse_mean
     ),
+    # prod overflows and underflows easily: regrouping its factors would change where it does
     "prod": _register(
-        REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_sum, parse=_parse_prod
+        REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_sum, parse=_parse_prod,
+        commutative=False,
     ),
     # var and std: Chan et al.'s parallel merge of per-tensor (count, mean, M2)
     "var": _register(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, parse=_parse_var),

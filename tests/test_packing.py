@@ -42,6 +42,15 @@ def test_reductions_packed(packed, f, call, case):
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case))
 
 
+# prod is left out: the product of many integers overflows float32, and where it does depends
+# on the grouping (per tensor or not), so no split matches the concatenation's NaN or inf there.
+@pytest.mark.parametrize("f, call", [p for p in REDUCTION_PARAMS if not p.id.startswith("prod")])
+@FIXTURE_OK
+@given(case=cases(dtypes=(torch.int64, torch.int32, torch.float32, torch.bool), kinds=("normal",), grad=False))
+def test_reductions_packed_mixed_dtypes(packed, f, call, case):
+    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case), grads=False)
+
+
 @pytest.mark.parametrize("f, call", PAIRWISE_PARAMS)
 @FIXTURE_OK
 @given(case=cases(grad=False), flat=st.booleans())

@@ -23,6 +23,6 @@ def test_reduction_matches_concat(f, call, case):
 
 
 @pytest.mark.parametrize("f, call", PARAMS)
-@given(case=cases(dtypes=(torch.int64, torch.int32, torch.float32), kinds=("normal",), grad=False))
+@given(case=cases(dtypes=(torch.int64, torch.int32, torch.float32, torch.bool), kinds=("normal",), grad=False))
 def test_reduction_matches_concat_mixed_integer_dtypes(f, call, case):
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case), grads=False)
