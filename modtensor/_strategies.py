@@ -21,9 +21,8 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
 __all__ = [
-    "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall", "Strategy",
-    "STRATEGIES", "get", "register_strategy", "strategies",
-    "resolve_weights", "reduce",
+    "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall",
+    "Strategy", "STRATEGIES", "get", "register_strategy", "strategies", "resolve_weights", "reduce",
 ]
 
 # A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
