@@ -14,9 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modtensor import _distributed
+from modtensor import _dispatch, _distributed
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor import _dispatch
 from modtensor._dispatch import NOT_HANDLED, find_bundles, func_name, materialized
 
 __all__ = [

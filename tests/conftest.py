@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import modtensor as mt
-from modtensor import _dispatch, _strategies
+from modtensor import _dispatch, _kernels, _strategies
 
 # "ci" keeps the whole suite within a few minutes on two cores; "dev" digs deeper.
 settings.register_profile(
@@ -49,3 +49,19 @@ def _plain_pytorch():
     with mt.fallback("materialize"):
         yield
     mt.uninstall()
+
+
+@pytest.fixture
+def small_kernels(monkeypatch):
+    """The kernels' sizes shrunk, so that Hypothesis' small tensors take every path of
+    modtensor/_kernels.py (rows, tail rows, several blocks, the moments' three paths)."""
+    monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
+    monkeypatch.setattr(_kernels, "ROW", 3)
+    monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
+    # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6
+    monkeypatch.setattr(_kernels, "MOMENTS_MIN_NUMEL", 2)
+    monkeypatch.setattr(_kernels, "MOMENTS_ROWS_NUMEL", 5)
+    monkeypatch.setattr(_kernels, "MOMENTS_BLOCK", 6)

@@ -31,20 +31,6 @@ CALLS = {
 }
 
 
-@pytest.fixture
-def small_kernels(monkeypatch):
-    monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
-    monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
-    monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
-    monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
-    monkeypatch.setattr(_kernels, "ROW", 3)
-    monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
-    # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6
-    monkeypatch.setattr(_kernels, "MOMENTS_MIN_NUMEL", 2)
-    monkeypatch.setattr(_kernels, "MOMENTS_ROWS_NUMEL", 5)
-    monkeypatch.setattr(_kernels, "MOMENTS_BLOCK", 6)
-
-
 @pytest.mark.parametrize("name", sorted(CALLS))
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the sizes stay shrunk
 @given(case=cases())

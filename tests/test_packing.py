@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 import modtensor as mt
 from generators import cases, check_against_concat, other_like
-from modtensor import _dispatch, _kernels, _strategies
+from modtensor import _dispatch, _strategies
 from test_kernels import CALLS as KERNEL_CALLS
-from test_kernels import small_kernels  # noqa: F401 - a fixture
 from test_pairwise import PARAMS as PAIRWISE_PARAMS
 from test_reductions import PARAMS as REDUCTION_PARAMS
 
@@ -69,7 +68,10 @@ def test_fused_kernels_packed(packed, small_kernels, name, case):
 @FIXTURE_OK
 @given(case=cases())
 def test_reductions_tiny(tiny, f, call, case):
-    call_twice = lambda x, y: (call(f, x, y), call(f, x, y))[1]  # noqa: E731 - the second takes the lane
+    def call_twice(x, y):
+        call(f, x, y)
+        return call(f, x, y)  # the second takes the fast lane
+
     check_against_concat(case, call_twice, other_like(case))
 
 
@@ -96,7 +98,9 @@ def _recorder(commutative=True):
         seen.append((segment, offset))
         return torch.tensor(segment.numel())
 
-    combine = lambda states, a: torch.stack(states).sum()  # noqa: E731
+    def combine(states, a):
+        return torch.stack(states).sum()
+
     mt.register_reduction(count, partial, combine, commutative=commutative)
     return count, seen
 
@@ -119,8 +123,8 @@ def test_segments_cover_every_element_once(packed, case):
         want = [t.reshape(-1) for t in small if t.dtype == dtype]
         assert sum(c.numel() for c in got) == sum(w.numel() for w in want)
         if want:
-            sort = lambda xs: torch.cat(xs).sort().values  # noqa: E731
-            torch.testing.assert_close(sort(got), sort(want), equal_nan=True, rtol=0, atol=0)
+            got_sorted, want_sorted = (torch.cat(xs).sort().values for xs in (got, want))
+            torch.testing.assert_close(got_sorted, want_sorted, equal_nan=True, rtol=0, atol=0)
 
 
 def test_ordered_reductions_see_each_tensor_in_order(packed):
