@@ -22,7 +22,7 @@ from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 __all__ = [
     "ANY_STRATEGY", "BUNDLE_TYPES", "DIRECT_CALLS", "DispatchTensor", "Handler", "NOT_HANDLED",
     "TINY_NUMEL", "TracedDispatch", "copy_is_cheap", "dispatch", "fallback", "find_bundles",
-    "func_name", "materialized", "remember_direct",
+    "func_name", "is_tiny", "materialized", "remember_direct",
 ]
 
 Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]
@@ -109,6 +109,11 @@ def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
         DIRECT_CALLS.add((type(b), func, b._dtype, args[1:], *kwargs.items()))
 
 
+def is_tiny(b: Any) -> bool:
+    """True for a local bundle of at most TINY_NUMEL elements (see copy_is_cheap)."""
+    return b._numel <= TINY_NUMEL and b._dist is None
+
+
 def copy_is_cheap(bundles: Iterable[Any], strategy: str) -> bool:
     """True where one call on the bundles' concatenations beats a call per tensor.
 
@@ -117,7 +122,7 @@ def copy_is_cheap(bundles: Iterable[Any], strategy: str) -> bool:
     """
     return (
         strategy == "concat"
-        and all(0 < b._numel <= TINY_NUMEL and b._dist is None for b in bundles)
+        and all(b._numel and is_tiny(b) for b in bundles)
         and not torch.compiler.is_compiling()
     )
 
@@ -350,8 +355,9 @@ class DispatchTensor(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         b = args[0] if args else None
-        # The fast lane of tiny bundles (see copy_is_cheap), for calls seen before.
-        if type(b) is cls and 0 < b._numel <= TINY_NUMEL and b._dist is None and b._strategy == "concat":
+        # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path),
+        # for calls seen before.
+        if type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b):
             try:
                 seen = (cls, func, b._dtype, args[1:], *kwargs.items()) in DIRECT_CALLS
             except TypeError:  # an unhashable argument: not a call the lane takes

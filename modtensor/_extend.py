@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-import torch
-
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
@@ -23,6 +21,7 @@ from modtensor._strategies import (
     ReduceArgs,
     ReductionCall,
     Strategy,
+    may_pack,
     register_strategy,
     strategies,
 )
@@ -94,9 +93,7 @@ def run_reduction(
         if fused is not NOT_HANDLED:
             return fused
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
-    # Packing copies small tensors: not while autograd records (it would keep the copies).
-    packs = reduction.commutative and not (torch.is_grad_enabled() and b.requires_grad)
-    packs = packs and not torch.compiler.is_compiling()
+    packs = reduction.commutative and may_pack(b)
     pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans)
 
     callers: list[Any] = []

@@ -20,7 +20,7 @@ from modtensor._dispatch import NOT_HANDLED, copy_is_cheap, func_name, materiali
 from modtensor._kernels import diff_l2_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
-from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall
+from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
 
@@ -56,10 +56,7 @@ def _pack_keys(ref: ParameterBundle, first: Any, second: Any) -> list[Any] | Non
             sides.append((x.dtype,) * len(ref._names))
         else:  # a broadcast scalar: packing would repeat it once per tensor
             return None
-    records = torch.is_grad_enabled() and any(x.requires_grad for x in (first, second))
-    if records or torch.compiler.is_compiling():  # as in run_reduction
-        return None
-    return list(zip(*sides, ref._devices))
+    return list(zip(*sides, ref._devices)) if may_pack(first, second) else None
 
 
 def _run(

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modtensor import _dispatch, _distributed
+from modtensor import _distributed
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, find_bundles, func_name, materialized
+from modtensor._dispatch import NOT_HANDLED, find_bundles, func_name, is_tiny, materialized
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
@@ -215,7 +215,7 @@ def map_elementwise(
     # While torch.compile traces, the compiler fuses the chain itself; computing on demand
     # would need version counters, which it cannot trace. A tiny bundle's results take less
     # memory than the bookkeeping of computing them on demand.
-    tiny = all(b._numel <= _dispatch.TINY_NUMEL and b._dist is None for b in find_bundles(args, kwargs))
+    tiny = all(is_tiny(b) for b in find_bundles(args, kwargs))
     if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall",
-    "Strategy", "STRATEGIES", "get", "register_strategy", "strategies", "resolve_weights", "reduce",
+    "Strategy", "STRATEGIES", "get", "may_pack", "register_strategy", "strategies", "resolve_weights",
+    "reduce",
 ]
 
 # A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
@@ -34,6 +35,13 @@ __all__ = [
 PACK_NUMEL = 1 << 14  # tensors of at most this many elements are packed (64 KiB of float32)
 PACK_LIMIT = 1 << 16  # elements in one packed segment (256 KiB of float32: cache-sized)
 PACK_SHARE = 100  # and at most 1/PACK_SHARE of the bundle's elements
+
+
+def may_pack(*operands: Any) -> bool:
+    """True where small tensors of `operands` (bundles or tensors) may be packed: not while
+    autograd records (it would keep every copy for the backward), nor in a compiled graph."""
+    records = torch.is_grad_enabled() and any(x.requires_grad for x in operands)
+    return not records and not torch.compiler.is_compiling()
 
 
 # fnmatch, which torch.compile takes as a constant instead of tracing it (it cannot).
