@@ -86,6 +86,12 @@ def run_reduction(
         remember_direct(b, func, args, kwargs)  # valid for every tiny bundle of this dtype
         return func(b.materialize(), *args[1:], **kwargs)  # the handler takes b as args[0]
     parse: Callable[[], Any] = lambda: reduction.parse(b, func, args, kwargs)
+    if reduction.fused is not None and b._strategy == "concat" and b._dist is None:
+        parsed = parse()
+        fused = NOT_HANDLED if parsed is NOT_HANDLED else reduction.fused(b, parsed)
+        if fused is not NOT_HANDLED:
+            return fused
+        parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     # (x ** 2).sum() of a local bundle: maybe one kernel (a distributed one combines across ranks)
     if b._expr is not None and b.strategy == "concat" and b._dist is None:
         parsed = parse()
@@ -124,6 +130,7 @@ def register_reduction(
     direct: bool = False,
     commutative: bool = False,
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
+    fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
@@ -137,7 +144,9 @@ def register_reduction(
     an empty input. `direct=True` says `func` itself reduces a plain flat tensor the same way,
     so a tiny bundle may be reduced by one call on its concatenation. `partials(tensors, args)`
     may give the states of many tensors of one dtype and device in one call (for a
-    commutative reduction, where no gradient is recorded). The per_param and weighted
+    commutative reduction, where no gradient is recorded). `fused(bundle, args)` may compute
+    the whole result of a concat-strategy bundle at once (say, one GPU kernel for all its
+    tensors), returning NOT_HANDLED where it does not apply. The per_param and weighted
     strategies come for free: they call `func` on each tensor.
 
     Example:
@@ -165,6 +174,7 @@ def register_reduction(
         direct=direct,
         commutative=commutative,
         partials=partials,
+        fused=fused,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

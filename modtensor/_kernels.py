@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from modtensor import _multitensor
 from modtensor._dispatch import NOT_HANDLED
 from modtensor._strategies import Pieces
 
@@ -36,10 +37,6 @@ MIN_NUMEL = 1 << 20
 NORM_ROWS_NUMEL = 1 << 22
 DIFF_MIN_NUMEL = 1 << 22  # as NORM_ROWS_NUMEL; below, one tensor's `a - b` is at most 16 MiB
 DIST_MAX_NUMEL = 1 << 14  # torch.dist is the fastest up to here
-# The norm reduction takes rows from this many elements only: below, torch's norm of a tensor
-# is off by at most about 5e-5 (1.2e-5 at 1Mi elements, growing with the length), far closer
-# than the concatenation's, and a row pass would cost ~10% more than torch._foreach_norm.
-NORM_ROWS_NUMEL = 1 << 22
 BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
 # Moments serve tensors from MOMENTS_MIN_NUMEL elements: below, torch's var and mean take
 # fewer calls than the moments and the checks on them. Below MOMENTS_ROWS_NUMEL they are added in
@@ -296,6 +293,7 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     `parsed` are the call's arguments. NOT_HANDLED where `b` is not such a chain, or the
     call asks for more than the plain full reduction (keepdim, another dtype or order).
     """
+    from modtensor._bundle import is_bundle
     from modtensor._reductions import _cast, _stack
 
     expr = b._expr
@@ -304,7 +302,13 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     op, op_args, op_kwargs, guard = expr
     if func in _SUMS and op in _SQUARES and not op_kwargs:
         x, exponent = op_args if len(op_args) == 2 else (op_args[0], 2)
-        if not (type(exponent) in (int, float) and exponent == 2 and _uniform(x, b._dtype)):
+        if not (type(exponent) in (int, float) and exponent == 2):
+            return NOT_HANDLED
+        if is_bundle(x):  # one launch, on a GPU
+            fused = _multitensor.sum_of_squares(x, b._lazy_requires_grad)
+            if fused is not None:
+                return fused
+        if not _uniform(x, b._dtype):
             return NOT_HANDLED
         squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),))
         if not squares:
@@ -312,6 +316,10 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         return _cast(_stack(squares, torch.float64).sum(), b._dtype)
     if func in _NORMS and parsed.options.get("p") == 2 and op in _DIFFERENCES and not op_kwargs and len(op_args) == 2:
         x, y = op_args
+        if is_bundle(x) and is_bundle(y) and not b._lazy_requires_grad:  # one launch, on a GPU
+            fused = _multitensor.distance(x, y)
+            if fused is not None:
+                return fused
         if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):
             return NOT_HANDLED
         norms = _per_segment(b, guard, diff_l2_norm, lambda i: (x._tensor(i), y._tensor(i)))

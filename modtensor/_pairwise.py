@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from modtensor import _strategies
+from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, copy_is_cheap, func_name, materialized
 from modtensor._kernels import diff_l2_norm
@@ -156,6 +156,10 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
+    if p == 2 and is_bundle(first) and is_bundle(second):
+        fused = _multitensor.distance(first, second)
+        if fused is not None:
+            return fused
     parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p)})
     return _run(func, args, kwargs, _DIST, parsed, operands)
 

@@ -16,7 +16,7 @@ import torch
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import register_reduction, run_reduction
-from modtensor import _kernels
+from modtensor import _kernels, _multitensor
 from modtensor._kernels import l2_norm, moments, moments_dtype
 from modtensor._pointwise import map_elementwise
 from modtensor._strategies import Reduction, ReduceArgs
@@ -683,6 +683,27 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     return _cast(combined, real)
 
 
+# -- one launch for all tensors, on a GPU (see _multitensor) -------------------------------------
+
+
+def _fused(op: str) -> Callable[[ParameterBundle, ReduceArgs], Any]:
+    """The `fused` of reduction `op`: its plain full form, by one multi-tensor kernel."""
+
+    def fused(b: ParameterBundle, a: ReduceArgs) -> Any:
+        # keepdim, dtype= casts and norms other than L2 keep the per-tensor path.
+        if a.keepdim or a.dtype != b._dtype or a.options.get("p", 2) != 2:
+            return NOT_HANDLED
+        if not _multitensor.serves(b, gradients=op in _multitensor.GRADIENTS):
+            return NOT_HANDLED
+        assert b._tensors is not None
+        result = _multitensor.reduce(
+            op, b._tensors, a.dtype, b._plans, numel=b._numel, correction=a.options.get("correction", 1)
+        )
+        return NOT_HANDLED if result is None else result
+
+    return fused
+
+
 # -- the table of reductions and its handler ---------------------------------------------------
 
 # Which torch functions each reduction serves; the tests import this to cover every entry.
@@ -715,7 +736,10 @@ _NEEDS_ELEMENTS = lambda a: True  # noqa: E731 - no identity: torch raises on em
 def _register(funcs: tuple[Any, ...], *parts: Any, **kwargs: Any) -> Reduction:
     # torch's functions reduce a plain flat tensor themselves: tiny bundles may call them once.
     # Most ignore where elements stand (not the arg-extrema): small tensors may be packed.
-    return register_reduction(funcs, *parts, direct=True, **{"commutative": True, **kwargs})
+    # Those with a multi-tensor kernel take it on a GPU.
+    name = next(name for name, served in REDUCTION_FUNCTIONS.items() if served == funcs)
+    fused = _fused(name) if name in _multitensor.OPS else None
+    return register_reduction(funcs, *parts, direct=True, fused=fused, **{"commutative": True, **kwargs})
 
 
 # Every reduction goes through the public `register_reduction`, as another library's would.

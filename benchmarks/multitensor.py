@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""The GPU multi-tensor kernels (modtensor/_multitensor.py) against the memory's bandwidth.
+
+For each model and kernel shape (CHUNK elements per row, BLOCK per step, warps), prints the
+median time of a full reduction of the bundle, the bandwidth it reached (the model's bytes
+read once over that time), its relative error against float64, and the same for a single
+contiguous tensor of the model's size (torch's own reduction: what one launch over one buffer
+reaches) and a device-to-device copy (bytes read plus written: the card's ceiling). Needs
+CUDA and Triton; ratios are within one run.
+
+    python benchmarks/multitensor.py                        # ResNet-50 and GPT-2 shapes
+    python benchmarks/multitensor.py --shapes 16384,1024,4 --ops sum
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402 - the models' shapes
+
+import modtensor as mt  # noqa: E402
+from modtensor import _multitensor  # noqa: E402
+
+
+def median(stmt, min_time: float) -> float:  # type: ignore[no-untyped-def]
+    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
+    return float(timer.blocked_autorange(min_run_time=min_time).median)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet50,gpt2")
+    p.add_argument("--ops", default="sum,norm,std,amax")
+    p.add_argument("--shapes", default="16384,1024,4;65536,1024,4;16384,2048,8;65536,4096,8;32768,2048,4",
+                   help="CHUNK,BLOCK,WARPS;... (the first is also timed with a cold plan)")
+    p.add_argument("--min-time", type=float, default=0.2)
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for model in args.models.split(","):
+        module = bench.build_model(model, "cuda", seed=0)
+        params = list(module.parameters())
+        nbytes = sum(t.numel() * t.element_size() for t in params)
+        flat = torch.cat([t.reshape(-1) for t in params])
+        ref = flat.double()
+        copy = torch.empty_like(flat)
+        t_copy = median(lambda: copy.copy_(flat), args.min_time)
+        print(f"\n{model}: {len(params)} tensors, {nbytes / 2**20:.1f} MiB; copy {2 * nbytes / t_copy / 1e12:.2f} TB/s")
+        for op in args.ops.split(","):
+            want = float(getattr(ref, op)())
+            with torch.no_grad():
+                t_flat = median(lambda: getattr(flat, op)(), args.min_time)
+            print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
+            for shape in args.shapes.split(";"):
+                chunk, block, warps = (int(v) for v in shape.split(","))
+                _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = chunk, block, warps
+                b = mt.bundle(module)  # a fresh plan for this CHUNK
+                with torch.no_grad():
+                    got = float(getattr(b, op)())
+                    t = median(lambda: getattr(b, op)(), args.min_time)
+                err = abs(got - want) / abs(want)
+                flat_err = abs(float(getattr(flat, op)()) - want) / abs(want)
+                print(f"  {op:5} chunk {chunk:6} block {block:5} warps {warps:2}: {t * 1e6:8.1f} us, "
+                      f"{nbytes / t / 1e12:.2f} TB/s, x{t / t_flat:.2f} the flat tensor; "
+                      f"rel. error {err:.1e} (flat tensor {flat_err:.1e})")
+        del module, params, flat, ref, copy
+        torch.cuda.empty_cache()
+    # The fixed cost of one call: a small bundle, where the GPU has almost nothing to do.
+    small = [torch.randn(4096, device="cuda") for _ in range(8)]
+    b = mt.bundle(small)
+    with torch.no_grad():
+        t = median(lambda: b.sum(), args.min_time)
+        t_loop = median(lambda: torch.stack([x.sum() for x in small]).sum(), args.min_time)
+    print(f"\nfixed cost, 8 x 4096 floats: bundle sum {t * 1e6:.1f} us, per-tensor loop {t_loop * 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
