@@ -33,15 +33,31 @@ def median(stmt, min_time: float) -> float:  # type: ignore[no-untyped-def]
     return float(timer.blocked_autorange(min_run_time=min_time).median)
 
 
+def chains(module: torch.nn.Module, min_time: float) -> None:
+    """`(a - b).norm()` against `torch.dist(a, b)`: where the chain's time goes."""
+    a, b = mt.bundle(module), mt.bundle([torch.randn_like(p) for p in module.parameters()])
+    with torch.no_grad():
+        for name, call in [("a - b (made, not reduced)", lambda: a - b), ("(a - b).norm()", lambda: (a - b).norm()),
+                           ("torch.dist(a, b)", lambda: torch.dist(a, b))]:
+            print(f"  {name:26}: {median(call, min_time) * 1e6:8.1f} us")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                (a - b).norm()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet50,gpt2")
     p.add_argument("--ops", default="sum,norm,std,amax")
-    p.add_argument("--shapes", default="16384,1024,4;65536,1024,4;16384,2048,8;65536,4096,8;32768,2048,4",
-                   help="CHUNK,BLOCK,WARPS;... (the first is also timed with a cold plan)")
+    p.add_argument("--shapes", default="65536,1024,4;16384,1024,4;65536,1024,4,two",
+                   help="CHUNK,BLOCK,WARPS[,two];... (two: partials and finish in two launches)")
     p.add_argument("--min-time", type=float, default=0.2)
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
+    defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS, _multitensor.ONE_LAUNCH
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for model in args.models.split(","):
         module = bench.build_model(model, "cuda", seed=0)
@@ -58,17 +74,20 @@ def main() -> None:
                 t_flat = median(lambda: getattr(flat, op)(), args.min_time)
             print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
             for shape in args.shapes.split(";"):
-                chunk, block, warps = (int(v) for v in shape.split(","))
-                _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = chunk, block, warps
+                chunk, block, warps, *launches = shape.split(",")
+                _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = int(chunk), int(block), int(warps)
+                _multitensor.ONE_LAUNCH = launches != ["two"]
                 b = mt.bundle(module)  # a fresh plan for this CHUNK
                 with torch.no_grad():
                     got = float(getattr(b, op)())
                     t = median(lambda: getattr(b, op)(), args.min_time)
                 err = abs(got - want) / abs(want)
                 flat_err = abs(float(getattr(flat, op)()) - want) / abs(want)
-                print(f"  {op:5} chunk {chunk:6} block {block:5} warps {warps:2}: {t * 1e6:8.1f} us, "
+                print(f"  {op:5} {shape:20}: {t * 1e6:8.1f} us, "
                       f"{nbytes / t / 1e12:.2f} TB/s, x{t / t_flat:.2f} the flat tensor; "
                       f"rel. error {err:.1e} (flat tensor {flat_err:.1e})")
+        _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS, _multitensor.ONE_LAUNCH = defaults
+        chains(module, args.min_time)
         del module, params, flat, ref, copy
         torch.cuda.empty_cache()
     # The fixed cost of one call: a small bundle, where the GPU has almost nothing to do.

@@ -74,7 +74,7 @@ class _BundleAPI:
     _left_out: tuple[str, ...]
     _strategy: str
     # How an on-demand bundle is computed: (func, args, kwargs, guard), for _kernels.fuse.
-    _expr: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Callable[..., Any]] | None
+    _expr: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any] | None  # guard: _pointwise._Guard
     _dist: _distributed.Sharding | None = None  # this rank's shards of a bundle over a group
 
     # -- structure -------------------------------------------------------------------------

@@ -305,7 +305,7 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         if not (type(exponent) in (int, float) and exponent == 2):
             return NOT_HANDLED
         if is_bundle(x):  # one launch, on a GPU
-            fused = _multitensor.sum_of_squares(x, b._lazy_requires_grad)
+            fused = _multitensor.sum_of_squares(x, b._lazy_requires_grad, guard.check)
             if fused is not None:
                 return fused
         if not _uniform(x, b._dtype):
@@ -317,7 +317,7 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     if func in _NORMS and parsed.options.get("p") == 2 and op in _DIFFERENCES and not op_kwargs and len(op_args) == 2:
         x, y = op_args
         if is_bundle(x) and is_bundle(y) and not b._lazy_requires_grad:  # one launch, on a GPU
-            fused = _multitensor.distance(x, y)
+            fused = _multitensor.distance(x, y, guard.check)
             if fused is not None:
                 return fused
         if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,11 +35,13 @@ if TYPE_CHECKING:
 
 __all__ = ["CHUNK", "DEVICES", "GRADIENTS", "OPS", "distance", "reduce", "serves", "sum_of_squares"]
 
-# Elements per row: small enough that ResNet-50's 25M parameters make ~1,600 rows, which keeps
-# all of an H100's 132 multiprocessors busy to the end, large enough that a row's fixed cost
-# (its table entry, the reduction across its lanes) stays under 1% of reading it.
-CHUNK = 1 << 14
+# Elements per row: ResNet-50's 25M parameters make ~550 rows, GPT-2's 124M ~1,900, so that
+# every multiprocessor gets several and a row's fixed cost (its table entry, the reduction
+# across its lanes, the last program's read of its state) stays small. Measured on an H100
+# (benchmarks/multitensor.py): GPT-2 norm 170 us with 64Ki (flat tensor: 169), 180 with 16Ki.
+CHUNK = 1 << 16
 BLOCK = 1024  # elements a program loads per step
+ONE_LAUNCH = True  # the last program combines the rows (else a second launch does)
 WARPS = 4
 TILE = 1024  # rows the combining program reads per step
 DEVICES = {"cuda"}  # the tests add "cpu" under TRITON_INTERPRET=1
@@ -79,7 +81,10 @@ class _Plan:
     table: torch.Tensor  # (rows, 3) int64: start in x, start in y, length
     vector_rows: int  # the first rows, in units of `vec` elements; the rest in elements
     vec: int
-    counts: torch.Tensor | None  # per row, the elements it holds (float64), for var
+    counts: torch.Tensor  # per row, the elements it holds (float64), for var
+    # Per stream, how many programs of the running launch have stored their row: zero
+    # between launches (the last program resets it), so launches on one stream share it.
+    arrived: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -175,17 +180,34 @@ def _launch(
     out = torch.empty((), dtype=out_dtype, device=device)
     second = torch.empty((), dtype=out_dtype, device=device) if code in _TWO_RESULTS else out
     y = ys[0] if ys is not None else xs[0]
+    f64 = xs[0].dtype == torch.float64
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current one
-        kernels.partials[(rows,)](
-            xs[0], y, plan.table, plan.vector_rows, partials,
-            OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=xs[0].dtype == torch.float64, num_warps=WARPS,
-        )
-        kernels.finish[(1,)](
-            partials, plan.counts, rows, numel, correction, out, second,
-            OP=code, TILE=TILE, num_warps=WARPS,
-        )
+        if ONE_LAUNCH:
+            kernels.reduce[(rows,)](
+                xs[0], y, plan.table, plan.vector_rows, partials, plan.counts, rows, numel, correction,
+                _arrived(plan, device), out, second,
+                OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, TILE=TILE, num_warps=WARPS,
+            )
+        else:
+            kernels.partials[(rows,)](
+                xs[0], y, plan.table, plan.vector_rows, partials,
+                OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, num_warps=WARPS,
+            )
+            kernels.finish[(1,)](
+                partials, plan.counts, rows, numel, correction, out, second,
+                OP=code, TILE=TILE, num_warps=WARPS,
+            )
     return (out, second) if code in _TWO_RESULTS else out
+
+
+def _arrived(plan: _Plan, device: torch.device) -> torch.Tensor:
+    # Launches on two streams may overlap: each stream counts on its own.
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    counter = plan.arrived.get(stream)
+    if counter is None:
+        counter = plan.arrived[stream] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 class _Differentiable(torch.autograd.Function):
@@ -227,35 +249,45 @@ def serves(*bundles: ParameterBundle, gradients: bool = False) -> bool:
     first: on the CPU this costs one comparison.
     """
     first = bundles[0]
-    device, dtype = first._device, first._dtype
     return (
-        device.type in DEVICES
-        and first._numel > 0
-        and dtype in _FLOATS
-        and all(
-            b._tensors is not None and b._on_one_device and b._device == device and b._dtype == dtype
-            and all(d == dtype for d in b._dtypes) and b._dist is None
-            for b in bundles
-        )
+        first._device.type in DEVICES
+        and all(_uniform(b) and b._device == first._device and b._dtype == first._dtype for b in bundles)
         and not torch.compiler.is_compiling()
         and (gradients or may_pack(*bundles))
         and _triton() is not None
     )
 
 
-def sum_of_squares(x: ParameterBundle, records: bool) -> Any:
+def _uniform(b: ParameterBundle) -> bool:
+    """True where `b` holds tensors of its own (not on demand), not sharded, with elements,
+    of one floating dtype and on one device. Kept with the bundle's plans: it never changes."""
+    found: bool | None = b._plans.get("multitensor")
+    if found is None:
+        found = b._plans["multitensor"] = (
+            b._tensors is not None and b._dist is None and b._on_one_device and b._numel > 0
+            and b._dtype in _FLOATS and all(d == b._dtype for d in b._dtypes)
+        )
+    return found
+
+
+def sum_of_squares(x: ParameterBundle, records: bool, check: Callable[[], None]) -> Any:
     """`(x ** 2).sum()` by one launch, or None; with a gradient if `records` (the grad mode
-    the on-demand `x ** 2` was made in)."""
+    the on-demand `x ** 2` was made in). `check()` raises if x changed since then."""
     if not serves(x, gradients=True):
         return None
+    check()
     assert x._tensors is not None
     with torch.set_grad_enabled(records):
         return reduce("sumsq", x._tensors, x._dtype, x._plans, numel=x._numel)
 
 
-def distance(x: ParameterBundle, y: ParameterBundle) -> Any:
-    """`torch.dist(x, y)` (the L2 norm of `x - y`) of two bundles by one launch, or None."""
+def distance(x: ParameterBundle, y: ParameterBundle, check: Callable[[], None] | None = None) -> Any:
+    """`torch.dist(x, y)` (the L2 norm of `x - y`) of two bundles by one launch, or None.
+
+    `check()`, for the on-demand `x - y`, raises if x or y changed since it was made."""
     if not (x._strategy == "concat" and x._shapes == y._shapes and serves(x, y)):
         return None
+    if check is not None:
+        check()
     assert x._tensors is not None and y._tensors is not None
     return reduce("dist", x._tensors, x._dtype, x._plans, ys=y._tensors, numel=x._numel)

@@ -153,13 +153,13 @@ _DIST = Reduction(
 def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     first, second, p = _bind(_sig_dist, name, args, kwargs)
-    operands = _operands(name, first, second, require_same_dtype=False)
-    if operands is NOT_HANDLED:
-        return NOT_HANDLED
-    if p == 2 and is_bundle(first) and is_bundle(second):
+    if p == 2 and is_bundle(first) and is_bundle(second):  # one launch, on a GPU
         fused = _multitensor.distance(first, second)
         if fused is not None:
             return fused
+    operands = _operands(name, first, second, require_same_dtype=False)
+    if operands is NOT_HANDLED:
+        return NOT_HANDLED
     parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p)})
     return _run(func, args, kwargs, _DIST, parsed, operands)
 

@@ -310,19 +310,23 @@ def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequen
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
-def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode of now, refusing tensor i's inputs if
-    they were modified in place since now."""
-    grad_enabled = torch.is_grad_enabled()
-    operands = (*args, *kwargs.values())
-    plain = [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
-    bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
-    plain_versions = [t._version for t in plain]
-    bundle_versions = [[t._version for t in b.tensors] for b in bundles]
+class _Guard:
+    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode of the guard's making, refusing tensor i's
+    inputs if they were modified in place since then."""
 
-    def guard(i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
-        changed = [t for t, v in zip(plain, plain_versions) if t._version != v] + [
-            b for b, vs in zip(bundles, bundle_versions) if b.tensors[i]._version != vs[i]
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.grad_enabled = torch.is_grad_enabled()
+        operands = (*args, *kwargs.values())
+        self.plain = [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
+        self.bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
+        self.plain_versions = [t._version for t in self.plain]
+        self.bundle_versions = [[t._version for t in b.tensors] for b in self.bundles]
+
+    def check(self, i: int | None = None) -> None:
+        """Raise if tensor i's inputs (every tensor's, for None) changed in place."""
+        changed = [t for t, v in zip(self.plain, self.plain_versions) if t._version != v] + [
+            b for b, vs in zip(self.bundles, self.bundle_versions)
+            if (b.tensors[i]._version != vs[i] if i is not None else [t._version for t in b.tensors] != vs)
         ]
         if changed:
             raise RuntimeError(
@@ -330,12 +334,17 @@ def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
                 "was made, so its values would no longer be those of that moment. Compute it "
                 "before the in-place op (e.g. `d = (a - b).clone()`), or take `d.tensors` first."
             )
-        if torch.is_grad_enabled() == grad_enabled:  # no mode to switch: spare the context
+
+    def __call__(self, i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
+        self.check(i)
+        if torch.is_grad_enabled() == self.grad_enabled:  # no mode to switch: spare the context
             return fn(*fn_args)
-        with torch.set_grad_enabled(grad_enabled):
+        with torch.set_grad_enabled(self.grad_enabled):
             return fn(*fn_args)
 
-    return guard
+
+def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Guard:
+    return _Guard(args, kwargs)
 
 
 _NO_RANGE = object()

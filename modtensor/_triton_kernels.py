@@ -1,9 +1,10 @@
 """The Triton kernels behind `_multitensor` (imported only there, and only where Triton is).
 
-`partials`: one program per row of the table, each a chunk of one tensor, reduced to a
+`reduce`: one program per row of the table, each a chunk of one tensor, reduces it to a
 partial state: each lane adds in float32 (float64 for float64 tensors), the lanes are
-combined in float64, and so are the rows' states, stored in float64. `finish`: one program combines the
-rows' states in float64 and writes the result. Op codes are `_multitensor.OPS`.
+combined in float64 and the state is stored in float64. The last program to finish combines
+the rows' states in float64 and writes the result. `partials` then `finish` do the same in two
+launches. Op codes are `_multitensor.OPS`.
 """
 
 import triton
@@ -86,15 +87,15 @@ def _row(x, y, n, dst, OP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr)
         tl.store(dst, tl.sum(total.to(tl.float64), 0))
 
 
-@triton.jit(do_not_specialize=["vector_rows"])
-def partials(x, y, table, vector_rows, out, OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit
+def _partial(x, y, table, vector_rows, partials, OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
              F64: tl.constexpr):
     row = tl.program_id(0)
     start_x = tl.load(table + 3 * row)
     start_y = tl.load(table + 3 * row + 1)
     n = tl.load(table + 3 * row + 2)
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    dst = out + row * (3 if (OP >= VAR and OP <= STD_MEAN) else 1)  # words of state per row
+    dst = partials + row * (3 if (OP >= VAR and OP <= STD_MEAN) else 1)  # words of state per row
     if row < vector_rows:
         # In units of VEC elements (16 bytes): Triton then knows that each start and length
         # is a multiple of 16 bytes, and loads 16 bytes at a time.
@@ -103,14 +104,14 @@ def partials(x, y, table, vector_rows, out, OP: tl.constexpr, VEC: tl.constexpr,
         _row(x + start_x, y + start_y, n, dst, OP, BLOCK, ACC)
 
 
-@triton.jit(do_not_specialize=["rows", "numel", "correction"])
-def finish(partials, counts, rows, numel, correction, out, second, OP: tl.constexpr, TILE: tl.constexpr):
+@triton.jit
+def _finish(partials, counts, rows, numel, correction, out, second, OP: tl.constexpr, TILE: tl.constexpr):
     lanes = tl.arange(0, TILE)
     if OP == AMAX or OP == AMIN:
         top = tl.full([TILE], float("-inf"), tl.float64)
         for r in range(0, rows, TILE):
             inside = r + lanes < rows
-            v = tl.load(partials + r + lanes, mask=inside, other=0.0).to(tl.float64)
+            v = tl.load(partials + r + lanes, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64)
             top = tl.maximum(top, tl.where(inside, v, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
         result = tl.reduce(top, 0, _max_nan)
         if OP == AMIN:
@@ -124,7 +125,7 @@ def finish(partials, counts, rows, numel, correction, out, second, OP: tl.conste
             inside = r + lanes < rows
             n = tl.load(counts + r + lanes, mask=inside, other=0.0)
             at = partials + 3 * (r + lanes)
-            m = tl.load(at, mask=inside, other=0.0).to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0)
+            m = tl.load(at, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0, cache_modifier=".cg")
             weighted += n * m
         total = tl.cast(numel, tl.float64)
         mean = tl.sum(weighted, 0) / total
@@ -133,8 +134,8 @@ def finish(partials, counts, rows, numel, correction, out, second, OP: tl.conste
             inside = r + lanes < rows
             n = tl.load(counts + r + lanes, mask=inside, other=0.0)
             at = partials + 3 * (r + lanes)
-            m = tl.load(at, mask=inside, other=0.0).to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0)
-            s = tl.load(at + 2, mask=inside, other=0.0).to(tl.float64)
+            m = tl.load(at, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0, cache_modifier=".cg")
+            s = tl.load(at + 2, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64)
             m2 += s + n * (m - mean) * (m - mean)
         # torch divides by max(numel - correction, 0): inf or NaN where that is 0
         var = tl.sum(m2, 0) / tl.maximum(total - correction, 0.0)
@@ -146,10 +147,33 @@ def finish(partials, counts, rows, numel, correction, out, second, OP: tl.conste
     else:
         acc = tl.zeros([TILE], tl.float64)
         for r in range(0, rows, TILE):
-            acc += tl.load(partials + r + lanes, mask=r + lanes < rows, other=0.0).to(tl.float64)
+            acc += tl.load(partials + r + lanes, mask=r + lanes < rows, other=0.0, cache_modifier=".cg").to(tl.float64)
         result = tl.sum(acc, 0)
         if OP == MEAN:
             result = result / tl.cast(numel, tl.float64)
         if OP == NORM or OP == DIST:
             result = tl.sqrt(result)
         tl.store(out, result.to(out.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["vector_rows", "rows", "numel", "correction"])
+def reduce(x, y, table, vector_rows, partials, counts, rows, numel, correction, arrived, out, second,
+           OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr):
+    """Everything in one launch: each program its row, and the last to finish combines them."""
+    _partial(x, y, table, vector_rows, partials, OP, VEC, BLOCK, F64)
+    # Each program's atomic add releases its stores, and the one that counts the last row
+    # acquires them all, so it reads every row's state.
+    if tl.atomic_add(arrived, 1, sem="acq_rel") == rows - 1:
+        _finish(partials, counts, rows, numel, correction, out, second, OP, TILE)
+        tl.atomic_xchg(arrived, 0)  # for the next launch on this stream
+
+
+@triton.jit(do_not_specialize=["vector_rows"])
+def partials(x, y, table, vector_rows, partials, OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
+             F64: tl.constexpr):
+    _partial(x, y, table, vector_rows, partials, OP, VEC, BLOCK, F64)
+
+
+@triton.jit(do_not_specialize=["rows", "numel", "correction"])
+def finish(partials, counts, rows, numel, correction, out, second, OP: tl.constexpr, TILE: tl.constexpr):
+    _finish(partials, counts, rows, numel, correction, out, second, OP, TILE)
