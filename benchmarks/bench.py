@@ -387,13 +387,16 @@ def device_name(device: str) -> str:
 def source_state() -> str:
     """The commit modtensor was benchmarked at, `-dirty` if its working tree had changes.
 
-    Where the checkout has no git history (a copy sent to a GPU machine), BENCH_SOURCE says.
+    BENCH_SOURCE, where set, says instead: a copy of the checkout sent to a GPU machine may
+    carry no history, or another commit's.
     """
+    if os.environ.get("BENCH_SOURCE"):
+        return os.environ["BENCH_SOURCE"]
     try:
         return subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"],
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_SOURCE", "unknown commit")
+        return "unknown commit"
 
 
 def report(rows: list[dict[str, Any]], setups: list[list[str]], args: argparse.Namespace) -> str:

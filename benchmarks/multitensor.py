@@ -52,12 +52,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet50,gpt2")
     p.add_argument("--ops", default="sum,norm,std,amax")
-    p.add_argument("--shapes", default="65536,1024,4;16384,1024,4;65536,1024,4,two",
-                   help="CHUNK,BLOCK,WARPS[,two];... (two: partials and finish in two launches)")
+    p.add_argument("--shapes", default="65536,1024,4;16384,1024,4", help="CHUNK,BLOCK,WARPS;...")
     p.add_argument("--min-time", type=float, default=0.2)
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
-    defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS, _multitensor.ONE_LAUNCH
+    defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for model in args.models.split(","):
         module = bench.build_model(model, "cuda", seed=0)
@@ -74,9 +73,8 @@ def main() -> None:
                 t_flat = median(lambda: getattr(flat, op)(), args.min_time)
             print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
             for shape in args.shapes.split(";"):
-                chunk, block, warps, *launches = shape.split(",")
-                _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = int(chunk), int(block), int(warps)
-                _multitensor.ONE_LAUNCH = launches != ["two"]
+                chunk, block, warps = (int(v) for v in shape.split(","))
+                _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = chunk, block, warps
                 b = mt.bundle(module)  # a fresh plan for this CHUNK
                 with torch.no_grad():
                     got = float(getattr(b, op)())
@@ -86,7 +84,7 @@ def main() -> None:
                 print(f"  {op:5} {shape:20}: {t * 1e6:8.1f} us, "
                       f"{nbytes / t / 1e12:.2f} TB/s, x{t / t_flat:.2f} the flat tensor; "
                       f"rel. error {err:.1e} (flat tensor {flat_err:.1e})")
-        _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS, _multitensor.ONE_LAUNCH = defaults
+        _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = defaults
         chains(module, args.min_time)
         del module, params, flat, ref, copy
         torch.cuda.empty_cache()

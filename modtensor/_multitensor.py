@@ -41,7 +41,6 @@ __all__ = ["CHUNK", "DEVICES", "GRADIENTS", "OPS", "distance", "reduce", "serves
 # (benchmarks/multitensor.py): GPT-2 norm 170 us with 64Ki (flat tensor: 169), 180 with 16Ki.
 CHUNK = 1 << 16
 BLOCK = 1024  # elements a program loads per step
-ONE_LAUNCH = True  # the last program combines the rows (else a second launch does)
 WARPS = 4
 TILE = 1024  # rows the combining program reads per step
 DEVICES = {"cuda"}  # the tests add "cpu" under TRITON_INTERPRET=1
@@ -183,21 +182,11 @@ def _launch(
     f64 = xs[0].dtype == torch.float64
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current one
-        if ONE_LAUNCH:
-            kernels.reduce[(rows,)](
-                xs[0], y, plan.table, plan.vector_rows, partials, plan.counts, rows, numel, correction,
-                _arrived(plan, device), out, second,
-                OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, TILE=TILE, num_warps=WARPS,
-            )
-        else:
-            kernels.partials[(rows,)](
-                xs[0], y, plan.table, plan.vector_rows, partials,
-                OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, num_warps=WARPS,
-            )
-            kernels.finish[(1,)](
-                partials, plan.counts, rows, numel, correction, out, second,
-                OP=code, TILE=TILE, num_warps=WARPS,
-            )
+        kernels.reduce[(rows,)](
+            xs[0], y, plan.table, plan.vector_rows, partials, plan.counts, rows, numel, correction,
+            _arrived(plan, device), out, second,
+            OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, TILE=TILE, num_warps=WARPS,
+        )
     return (out, second) if code in _TWO_RESULTS else out
 
 

@@ -3,8 +3,9 @@
 `reduce`: one program per row of the table, each a chunk of one tensor, reduces it to a
 partial state: each lane adds in float32 (float64 for float64 tensors), the lanes are
 combined in float64 and the state is stored in float64. The last program to finish combines
-the rows' states in float64 and writes the result. `partials` then `finish` do the same in two
-launches. Op codes are `_multitensor.OPS`.
+the rows' states in float64 and writes the result: one launch in all (a second launch for
+the combine cost ResNet-50's sum 80 us instead of 56 on an H200). Op codes are
+`_multitensor.OPS`.
 """
 
 import triton
@@ -159,21 +160,9 @@ def _finish(partials, counts, rows, numel, correction, out, second, OP: tl.const
 @triton.jit(do_not_specialize=["vector_rows", "rows", "numel", "correction"])
 def reduce(x, y, table, vector_rows, partials, counts, rows, numel, correction, arrived, out, second,
            OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr):
-    """Everything in one launch: each program its row, and the last to finish combines them."""
     _partial(x, y, table, vector_rows, partials, OP, VEC, BLOCK, F64)
     # Each program's atomic add releases its stores, and the one that counts the last row
     # acquires them all, so it reads every row's state.
     if tl.atomic_add(arrived, 1, sem="acq_rel") == rows - 1:
         _finish(partials, counts, rows, numel, correction, out, second, OP, TILE)
         tl.atomic_xchg(arrived, 0)  # for the next launch on this stream
-
-
-@triton.jit(do_not_specialize=["vector_rows"])
-def partials(x, y, table, vector_rows, partials, OP: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
-             F64: tl.constexpr):
-    _partial(x, y, table, vector_rows, partials, OP, VEC, BLOCK, F64)
-
-
-@triton.jit(do_not_specialize=["rows", "numel", "correction"])
-def finish(partials, counts, rows, numel, correction, out, second, OP: tl.constexpr, TILE: tl.constexpr):
-    _finish(partials, counts, rows, numel, correction, out, second, OP, TILE)

@@ -29,13 +29,11 @@ DEVICES = ["cpu"] if INTERPRETED else ["cuda"] if torch.cuda.is_available() else
 LOW = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=[(d, one) for d in DEVICES for one in (True, False)],
-                ids=lambda p: f"{p[0]}-{'one-launch' if p[1] else 'two-launches'}")
+@pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
-    name, one_launch = request.param
+    name = request.param
     if name == "cpu":
         monkeypatch.setattr(_multitensor, "DEVICES", {"cuda", "cpu"})
-    monkeypatch.setattr(_multitensor, "ONE_LAUNCH", one_launch)
     monkeypatch.setattr(_multitensor, "CHUNK", 64)
     monkeypatch.setattr(_multitensor, "BLOCK", 16)
     monkeypatch.setattr(_multitensor, "TILE", 16)
