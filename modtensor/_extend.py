@@ -146,7 +146,7 @@ def register_reduction(
     may give the states of many tensors of one dtype and device in one call (for a
     commutative reduction, where no gradient is recorded). `fused(bundle, args)` may compute
     the whole result of a concat-strategy bundle at once (say, one GPU kernel for all its
-    tensors), returning NOT_HANDLED where it does not apply. The per_param and weighted
+    tensors), returning NotImplemented where it does not apply. The per_param and weighted
     strategies come for free: they call `func` on each tensor.
 
     Example:

@@ -107,7 +107,7 @@ class Reduction:
     # (one torch call for many), for a commutative reduction where no gradient is recorded.
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
-    # (one multi-tensor kernel on a GPU), or NOT_HANDLED to take the per-tensor path.
+    # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
     fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None
 
 

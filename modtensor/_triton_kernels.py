@@ -106,6 +106,17 @@ def _partial(x, y, table, vector_rows, partials, OP: tl.constexpr, VEC: tl.const
 
 
 @triton.jit
+def _row_states(partials, counts, rows_at, rows):
+    # A var row's state: its shift, its mean around the shift, its M2; and its count.
+    inside = rows_at < rows
+    at = partials + 3 * rows_at
+    n = tl.load(counts + rows_at, mask=inside, other=0.0)
+    m = tl.load(at, mask=inside, other=0.0, cache_modifier=".cg") + tl.load(at + 1, mask=inside, other=0.0, cache_modifier=".cg")
+    s = tl.load(at + 2, mask=inside, other=0.0, cache_modifier=".cg")
+    return n, m, s
+
+
+@triton.jit
 def _finish(partials, counts, rows, numel, correction, out, second, OP: tl.constexpr, TILE: tl.constexpr):
     lanes = tl.arange(0, TILE)
     if OP == AMAX or OP == AMIN:
@@ -120,23 +131,15 @@ def _finish(partials, counts, rows, numel, correction, out, second, OP: tl.const
         tl.store(out, result.to(out.dtype.element_ty))
     elif OP >= VAR and OP <= STD_MEAN:
         # Chan et al.: the grand mean first, then M2 = sum(M2_r) + sum(n_r (mean_r - mean)^2).
-        # A row's state: its shift, its mean around the shift, its M2.
         weighted = tl.zeros([TILE], tl.float64)
         for r in range(0, rows, TILE):
-            inside = r + lanes < rows
-            n = tl.load(counts + r + lanes, mask=inside, other=0.0)
-            at = partials + 3 * (r + lanes)
-            m = tl.load(at, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0, cache_modifier=".cg")
+            n, m, s = _row_states(partials, counts, r + lanes, rows)
             weighted += n * m
         total = tl.cast(numel, tl.float64)
         mean = tl.sum(weighted, 0) / total
         m2 = tl.zeros([TILE], tl.float64)
         for r in range(0, rows, TILE):
-            inside = r + lanes < rows
-            n = tl.load(counts + r + lanes, mask=inside, other=0.0)
-            at = partials + 3 * (r + lanes)
-            m = tl.load(at, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64) + tl.load(at + 1, mask=inside, other=0.0, cache_modifier=".cg")
-            s = tl.load(at + 2, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float64)
+            n, m, s = _row_states(partials, counts, r + lanes, rows)
             m2 += s + n * (m - mean) * (m - mean)
         # torch divides by max(numel - correction, 0): inf or NaN where that is 0
         var = tl.sum(m2, 0) / tl.maximum(total - correction, 0.0)

@@ -1,13 +1,7 @@
 import os
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
-
-# Without a GPU, Triton's interpreter runs modtensor's GPU kernels on the CPU
-# (tests/test_multitensor.py). Triton reads this when it is first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import modtensor as mt
 from modtensor import _dispatch, _kernels, _strategies
