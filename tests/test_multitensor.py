@@ -41,13 +41,15 @@ def test_the_kernels_in_tritons_interpreter():
     )
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout, child.stdout[-500:]
+
+
 LOW = (torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     name = request.param
-    if name == "cpu":
+    if name == "cpu":  # only where the interpreter runs the kernels
         monkeypatch.setattr(_multitensor, "DEVICES", {"cuda", "cpu"})
     monkeypatch.setattr(_multitensor, "CHUNK", 64)
     monkeypatch.setattr(_multitensor, "BLOCK", 16)
