@@ -14,8 +14,10 @@ A plan (the table, with the addresses it was made for) is kept per bundle and ma
 when a tensor moved (`p.data = ...`): checking the addresses is the one per-tensor cost of a
 call, a few microseconds of its ~50 µs of Python and launch.
 
-Triton is optional: without it, on other devices, where autograd records or torch.compile
-traces, for dtype= casts and mixed dtypes, reductions take the per-tensor path.
+Triton is optional: without it, on other devices, while torch.compile traces, for dtype=
+casts, keepdim, mixed dtypes and non-contiguous tensors, and where autograd records (but for
+sum, mean, the L2 norm and `(b ** 2).sum()`, whose backward is here), reductions take the
+per-tensor path.
 """
 
 from __future__ import annotations

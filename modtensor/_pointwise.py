@@ -282,46 +282,37 @@ def _result_dtypes(
     such tensor (on all of it where one element cannot be taken alone): it fixes the dtype
     and raises torch's error now, not when the bundle is consumed.
     """
-    groups: dict[tuple[Any, ...], list[int]] = {}
+
+    def probe(members: Sequence[int]) -> torch.Tensor | None:
+        # The op on one element of the smallest non-empty tensor of `members` (on all of it
+        # where one element cannot be taken alone); None where it gives no tensor of its shape.
+        key = ("probe", tuple(members) if len(members) < len(ref._names) else None)
+        i = ref._plans.get(key)  # the walk over the shapes, once per bundle
+        if i is None:
+            nonempty = [j for j in members if ref._shapes[j].numel()] or list(members)
+            i = ref._plans[key] = min(nonempty, key=lambda j: ref._shapes[j].numel())
+        out = _range_call(func, args, kwargs, ref, cast, i, 0, 1) if ref._shapes[i].numel() else None
+        if out is None:
+            out = call(i)
+            if not isinstance(out, torch.Tensor) or out.shape != ref._shapes[i]:
+                return None
+        return out
+
     if cast:  # every operand comes in one dtype for all the tensors: one group, one dtype
-        out = _probe(call, func, args, kwargs, ref, cast, range(len(ref._names)))
+        out = probe(range(len(ref._names)))
         return None if out is None else (out.dtype,) * len(ref._names)
-    else:
-        for i in range(len(ref._names)):
-            key = tuple(_operand_dtype(a, i, cast) for a in (*args, *kwargs.values()))
-            groups.setdefault(key, []).append(i)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i in range(len(ref._names)):
+        key = tuple(_operand_dtype(a, i, cast) for a in (*args, *kwargs.values()))
+        groups.setdefault(key, []).append(i)
     dtypes: list[Any] = [None] * len(ref._names)
     for members in groups.values():
-        out = _probe(call, func, args, kwargs, ref, cast, members)
+        out = probe(members)
         if out is None:
             return None
         for i in members:
             dtypes[i] = out.dtype
     return tuple(dtypes)
-
-
-def _probe(
-    call: Callable[[int], Any],
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    ref: ParameterBundle,
-    cast: bool,
-    members: Sequence[int],
-) -> torch.Tensor | None:
-    """The op on one element of the smallest non-empty tensor of `members` (on all of it where
-    one element cannot be taken alone); None where it gives no tensor of that tensor's shape."""
-    key = ("probe", tuple(members) if len(members) < len(ref._names) else None)
-    probe = ref._plans.get(key)  # the walk over the shapes, once per bundle
-    if probe is None:
-        nonempty = [i for i in members if ref._shapes[i].numel()] or list(members)
-        probe = ref._plans[key] = min(nonempty, key=lambda i: ref._shapes[i].numel())
-    out = _range_call(func, args, kwargs, ref, cast, probe, 0, 1) if ref._shapes[probe].numel() else None
-    if out is None:
-        out = call(probe)
-        if not isinstance(out, torch.Tensor) or out.shape != ref._shapes[probe]:
-            return None
-    return out
 
 
 def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequence[torch.dtype]) -> bool:
