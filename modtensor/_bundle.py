@@ -458,7 +458,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._shapes = tuple(shapes)
         self._dtypes = dtypes
         self._devices = tuple(devices)
-        self._offsets = tuple(offsets)
+        self._offsets = offsets
         if like is not None and same:
             self._keys, self._on_one_device = like._keys, like._on_one_device
         else:

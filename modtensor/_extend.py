@@ -86,18 +86,17 @@ def run_reduction(
         remember_direct(b, func, args, kwargs)  # valid for every tiny bundle of this dtype
         return func(b.materialize(), *args[1:], **kwargs)  # the handler takes b as args[0]
     parse: Callable[[], Any] = lambda: reduction.parse(b, func, args, kwargs)
-    if reduction.fused is not None and b._strategy == "concat" and b._dist is None:
+    # The whole local bundle at once where possible: the reduction's own `fused` (one GPU
+    # kernel), or a chain such as (x ** 2).sum() fused into one (a distributed bundle combines
+    # across ranks instead).
+    if b._strategy == "concat" and b._dist is None and (reduction.fused is not None or b._expr is not None):
         parsed = parse()
-        fused = NOT_HANDLED if parsed is NOT_HANDLED else reduction.fused(b, parsed)
-        if fused is not NOT_HANDLED:
-            return fused
-        parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
-    # (x ** 2).sum() of a local bundle: maybe one kernel (a distributed one combines across ranks)
-    if b._expr is not None and b.strategy == "concat" and b._dist is None:
-        parsed = parse()
-        fused = NOT_HANDLED if parsed is NOT_HANDLED else fuse(func, parsed, b)
-        if fused is not NOT_HANDLED:
-            return fused
+        if parsed is not NOT_HANDLED:
+            result = NOT_HANDLED if reduction.fused is None else reduction.fused(b, parsed)
+            if result is NOT_HANDLED and b._expr is not None:
+                result = fuse(func, parsed, b)
+            if result is not NOT_HANDLED:
+                return result
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     packs = reduction.commutative and may_pack(b)
     pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans)

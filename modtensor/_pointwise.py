@@ -219,7 +219,7 @@ def map_elementwise(
     if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
-            guard = _guard(args, kwargs)
+            guard = _Guard(args, kwargs)
             lazy = ParameterBundle._on_demand(
                 lambda i: guard(i, call, i),
                 ref,
@@ -352,10 +352,6 @@ class _Guard:
             return fn(*fn_args)
         with torch.set_grad_enabled(self.grad_enabled):
             return fn(*fn_args)
-
-
-def _guard(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Guard:
-    return _Guard(args, kwargs)
 
 
 _NO_RANGE = object()
