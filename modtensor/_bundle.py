@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Union, cast
 
@@ -44,6 +45,14 @@ def _combine_device(devices: Sequence[torch.device]) -> torch.device:
     return devices[0] if devices else torch.device("cpu")
 
 
+def _flat_view(flat: torch.Tensor, offsets: Sequence[int], shapes: Sequence[torch.Size], i: int) -> torch.Tensor:
+    return flat[offsets[i]:offsets[i + 1]].view(shapes[i])
+
+
+def _flat_slice(flat: torch.Tensor, offsets: Sequence[int], i: int, start: int, stop: int) -> torch.Tensor:
+    return flat[offsets[i] + start:offsets[i] + stop]
+
+
 def _format_shape(shape: torch.Size) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -76,6 +85,8 @@ class _BundleAPI:
     # How an on-demand bundle is computed: (func, args, kwargs, guard), for _kernels.fuse.
     _expr: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any] | None  # guard: _pointwise._Guard
     _dist: _distributed.Sharding | None = None  # this rank's shards of a bundle over a group
+    # An op's result on a tiny bundle, computed on the concatenation: the tensors are views of it.
+    _flat: torch.Tensor | None
 
     # -- structure -------------------------------------------------------------------------
 
@@ -98,6 +109,7 @@ class _BundleAPI:
         if self._tensors is None:  # computed on demand until now: compute and keep them
             self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
             self._compute = self._compute_range = None
+            self._flat = None  # the kept tensors may now be given other data (`t.data = ...`)
         return self._tensors
 
     @property
@@ -286,9 +298,11 @@ class _BundleAPI:
         """
         if self._tensors is None:  # stay on demand
             assert self._compute is not None
-            return ParameterBundle._on_demand(
+            same = ParameterBundle._on_demand(
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
+            same._flat = self._flat
+            return same
         return self._carry(ParameterBundle(self._tensors, self._names, name, options), same_tensors=True)
 
     def materialize(self) -> torch.Tensor:
@@ -301,11 +315,40 @@ class _BundleAPI:
             >>> mt.bundle([torch.ones(2), torch.zeros(1)]).materialize()
             tensor([1., 1., 0.])
         """
+        if self._flat is not None:
+            return self._flat.clone()
         if not self._names:
             return torch.empty(0, dtype=self._dtype, device=self._device)
         if self._tensors is not None and self._on_one_device:
+            if len(self._tensors) > 1:  # the same cat, in one call: 3.4 -> 2.0 us for a conv layer
+                return torch._C._nn.flatten_dense_tensors(self._tensors)
             return torch.cat([t.reshape(-1) for t in self._tensors])
         return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
+
+    def _concatenation(self) -> torch.Tensor:
+        # The concatenation, for reading only: the result of an op on a tiny bundle is kept
+        # flat, and is not copied again for the next op.
+        return self._flat if self._flat is not None else self.materialize()
+
+    def _over_flat(self, flat: torch.Tensor) -> ParameterBundle:
+        # Shaped and named like this bundle, its tensors views of `flat`, an op's (N,) result
+        # on the concatenation, made on demand (most are never asked for). Written out, not
+        # through _layout: chains on small layers make one per op (_layout's checks: 4 -> 2 us).
+        result: ParameterBundle = torch.Tensor._make_wrapper_subclass(
+            ParameterBundle, (self._numel,), dtype=flat.dtype, device=self._device, requires_grad=False
+        )
+        dtypes = (flat.dtype,) * len(self._names)
+        result._names, result._shapes, result._offsets = self._names, self._shapes, self._offsets
+        result._devices, result._device, result._on_one_device = self._devices, self._device, self._on_one_device
+        result._dtypes, result._dtype = dtypes, flat.dtype
+        result._keys = self._keys if dtypes == self._dtypes else tuple(zip(dtypes, self._devices))
+        result._strategy, result._options = self._strategy, self._options
+        result._numel, result._left_out, result._plans = self._numel, (), {}
+        result._tensors, result._expr, result._flat = None, None, flat
+        result._compute = partial(_flat_view, flat, self._offsets, self._shapes)
+        result._compute_range = partial(_flat_slice, flat, self._offsets)
+        result._lazy_requires_grad = flat.requires_grad
+        return result
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:
         """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
@@ -473,6 +516,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._left_out = tuple(left_out)
         self._lazy_requires_grad = False
         self._expr = None
+        self._flat = None
         return self
 
     @classmethod

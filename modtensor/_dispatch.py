@@ -20,9 +20,10 @@ from torch.overrides import resolve_name
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
-    "ANY_STRATEGY", "BUNDLE_TYPES", "DIRECT_CALLS", "DispatchTensor", "Handler", "NOT_HANDLED",
-    "TINY_NUMEL", "TracedDispatch", "copy_is_cheap", "dispatch", "fallback", "find_bundles",
-    "func_name", "is_tiny", "materialized", "remember_direct",
+    "ANY_STRATEGY", "BUNDLE_TYPES", "DIRECT_CALLS", "DispatchTensor", "ELEMENTWISE_CALLS", "Handler",
+    "NOT_HANDLED", "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch",
+    "fallback", "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct",
+    "remember_elementwise",
 ]
 
 Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]
@@ -107,6 +108,40 @@ def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
         if len(DIRECT_CALLS) >= 4096:  # calls with ever new arguments: start again
             DIRECT_CALLS.clear()
         DIRECT_CALLS.add((type(b), func, b._dtype, args[1:], *kwargs.items()))
+
+
+# Elementwise calls on tiny bundles that map_elementwise computed on the concatenation, by
+# bundle class, function, dtype and the other operand's kind (see _operand_kind): the lane
+# makes them again without the table. Registering any handler empties it too.
+ELEMENTWISE_CALLS: set[tuple[Any, ...]] = set()
+_SCALARS = (bool, int, float)
+
+
+def _operand_kind(b: Any, args: tuple[Any, ...]) -> Any:
+    # `func(b)`: (); `func(b, scalar)`: the scalar's type; `func(b, c)` for a tiny bundle c of
+    # b's shapes: c's dtype and both devices. None for any other call: the lane never takes it.
+    if len(args) == 1:
+        return ()
+    if len(args) != 2:
+        return None
+    other = args[1]
+    if type(other) in _SCALARS:
+        return type(other)
+    if (
+        type(other) is type(b) and other._shapes == b._shapes and other._numel
+        and other._strategy == "concat" and is_tiny(other) and other._on_one_device
+    ):
+        return other._dtype, other._device, b._device
+    return None
+
+
+def remember_elementwise(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Record that `func(b, *args[1:])` may be computed on the concatenations for b's dtype."""
+    kind = None if kwargs or args[0] is not b else _operand_kind(b, args)
+    if kind is not None:
+        if len(ELEMENTWISE_CALLS) >= 4096:
+            ELEMENTWISE_CALLS.clear()
+        ELEMENTWISE_CALLS.add((type(b), func, b._dtype, kind))
 
 
 def is_tiny(b: Any) -> bool:
@@ -215,6 +250,12 @@ def materialized(obj: Any) -> Any:
     return _replace_bundles(obj, lambda b: b.materialize())
 
 
+def concatenated(obj: Any) -> Any:
+    """Like `materialized`, for a call that only reads its inputs: a bundle kept flat (an op's
+    result on a tiny bundle) gives its flat tensor itself, not a copy."""
+    return _replace_bundles(obj, lambda b: b._concatenation())
+
+
 def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[Any]:
     """Every bundle among the arguments, in order, looking one level into lists and tuples."""
     found = []
@@ -314,6 +355,14 @@ class DispatchTensor(torch.Tensor):
         """Return the explicit concatenation; subclasses define it."""
         raise NotImplementedError
 
+    def _concatenation(self) -> torch.Tensor:
+        # The concatenation for reading only (it may be shared); subclasses define it.
+        raise NotImplementedError
+
+    def _over_flat(self, flat: torch.Tensor) -> Any:
+        # A bundle of this structure over `flat`, an op's (N,) result; subclasses define it.
+        raise NotImplementedError
+
     @classmethod
     def implements(
         cls, funcs: Callable[..., Any] | Iterable[Callable[..., Any]], strategy: str = ANY_STRATEGY
@@ -341,6 +390,7 @@ class DispatchTensor(torch.Tensor):
                 cls.HANDLERS[(f, strategy)] = handler
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name
             DIRECT_CALLS.clear()  # the new handler may serve one of them
+            ELEMENTWISE_CALLS.clear()
             return handler
 
         return decorator
@@ -356,14 +406,22 @@ class DispatchTensor(torch.Tensor):
         kwargs = kwargs or {}
         b = args[0] if args else None
         # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path),
-        # for calls seen before.
-        if type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b):
+        # for calls seen before: a reduction, or an elementwise op whose result stays flat.
+        if (
+            type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b)
+            and not torch.compiler.is_compiling()
+        ):
             try:
                 seen = (cls, func, b._dtype, args[1:], *kwargs.items()) in DIRECT_CALLS
             except TypeError:  # an unhashable argument: not a call the lane takes
                 seen = False
-            if seen and not torch.compiler.is_compiling():
-                return func(b.materialize(), *args[1:], **kwargs)
+            if seen:
+                return func(b._concatenation(), *args[1:], **kwargs)
+            if not kwargs and b._on_one_device:
+                kind = _operand_kind(b, args)
+                if kind is not None and (cls, func, b._dtype, kind) in ELEMENTWISE_CALLS:
+                    rest = (args[1]._concatenation(),) if type(kind) is tuple and kind else args[1:]
+                    return b._over_flat(func(b._concatenation(), *rest))
         return dispatch(cls, func, args, kwargs)
 
     @classmethod

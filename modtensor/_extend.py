@@ -84,7 +84,7 @@ def run_reduction(
         if reduction.parse(b, func, args, kwargs) is NOT_HANDLED:
             return NOT_HANDLED
         remember_direct(b, func, args, kwargs)  # valid for every tiny bundle of this dtype
-        return func(b.materialize(), *args[1:], **kwargs)  # the handler takes b as args[0]
+        return func(b._concatenation(), *args[1:], **kwargs)  # the handler takes b as args[0]
     parse: Callable[[], Any] = lambda: reduction.parse(b, func, args, kwargs)
     # The whole local bundle at once where possible: the reduction's own `fused` (one GPU
     # kernel), or a chain such as (x ** 2).sum() fused into one (a distributed bundle combines

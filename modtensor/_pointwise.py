@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from modtensor import _distributed
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, find_bundles, func_name, is_tiny, materialized
+from modtensor._dispatch import (
+    NOT_HANDLED, concatenated, copy_is_cheap, find_bundles, func_name, is_tiny, materialized, remember_elementwise,
+)
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
@@ -212,10 +214,20 @@ def map_elementwise(
     call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
     if call is NOT_HANDLED:
         return NOT_HANDLED
+    bundles = find_bundles(args, kwargs)
+    if func in FLAT_RESULTS and copy_is_cheap(bundles, ref._strategy) and all(x._on_one_device for x in bundles):
+        # Tiny bundles: one call on the concatenations, whose result the new bundle's tensors
+        # are views of; it is the concatenation's result, and a chain on it stays flat. (A
+        # bundle across devices keeps its results on them.)
+        out = func(*concatenated(args), **concatenated(kwargs))
+        if isinstance(out, torch.Tensor) and out.shape == (ref._numel,):
+            if is_bundle(args[0]):
+                remember_elementwise(args[0], func, args, kwargs)
+            return ref._over_flat(out)
     # While torch.compile traces, the compiler fuses the chain itself; computing on demand
     # would need version counters, which it cannot trace. A tiny bundle's results take less
     # memory than the bookkeeping of computing them on demand.
-    tiny = all(is_tiny(b) for b in find_bundles(args, kwargs))
+    tiny = all(is_tiny(b) for b in bundles)
     if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
@@ -397,4 +409,10 @@ ON_DEMAND = frozenset(
     for name, funcs in POINTWISE_FUNCTIONS.items()
     if name not in CONVERSIONS and name != "nn.functional.rrelu"
     for f in funcs
+)
+# Ops whose result on a tiny bundle may be computed on the concatenation: all but those that
+# return their input itself or a view of it (`+b`, `b.real` of real tensors), whose results
+# must stay the bundle's own tensors.
+FLAT_RESULTS = ON_DEMAND - frozenset(
+    f for name in ("positive", "__pos__", "real", "imag", "conj") for f in POINTWISE_FUNCTIONS[name]
 )

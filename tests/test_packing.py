@@ -12,10 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modtensor as mt
-from generators import cases, check_against_concat, other_like
+from generators import INTS, cases, check_against_concat, other_like
 from modtensor import _dispatch, _strategies
+from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE
 from test_kernels import CALLS as KERNEL_CALLS
 from test_pairwise import PARAMS as PAIRWISE_PARAMS
+from test_pointwise import PARAMS as POINTWISE_PARAMS
 from test_reductions import PARAMS as REDUCTION_PARAMS
 
 FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,6 +82,24 @@ def test_reductions_tiny(tiny, f, call, case):
 @given(case=cases())
 def test_pairwise_tiny(tiny, f, call, case):
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=7))
+
+
+# Tiny bundles compute elementwise ops on the concatenation and keep the result flat; the next
+# op reads it without a copy, and a call seen before takes the fast lane.
+@pytest.mark.parametrize("name, f, call", POINTWISE_PARAMS)
+@settings(FIXTURE_OK, max_examples=4)
+@given(case=cases(), int_case=cases(dtypes=INTS, grad=False), finite_case=cases(kinds=("normal", "ties")))
+def test_pointwise_tiny(tiny, name, f, call, case, int_case, finite_case):
+    if name in INTEGER_OPS:
+        case = int_case
+    elif name in NONFINITE_UNSTABLE:
+        case = finite_case
+
+    def chain(x, y):
+        call(f, x, y)
+        return call(f, call(f, x, y), y)  # the lane, then an op on a flat result
+
+    check_against_concat(case, chain, other_like(case, seed=5, positive=True))
 
 
 # -- the segments themselves ---------------------------------------------------------------------
@@ -209,3 +229,51 @@ def test_other_strategies_and_chains_of_tiny_bundles(tiny, make):
 
 
 _real_dispatch = _dispatch.dispatch
+
+
+def test_elementwise_results_of_tiny_bundles_stay_flat(real_sizes):
+    w, c = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    b = mt.bundle({"w": w, "c": c})
+    for _ in range(2):  # the second round takes the lane
+        r = (b * 2 - 1).abs()
+        assert r.names == ("w", "c") and [t.shape for t in r.tensors] == [(4, 3), (4,)]
+        got = r.to_dict()
+        assert torch.equal(got["w"], (w * 2 - 1).abs()) and torch.equal(got["c"], (c * 2 - 1).abs())
+        # materialize() is the caller's own copy: writing to it leaves the result alone
+        flat = r.materialize()
+        flat.zero_()
+        assert torch.equal(r.materialize(), (torch.cat([w.reshape(-1), c]) * 2 - 1).abs())
+    (gw, gc) = torch.autograd.grad((b - b.detach() * 3).pow(2).sum(), [w, c])
+    torch.testing.assert_close(gw, 2 * (w - 3 * w.detach()))
+    torch.testing.assert_close(gc, 2 * (c - 3 * c.detach()))
+
+
+def test_a_flat_result_given_new_data_is_read_from_its_tensors(real_sizes):
+    r = mt.bundle([torch.ones(2), torch.ones(3)]) * 2
+    first, second = r.tensors
+    second.data = torch.zeros(3)  # the tensors are now kept: the flat result is forgotten
+    assert r.materialize().tolist() == [2.0, 2.0, 0.0, 0.0, 0.0]
+    assert float(r.sum()) == 4.0 and float((r + 1).sum()) == 9.0
+
+
+def test_ops_returning_their_input_keep_the_parameters_on_tiny_bundles(real_sizes):
+    params = [torch.ones(2, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    b = mt.bundle(params)
+    for _ in range(2):
+        for same in (+b, b.real, torch.positive(b)):
+            assert all(t is p for t, p in zip(same.tensors, params))
+
+
+def test_tiny_bundles_across_devices_keep_their_results_there(real_sizes):
+    b = mt.bundle([torch.ones(2), torch.ones(3, device="meta")])
+    for _ in range(2):
+        r = b + 1
+        assert [t.device.type for t in r.tensors] == ["cpu", "meta"]
+
+
+def test_the_elementwise_lane_still_checks_structure(real_sizes):
+    a, b = mt.bundle([torch.ones(2), torch.ones(3)]), mt.bundle([torch.ones(3), torch.ones(2)])
+    for _ in range(2):
+        assert float((a + a).sum()) == 10.0
+        with pytest.raises(ValueError, match="bundles of different structure"):
+            a + b
