@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import warnings
@@ -300,6 +301,25 @@ def timeit(stmt: Callable[[], Any], threads: int, min_time: float) -> tuple[floa
     return m.median, m.number_per_run * len(m.times)
 
 
+ROUNDS = 5
+
+
+def time_interleaved(stmts: list[Callable[[], Any]], threads: int, min_time: float) -> list[tuple[float, int]]:
+    """`timeit` for several methods of one case, in ROUNDS rounds that take each method in
+    turn: a slow spell of this noisy machine then lands on every method alike, not on
+    whichever one it was timing (the same method's median varied 2x between runs)."""
+    times: list[list[float]] = [[] for _ in stmts]
+    runs = [0] * len(stmts)
+    for _ in range(ROUNDS):
+        for i, stmt in enumerate(stmts):
+            m = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=threads).blocked_autorange(
+                min_run_time=min_time / ROUNDS
+            )
+            times[i] += m.times
+            runs[i] += m.number_per_run * len(m.times)
+    return [(statistics.median(t), n) for t, n in zip(times, runs)]
+
+
 def _status_bytes(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -425,7 +445,8 @@ def report(rows: list[dict[str, Any]], setups: list[list[str]], args: argparse.N
         f"Python {platform.python_version()}\n"
         f"- load average (1 min) at the start / end of the timings: {args.load[0]:.2f} / "
         f"{args.load[1]:.2f} (other processes on the machine compete for its cores)\n"
-        f"- timing: torch.utils.benchmark `blocked_autorange(min_run_time={args.min_time})`, medians",
+        f"- timing: torch.utils.benchmark `blocked_autorange`, {args.min_time} s per method in {ROUNDS} "
+        "rounds that take the methods of a case in turn; medians over all blocks",
         "### Models and setup costs (built once, outside the timings)",
         md_table(["model", "tensors", "parameters", "MiB", "mt.bundle(model)", "TensorDict.from_dict",
                   "TensorDict.from_module leaves"], setups),
@@ -504,18 +525,27 @@ def main() -> None:
         c = Case(model, args.device, pair=True)
         setups.append(setup_costs(c, model, args))
         for op in args.ops.split(","):
+            op_rows, calls = [], []
             for method, factory in METHODS.items():
                 fn = factory(c, op)
                 if fn is None:
                     continue
                 call = make_call(fn, op, c.A)
                 status, err = check(call, c, op)
-                median, runs = (None, None) if status.startswith("error") else timeit(call, args.threads, args.min_time)
                 for p in c.A:
                     p.grad = None
-                rows.append(dict(model=model, op=op, method=method, status=status, err=err, time=median,
-                                 runs=runs, nbytes=c.nbytes))
-                print(f"{model:9} {op:6} {method:28} {fmt_time(median):>10}  {status}", file=sys.stderr, flush=True)
+                op_rows.append(dict(model=model, op=op, method=method, status=status, err=err, time=None,
+                                    runs=None, nbytes=c.nbytes))
+                calls.append(None if status.startswith("error") else call)
+            timed = [i for i, f in enumerate(calls) if f is not None]
+            for i, (median, runs) in zip(timed, time_interleaved([calls[i] for i in timed], args.threads, args.min_time)):
+                op_rows[i]["time"], op_rows[i]["runs"] = median, runs
+            for p in c.A:
+                p.grad = None
+            for row in op_rows:
+                print(f"{model:9} {op:6} {row['method']:28} {fmt_time(row['time']):>10}  {row['status']}",
+                      file=sys.stderr, flush=True)
+            rows += op_rows
         del c
     args.load[1] = os.getloadavg()[0]
     if not args.no_mem:

@@ -87,6 +87,7 @@ class _BundleAPI:
     _dist: _distributed.Sharding | None = None  # this rank's shards of a bundle over a group
     # An op's result on a tiny bundle, computed on the concatenation: the tensors are views of it.
     _flat: torch.Tensor | None
+    _flat_attrs: dict[str, Any] | None = None  # what _over_flat's results share
 
     # -- structure -------------------------------------------------------------------------
 
@@ -321,7 +322,7 @@ class _BundleAPI:
             return torch.empty(0, dtype=self._dtype, device=self._device)
         if self._tensors is not None and self._on_one_device:
             if len(self._tensors) > 1:  # the same cat, in one call: 3.4 -> 2.0 us for a conv layer
-                return torch._C._nn.flatten_dense_tensors(self._tensors)
+                return torch._C._nn.flatten_dense_tensors(list(self._tensors))
             return torch.cat([t.reshape(-1) for t in self._tensors])
         return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
 
@@ -333,21 +334,27 @@ class _BundleAPI:
     def _over_flat(self, flat: torch.Tensor) -> ParameterBundle:
         # Shaped and named like this bundle, its tensors views of `flat`, an op's (N,) result
         # on the concatenation, made on demand (most are never asked for). Written out, not
-        # through _layout: chains on small layers make one per op (_layout's checks: 4 -> 2 us).
+        # through _layout: chains on small layers make one per op. The attributes all such
+        # results share are kept in one dict, which the results carry on (4 -> 1.6 us).
+        attrs = self._flat_attrs
+        if attrs is None or attrs["_dtype"] != flat.dtype:
+            dtypes = (flat.dtype,) * len(self._names)
+            attrs = dict(
+                _names=self._names, _shapes=self._shapes, _offsets=self._offsets, _devices=self._devices,
+                _device=self._device, _on_one_device=self._on_one_device, _dtypes=dtypes, _dtype=flat.dtype,
+                _keys=self._keys if dtypes == self._dtypes else tuple(zip(dtypes, self._devices)),
+                _strategy=self._strategy, _options=self._options, _numel=self._numel, _left_out=(),
+                _tensors=None, _expr=None,
+            )
+            attrs["_flat_attrs"] = attrs
+            self._flat_attrs = attrs
         result: ParameterBundle = torch.Tensor._make_wrapper_subclass(
             ParameterBundle, (self._numel,), dtype=flat.dtype, device=self._device, requires_grad=False
         )
-        dtypes = (flat.dtype,) * len(self._names)
-        result._names, result._shapes, result._offsets = self._names, self._shapes, self._offsets
-        result._devices, result._device, result._on_one_device = self._devices, self._device, self._on_one_device
-        result._dtypes, result._dtype = dtypes, flat.dtype
-        result._keys = self._keys if dtypes == self._dtypes else tuple(zip(dtypes, self._devices))
-        result._strategy, result._options = self._strategy, self._options
-        result._numel, result._left_out, result._plans = self._numel, (), {}
-        result._tensors, result._expr, result._flat = None, None, flat
+        result.__dict__.update(attrs)
+        result._plans, result._flat, result._lazy_requires_grad = {}, flat, flat.requires_grad
         result._compute = partial(_flat_view, flat, self._offsets, self._shapes)
         result._compute_range = partial(_flat_slice, flat, self._offsets)
-        result._lazy_requires_grad = flat.requires_grad
         return result
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:

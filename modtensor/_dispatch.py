@@ -12,7 +12,7 @@ import contextvars
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
 from torch.overrides import resolve_name
@@ -20,9 +20,8 @@ from torch.overrides import resolve_name
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
-    "ANY_STRATEGY", "BUNDLE_TYPES", "DIRECT_CALLS", "DispatchTensor", "ELEMENTWISE_CALLS", "Handler",
-    "NOT_HANDLED", "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch",
-    "fallback", "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct",
+    "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "LANE_CALLS", "NOT_HANDLED",
+    "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch", "fallback", "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct",
     "remember_elementwise",
 ]
 
@@ -94,54 +93,85 @@ _OBJECT_FUNCTIONS = frozenset(
 # pass over its tensors costs more than the copy. The result is the concatenation's, exactly.
 TINY_NUMEL = 1 << 12
 
-# Reduction calls the reductions' handler has parsed and found valid, by bundle class, function,
-# dtype and the other arguments (plain values only): on a tiny bundle they skip the table and
-# the parsing. Registering any handler empties it.
-DIRECT_CALLS: set[tuple[Any, ...]] = set()
+# The fast lane of tiny bundles takes calls seen before without the table: reductions whose
+# handler parsed them and found them valid (remember_direct), and elementwise ops whose result
+# map_elementwise computed on the concatenation (remember_elementwise). A key holds the bundle
+# class, function, dtype and the other arguments: plain values as they are, a second bundle
+# by its kind (_Bundled), and for elementwise ops a scalar by its type only; the value says
+# whether the call is elementwise (its result a bundle over the flat result). Registering
+# any handler empties it.
+LANE_CALLS: dict[tuple[Any, ...], bool] = {}
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
-
-
-def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-    """Record that `func(b, *args[1:], **kwargs)` is a valid direct reduction for b's dtype."""
-    values = (*args[1:], *kwargs.values())
-    if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
-        if len(DIRECT_CALLS) >= 4096:  # calls with ever new arguments: start again
-            DIRECT_CALLS.clear()
-        DIRECT_CALLS.add((type(b), func, b._dtype, args[1:], *kwargs.items()))
-
-
-# Elementwise calls on tiny bundles that map_elementwise computed on the concatenation, by
-# bundle class, function, dtype and the other operand's kind (see _operand_kind): the lane
-# makes them again without the table. Registering any handler empties it too.
-ELEMENTWISE_CALLS: set[tuple[Any, ...]] = set()
 _SCALARS = (bool, int, float)
 
 
-def _operand_kind(b: Any, args: tuple[Any, ...]) -> Any:
-    # `func(b)`: (); `func(b, scalar)`: the scalar's type; `func(b, c)` for a tiny bundle c of
-    # b's shapes: c's dtype and both devices. None for any other call: the lane never takes it.
-    if len(args) == 1:
-        return ()
-    if len(args) != 2:
-        return None
-    other = args[1]
-    if type(other) in _SCALARS:
-        return type(other)
-    if (
-        type(other) is type(b) and other._shapes == b._shapes and other._numel
-        and other._strategy == "concat" and is_tiny(other) and other._on_one_device
-    ):
-        return other._dtype, other._device, b._device
-    return None
+class _Bundled(NamedTuple):
+    """A tiny bundle of the first one's shapes, second in a call, as a lane key holds it."""
+
+    dtype: torch.dtype
+    device: torch.device
+    first_device: torch.device
+
+
+def _lane_rest(b: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    # args[1:] as a key holds them; None where a bundle there rules the lane out.
+    rest = args[1:]
+    if rest and isinstance(rest[0], DispatchTensor):
+        c = rest[0]
+        if not (
+            type(c) is type(b) and c._shapes == b._shapes and c._numel and c._strategy == "concat"
+            and is_tiny(c) and c._on_one_device
+        ):
+            return None
+        return (_Bundled(c._dtype, c._device, b._device), *rest[1:])
+    return rest
+
+
+def _remember(key: tuple[Any, ...], elementwise: bool) -> None:
+    if len(LANE_CALLS) >= 4096:  # calls with ever new arguments: start again
+        LANE_CALLS.clear()
+    LANE_CALLS[key] = elementwise
+
+
+def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Record that `func(b, *args[1:], **kwargs)` is a valid direct reduction for b's dtype
+    (and, where args[1] is a bundle, for any tiny one of b's shapes and args[1]'s dtype)."""
+    rest = _lane_rest(b, args)
+    if rest is None or args[0] is not b:
+        return
+    values = (*rest[1:], *kwargs.values()) if rest and type(rest[0]) is _Bundled else (*rest, *kwargs.values())
+    if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
+        _remember((type(b), func, b._dtype, rest, *kwargs.items()), False)
 
 
 def remember_elementwise(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     """Record that `func(b, *args[1:])` may be computed on the concatenations for b's dtype."""
-    kind = None if kwargs or args[0] is not b else _operand_kind(b, args)
-    if kind is not None:
-        if len(ELEMENTWISE_CALLS) >= 4096:
-            ELEMENTWISE_CALLS.clear()
-        ELEMENTWISE_CALLS.add((type(b), func, b._dtype, kind))
+    rest = None if kwargs or args[0] is not b else _lane_rest(b, args)
+    if rest is not None and len(rest) <= 1:
+        if rest and type(rest[0]) in _SCALARS:
+            _remember((type(b), func, b._dtype, (type(rest[0]),)), True)
+        elif not rest or type(rest[0]) is _Bundled:
+            _remember((type(b), func, b._dtype, rest), True)
+
+
+def _fast_lane(cls: type, b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # A call seen before on a tiny bundle, made on the concatenations; NOT_HANDLED otherwise.
+    rest = _lane_rest(b, args) if len(args) > 1 else ()
+    if rest is None:
+        return NOT_HANDLED
+    try:
+        elementwise = LANE_CALLS.get((cls, func, b._dtype, rest, *kwargs.items()))
+    except TypeError:  # an unhashable argument: not a call the lane takes
+        return NOT_HANDLED
+    if elementwise is None and len(rest) == 1 and type(rest[0]) in _SCALARS and not kwargs:
+        elementwise = LANE_CALLS.get((cls, func, b._dtype, (type(rest[0]),)))
+    if elementwise is None:
+        return NOT_HANDLED
+    if rest and type(rest[0]) is _Bundled:
+        operands = (b._concatenation(), args[1]._concatenation(), *args[2:])
+    else:
+        operands = (b._concatenation(), *args[1:])
+    return b._over_flat(func(*operands)) if elementwise else func(*operands, **kwargs)
 
 
 def is_tiny(b: Any) -> bool:
@@ -330,6 +360,17 @@ def dispatch(
     return _materialize_call(func, args, kwargs, stacklevel=4)
 
 
+def _only_ours(b: Any, *others: Any) -> bool:
+    # Whether torch.overrides.handle_torch_function would just call type(b).__torch_function__.
+    for x in others:
+        if type(x) is not type(b) and isinstance(x, torch.Tensor):
+            return False
+    return (
+        torch._C._is_torch_function_enabled() and not torch._C._is_torch_function_mode_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
 class DispatchTensor(torch.Tensor):
     """A tensor subclass whose torch calls are routed through a per-class table.
 
@@ -342,6 +383,9 @@ class DispatchTensor(torch.Tensor):
     _dtype: torch.dtype
     _numel: int
     _dist: Any = None
+    _shapes: tuple[torch.Size, ...]
+    _device: torch.device
+    _on_one_device: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -362,6 +406,28 @@ class DispatchTensor(torch.Tensor):
     def _over_flat(self, flat: torch.Tensor) -> Any:
         # A bundle of this structure over `flat`, an op's (N,) result; subclasses define it.
         raise NotImplementedError
+
+    # torch writes a few Tensor methods in Python (norm, **); on a subclass they reach
+    # __torch_function__ through torch.overrides.handle_torch_function, about 2 us of Python
+    # per call, a third of a tiny bundle's whole reduction. Where that would only call this
+    # class's __torch_function__ with these very arguments (no torch function mode, no other
+    # overloaded operand, not while compiling), these methods call it themselves.
+
+    def norm(self, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+        kwargs = {"p": p, "dim": dim, "keepdim": keepdim, "dtype": dtype}
+        if _only_ours(self):
+            result = type(self).__torch_function__(torch.Tensor.norm, (type(self),), (self,), kwargs)
+            if result is not NotImplemented:
+                return result
+        return torch.Tensor.norm(self, **kwargs)
+
+    def __pow__(self, exponent: Any) -> Any:
+        if _only_ours(self, exponent):
+            try:
+                return type(self).__torch_function__(torch.Tensor.__pow__, (type(self),), (self, exponent), {})
+            except TypeError:  # as torch's __pow__ does, so that Python tries exponent.__rpow__
+                return NotImplemented
+        return torch.Tensor.__pow__(self, exponent)
 
     @classmethod
     def implements(
@@ -389,8 +455,7 @@ class DispatchTensor(torch.Tensor):
             for f in func_list:
                 cls.HANDLERS[(f, strategy)] = handler
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name
-            DIRECT_CALLS.clear()  # the new handler may serve one of them
-            ELEMENTWISE_CALLS.clear()
+            LANE_CALLS.clear()  # the new handler may serve one of them
             return handler
 
         return decorator
@@ -405,23 +470,14 @@ class DispatchTensor(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         b = args[0] if args else None
-        # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path),
-        # for calls seen before: a reduction, or an elementwise op whose result stays flat.
+        # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path).
         if (
-            type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b)
+            type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b) and b._on_one_device
             and not torch.compiler.is_compiling()
         ):
-            try:
-                seen = (cls, func, b._dtype, args[1:], *kwargs.items()) in DIRECT_CALLS
-            except TypeError:  # an unhashable argument: not a call the lane takes
-                seen = False
-            if seen:
-                return func(b._concatenation(), *args[1:], **kwargs)
-            if not kwargs and b._on_one_device:
-                kind = _operand_kind(b, args)
-                if kind is not None and (cls, func, b._dtype, kind) in ELEMENTWISE_CALLS:
-                    rest = (args[1]._concatenation(),) if type(kind) is tuple and kind else args[1:]
-                    return b._over_flat(func(b._concatenation(), *rest))
+            result = _fast_lane(cls, b, func, args, kwargs)
+            if result is not NOT_HANDLED:
+                return result
         return dispatch(cls, func, args, kwargs)
 
     @classmethod

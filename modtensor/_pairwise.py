@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name
+from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
 from modtensor._kernels import diff_l2_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
@@ -72,6 +72,8 @@ def _run(
     ref, pieces, _ = operands
     bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
     if reduction.direct and copy_is_cheap(bundles, ref._strategy):
+        if is_bundle(args[0]):
+            remember_direct(args[0], func, args, kwargs)  # valid for any tiny pair of these kinds
         return func(*concatenated(args), **concatenated(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
     per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)

@@ -81,7 +81,11 @@ def test_reductions_tiny(tiny, f, call, case):
 @FIXTURE_OK
 @given(case=cases())
 def test_pairwise_tiny(tiny, f, call, case):
-    check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=7))
+    def call_twice(x, y):
+        call(f, x, y)
+        return call(f, x, y)  # the second takes the fast lane
+
+    check_against_concat(case, call_twice, other_like(case, seed=7))
 
 
 # Tiny bundles compute elementwise ops on the concatenation and keep the result flat; the next
@@ -277,3 +281,36 @@ def test_the_elementwise_lane_still_checks_structure(real_sizes):
         assert float((a + a).sum()) == 10.0
         with pytest.raises(ValueError, match="bundles of different structure"):
             a + b
+
+
+def test_the_pairwise_lane_checks_the_other_bundle(real_sizes):
+    a, c = mt.bundle([torch.ones(2), torch.ones(3)]), mt.bundle([torch.zeros(2), torch.zeros(3)])
+    for _ in range(2):
+        assert torch.equal(torch.dist(a, c), torch.dist(a.materialize(), c.materialize()))
+    swapped, doubles = mt.bundle([torch.ones(3), torch.ones(2)]), c.to(torch.float64)
+    with pytest.raises(ValueError, match="bundles of different structure"):
+        torch.dist(a, swapped)
+    with pytest.raises(RuntimeError, match="expected both operands to have the same dtype"):
+        torch.dot(a, doubles)
+
+
+class _Seen(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("size", [6, 5038])  # tiny or not; size + 3 a square
+def test_norm_and_pow_reach_torch_function_modes(real_sizes, size):
+    # DispatchTensor writes norm and ** itself (faster than torch's Python path); a mode
+    # active around them still sees the call first, as it does for every other method.
+    b = mt.bundle([torch.ones(size), torch.ones(3)])
+    for _ in range(2):
+        with _Seen() as seen:
+            norm, square = b.norm(), b**2
+        assert seen.funcs[:1] == [torch.Tensor.norm] and torch.Tensor.__pow__ in seen.funcs
+        assert float(norm) == (size + 3) ** 0.5 and float(square.sum()) == size + 3
