@@ -335,7 +335,8 @@ class _BundleAPI:
         # Shaped and named like this bundle, its tensors views of `flat`, an op's (N,) result
         # on the concatenation, made on demand (most are never asked for). Written out, not
         # through _layout: chains on small layers make one per op. The attributes all such
-        # results share are kept in one dict, which the results carry on (4 -> 1.6 us).
+        # results share are kept in one dict, which the results carry on (2.3 us a result,
+        # made and freed; 4 through _layout).
         attrs = self._flat_attrs
         if attrs is None or attrs["_dtype"] != flat.dtype:
             dtypes = (flat.dtype,) * len(self._names)

