@@ -181,9 +181,10 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         groups: dict[Hashable, list[int]] = {}
         for i in self.nonempty():
             groups.setdefault(keys[i], []).append(i)
+        by_key = list(groups.values())
         if self._plans is not None:
-            self._plans["by key"] = list(groups.values())
-        return list(groups.values())
+            self._plans["by key"] = by_key
+        return by_key
 
     def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
         # (the tensors reduced alone, by key; the runs of small ones packed together), made
