@@ -6,10 +6,12 @@ median time of a full reduction of the bundle, the bandwidth it reached (the mod
 read once over that time), its relative error against float64, and the same for a single
 contiguous tensor of the model's size (torch's own reduction: what one launch over one buffer
 reaches) and a device-to-device copy (bytes read plus written: the card's ceiling). Needs
-CUDA and Triton; ratios are within one run.
+CUDA and Triton; ratios are within one run. Sum and mean are timed with float32 lanes too
+(`_multitensor.F64_OPS` empty), to show what adding in float64 costs.
 
     python benchmarks/multitensor.py                        # ResNet-50 and GPT-2 shapes
     python benchmarks/multitensor.py --shapes 16384,1024,4 --ops sum
+    python benchmarks/multitensor.py --models resnet50,gpt2,mlp1g --ops sum,mean --no-chains
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def main() -> None:
     p.add_argument("--ops", default="sum,norm,std,amax")
     p.add_argument("--shapes", default="65536,1024,4;16384,1024,4", help="CHUNK,BLOCK,WARPS;...")
     p.add_argument("--min-time", type=float, default=0.2)
+    p.add_argument("--no-chains", action="store_true", help="skip the (a - b).norm() profile")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS
+    f64_default = _multitensor.F64_OPS
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for model in args.models.split(","):
         module = bench.build_model(model, "cuda", seed=0)
@@ -72,20 +76,27 @@ def main() -> None:
             with torch.no_grad():
                 t_flat = median(lambda: getattr(flat, op)(), args.min_time)
             print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
-            for shape in args.shapes.split(";"):
+            variants = [(shape, _multitensor.F64_OPS) for shape in args.shapes.split(";")]
+            if _multitensor.OPS[op] in _multitensor.F64_OPS:  # what its float64 lanes cost
+                variants.append((args.shapes.split(";")[0], frozenset()))
+            for shape, f64_ops in variants:
                 chunk, block, warps = (int(v) for v in shape.split(","))
                 _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = chunk, block, warps
+                _multitensor.F64_OPS = f64_ops
                 b = mt.bundle(module)  # a fresh plan for this CHUNK
                 with torch.no_grad():
                     got = float(getattr(b, op)())
                     t = median(lambda: getattr(b, op)(), args.min_time)
                 err = abs(got - want) / abs(want)
                 flat_err = abs(float(getattr(flat, op)()) - want) / abs(want)
-                print(f"  {op:5} {shape:20}: {t * 1e6:8.1f} us, "
+                lanes = "f64" if _multitensor.OPS[op] in f64_ops else "f32"
+                print(f"  {op:5} {shape:17} {lanes} lanes: {t * 1e6:8.1f} us, "
                       f"{nbytes / t / 1e12:.2f} TB/s, x{t / t_flat:.2f} the flat tensor; "
                       f"rel. error {err:.1e} (flat tensor {flat_err:.1e})")
+            _multitensor.F64_OPS = f64_default
         _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = defaults
-        chains(module, args.min_time)
+        if not args.no_chains:
+            chains(module, args.min_time)
         del module, params, flat, ref, copy
         torch.cuda.empty_cache()
     # The fixed cost of one call: a small bundle, where the GPU has almost nothing to do.

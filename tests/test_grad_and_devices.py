@@ -83,6 +83,27 @@ def test_cuda_bundle_matches_the_concatenation():
 
 
 @cuda
+def test_tiny_cuda_bundles_through_the_fast_lane():
+    # The seed's layer on a GPU: elementwise results kept flat, calls repeated so that the
+    # second and third take the lane, gradients against the concatenation's.
+    torch.manual_seed(0)
+    a, b = nn.Conv2d(1, 16, 5).cuda(), nn.Conv2d(1, 16, 5).cuda()
+    for _ in range(3):
+        ca, cb = (torch.cat([p.reshape(-1) for p in m.parameters()]) for m in (a, b))
+        x, y = mt.bundle(a), mt.bundle(b)
+        got = [(x**2).sum(), (x - y).norm(), torch.dist(x, y), (x * 2 + 1).amax(), x.std()]
+        want = [(ca**2).sum(), (ca - cb).norm(), torch.dist(ca, cb), (ca * 2 + 1).amax(), ca.std()]
+        for g, w in zip(got, want):
+            assert g.device == w.device
+            torch.testing.assert_close(g, w)
+        grads = torch.autograd.grad(sum(got), list(a.parameters()))
+        flat_grad = torch.autograd.grad(sum(want), ca)[0]
+        torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), flat_grad)
+        assert (x - y).materialize().device == ca.device
+    assert all(p.device.type == "cuda" for p in (x - y).tensors)
+
+
+@cuda
 def test_cpu_and_cuda_tensors_combine_on_the_first_tensors_device():
     torch.manual_seed(0)
     cpu, gpu = torch.randn(100), torch.randn(50, device="cuda")

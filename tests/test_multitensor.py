@@ -205,6 +205,22 @@ def test_accurate_on_long_tensors_at_real_sizes(device, monkeypatch):
             assert err <= max(flat_err, 6e-8), (op, err, flat_err)
 
 
+def test_sums_that_cancel_keep_the_small_terms(device, launches):
+    # Each lane of a row adds CHUNK / BLOCK = 4 elements: 1 and three steps of 3e-8, each
+    # below half a float32 step of 1. Lanes adding in float32 lose all of them and the -1s
+    # of the second tensor cancel the rest: the sum would read 0 instead of 48 * 3e-8.
+    x = torch.full((64,), 3e-8, dtype=torch.float64)
+    x[:16] = 1.0
+    y = torch.zeros(64, dtype=torch.float64)
+    y[:16] = -1.0
+    b = mt.bundle([x.to(device=device, dtype=torch.float32), y.to(device=device, dtype=torch.float32)])
+    with torch.no_grad():
+        for op, exact in (("sum", 48 * 3e-8), ("mean", 48 * 3e-8 / 128)):
+            got = float(getattr(b, op)())
+            assert abs(got - exact) <= 1e-7 * exact, (op, got, exact)
+    assert launches == ["sum", "mean"]
+
+
 def test_var_with_no_degrees_of_freedom_is_torchs(device, launches):
     ts = [torch.randn(3, device=device), torch.randn(2, device=device)]
     with torch.no_grad():
