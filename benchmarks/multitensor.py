@@ -6,8 +6,8 @@ median time of a full reduction of the bundle, the bandwidth it reached (the mod
 read once over that time), its relative error against float64, and the same for a single
 contiguous tensor of the model's size (torch's own reduction: what one launch over one buffer
 reaches) and a device-to-device copy (bytes read plus written: the card's ceiling). Needs
-CUDA and Triton; ratios are within one run. Sum and mean are timed with float32 lanes too
-(`_multitensor.F64_OPS` empty), to show what adding in float64 costs.
+CUDA and Triton; ratios are within one run. Sum and mean are timed with each way of adding
+in a lane (`_multitensor.SUM_LANES`: the library's first, then the others).
 
     python benchmarks/multitensor.py                        # ResNet-50 and GPT-2 shapes
     python benchmarks/multitensor.py --shapes 16384,1024,4 --ops sum
@@ -28,6 +28,9 @@ import bench  # noqa: E402 - the models' shapes
 
 import modtensor as mt  # noqa: E402
 from modtensor import _multitensor  # noqa: E402
+
+
+LANES = ("kahan", "float64", "float32")
 
 
 def median(stmt, min_time: float) -> float:  # type: ignore[no-untyped-def]
@@ -60,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS
-    f64_default = _multitensor.F64_OPS
+    lanes_default = _multitensor.SUM_LANES
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for model in args.models.split(","):
         module = bench.build_model(model, "cuda", seed=0)
@@ -76,24 +79,24 @@ def main() -> None:
             with torch.no_grad():
                 t_flat = median(lambda: getattr(flat, op)(), args.min_time)
             print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
-            variants = [(shape, _multitensor.F64_OPS) for shape in args.shapes.split(";")]
-            if _multitensor.OPS[op] in _multitensor.F64_OPS:  # what its float64 lanes cost
-                variants.append((args.shapes.split(";")[0], frozenset()))
-            for shape, f64_ops in variants:
+            variants = [(shape, lanes_default) for shape in args.shapes.split(";")]
+            if op in ("sum", "mean"):  # what each way of adding costs
+                variants += [(args.shapes.split(";")[0], lanes) for lanes in LANES if lanes != lanes_default]
+            for shape, lanes in variants:
                 chunk, block, warps = (int(v) for v in shape.split(","))
                 _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = chunk, block, warps
-                _multitensor.F64_OPS = f64_ops
+                _multitensor.SUM_LANES = lanes
                 b = mt.bundle(module)  # a fresh plan for this CHUNK
                 with torch.no_grad():
                     got = float(getattr(b, op)())
                     t = median(lambda: getattr(b, op)(), args.min_time)
                 err = abs(got - want) / abs(want)
                 flat_err = abs(float(getattr(flat, op)()) - want) / abs(want)
-                lanes = "f64" if _multitensor.OPS[op] in f64_ops else "f32"
-                print(f"  {op:5} {shape:17} {lanes} lanes: {t * 1e6:8.1f} us, "
+                added = lanes if op in ("sum", "mean") else "float32"
+                print(f"  {op:5} {shape:17} {added:7} lanes: {t * 1e6:8.1f} us, "
                       f"{nbytes / t / 1e12:.2f} TB/s, x{t / t_flat:.2f} the flat tensor; "
                       f"rel. error {err:.1e} (flat tensor {flat_err:.1e})")
-            _multitensor.F64_OPS = f64_default
+            _multitensor.SUM_LANES = lanes_default
         _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS = defaults
         if not args.no_chains:
             chains(module, args.min_time)

@@ -66,10 +66,13 @@ OPS = {
 }
 GRADIENTS = frozenset({"sum", "mean", "norm", "sumsq"})  # the ops whose backward is here
 _STATES = {5: 3, 6: 3, 7: 3, 8: 3}  # words of state per row (default 1)
-# Ops whose lanes add in float64 whatever the dtype. A plain sum may cancel: float32 lanes of
-# 64 steps each left the 1 GiB MLP's sum 8.4e-7 off the float64 reference, twice the error of
-# torch's sum of the concatenation. Squares and moments are fine in float32 (no cancellation).
-F64_OPS = frozenset({0, 1})
+# How lanes add for sum and mean, which may cancel: plain float32 lanes of 64 steps each left
+# the 1 GiB MLP's sum 8.4e-7 off the float64 reference, twice the error of torch's sum of the
+# concatenation. "kahan" compensates each float32 lane, "float64" adds in float64 (1.2x the
+# time on an H200: GPT-2's sum 149 us against 126). Squares and moments do not cancel and
+# add in float32. Float64 tensors always add in float64.
+SUM_LANES = "kahan"  # or "float64", "float32" (benchmarks/multitensor.py times all three)
+_CANCELLING = (0, 1)
 _TWO_RESULTS = (7, 8)
 
 
@@ -186,13 +189,14 @@ def _launch(
     out = torch.empty((), dtype=out_dtype, device=device)
     second = torch.empty((), dtype=out_dtype, device=device) if code in _TWO_RESULTS else out
     y = ys[0] if ys is not None else xs[0]
-    f64 = xs[0].dtype == torch.float64 or code in F64_OPS
+    f64 = xs[0].dtype == torch.float64 or (SUM_LANES == "float64" and code in _CANCELLING)
+    kahan = not f64 and SUM_LANES == "kahan" and code in _CANCELLING
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current one
         kernels.reduce[(rows,)](
             xs[0], y, plan.table, plan.vector_rows, partials, plan.counts, rows, numel, correction,
             _arrived(plan, device), out, second,
-            OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, TILE=TILE, num_warps=WARPS,
+            OP=code, VEC=plan.vec, BLOCK=BLOCK, F64=f64, KAHAN=kahan, TILE=TILE, num_warps=WARPS,
         )
     return (out, second) if code in _TWO_RESULTS else out
 

@@ -205,10 +205,12 @@ def test_accurate_on_long_tensors_at_real_sizes(device, monkeypatch):
             assert err <= max(flat_err, 6e-8), (op, err, flat_err)
 
 
-def test_sums_that_cancel_keep_the_small_terms(device, launches):
+@pytest.mark.parametrize("lanes", ["kahan", "float64"])
+def test_sums_that_cancel_keep_the_small_terms(device, launches, monkeypatch, lanes):
     # Each lane of a row adds CHUNK / BLOCK = 4 elements: 1 and three steps of 3e-8, each
     # below half a float32 step of 1. Lanes adding in float32 lose all of them and the -1s
     # of the second tensor cancel the rest: the sum would read 0 instead of 48 * 3e-8.
+    monkeypatch.setattr(_multitensor, "SUM_LANES", lanes)
     x = torch.full((64,), 3e-8, dtype=torch.float64)
     x[:16] = 1.0
     y = torch.zeros(64, dtype=torch.float64)
@@ -218,7 +220,14 @@ def test_sums_that_cancel_keep_the_small_terms(device, launches):
         for op, exact in (("sum", 48 * 3e-8), ("mean", 48 * 3e-8 / 128)):
             got = float(getattr(b, op)())
             assert abs(got - exact) <= 1e-7 * exact, (op, got, exact)
-    assert launches == ["sum", "mean"]
+        # inf within a lane: the compensation must not turn it into NaN
+        for special, want in ((float("inf"), float("inf")), (-float("inf"), -float("inf"))):
+            z = x.to(device=device, dtype=torch.float32)
+            z[3] = special
+            assert float(mt.bundle([z, y.to(device=device, dtype=torch.float32)]).sum()) == want
+        z[5] = float("inf")  # -inf and inf: NaN, as in torch
+        assert torch.isnan(mt.bundle([z]).sum())
+    assert launches == ["sum", "mean", "sum", "sum", "sum"]
 
 
 def test_var_with_no_degrees_of_freedom_is_torchs(device, launches):
