@@ -15,7 +15,7 @@ echo "== CUDA tests"
 python3 -m pytest -q -p no:warnings tests/test_multitensor.py tests/test_grad_and_devices.py 2>&1 \
     | tee "$out/tests.log" | tail -20
 echo "== kernels against the bandwidth"
-python3 benchmarks/multitensor.py 2>&1 | tee "$out/multitensor.log"
+python3 benchmarks/multitensor.py --models resnet50,gpt2,mlp1g --ops sum,mean,norm,std,amax --profile 2>&1 | tee "$out/multitensor.log"
 echo "== benchmark"
 python3 benchmarks/bench.py --device cuda --big --min-time 0.15 --mem-jobs 16 --out "$out/RESULTS-cuda.md" 2>&1 \
     | tee "$out/bench.log" | tail -5

@@ -12,11 +12,15 @@ in a lane (`_multitensor.SUM_LANES`: the library's first, then the others).
     python benchmarks/multitensor.py                        # ResNet-50 and GPT-2 shapes
     python benchmarks/multitensor.py --shapes 16384,1024,4 --ops sum
     python benchmarks/multitensor.py --models resnet50,gpt2,mlp1g --ops sum,mean --no-chains
+    python benchmarks/multitensor.py --models resnet50 --ops sum --no-chains --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import functools
+import pstats
 import sys
 from pathlib import Path
 
@@ -60,6 +64,7 @@ def main() -> None:
     p.add_argument("--shapes", default="65536,1024,4;16384,1024,4", help="CHUNK,BLOCK,WARPS;...")
     p.add_argument("--min-time", type=float, default=0.2)
     p.add_argument("--no-chains", action="store_true", help="skip the (a - b).norm() profile")
+    p.add_argument("--profile", action="store_true", help="cProfile the fixed cost's host time")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     defaults = _multitensor.CHUNK, _multitensor.BLOCK, _multitensor.WARPS
@@ -69,15 +74,15 @@ def main() -> None:
         module = bench.build_model(model, "cuda", seed=0)
         params = list(module.parameters())
         nbytes = sum(t.numel() * t.element_size() for t in params)
-        flat = torch.cat([t.reshape(-1) for t in params])
+        flat = torch.cat([t.detach().reshape(-1) for t in params])
         ref = flat.double()
         copy = torch.empty_like(flat)
-        t_copy = median(lambda: copy.copy_(flat), args.min_time)
+        t_copy = median(functools.partial(copy.copy_, flat), args.min_time)
         print(f"\n{model}: {len(params)} tensors, {nbytes / 2**20:.1f} MiB; copy {2 * nbytes / t_copy / 1e12:.2f} TB/s")
         for op in args.ops.split(","):
             want = float(getattr(ref, op)())
             with torch.no_grad():
-                t_flat = median(lambda: getattr(flat, op)(), args.min_time)
+                t_flat = median(getattr(flat, op), args.min_time)
             print(f"  {op:5} one flat tensor: {t_flat * 1e6:8.1f} us, {nbytes / t_flat / 1e12:.2f} TB/s")
             variants = [(shape, lanes_default) for shape in args.shapes.split(";")]
             if op in ("sum", "mean"):  # what each way of adding costs
@@ -89,7 +94,7 @@ def main() -> None:
                 b = mt.bundle(module)  # a fresh plan for this CHUNK
                 with torch.no_grad():
                     got = float(getattr(b, op)())
-                    t = median(lambda: getattr(b, op)(), args.min_time)
+                    t = median(getattr(b, op), args.min_time)
                 err = abs(got - want) / abs(want)
                 flat_err = abs(float(getattr(flat, op)()) - want) / abs(want)
                 added = lanes if op in ("sum", "mean") else "float32"
@@ -109,6 +114,12 @@ def main() -> None:
         t = median(lambda: b.sum(), args.min_time)
         t_loop = median(lambda: torch.stack([x.sum() for x in small]).sum(), args.min_time)
     print(f"\nfixed cost, 8 x 4096 floats: bundle sum {t * 1e6:.1f} us, per-tensor loop {t_loop * 1e6:.1f} us")
+    if args.profile:  # where that host time goes: modtensor's Python, torch.empty, Triton's launcher
+        profile = cProfile.Profile()
+        with torch.no_grad():
+            profile.runcall(lambda: [b.sum() for _ in range(2000)])
+        torch.cuda.synchronize()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":
