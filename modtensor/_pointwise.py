@@ -201,6 +201,15 @@ def per_tensor_caller(
     return call
 
 
+def _refuse_operands(func: Callable[..., Any], ref: ParameterBundle, args: tuple[Any, ...]) -> None:
+    # A dunder that refuses an operand (`"2" ** b`) returns NotImplemented on tensors. Returned
+    # from a handler that would send the call to the fallback, which would copy the bundle
+    # only to fail the same way: raise here. Torch's dunders and `DispatchTensor.__pow__`
+    # turn the TypeError into NotImplemented, and Python then raises its own TypeError.
+    operands = ", ".join(type(a).__name__ for a in args)
+    raise TypeError(f"{func_name(func)}: unsupported operands ({operands}) for {ref.describe()}.")
+
+
 def map_elementwise(
     func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -220,6 +229,8 @@ def map_elementwise(
         # are views of; it is the concatenation's result, and a chain on it stays flat. (A
         # bundle across devices keeps its results on them.)
         out = func(*concatenated(args), **concatenated(kwargs))
+        if out is NotImplemented:
+            _refuse_operands(func, ref, args)
         if isinstance(out, torch.Tensor) and out.shape == (ref._numel,):
             if is_bundle(args[0]):
                 remember_elementwise(args[0], func, args, kwargs)
@@ -255,6 +266,8 @@ def map_elementwise(
 
     results = [call(i) for i in range(len(ref._names))]
     first = results[0]
+    if first is NotImplemented:
+        _refuse_operands(func, ref, args)
     if isinstance(first, torch.Tensor):
         if not all(isinstance(r, torch.Tensor) and r.shape == s for r, s in zip(results, ref._shapes)):
             return NOT_HANDLED

@@ -1,5 +1,7 @@
 """Functions outside the table: computed on the concatenation with a warning, or refused."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -80,3 +82,28 @@ def test_user_handlers_extend_the_table():
     c = Counted(_b().tensors, _b().names)
     assert torch.cumsum(c, 0) == "custom"
     assert (torch.cumsum, "*") not in mt.ParameterBundle.HANDLERS  # the parent's table is untouched
+
+
+@pytest.mark.parametrize("sizes", [(3, 2), (3000, 2)], ids=["tiny", "larger"])
+@pytest.mark.parametrize(
+    "expr",
+    [lambda x: x ** "2", lambda x: "2" ** x, lambda x: x ** None, lambda x: None ** x, lambda x: "x" - x,
+     lambda x: x == "x", lambda x: x != None],  # noqa: E711 - the comparison is the test
+)
+def test_operands_no_op_takes_fail_as_on_a_tensor_without_a_copy(sizes, expr):
+    # An operand that torch's dunders refuse: Python's own TypeError (or False / True for
+    # == and !=), as for the concatenation, and no MaterializationWarning on the way.
+    ts = [torch.ones(n) for n in sizes]
+    cat = torch.cat(ts)
+    try:
+        want: object = expr(cat)
+    except TypeError as e:
+        want = e
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MaterializationWarning)
+        if isinstance(want, TypeError):
+            with pytest.raises(TypeError) as got:
+                expr(mt.bundle(ts))
+            assert str(got.value) == str(want).replace("Tensor", "ParameterBundle")
+        else:
+            assert expr(mt.bundle(ts)) is want
