@@ -202,10 +202,10 @@ def per_tensor_caller(
 
 
 def _refuse_operands(func: Callable[..., Any], ref: ParameterBundle, args: tuple[Any, ...]) -> None:
-    # A dunder that refuses an operand (`"2" ** b`) returns NotImplemented on tensors. Returned
-    # from a handler that would send the call to the fallback, which would copy the bundle
-    # only to fail the same way: raise here. Torch's dunders and `DispatchTensor.__pow__`
-    # turn the TypeError into NotImplemented, and Python then raises its own TypeError.
+    # A dunder that refuses an operand (`"2" ** b`) returns NotImplemented on tensors. A
+    # handler returning it sends the call to the fallback, which would copy the bundle only
+    # to fail the same way: raise instead. Torch's dunders and `DispatchTensor.__pow__` turn
+    # the TypeError into NotImplemented, and Python then raises its own TypeError.
     operands = ", ".join(type(a).__name__ for a in args)
     raise TypeError(f"{func_name(func)}: unsupported operands ({operands}) for {ref.describe()}.")
 

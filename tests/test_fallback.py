@@ -90,7 +90,7 @@ def test_user_handlers_extend_the_table():
     [lambda x: x ** "2", lambda x: "2" ** x, lambda x: x ** None, lambda x: None ** x, lambda x: "x" - x,
      lambda x: x == "x", lambda x: x != None],  # noqa: E711 - the comparison is the test
 )
-def test_operands_no_op_takes_fail_as_on_a_tensor_without_a_copy(sizes, expr):
+def test_refused_operands_raise_as_on_a_tensor_without_a_copy(sizes, expr):
     # An operand that torch's dunders refuse: Python's own TypeError (or False / True for
     # == and !=), as for the concatenation, and no MaterializationWarning on the way.
     ts = [torch.ones(n) for n in sizes]

@@ -220,12 +220,12 @@ def test_sums_that_cancel_keep_the_small_terms(device, launches, monkeypatch, la
         for op, exact in (("sum", 48 * 3e-8), ("mean", 48 * 3e-8 / 128)):
             got = float(getattr(b, op)())
             assert abs(got - exact) <= 1e-7 * exact, (op, got, exact)
-        # inf within a lane: the compensation must not turn it into NaN
-        for special, want in ((float("inf"), float("inf")), (-float("inf"), -float("inf"))):
+        # inf in a lane (elements 3, 19, 35, 51): the compensation must not turn it into NaN
+        for special in (float("inf"), -float("inf")):
             z = x.to(device=device, dtype=torch.float32)
             z[3] = special
-            assert float(mt.bundle([z, y.to(device=device, dtype=torch.float32)]).sum()) == want
-        z[5] = float("inf")  # -inf and inf: NaN, as in torch
+            assert float(mt.bundle([z, y.to(device=device, dtype=torch.float32)]).sum()) == special
+        z[19] = float("inf")  # -inf and inf in one lane: NaN, as in torch
         assert torch.isnan(mt.bundle([z]).sum())
     assert launches == ["sum", "mean", "sum", "sum", "sum"]
 
