@@ -53,11 +53,19 @@ def _check_writable(name: str, b: ParameterBundle, operands: list[list[Any] | An
         # torch.compile runs the whole graph on fake tensors before it writes anything, so
         # torch's own cast check fails before any write; result_type cannot be traced.
         return
+    checked = set()  # the type promotion depends on dtypes and on 0-d or not, not on values
     for i, (n, t) in enumerate(b.items()):
         for operand in operands:
             other = operand[i] if isinstance(operand, list) else operand
-            if not isinstance(other, (torch.Tensor, int, float, bool, complex)):
+            if isinstance(other, torch.Tensor):
+                key: tuple[Any, ...] = (t.dtype, t.dim() == 0, other.dtype, other.dim() == 0)
+            elif isinstance(other, (int, float, bool, complex)):
+                key = (t.dtype, t.dim() == 0, type(other))
+            else:
                 continue
+            if key in checked:
+                continue
+            checked.add(key)
             result = torch.result_type(t, other)
             if not torch.can_cast(result, t.dtype):
                 raise RuntimeError(
@@ -78,8 +86,8 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         pieces = _operand_pieces(name, b, other)
         _check_writable(name, b, [pieces if pieces is not None else other])
         tensors = list(b.tensors)
-        if pieces is None and not kwargs and tensors:
-            foreach(tensors, other)
+        if not kwargs and tensors:  # a scalar, or one operand per tensor
+            foreach(tensors, other if pieces is None else pieces)
         else:
             for t, o in zip(tensors, pieces or [other] * len(tensors)):
                 method(t, o, **kwargs)
@@ -147,6 +155,23 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
 
 
 _masked_fill = _per_tensor(_T.masked_fill_)
+_lerp_per_tensor = _per_tensor(_T.lerp_)
+
+
+def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`b.lerp_(end, weight)`: one `torch._foreach_lerp_` for a number weight (an EMA step)."""
+    b = args[0]
+    weight = args[2] if len(args) == 3 else None
+    if not is_bundle(b) or kwargs or not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        return _lerp_per_tensor(func, types, args, kwargs)
+    name = func_name(func)
+    pieces = _operand_pieces(name, b, args[1])
+    if pieces is None:  # a number `end`: torch's lerp_ takes tensors only, let it say so
+        return _lerp_per_tensor(func, types, args, kwargs)
+    _check_writable(name, b, [pieces, weight])
+    if b.tensors:
+        torch._foreach_lerp_(list(b.tensors), pieces, weight)
+    return b
 
 
 def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -191,7 +216,7 @@ INPLACE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
     "clamp_min_": ((_T.clamp_min_,), _binary(torch._foreach_clamp_min_, _T.clamp_min_)),
     "clamp_max_": ((_T.clamp_max_,), _binary(torch._foreach_clamp_max_, _T.clamp_max_)),
     "fill_": ((_T.fill_,), _per_tensor(_T.fill_)),
-    "lerp_": ((_T.lerp_,), _per_tensor(_T.lerp_)),
+    "lerp_": ((_T.lerp_,), _lerp),
     "addcmul_": ((_T.addcmul_,), _per_tensor(_T.addcmul_)),
     "addcdiv_": ((_T.addcdiv_,), _per_tensor(_T.addcdiv_)),
     "clamp_": ((_T.clamp_, _T.clip_), _per_tensor(_T.clamp_)),

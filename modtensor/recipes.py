@@ -96,8 +96,8 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
         tensor([0.1000, 0.1000])
     """
     t, s = _as_bundle(target, "ema_"), _as_bundle(source, "ema_")
-    with torch.no_grad():
-        t.lerp_(s.detach(), 1.0 - decay)
+    with torch.no_grad():  # one torch._foreach_lerp_ (no detach: nothing is recorded)
+        t.lerp_(s, 1.0 - decay)
     return t
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modtensor as mt
 from generators import INTS, Case, cases, other_like
@@ -26,7 +27,7 @@ EXPLICIT_CALLS = {
     "clamp_": [lambda f, x, y: f(x, -0.5, 0.5), lambda f, x, y: f(x, min=y)],
     "clamp_min_": [lambda f, x, y: f(x, 0.1), lambda f, x, y: f(x, y)],
     "clamp_max_": [lambda f, x, y: f(x, 0.1)],
-    "lerp_": [lambda f, x, y: f(x, y, 0.3)],
+    "lerp_": [lambda f, x, y: f(x, y, 0.3), lambda f, x, y: f(x, y, torch.tensor(0.25)), lambda f, x, y: f(x, y, y)],
     "addcmul_": [lambda f, x, y: f(x, y, y, value=0.5)],
     "addcdiv_": [lambda f, x, y: f(x, y, y.abs() + 1)],
     # the out-of-place specs of these transform x first or take it second
@@ -179,3 +180,31 @@ def test_in_place_on_a_leaf_slice_of_the_bundle_view():
     b = mt.bundle([w])
     b.data.add_(1)  # .data aliases, as on a tensor
     torch.testing.assert_close(w, torch.ones(3))
+
+
+class _AtenCalls(TorchDispatchMode):
+    """The aten ops called, outermost only (the mode is off inside each call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["lerp_", "add_", "mul_"])
+def test_bundle_operands_take_one_foreach_call(op):
+    # An EMA step (`lerp_` with a number weight) or `a.add_(b)` on a model: one torch call
+    # for all the tensors, not a Python loop.
+    xs = [torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.randn(0)]
+    ys = [torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.randn(0)]
+    extra = (0.1,) if op == "lerp_" else ()
+    want = [x.clone() for x in xs]
+    for w, y in zip(want, ys):
+        getattr(w, op)(y, *extra)
+    with _AtenCalls() as seen:
+        getattr(mt.bundle(xs), op)(mt.bundle(ys), *extra)
+    assert [n for n in seen.names if n.endswith("_")] == ["_foreach_" + op]  # the writes
+    assert all(torch.equal(x, w) for x, w in zip(xs, want))
