@@ -53,24 +53,24 @@ def _check_writable(name: str, b: ParameterBundle, operands: list[list[Any] | An
         # torch.compile runs the whole graph on fake tensors before it writes anything, so
         # torch's own cast check fails before any write; result_type cannot be traced.
         return
-    checked = set()  # the type promotion depends on dtypes and on 0-d or not, not on values
-    for i, (n, t) in enumerate(b.items()):
-        for operand in operands:
-            other = operand[i] if isinstance(operand, list) else operand
-            if isinstance(other, torch.Tensor):
-                key: tuple[Any, ...] = (t.dtype, t.dim() == 0, other.dtype, other.dim() == 0)
-            elif isinstance(other, (int, float, bool, complex)):
-                key = (t.dtype, t.dim() == 0, type(other))
-            else:
-                continue
-            if key in checked:
-                continue
-            checked.add(key)
+    # Type promotion depends on the dtypes and on which operands are 0-d, not on values: one
+    # check per distinct kind of (tensor, operand) pair, the first tensor of each kind.
+    tensors = b.tensors
+    own = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
+    for operand in operands:
+        if isinstance(operand, list):
+            kinds: list[Any] = list(zip(own, [o.dtype for o in operand], [o.dim() == 0 for o in operand]))
+        elif isinstance(operand, (torch.Tensor, int, float, bool, complex)):
+            kinds = own
+        else:
+            continue
+        for i in (kinds.index(kind) for kind in dict.fromkeys(kinds)):
+            t, other = tensors[i], operand[i] if isinstance(operand, list) else operand
             result = torch.result_type(t, other)
             if not torch.can_cast(result, t.dtype):
                 raise RuntimeError(
                     f"{name}: result type {result} can't be cast to the desired output type "
-                    f"{t.dtype} of tensor {n!r} in {b.describe()}."
+                    f"{t.dtype} of tensor {b.names[i]!r} in {b.describe()}."
                 )
 
 
