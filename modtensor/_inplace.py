@@ -71,19 +71,15 @@ def _check_writable(
     # Type promotion depends on the dtypes and on which operands are 0-d, not on values: one
     # check per distinct kind of (tensor, operand) pair, the first tensor of each kind.
     tensors = b.tensors
-    own = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
-    kinds: list[Any] = own
+    kinds: list[Any] = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
     for operand in operands:
-        if isinstance(operand, list):
+        if isinstance(operand, list):  # a scalar or a single tensor is the same for every tensor
             kinds = list(zip(kinds, [o.dtype for o in operand], [o.dim() == 0 for o in operand]))
-        elif isinstance(operand, (torch.Tensor, int, float, bool, complex)):
-            for i in (own.index(kind) for kind in dict.fromkeys(own)):
-                _check_cast(name, b, i, operand)
     for i in (kinds.index(kind) for kind in dict.fromkeys(kinds)):
         these = [operand[i] if isinstance(operand, list) else operand for operand in operands]
-        for operand in operands:
-            if isinstance(operand, list):
-                _check_cast(name, b, i, operand[i])
+        for other in these:
+            if isinstance(other, (torch.Tensor, int, float, bool, complex)):
+                _check_cast(name, b, i, other)
         # The first tensor's kind needs no dry run: if the op fails for it, it fails on the
         # first tensor, before any write (a dry run of lerp_ costs 150 us, in Python).
         if dry_run is None or i == 0:

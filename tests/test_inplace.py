@@ -128,17 +128,26 @@ def test_leaf_requires_grad_follows_torchs_rule():
     torch.testing.assert_close(model.weight, before[0] * 2)
 
 
+_CAST = "can't be cast to the desired output type torch.int64"
+_UNSAFE = "to out tensor with dtype torch.int64, but this can't be cast"
+_DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
+
+
 @pytest.mark.parametrize(
-    "op",
-    [lambda b: b.mul_(0.5), lambda b: b.div_(2), lambda b: b.div_(mt.bundle([torch.ones(3), torch.ones(2, dtype=torch.int64)])),
-     lambda b: b.sqrt_(), lambda b: b.exp_(), lambda b: b.lerp_(mt.bundle([torch.ones(3), torch.ones(2)]), 0.5)],
+    "op, message",
+    [(lambda b: b.mul_(0.5), _CAST),
+     (lambda b: b.div_(2), _CAST + " " + _DRY_RUN),
+     (lambda b: b.div_(mt.bundle([torch.ones(3), torch.ones(2, dtype=torch.int64)])), _CAST + " " + _DRY_RUN),
+     (lambda b: b.sqrt_(), _UNSAFE + ".*" + _DRY_RUN),
+     (lambda b: b.exp_(), _UNSAFE + ".*" + _DRY_RUN),
+     (lambda b: b.lerp_(mt.bundle([torch.ones(3), torch.ones(2)]), 0.5), _CAST)],
     ids=["mul_", "div_ scalar", "div_ bundle", "sqrt_", "exp_", "lerp_"],
 )
-def test_nothing_is_half_written_when_a_cast_fails(op):
+def test_nothing_is_half_written_when_a_cast_fails(op, message):
     # The float tensor comes first: a failure at the integer one must not follow its write.
     f, i = torch.ones(3), torch.ones(2, dtype=torch.int64)
     b = mt.bundle([f, i])
-    with pytest.raises(RuntimeError, match=r"torch.int64|Long|dtype"):
+    with pytest.raises(RuntimeError, match=message):
         op(b)
     assert torch.equal(f, torch.ones(3)) and torch.equal(i, torch.ones(2, dtype=torch.int64))
 
