@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from functools import partial
 from types import MappingProxyType
 from typing import Any, Union, cast
 
@@ -43,14 +42,6 @@ def _combine_device(devices: Sequence[torch.device]) -> torch.device:
         if d.type == "meta":
             return d
     return devices[0] if devices else torch.device("cpu")
-
-
-def _flat_view(flat: torch.Tensor, offsets: Sequence[int], shapes: Sequence[torch.Size], i: int) -> torch.Tensor:
-    return flat[offsets[i]:offsets[i + 1]].view(shapes[i])
-
-
-def _flat_slice(flat: torch.Tensor, offsets: Sequence[int], i: int, start: int, stop: int) -> torch.Tensor:
-    return flat[offsets[i] + start:offsets[i] + stop]
 
 
 def _format_shape(shape: torch.Size) -> str:
@@ -212,7 +203,9 @@ class _BundleAPI:
         # `tensors`, so a bundle computed on demand never holds all its tensors at once.
         if self._tensors is not None:
             return self._tensors[i]
-        assert self._compute is not None
+        if self._compute is None:  # an op's result kept flat (_over_flat)
+            assert self._flat is not None
+            return self._flat[self._offsets[i]:self._offsets[i + 1]].view(self._shapes[i])
         return self._compute(i)
 
     def _flat_range(self, i: int, start: int, stop: int) -> torch.Tensor | None:
@@ -222,6 +215,8 @@ class _BundleAPI:
         if self._tensors is not None:
             t = self._tensors[i]
             return t.reshape(-1)[start:stop] if t.is_contiguous() else None
+        if self._compute is None and self._flat is not None:  # an op's result kept flat (_over_flat)
+            return self._flat[self._offsets[i] + start:self._offsets[i] + stop]
         return None if self._compute_range is None else self._compute_range(i, start, stop)
 
     def items(self) -> tuple[tuple[str, torch.Tensor], ...]:
@@ -297,8 +292,7 @@ class _BundleAPI:
             >>> mt.bundle([torch.ones(2)]).with_strategy("concat").strategy
             'concat'
         """
-        if self._tensors is None:  # stay on demand
-            assert self._compute is not None
+        if self._tensors is None:  # stay on demand (or flat: _compute is None then)
             same = ParameterBundle._on_demand(
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
@@ -322,14 +316,20 @@ class _BundleAPI:
             return torch.empty(0, dtype=self._dtype, device=self._device)
         if self._tensors is not None and self._on_one_device:
             if len(self._tensors) > 1:  # the same cat, in one call: 3.4 -> 2.0 us for a conv layer
-                return torch._C._nn.flatten_dense_tensors(list(self._tensors))
+                return torch._C._nn.flatten_dense_tensors(self._tensors)  # type: ignore[arg-type]  # a tuple works
             return torch.cat([t.reshape(-1) for t in self._tensors])
         return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
 
     def _concatenation(self) -> torch.Tensor:
         # The concatenation, for reading only: the result of an op on a tiny bundle is kept
-        # flat, and is not copied again for the next op.
-        return self._flat if self._flat is not None else self.materialize()
+        # flat, and is not copied again for the next op. The common case first, written out:
+        # it is most of a small layer's `a - b`.
+        if self._flat is not None:
+            return self._flat
+        tensors = self._tensors
+        if tensors is not None and len(tensors) > 1 and self._on_one_device:
+            return torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]  # a tuple works
+        return self.materialize()
 
     def _over_flat(self, flat: torch.Tensor) -> ParameterBundle:
         # Shaped and named like this bundle, its tensors views of `flat`, an op's (N,) result
@@ -345,7 +345,7 @@ class _BundleAPI:
                 _device=self._device, _on_one_device=self._on_one_device, _dtypes=dtypes, _dtype=flat.dtype,
                 _keys=self._keys if dtypes == self._dtypes else tuple(zip(dtypes, self._devices)),
                 _strategy=self._strategy, _options=self._options, _numel=self._numel, _left_out=(),
-                _tensors=None, _expr=None,
+                _tensors=None, _expr=None, _compute=None, _compute_range=None,  # _tensor reads _flat
             )
             attrs["_flat_attrs"] = attrs
             self._flat_attrs = attrs
@@ -354,8 +354,6 @@ class _BundleAPI:
         )
         result.__dict__.update(attrs)
         result._plans, result._flat, result._lazy_requires_grad = {}, flat, flat.requires_grad
-        result._compute = partial(_flat_view, flat, self._offsets, self._shapes)
-        result._compute_range = partial(_flat_slice, flat, self._offsets)
         return result
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:
@@ -530,7 +528,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
     @classmethod
     def _on_demand(
         cls,
-        compute: Callable[[int], torch.Tensor],
+        compute: Callable[[int], torch.Tensor] | None,
         like: ParameterBundle,
         dtypes: Sequence[torch.dtype],
         requires_grad: bool,

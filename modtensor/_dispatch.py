@@ -12,7 +12,7 @@ import contextvars
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch.overrides import resolve_name
@@ -97,20 +97,19 @@ TINY_NUMEL = 1 << 12
 # handler parsed them and found them valid (remember_direct), and elementwise ops whose result
 # map_elementwise computed on the concatenation (remember_elementwise). A key holds the bundle
 # class, function, dtype and the other arguments: plain values as they are, a second bundle
-# by its kind (_Bundled), and for elementwise ops a scalar by its type only; the value says
-# whether the call is elementwise (its result a bundle over the flat result). Registering
-# any handler empties it.
+# by its kind (a tuple that starts with _BUNDLED), and for elementwise ops a scalar by its type
+# only; the value says whether the call is elementwise (its result a bundle over the flat
+# result). Registering any handler empties it.
 LANE_CALLS: dict[tuple[Any, ...], bool] = {}
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 _SCALARS = (bool, int, float)
+# Marks a second tiny bundle of the first one's shapes in a lane key, followed by its dtype,
+# its device and the first one's device. A plain tuple: a NamedTuple costs 0.4 us a call more.
+_BUNDLED = object()
 
 
-class _Bundled(NamedTuple):
-    """A tiny bundle of the first one's shapes, second in a call, as a lane key holds it."""
-
-    dtype: torch.dtype
-    device: torch.device
-    first_device: torch.device
+def _is_bundled(x: Any) -> bool:
+    return type(x) is tuple and len(x) == 4 and x[0] is _BUNDLED
 
 
 def _lane_rest(b: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -123,7 +122,7 @@ def _lane_rest(b: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             and is_tiny(c) and c._on_one_device
         ):
             return None
-        return (_Bundled(c._dtype, c._device, b._device), *rest[1:])
+        return ((_BUNDLED, c._dtype, c._device, b._device), *rest[1:])
     return rest
 
 
@@ -139,7 +138,7 @@ def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
     rest = _lane_rest(b, args)
     if rest is None or args[0] is not b:
         return
-    values = (*rest[1:], *kwargs.values()) if rest and type(rest[0]) is _Bundled else (*rest, *kwargs.values())
+    values = (*rest[1:], *kwargs.values()) if rest and _is_bundled(rest[0]) else (*rest, *kwargs.values())
     if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
         _remember((type(b), func, b._dtype, rest, *kwargs.items()), False)
 
@@ -150,27 +149,59 @@ def remember_elementwise(b: Any, func: Callable[..., Any], args: tuple[Any, ...]
     if rest is not None and len(rest) <= 1:
         if rest and type(rest[0]) in _SCALARS:
             _remember((type(b), func, b._dtype, (type(rest[0]),)), True)
-        elif not rest or type(rest[0]) is _Bundled:
+        elif not rest or _is_bundled(rest[0]):
             _remember((type(b), func, b._dtype, rest), True)
 
 
-def _fast_lane(cls: type, b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _flat_norm(x: torch.Tensor, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+    # What Tensor.norm runs for a strided CPU or CUDA tensor and no dim (torch/functional.py's
+    # norm), without its 1.5 us of Python: a third of a tiny bundle's norm.
+    if dim is None and (x.is_cpu or x.is_cuda):
+        if p is None or (type(p) is str and p == "fro"):
+            if not keepdim and dtype is None:
+                return torch.linalg.vector_norm(x)  # ord=2; the fewest arguments to parse
+            return torch.linalg.vector_norm(x, 2, None, keepdim, dtype=dtype)
+        if type(p) in (int, float):
+            return torch.linalg.vector_norm(x, p, None, keepdim, dtype=dtype)
+    return torch.Tensor.norm(x, p, dim, keepdim, dtype)
+
+
+# What the lane calls on the concatenations in place of a function torch writes in Python.
+_ON_FLAT: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.Tensor.norm: _flat_norm,
+    # An elementwise entry's scalar type was seen to work, so pow raises no TypeError for
+    # __pow__'s wrapper to turn into NotImplemented.
+    torch.Tensor.__pow__: torch.Tensor.pow,
+}
+
+
+def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # A call seen before on a tiny bundle, made on the concatenations; NOT_HANDLED otherwise.
-    rest = _lane_rest(b, args) if len(args) > 1 else ()
-    if rest is None:
-        return NOT_HANDLED
+    # The hot path of a small layer's ops: _lane_rest is written out here.
+    c: Any = args[1] if len(args) > 1 else None
+    second = isinstance(c, DispatchTensor)
+    if second:
+        if not (
+            type(c) is cls and c._shapes == b._shapes and c._numel and c._strategy == "concat"
+            and c._numel <= TINY_NUMEL and c._dist is None and c._on_one_device
+        ):
+            return NOT_HANDLED
+        rest: tuple[Any, ...] = ((_BUNDLED, c._dtype, c._device, b._device), *args[2:])
+    else:
+        rest = args[1:]
     try:
         elementwise = LANE_CALLS.get((cls, func, b._dtype, rest, *kwargs.items()))
+        if elementwise is None and len(rest) == 1 and type(c) in _SCALARS and not kwargs:
+            elementwise = LANE_CALLS.get((cls, func, b._dtype, (type(c),)))
     except TypeError:  # an unhashable argument: not a call the lane takes
         return NOT_HANDLED
-    if elementwise is None and len(rest) == 1 and type(rest[0]) in _SCALARS and not kwargs:
-        elementwise = LANE_CALLS.get((cls, func, b._dtype, (type(rest[0]),)))
     if elementwise is None:
         return NOT_HANDLED
-    if rest and type(rest[0]) is _Bundled:
-        operands = (b._concatenation(), args[1]._concatenation(), *args[2:])
+    if second:
+        operands: tuple[Any, ...] = (b._concatenation(), c._concatenation(), *args[2:])
     else:
-        operands = (b._concatenation(), *args[1:])
+        operands = (b._concatenation(), *rest)
+    func = _ON_FLAT.get(func, func)
     return b._over_flat(func(*operands)) if elementwise else func(*operands, **kwargs)
 
 
@@ -414,7 +445,11 @@ class DispatchTensor(torch.Tensor):
     # overloaded operand, not while compiling), these methods call it themselves.
 
     def norm(self, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
-        kwargs = {"p": p, "dim": dim, "keepdim": keepdim, "dtype": dtype}
+        # The defaults as no arguments at all, as `b.norm()` has them: the lane's key is shorter.
+        if isinstance(p, str) and p == "fro" and dim is None and not keepdim and dtype is None:
+            kwargs = {}
+        else:
+            kwargs = {"p": p, "dim": dim, "keepdim": keepdim, "dtype": dtype}
         if _only_ours(self):
             result = type(self).__torch_function__(torch.Tensor.norm, (type(self),), (self,), kwargs)
             if result is not NotImplemented:
@@ -472,8 +507,8 @@ class DispatchTensor(torch.Tensor):
         b = args[0] if args else None
         # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path).
         if (
-            type(b) is cls and b._numel and b._strategy == "concat" and is_tiny(b) and b._on_one_device
-            and not torch.compiler.is_compiling()
+            type(b) is cls and b._numel and b._numel <= TINY_NUMEL and b._strategy == "concat"
+            and b._dist is None and b._on_one_device and not torch.compiler.is_compiling()
         ):
             result = _fast_lane(cls, b, func, args, kwargs)
             if result is not NOT_HANDLED:

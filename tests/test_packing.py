@@ -237,6 +237,30 @@ def test_the_fast_lane_remembers_valid_calls_only(tiny, monkeypatch):
         b.sum(1)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"p": None}, {"p": "fro"}, {"p": 2}, {"p": 2.0}, {"p": 1}, {"p": float("inf")}, {"p": -1.5},
+     {"keepdim": True}, {"dtype": torch.float64}, {"p": 3, "keepdim": True, "dtype": torch.float64}, {"dim": 0}],
+)
+def test_the_lanes_norm_is_tensor_norm(real_sizes, monkeypatch, kwargs):
+    # The lane computes b.norm() with torch.linalg.vector_norm, as torch's own Tensor.norm
+    # does for a flat tensor; the result must be that of the concatenation's norm, bit for bit.
+    calls = []
+    monkeypatch.setattr(_dispatch, "dispatch", lambda *a: calls.append(a[1]) or _real_dispatch(*a))
+    _dispatch.LANE_CALLS.clear()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    b, flat = mt.bundle(conv), torch.cat([p.reshape(-1) for p in conv.parameters()])
+    want = flat.norm(**kwargs)
+    for _ in range(2):
+        got = b.norm(**kwargs)
+        assert torch.equal(got, want) and got.dtype == want.dtype and got.shape == want.shape
+    assert calls == [torch.Tensor.norm]  # the second call took the lane
+    (got,) = torch.autograd.grad(b.norm(**kwargs).sum(), conv.weight)
+    (expected,) = torch.autograd.grad(flat.norm(**kwargs).sum(), conv.weight)
+    assert torch.equal(got, expected)
+
+
 def test_registering_a_handler_forgets_the_lane(tiny):
     class Mine(mt.ParameterBundle):
         pass
