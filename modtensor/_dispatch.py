@@ -178,6 +178,16 @@ _ON_FLAT: dict[Callable[..., Any], Callable[..., Any]] = {
 def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # A call seen before on a tiny bundle, made on the concatenations; NOT_HANDLED otherwise.
     # The hot path of a small layer's ops: _lane_rest is written out here.
+    if len(args) == 1:  # b.sum(), b.abs(): the commonest calls, first
+        try:
+            elementwise = LANE_CALLS.get((cls, func, b._dtype, (), *kwargs.items()) if kwargs else (cls, func, b._dtype, ()))
+        except TypeError:  # an unhashable argument: not a call the lane takes
+            return NOT_HANDLED
+        if elementwise is None:
+            return NOT_HANDLED
+        flat = b._concatenation()
+        func = _ON_FLAT.get(func, func)
+        return b._over_flat(func(flat)) if elementwise else func(flat, **kwargs)
     c: Any = args[1] if len(args) > 1 else None
     second = isinstance(c, DispatchTensor)
     if second:
@@ -190,9 +200,13 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
     else:
         rest = args[1:]
     try:
-        elementwise = LANE_CALLS.get((cls, func, b._dtype, rest, *kwargs.items()))
-        if elementwise is None and len(rest) == 1 and type(c) in _SCALARS and not kwargs:
+        # One scalar: an elementwise op (`b ** 2`, keyed by the scalar's type) first, as
+        # chains make them; then a reduction (`b.sum(0)`, keyed by the value).
+        elementwise = None
+        if len(rest) == 1 and type(c) in _SCALARS and not kwargs:
             elementwise = LANE_CALLS.get((cls, func, b._dtype, (type(c),)))
+        if elementwise is None:
+            elementwise = LANE_CALLS.get((cls, func, b._dtype, rest, *kwargs.items()))
     except TypeError:  # an unhashable argument: not a call the lane takes
         return NOT_HANDLED
     if elementwise is None:
