@@ -188,7 +188,7 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
         flat = b._concatenation()
         func = _ON_FLAT.get(func, func)
         return b._over_flat(func(flat)) if elementwise else func(flat, **kwargs)
-    c: Any = args[1] if len(args) > 1 else None
+    c: Any = args[1]
     second = isinstance(c, DispatchTensor)
     if second:
         if not (
@@ -452,31 +452,59 @@ class DispatchTensor(torch.Tensor):
         # A bundle of this structure over `flat`, an op's (N,) result; subclasses define it.
         raise NotImplementedError
 
-    # torch writes a few Tensor methods in Python (norm, **); on a subclass they reach
-    # __torch_function__ through torch.overrides.handle_torch_function, about 2 us of Python
-    # per call, a third of a tiny bundle's whole reduction. Where that would only call this
-    # class's __torch_function__ with these very arguments (no torch function mode, no other
-    # overloaded operand, not while compiling), these methods call it themselves.
+    # A torch call on a subclass reaches __torch_function__ through torch's own machinery:
+    # for the Tensor methods torch writes in Python (norm, **) torch.overrides'
+    # handle_torch_function, about 2 us of Python; for the C ones (sum, the arithmetic
+    # operators) its argument parser, about 1 us. On a tiny bundle either is a sixth to a third
+    # of the whole op. Where torch would only call this class's __torch_function__ with these
+    # very arguments (no torch function mode, no other overloaded operand, not while
+    # compiling), the hottest of them call it themselves; otherwise they call torch's.
+
+    def _ours(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _only_ours(self, *args[1:], *kwargs.values()):
+            result = type(self).__torch_function__(func, (type(self),), args, kwargs)
+            if result is not NotImplemented:
+                return result
+        return func(*args, **kwargs)
+
+    def _operator(self, func: Callable[..., Any], operator: Callable[..., Any], other: Any) -> Any:
+        # `operator` is what torch's own operator is; `func` the name it gives the call (C
+        # operators report `Tensor.sub` for `-`).
+        if _only_ours(self, other):
+            try:
+                result = type(self).__torch_function__(func, (type(self),), (self, other), {})
+            except TypeError:  # as torch's operators do, so that Python tries other's reflected one
+                return NotImplemented
+            if result is not NotImplemented:
+                return result
+        return operator(self, other)
+
+    def __add__(self, other: Any) -> Any:
+        return self._operator(torch.Tensor.add, torch.Tensor.__add__, other)
+
+    def __sub__(self, other: Any) -> Any:
+        return self._operator(torch.Tensor.sub, torch.Tensor.__sub__, other)
+
+    def __mul__(self, other: Any) -> Any:
+        return self._operator(torch.Tensor.mul, torch.Tensor.__mul__, other)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._operator(torch.Tensor.div, torch.Tensor.__truediv__, other)
+
+    def __pow__(self, exponent: Any) -> Any:
+        return self._operator(torch.Tensor.__pow__, torch.Tensor.__pow__, exponent)
+
+    def sum(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ours(torch.Tensor.sum, (self, *args), kwargs)
+
+    def mean(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ours(torch.Tensor.mean, (self, *args), kwargs)
 
     def norm(self, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
         # The defaults as no arguments at all, as `b.norm()` has them: the lane's key is shorter.
         if isinstance(p, str) and p == "fro" and dim is None and not keepdim and dtype is None:
-            kwargs = {}
-        else:
-            kwargs = {"p": p, "dim": dim, "keepdim": keepdim, "dtype": dtype}
-        if _only_ours(self):
-            result = type(self).__torch_function__(torch.Tensor.norm, (type(self),), (self,), kwargs)
-            if result is not NotImplemented:
-                return result
-        return torch.Tensor.norm(self, **kwargs)
-
-    def __pow__(self, exponent: Any) -> Any:
-        if _only_ours(self, exponent):
-            try:
-                return type(self).__torch_function__(torch.Tensor.__pow__, (type(self),), (self, exponent), {})
-            except TypeError:  # as torch's __pow__ does, so that Python tries exponent.__rpow__
-                return NotImplemented
-        return torch.Tensor.__pow__(self, exponent)
+            return self._ours(torch.Tensor.norm, (self,), {})
+        return self._ours(torch.Tensor.norm, (self,), {"p": p, "dim": dim, "keepdim": keepdim, "dtype": dtype})
 
     @classmethod
     def implements(

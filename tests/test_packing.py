@@ -354,13 +354,91 @@ class _Seen(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# DispatchTensor writes norm, sum, mean and the arithmetic operators itself (faster than
+# torch's path to __torch_function__): whatever else would see the call still does.
+_OWN_ENTRIES = [
+    (torch.Tensor.norm, lambda b: b.norm(), lambda n: n**0.5),
+    (torch.Tensor.__pow__, lambda b: (b**2).sum(), float),
+    (torch.Tensor.sum, lambda b: b.sum(), float),
+    (torch.Tensor.mean, lambda b: b.mean() * b.numel(), float),
+    (torch.Tensor.add, lambda b: (b + b).sum() / 2, float),  # torch names `+` so
+    (torch.Tensor.sub, lambda b: (b - b * 0).sum(), float),
+    (torch.Tensor.mul, lambda b: (b * 1).sum(), float),
+    (torch.Tensor.div, lambda b: (b / 1).sum(), float),
+]
+
+
+@pytest.mark.parametrize("func, op, want", _OWN_ENTRIES)
 @pytest.mark.parametrize("size", [6, 5038])  # tiny or not; size + 3 a square
-def test_norm_and_pow_reach_torch_function_modes(real_sizes, size):
-    # DispatchTensor writes norm and ** itself (faster than torch's Python path); a mode
-    # active around them still sees the call first, as it does for every other method.
+def test_own_entries_reach_torch_function_modes(real_sizes, size, func, op, want):
     b = mt.bundle([torch.ones(size), torch.ones(3)])
-    for _ in range(2):
+    for _ in range(2):  # the second call of a tiny bundle takes the lane
         with _Seen() as seen:
-            norm, square = b.norm(), b**2
-        assert seen.funcs[:1] == [torch.Tensor.norm] and torch.Tensor.__pow__ in seen.funcs
-        assert float(norm) == (size + 3) ** 0.5 and float(square.sum()) == size + 3
+            result = op(b)
+        assert func in seen.funcs
+        assert float(result) == want(size + 3)
+
+
+class _Logged(torch.Tensor):
+    # Another library's tensor subclass: it must see a call on a bundle and itself.
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(types)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _Reflected:
+    # A plain object with reflected operators: Python must reach them, as for a tensor.
+    def __radd__(self, other):
+        return "radd"
+
+    def __rsub__(self, other):
+        return "rsub"
+
+    def __rmul__(self, other):
+        return "rmul"
+
+    def __rtruediv__(self, other):
+        return "rtruediv"
+
+    def __rpow__(self, other):
+        return "rpow"
+
+
+@pytest.mark.parametrize("size", [6, 5038])
+def test_own_operators_defer_as_torchs_do(real_sizes, size):
+    b = mt.bundle([torch.ones(size), torch.ones(3)])
+    ops = {"radd": lambda x, y: x + y, "rsub": lambda x, y: x - y, "rmul": lambda x, y: x * y,
+           "rtruediv": lambda x, y: x / y, "rpow": lambda x, y: x**y}
+    for _ in range(2):
+        for name, op in ops.items():
+            assert op(torch.ones(2), _Reflected()) == name  # what a tensor does
+            assert op(b, _Reflected()) == name
+        other = torch.ones(size + 3).as_subclass(_Logged)
+        _Logged.seen.clear()
+        total = (b - other).sum()
+        assert _Logged.seen and float(total) == 0.0  # _Logged saw the call first
+
+
+def test_own_entries_name_the_call_as_torch_does(monkeypatch):
+    # The table (and a subclass's handlers) see the function torch itself would pass.
+    class Reference(torch.Tensor):
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    calls = []
+    monkeypatch.setattr(_dispatch, "dispatch", lambda *a: calls.append(a[1]) or _real_dispatch(*a))
+    b = mt.bundle([torch.ones(5000), torch.ones(3)])
+    t = torch.ones(5003).as_subclass(Reference)
+    for op in (lambda x: x + x, lambda x: x - 1, lambda x: x * 2, lambda x: x / 2, lambda x: x**2,
+               lambda x: x.sum(), lambda x: x.mean(), lambda x: x.norm()):
+        calls.clear()
+        Reference.seen.clear()
+        op(b), op(t)
+        assert calls[:1] == Reference.seen[:1]
