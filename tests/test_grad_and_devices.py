@@ -117,3 +117,31 @@ def test_cpu_and_cuda_tensors_combine_on_the_first_tensors_device():
     b2 = mt.bundle({"gpu": gpu, "cpu": cpu})
     assert b2.norm().device.type == "cuda"
     torch.testing.assert_close(b2.norm().cpu(), torch.cat([gpu.cpu(), cpu]).norm())
+
+
+@cuda
+@pytest.mark.parametrize("big", [False, True], ids=["tiny", "large"])
+def test_python_operators_on_cuda_bundles(big):
+    # + - * / ** sum mean norm are written in Python on the bundle (and tiny bundles take the
+    # lane from the second call): on a GPU they must give the concatenation's results too.
+    torch.manual_seed(0)
+    shapes = [(300, 200), (200,)] if big else [(4, 3), (3,)]
+    a = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    c = [torch.randn(s, device="cuda") for s in shapes]
+    x, y = mt.bundle(a), mt.bundle(c)
+    ca = torch.cat([t.reshape(-1) for t in a])
+    cc = torch.cat([t.reshape(-1) for t in c])
+    ops = [
+        lambda u, v: (u + v).sum(), lambda u, v: (u - v).norm(), lambda u, v: (u * v).mean(),
+        lambda u, v: (u / 2).sum(), lambda u, v: (2 - u).amax(), lambda u, v: (3 / (u.abs() + 1)).sum(),
+        lambda u, v: (u**2).sum(), lambda u, v: u.norm(p=1), lambda u, v: u.norm(float("inf")),
+        lambda u, v: u.sum(dtype=torch.float64), lambda u, v: u.mean(),
+    ]
+    for _ in range(2):
+        for op in ops:
+            got, want = op(x, y), op(ca, cc)
+            assert got.device == want.device and got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+            grads = torch.autograd.grad(got, a)
+            (flat_grad,) = torch.autograd.grad(want, ca)
+            torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), flat_grad)
