@@ -183,7 +183,8 @@ class _BundleAPI:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
         return self._carry(ParameterBundle(
-            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out
+            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out,
+            self._device,
         ))
 
     @grad.setter
@@ -248,7 +249,9 @@ class _BundleAPI:
             >>> b.derive([torch.zeros(2)]).names
             ('w',)
         """
-        return self._carry(ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype))
+        return self._carry(
+            ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype, device=self._device)
+        )
 
     def per_param(self) -> ParameterBundle:
         """Return the same tensors under the `per_param` strategy.
@@ -298,7 +301,10 @@ class _BundleAPI:
             )
             same._flat = self._flat
             return same
-        return self._carry(ParameterBundle(self._tensors, self._names, name, options), same_tensors=True)
+        return self._carry(
+            ParameterBundle(self._tensors, self._names, name, options, self._dtype, device=self._device),
+            same_tensors=True,
+        )
 
     def materialize(self) -> torch.Tensor:
         """Return exactly `torch.cat([t.reshape(-1) for t in b.tensors])`, differentiable.
@@ -385,7 +391,9 @@ class _BundleAPI:
             vector.narrow(0, start, end - start).view(shape)
             for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
         ]
-        return self._carry(ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype))
+        return self._carry(
+            ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype, device=vector.device)
+        )
 
     # -- text ------------------------------------------------------------------------------
 
@@ -451,15 +459,17 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         options: Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         left_out: Sequence[str] = (),
+        device: torch.device | None = None,
     ) -> ParameterBundle:
-        """`dtype` only serves a bundle of no tensors, whose dtype nothing else fixes;
+        """`dtype` and `device` only serve a bundle of no tensors, which nothing else places
+        (`torch.empty(0).cuda()` is on the GPU, so an empty bundle's `.cuda()` must be too);
         `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
         tensors = tuple(tensors)
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
         self = cls._layout(
             names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
-            strategy, options, dtype, left_out,
+            strategy, options, dtype, left_out, device=device,
         )
         self._tensors = tensors
         self._compute = None
@@ -478,6 +488,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         dtype: torch.dtype | None,
         left_out: Sequence[str],
         like: ParameterBundle | None = None,
+        device: torch.device | None = None,
     ) -> ParameterBundle:
         _strategies.get(strategy).check_options(options or {})
         dtypes = tuple(dtypes)
@@ -489,7 +500,7 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
             device, offsets = like._device, like._offsets
         else:
             dtype = _cat_dtype(dtypes) if dtypes or dtype is None else dtype
-            device = _combine_device(devices)
+            device = _combine_device(devices) if devices or device is None else device
             ends = [0]
             for shape in shapes:
                 ends.append(ends[-1] + shape.numel())

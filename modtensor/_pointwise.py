@@ -256,7 +256,7 @@ def map_elementwise(
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))
         def empty_like(out: torch.Tensor) -> ParameterBundle:
-            return ref._carry(ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype))
+            return ref._carry(ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype, device=out.device))
 
         if isinstance(probe, torch.Tensor):
             return empty_like(probe)

@@ -358,7 +358,7 @@ def _per_tensor_bundle(b: ParameterBundle, results: list[Any], dtype: torch.dtyp
     from modtensor._bundle import ParameterBundle
 
     tensors = [_as_tensor(r, device) for r, device in zip(results, b._devices)]
-    return ParameterBundle(tensors, b.names, "concat", None, dtype)
+    return ParameterBundle(tensors, b.names, "concat", None, dtype, device=b._device)
 
 
 class PerParam(Strategy):

@@ -141,7 +141,8 @@ def _scalarize(result: Any, reference: Any) -> torch.Tensor | None:
         z = out.real if out.is_complex() else out
         finite = ref.detach().isfinite()
         if finite.any():
-            weights = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape)
+            weights = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64, device=out.device)
+            weights = weights.reshape(out.shape)
             total = total + (z.double()[finite] * weights[finite]).sum()
             used = True
     return total if used else None

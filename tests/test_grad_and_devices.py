@@ -62,6 +62,20 @@ def test_cpu_and_meta_tensors_give_meta_results():
     assert b.materialize().device.type == "meta" and b.materialize().shape == (10,)
 
 
+def test_a_bundle_of_no_tensors_moves_as_an_empty_tensor_does():
+    # Nothing else places it, so the op's own device must stick (found by the CUDA run of
+    # the property tests: an empty bundle's `.cuda()` stayed on the CPU).
+    b = mt.bundle({})
+    for move in (lambda t: t.to("meta"), lambda t: t.to(device="meta", dtype=torch.float64)):
+        got, want = move(b), move(torch.empty(0))
+        assert mt.is_bundle(got) and (got.device, got.dtype) == (want.device, want.dtype)
+        assert (got + 1).device == want.device and got.materialize().device == want.device
+        assert got.derive([]).device == want.device and got.per_param().sum().device == want.device
+        assert got.per_param().dtype == want.dtype
+    view = mt.bundle({}).split(torch.empty(0, device="meta"))
+    assert view.device.type == "meta"
+
+
 def test_a_meta_model_reduces_without_memory():
     with torch.device("meta"):
         model = nn.Linear(4096, 4096)
