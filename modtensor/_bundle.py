@@ -149,6 +149,12 @@ class _BundleAPI:
         """
         return None if self._dist is None else self._dist.group
 
+    def _derived_class(self) -> type[ParameterBundle]:
+        # Bundles derived from this one (`.grad`, `derive`, an op's result) are of its class,
+        # as torch's default __torch_function__ keeps a tensor subclass; while compiling, the
+        # stand-in names the class it stands for.
+        return type(self) if isinstance(self, ParameterBundle) else self._owner  # type: ignore[attr-defined]
+
     def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> ParameterBundle:
         # A bundle derived from a distributed one holds the same ranks' shards, so its
         # reductions run over the same group; only the same tensors keep their parameters.
@@ -182,7 +188,7 @@ class _BundleAPI:
         if not named and self._dist is None:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
-        return self._carry(ParameterBundle(
+        return self._carry(self._derived_class()._make(
             [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out,
             self._device,
         ))
@@ -250,7 +256,9 @@ class _BundleAPI:
             ('w',)
         """
         return self._carry(
-            ParameterBundle(tensors, self._names, self._strategy, self._options, self._dtype, device=self._device)
+            self._derived_class()._make(
+                tensors, self._names, self._strategy, self._options, self._dtype, device=self._device
+            )
         )
 
     def per_param(self) -> ParameterBundle:
@@ -296,13 +304,13 @@ class _BundleAPI:
             'concat'
         """
         if self._tensors is None:  # stay on demand (or flat: _compute is None then)
-            same = ParameterBundle._on_demand(
+            same = self._derived_class()._on_demand(
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
             same._flat = self._flat
             return same
         return self._carry(
-            ParameterBundle(self._tensors, self._names, name, options, self._dtype, device=self._device),
+            self._derived_class()._make(self._tensors, self._names, name, options, self._dtype, device=self._device),
             same_tensors=True,
         )
 
@@ -337,7 +345,7 @@ class _BundleAPI:
             return torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]  # a tuple works
         return self.materialize()
 
-    def _over_flat(self, flat: torch.Tensor) -> ParameterBundle:
+    def _over_flat(self, flat: torch.Tensor, cls: type[ParameterBundle] | None = None) -> ParameterBundle:
         # Shaped and named like this bundle, its tensors views of `flat`, an op's (N,) result
         # on the concatenation, made on demand (most are never asked for). Written out, not
         # through _layout: chains on small layers make one per op. The attributes all such
@@ -356,7 +364,7 @@ class _BundleAPI:
             attrs["_flat_attrs"] = attrs
             self._flat_attrs = attrs
         result: ParameterBundle = torch.Tensor._make_wrapper_subclass(
-            ParameterBundle, (self._numel,), dtype=flat.dtype, device=self._device, requires_grad=False
+            cls or self._derived_class(), (self._numel,), dtype=flat.dtype, device=self._device, requires_grad=False
         )
         result.__dict__.update(attrs)
         result._plans, result._flat, result._lazy_requires_grad = {}, flat, flat.requires_grad
@@ -392,7 +400,9 @@ class _BundleAPI:
             for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
         ]
         return self._carry(
-            ParameterBundle(views, self._names, self._strategy, self._options, vector.dtype, device=vector.device)
+            self._derived_class()._make(
+                views, self._names, self._strategy, self._options, vector.dtype, device=vector.device
+            )
         )
 
     # -- text ------------------------------------------------------------------------------
@@ -409,14 +419,15 @@ class _BundleAPI:
         if len(self._names) > limit:
             parts.append(f"... {len(self._names) - limit} more")
         where = "" if self._dist is None else f" {self._dist}"
-        return f"ParameterBundle of {len(self._names)} tensors [" + ", ".join(parts) + "]" + where
+        kind = self._derived_class().__name__  # a subclass's errors name it
+        return f"{kind} of {len(self._names)} tensors [" + ", ".join(parts) + "]" + where
 
     def __repr__(self, *, tensor_contents: Any = None) -> Any:
         shown = list(self._names[:3]) + (["..."] if len(self._names) > 3 else [])
         dtype = str(self._dtype).replace("torch.", "")
         left_out = f", left_out={list(self._left_out)}" if self._left_out else ""
         return (
-            f"ParameterBundle({len(self._names)} tensors, {self._numel} elements, "
+            f"{self._derived_class().__name__}({len(self._names)} tensors, {self._numel} elements, "
             f"dtype={dtype}, device={self._device}, strategy={self._strategy!r}, "
             f"names={shown}{left_out}{'' if self._dist is None else ', ' + str(self._dist)[1:-1]})"
         )
@@ -464,6 +475,22 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         """`dtype` and `device` only serve a bundle of no tensors, which nothing else places
         (`torch.empty(0).cuda()` is on the GPU, so an empty bundle's `.cuda()` must be too);
         `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
+        return cls._make(tensors, names, strategy, options, dtype, left_out, device)
+
+    @classmethod
+    def _make(
+        cls,
+        tensors: Sequence[torch.Tensor],
+        names: Sequence[str],
+        strategy: str = "concat",
+        options: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        left_out: Sequence[str] = (),
+        device: torch.device | None = None,
+    ) -> ParameterBundle:
+        # What __new__ does, for bundles derived from one of class `cls`: a subclass's own
+        # __new__ (and __init__) may take other arguments, so, as torch's as_subclass, this
+        # makes an instance without calling them.
         tensors = tuple(tensors)
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")

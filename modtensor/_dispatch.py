@@ -187,7 +187,7 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
             return NOT_HANDLED
         flat = b._concatenation()
         func = _ON_FLAT.get(func, func)
-        return b._over_flat(func(flat)) if elementwise else func(flat, **kwargs)
+        return b._over_flat(func(flat), cls) if elementwise else func(flat, **kwargs)
     c: Any = args[1]
     second = isinstance(c, DispatchTensor)
     if second:
@@ -216,7 +216,7 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
     else:
         operands = (b._concatenation(), *rest)
     func = _ON_FLAT.get(func, func)
-    return b._over_flat(func(*operands)) if elementwise else func(*operands, **kwargs)
+    return b._over_flat(func(*operands), cls) if elementwise else func(*operands, **kwargs)
 
 
 def is_tiny(b: Any) -> bool:
@@ -448,8 +448,9 @@ class DispatchTensor(torch.Tensor):
         # The concatenation for reading only (it may be shared); subclasses define it.
         raise NotImplementedError
 
-    def _over_flat(self, flat: torch.Tensor) -> Any:
-        # A bundle of this structure over `flat`, an op's (N,) result; subclasses define it.
+    def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
+        # A bundle of this structure over `flat`, an op's (N,) result, of class `cls` (by
+        # default this one's); subclasses define it.
         raise NotImplementedError
 
     # A torch call on a subclass reaches __torch_function__ through torch's own machinery:

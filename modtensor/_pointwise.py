@@ -223,6 +223,11 @@ def map_elementwise(
     call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
     if call is NOT_HANDLED:
         return NOT_HANDLED
+    # The results are of the class whose table took the call, as torch's default
+    # __torch_function__ gives them the class it was called on: `b * 2` keeps a subclass.
+    owner = types[0] if types and isinstance(types[0], type) and issubclass(types[0], ParameterBundle) else (
+        ref._derived_class()
+    )
     bundles = find_bundles(args, kwargs)
     if func in FLAT_RESULTS and copy_is_cheap(bundles, ref._strategy) and all(x._on_one_device for x in bundles):
         # Tiny bundles: one call on the concatenations, whose result the new bundle's tensors
@@ -234,7 +239,7 @@ def map_elementwise(
         if isinstance(out, torch.Tensor) and out.shape == (ref._numel,):
             if is_bundle(args[0]):
                 remember_elementwise(args[0], func, args, kwargs)
-            return ref._over_flat(out)
+            return ref._over_flat(out, owner)
     # While torch.compile traces, the compiler fuses the chain itself; computing on demand
     # would need version counters, which it cannot trace. A tiny bundle's results take less
     # memory than the bookkeeping of computing them on demand.
@@ -243,7 +248,7 @@ def map_elementwise(
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         if dtypes is not None:
             guard = _Guard(args, kwargs)
-            lazy = ParameterBundle._on_demand(
+            lazy = owner._on_demand(
                 lambda i: guard(i, call, i),
                 ref,
                 dtypes,
@@ -256,7 +261,7 @@ def map_elementwise(
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))
         def empty_like(out: torch.Tensor) -> ParameterBundle:
-            return ref._carry(ParameterBundle((), (), ref.strategy, ref.options, dtype=out.dtype, device=out.device))
+            return ref._carry(owner._make((), (), ref.strategy, ref.options, dtype=out.dtype, device=out.device))
 
         if isinstance(probe, torch.Tensor):
             return empty_like(probe)

@@ -102,3 +102,49 @@ def test_subclass_table_is_private(model):
     frozen_aware = FrozenAware(b.tensors, b.names)
     assert torch.numel(frozen_aware) == b.numel() - sum(p.numel() for p in model[0].parameters())
     assert torch.numel(b) == b.numel()  # ParameterBundle's own table is untouched
+
+
+class Tagged(mt.ParameterBundle):
+    """A subclass whose constructor takes other arguments than ParameterBundle's."""
+
+    def __new__(cls, model: nn.Module, tag: str):
+        self = super().__new__(cls, list(model.parameters()), [n for n, _ in model.named_parameters()])
+        self.tag = tag
+        return self
+
+    def __init__(self, model: nn.Module, tag: str):
+        pass
+
+
+@pytest.mark.parametrize("width", [2, 300], ids=["tiny", "large"])
+def test_derived_bundles_keep_the_subclass(width):
+    # As torch's default __torch_function__ keeps a tensor subclass, a bundle derived from a
+    # subclass's instance is of that subclass, and its table still answers.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    model(torch.randn(4, width)).sum().backward()
+    b = FrozenAware(list(model.parameters()), [n for n, _ in model.named_parameters()])
+    plain = mt.bundle(model)
+    trainable = sum(p.numel() for p in model[1].parameters())
+    derived = {
+        "b * 2": lambda: b * 2, "2 - b": lambda: 2 - b, "b.abs()": lambda: b.abs(),
+        "(b * 2).abs()": lambda: (b * 2).abs(), "b / b": lambda: b / b, "b ** 2": lambda: b**2,
+        "torch.where": lambda: torch.where(b > 0, b, 0.0), "b + plain": lambda: b + plain,
+        "plain + b": lambda: plain + b, "b.grad": lambda: b.grad, "b.data": lambda: b.data,
+        "b.detach()": lambda: b.detach(), "b.clone()": lambda: b.clone(),
+        "b.derive": lambda: b.derive(b.tensors), "b.per_param()": lambda: b.per_param(),
+        "b.per_param().sum()": lambda: b.per_param().sum(), "b.split": lambda: b.split(b.materialize()),
+    }
+    for _ in range(2):  # a tiny bundle's second call takes the fast lane
+        for what, make in derived.items():
+            result = make()
+            assert type(result) is FrozenAware, what
+            if what not in ("b.grad", "b.data", "b.detach()", "b.per_param().sum()", "b.split"):
+                assert torch.numel(result) == trainable, what  # FrozenAware's own numel
+    assert repr(b * 2).startswith("FrozenAware(4 tensors")
+    assert type(plain * 2) is mt.ParameterBundle and type(plain.grad) is mt.ParameterBundle
+    tagged = Tagged(model, "ema")
+    for result in (tagged * 2, tagged.grad, tagged.derive(tagged.tensors), tagged.per_param().sum()):
+        assert type(result) is Tagged  # made without calling Tagged's own constructor
+    torch.testing.assert_close((tagged - tagged * 2).norm(), torch.cat([p.reshape(-1) for p in model.parameters()]).norm())
