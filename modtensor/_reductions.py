@@ -100,8 +100,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    first = states[0].dtype
-    if all(s.dtype == first for s in states):
+    if len({s.dtype for s in states}) == 1:
         try:  # one conversion, not one per state: for a hundred states that is most of the combine
             return torch.stack(list(states)).to(dtype)
         except RuntimeError:  # on several devices
@@ -328,6 +327,11 @@ def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
 
 
+def _all_kept(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, Any]]:
+    """`(value, _kept(t))` for many tensors at once, as `partials=` returns them."""
+    return list(zip(values, tensors if torch.is_grad_enabled() else [None] * len(tensors)))
+
+
 def _kept(t: Any) -> Any:
     """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
 
@@ -338,8 +342,8 @@ def _kept(t: Any) -> Any:
 
 
 def _extremum(
-    values: list[torch.Tensor],
-    tensors: list[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    tensors: Sequence[Any],
     largest: bool,
     dtype: torch.dtype,
     key: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -394,7 +398,7 @@ def _as_share(w: Any, v: torch.Tensor) -> Any:
 def _traced_extremum(
     stacked: torch.Tensor,
     m: torch.Tensor,
-    tensors: list[torch.Tensor],
+    tensors: Sequence[torch.Tensor],
     dtype: torch.dtype,
     key: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
@@ -432,7 +436,8 @@ def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., An
         return reducer(t), _kept(t)
 
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
-        return _extremum([v for v, _ in states], [t for _, t in states], largest, a.dtype)
+        values, tensors = zip(*states)
+        return _extremum(values, tensors, largest, a.dtype)
 
     return partial, combine
 
@@ -664,16 +669,16 @@ def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     short = [t for t in tensors if t.numel() < _kernels.NORM_ROWS_NUMEL]
     states = [(l2_norm(t), _kept(t)) for t in long]
     if short:
-        states += [(v, _kept(t)) for v, t in zip(torch._foreach_norm(short), short)]
+        states += _all_kept(short, torch._foreach_norm(short))
     return states
 
 
 def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     p = a.options["p"]
     real = _real(a.dtype)
-    values = [v for v, _ in states]
+    values, tensors = zip(*states)
     if math.isinf(p):
-        return _extremum(values, [t for _, t in states], p > 0, real, key=torch.abs)
+        return _extremum(values, tensors, p > 0, real, key=torch.abs)
     if len(values) == 1:
         return _cast(values[0], real)
     stacked = _stack(values, _acc_dtype(real))
@@ -772,7 +777,7 @@ REDUCTIONS: dict[str, Reduction] = {
     ),
     "amax": _register(
         REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS,
-        partials=lambda tensors, a: [(v, _kept(t)) for v, t in zip(torch._foreach_max(tensors), tensors)],
+        partials=lambda tensors, a: _all_kept(tensors, torch._foreach_max(tensors)),
     ),
     "amin": _register(
         REDUCTION_FUNCTIONS["amin"], *_extremum_parts(False), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS

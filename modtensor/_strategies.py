@@ -164,7 +164,7 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             # One call takes the small tensors too: packing them would only copy them
             # (ResNet-50's amax: 4.4 -> 4.3 ms, 1 thread).
             for group in self._by_key():
-                results.extend(batch([get(i) for i in group]))
+                results.extend(batch(list(map(get, group))))
             return results
         alone, packs = self._plan()
         for group in alone:
