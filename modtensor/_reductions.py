@@ -19,7 +19,7 @@ from modtensor._extend import register_reduction, run_reduction
 from modtensor import _kernels, _multitensor
 from modtensor._kernels import l2_norm, moments, moments_dtype
 from modtensor._pointwise import map_elementwise
-from modtensor._strategies import Reduction, ReduceArgs
+from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
 __all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED", "check_dim"]
 
@@ -327,11 +327,6 @@ def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
 
 
-def _all_kept(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, Any]]:
-    """`(value, _kept(t))` for many tensors at once, as `partials=` returns them."""
-    return list(zip(values, tensors if torch.is_grad_enabled() else [None] * len(tensors)))
-
-
 def _kept(t: Any) -> Any:
     """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
 
@@ -427,6 +422,13 @@ def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     dim, keepdim = _bind(_sig_amax, name, args, kwargs)
     check_dim(dim, name, b)
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
+    # No gradient is recorded where partials serve, so no tie needs its tensor: one state for
+    # all, the max of torch._foreach_max's maxima (not one per tensor to walk in Python again
+    # after the model was read, from cold caches).
+    return [(torch.stack(torch._foreach_max(tensors)).amax(), None)]
 
 
 def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -665,11 +667,20 @@ def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     # by one torch._foreach_norm (no Python per tensor), the long ones by rows (accurate).
     if a.options["p"] != 2 or tensors[0].dtype != a.dtype or len(tensors) == 1:
         return [_partial_norm(t, 0, a) for t in tensors]
-    long = [t for t in tensors if t.numel() >= _kernels.NORM_ROWS_NUMEL]
-    short = [t for t in tensors if t.numel() < _kernels.NORM_ROWS_NUMEL]
+    key = ("norm rows", _kernels.NORM_ROWS_NUMEL)
+    split = tensors.derived.get(key) if isinstance(tensors, TensorGroup) else None
+    if split is None:
+        split = (
+            [t for t in tensors if t.numel() >= _kernels.NORM_ROWS_NUMEL],
+            [t for t in tensors if t.numel() < _kernels.NORM_ROWS_NUMEL],
+        )
+        if isinstance(tensors, TensorGroup):
+            tensors.derived[key] = split
+    long, short = split
     states = [(l2_norm(t), _kept(t)) for t in long]
-    if short:
-        states += _all_kept(short, torch._foreach_norm(short))
+    if short:  # one state for them all, as for amax: their norms' norm
+        norms = torch.stack(torch._foreach_norm(short))
+        states.append((torch.linalg.vector_norm(norms.to(torch.float64)), None))
     return states
 
 
@@ -777,7 +788,7 @@ REDUCTIONS: dict[str, Reduction] = {
     ),
     "amax": _register(
         REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS,
-        partials=lambda tensors, a: _all_kept(tensors, torch._foreach_max(tensors)),
+        partials=_partials_amax,
     ),
     "amin": _register(
         REDUCTION_FUNCTIONS["amin"], *_extremum_parts(False), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS

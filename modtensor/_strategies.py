@@ -9,7 +9,7 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
@@ -103,12 +103,27 @@ class Reduction:
     # True where the order of the elements does not matter (not argmax): small tensors may
     # then be packed together, wherever they stand (see Pieces.map_segments).
     commutative: bool = False
-    # `partials(tensors, args)`: the states of several tensors of one dtype and device at once
-    # (one torch call for many), for a commutative reduction where no gradient is recorded.
+    # `partials(tensors, args)`: the states (any number) of several tensors of one dtype and
+    # device at once (one torch call for many), for a commutative reduction where no gradient
+    # is recorded. `tensors` (a TensorGroup) is kept with the bundle: not to be modified.
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
     # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
     fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None
+
+
+class TensorGroup(list):  # type: ignore[type-arg]
+    """A bundle's own tensors of one dtype and device, as `partials` receives them.
+
+    Kept with the bundle's plans (its tensors never change), so that a call walks no tensor
+    in Python: after the model was read, each tensor touched again comes from cold caches
+    (ResNet-50's norm: 0.3 ms of 5). `derived` keeps what a reduction works out from the
+    tensors once, such as which of them are long. Not to be modified.
+    """
+
+    def __init__(self, tensors: Iterable[Any]) -> None:
+        super().__init__(tensors)
+        self.derived: dict[Any, Any] = {}
 
 
 class Pieces(Sequence[tuple[Any, int, int]]):
@@ -163,8 +178,13 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         if batch is not None and self.views:
             # One call takes the small tensors too: packing them would only copy them
             # (ResNet-50's amax: 4.4 -> 4.3 ms, 1 thread).
-            for group in self._by_key():
-                results.extend(batch(list(map(get, group))))
+            groups = None if self._plans is None else self._plans.get("groups")
+            if groups is None:
+                groups = [TensorGroup(map(get, group)) for group in self._by_key()]
+                if self._plans is not None:
+                    self._plans["groups"] = groups
+            for tensors in groups:
+                results.extend(batch(tensors))
             return results
         alone, packs = self._plan()
         for group in alone:

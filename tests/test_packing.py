@@ -177,6 +177,25 @@ def test_a_batch_call_takes_the_small_tensors_uncopied(packed):
     ]
 
 
+@FIXTURE_OK
+@given(case=cases())
+def test_norm_and_amax_of_many_tensors_in_one_call(packed, monkeypatch, case):
+    # Without autograd recording, norm and amax take each dtype's tensors in one _foreach call
+    # (kept with the bundle, with which are long: so called twice), one state per call.
+    calls = []
+    for name in ("_foreach_norm", "_foreach_max"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda ts, *a, _real=real, **k: calls.append(len(ts)) or _real(ts, *a, **k))
+    ops = [lambda x, y: x.norm(), lambda x, y: x.amax(), lambda x, y: torch.linalg.vector_norm(x),
+           lambda x, y: x.max(), lambda x, y: (x.norm(), x.norm(), x.amax(), x.amax())]
+    with torch.no_grad():
+        for op in ops:
+            check_against_concat(case, op, grads=False)
+    floats = [t for t in case.tensors if t.numel() and (t.is_floating_point() or t.is_complex())]
+    if len({t.dtype for t in case.tensors}) == 1 and len(floats) > 1 and floats[0].dtype in (torch.float32, torch.float64):
+        assert calls  # the one-call path was taken
+
+
 def test_ordered_reductions_see_each_tensor_in_order(packed):
     count, seen = _recorder(commutative=False)
     tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)]
