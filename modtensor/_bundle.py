@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Union, cast
 
-from typing_extensions import TypeGuard
+from typing_extensions import Self, TypeGuard
 
 import torch
 from torch import nn
@@ -155,12 +155,12 @@ class _BundleAPI:
         # stand-in names the class it stands for.
         return type(self) if isinstance(self, ParameterBundle) else self._owner  # type: ignore[attr-defined]
 
-    def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> ParameterBundle:
+    def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> Self:
         # A bundle derived from a distributed one holds the same ranks' shards, so its
         # reductions run over the same group; only the same tensors keep their parameters.
         if self._dist is not None:
             derived._dist = self._dist if same_tensors else self._dist.derived()
-        return derived
+        return cast(Self, derived)  # of this bundle's class: see _derived_class
 
     @property
     def left_out(self) -> tuple[str, ...]:
@@ -168,7 +168,7 @@ class _BundleAPI:
         return self._left_out
 
     @property
-    def grad(self) -> ParameterBundle | None:
+    def grad(self) -> Self | None:
         """The bundle of the tensors' gradients, same names; None if no tensor has one.
 
         Tensors without a gradient are left out and named in `b.grad.left_out`. A distributed
@@ -183,7 +183,7 @@ class _BundleAPI:
             (('weight',), ('bias',), 2.0)
         """
         if self._dist is not None and self._dist.sources is not None:  # DTensor parameters
-            return _distributed.grad(cast(ParameterBundle, self))
+            return cast(Self, _distributed.grad(cast(ParameterBundle, self)))
         named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
         if not named and self._dist is None:
             return None
@@ -201,7 +201,7 @@ class _BundleAPI:
         )
 
     @property
-    def data(self) -> ParameterBundle:
+    def data(self) -> Self:
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
         return self.derive([t.data for t in self.tensors])
 
@@ -246,7 +246,7 @@ class _BundleAPI:
         """
         return dict(zip(self._names, self.tensors))
 
-    def derive(self, tensors: Sequence[torch.Tensor]) -> ParameterBundle:
+    def derive(self, tensors: Sequence[torch.Tensor]) -> Self:
         """Return a bundle of `tensors` with this bundle's names, strategy and options.
 
         Example:
@@ -261,7 +261,7 @@ class _BundleAPI:
             )
         )
 
-    def per_param(self) -> ParameterBundle:
+    def per_param(self) -> Self:
         """Return the same tensors under the `per_param` strategy.
 
         Reductions then return a bundle of per-tensor results with the same names, and `dim`
@@ -277,7 +277,7 @@ class _BundleAPI:
         """
         return self.with_strategy("per_param")
 
-    def weighted(self, weights: Any = None, normalize: bool = True) -> ParameterBundle:
+    def weighted(self, weights: Any = None, normalize: bool = True) -> Self:
         """Return the same tensors under the `weighted` strategy.
 
         A reduction then gives `sum_i w_i * op(t_i) / sum_i w_i` (without the division when
@@ -295,7 +295,7 @@ class _BundleAPI:
         """
         return self.with_strategy("weighted", weights=weights, normalize=normalize)
 
-    def with_strategy(self, name: str, **options: Any) -> ParameterBundle:
+    def with_strategy(self, name: str, **options: Any) -> Self:
         """Return the same tensors under another strategy (see `mt.strategies()`).
 
         Example:
@@ -308,7 +308,7 @@ class _BundleAPI:
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
             )
             same._flat = self._flat
-            return same
+            return cast(Self, same)
         return self._carry(
             self._derived_class()._make(self._tensors, self._names, name, options, self._dtype, device=self._device),
             same_tensors=True,
@@ -370,7 +370,7 @@ class _BundleAPI:
         result._plans, result._flat, result._lazy_requires_grad = {}, flat, flat.requires_grad
         return result
 
-    def split(self, vector: Any, *args: Any, **kwargs: Any) -> ParameterBundle:
+    def split(self, vector: Any, *args: Any, **kwargs: Any) -> Self:
         """Return a bundle of views of a flat `(N,)` tensor, shaped and named like this bundle.
 
         This is the inverse of `materialize()`; torch's own `split(split_size)` is available
@@ -437,7 +437,7 @@ class _BundleAPI:
     def __format__(self, format_spec: str) -> str:
         return repr(self) if not format_spec else format(self.materialize(), format_spec)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> ParameterBundle:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
         # A bundle is a view of tensors it does not own: copying it copies the tensors.
         return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self.tensors])
 

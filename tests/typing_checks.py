@@ -1,0 +1,26 @@
+"""Static checks of the public API's types, run by mypy (see pyproject.toml), not by pytest.
+
+A subclass of ParameterBundle gets its own class back from what derives a bundle, as it
+does at run time (tests/test_downstream.py).
+"""
+
+import torch
+from typing_extensions import assert_type
+
+import modtensor as mt
+
+
+class Mine(mt.ParameterBundle):
+    pass
+
+
+def derived_bundles_keep_the_subclass(b: Mine, plain: mt.ParameterBundle) -> None:
+    assert_type(b.derive([torch.zeros(2)]), Mine)
+    assert_type(b.grad, Mine | None)
+    assert_type(b.data, Mine)
+    assert_type(b.per_param(), Mine)
+    assert_type(b.weighted(), Mine)
+    assert_type(b.with_strategy("concat"), Mine)
+    assert_type(b.split(torch.zeros(2)), Mine)
+    assert_type(plain.derive([torch.zeros(2)]), mt.ParameterBundle)
+    assert_type(mt.bundle(torch.nn.Linear(2, 2)), mt.ParameterBundle)
