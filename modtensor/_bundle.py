@@ -152,7 +152,9 @@ class _BundleAPI:
     def _derived_class(self) -> type[ParameterBundle]:
         # Bundles derived from this one (`.grad`, `derive`, an op's result) are of its class,
         # as torch's default __torch_function__ keeps a tensor subclass; while compiling, the
-        # stand-in names the class it stands for.
+        # stand-in names the class it stands for. They are made by `ParameterBundle.__new__`
+        # itself, given that class: a subclass's own __new__ (and __init__) may take other
+        # arguments, so, as torch's as_subclass, they are not called.
         return type(self) if isinstance(self, ParameterBundle) else self._owner  # type: ignore[attr-defined]
 
     def _carry(self, derived: ParameterBundle, same_tensors: bool = False) -> Self:
@@ -188,9 +190,9 @@ class _BundleAPI:
         if not named and self._dist is None:
             return None
         left_out = tuple(n for n, t in zip(self._names, self.tensors) if t.grad is None)
-        return self._carry(self._derived_class()._make(
-            [g for _, g in named], [n for n, _ in named], self._strategy, self._options, self._dtype, left_out,
-            self._device,
+        return self._carry(ParameterBundle.__new__(
+            self._derived_class(), [g for _, g in named], [n for n, _ in named], self._strategy,
+            self._options, self._dtype, left_out, self._device,
         ))
 
     @grad.setter
@@ -256,8 +258,9 @@ class _BundleAPI:
             ('w',)
         """
         return self._carry(
-            self._derived_class()._make(
-                tensors, self._names, self._strategy, self._options, self._dtype, device=self._device
+            ParameterBundle.__new__(
+                self._derived_class(), tensors, self._names, self._strategy, self._options, self._dtype,
+                device=self._device,
             )
         )
 
@@ -310,7 +313,9 @@ class _BundleAPI:
             same._flat = self._flat
             return cast(Self, same)
         return self._carry(
-            self._derived_class()._make(self._tensors, self._names, name, options, self._dtype, device=self._device),
+            ParameterBundle.__new__(
+                self._derived_class(), self._tensors, self._names, name, options, self._dtype, device=self._device
+            ),
             same_tensors=True,
         )
 
@@ -400,8 +405,9 @@ class _BundleAPI:
             for start, end, shape in zip(self._offsets, self._offsets[1:], self._shapes)
         ]
         return self._carry(
-            self._derived_class()._make(
-                views, self._names, self._strategy, self._options, vector.dtype, device=vector.device
+            ParameterBundle.__new__(
+                self._derived_class(), views, self._names, self._strategy, self._options, vector.dtype,
+                device=vector.device,
             )
         )
 
@@ -475,22 +481,6 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         """`dtype` and `device` only serve a bundle of no tensors, which nothing else places
         (`torch.empty(0).cuda()` is on the GPU, so an empty bundle's `.cuda()` must be too);
         `left_out` names tensors a derived bundle (such as `b.grad`) had to leave out."""
-        return cls._make(tensors, names, strategy, options, dtype, left_out, device)
-
-    @classmethod
-    def _make(
-        cls,
-        tensors: Sequence[torch.Tensor],
-        names: Sequence[str],
-        strategy: str = "concat",
-        options: Mapping[str, Any] | None = None,
-        dtype: torch.dtype | None = None,
-        left_out: Sequence[str] = (),
-        device: torch.device | None = None,
-    ) -> ParameterBundle:
-        # What __new__ does, for bundles derived from one of class `cls`: a subclass's own
-        # __new__ (and __init__) may take other arguments, so, as torch's as_subclass, this
-        # makes an instance without calling them.
         tensors = tuple(tensors)
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")

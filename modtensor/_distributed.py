@@ -258,7 +258,9 @@ def grad(b: ParameterBundle) -> ParameterBundle:
     local: Callable[[Any], torch.Tensor] = lambda g: g.to_local()  # noqa: E731
     tensors = [local(g) if dtensor is not None and isinstance(g, dtensor) else g for _, g in named]
     left_out = [n for n, g in pairs if g is None]
-    out = b._derived_class()._make(tensors, [n for n, _ in named], b.strategy, b.options, b.dtype, left_out, b.device)
+    out = ParameterBundle.__new__(
+        b._derived_class(), tensors, [n for n, _ in named], b.strategy, b.options, b.dtype, left_out, b.device
+    )
     out._dist = sharding.derived()
     return out
 

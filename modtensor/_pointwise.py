@@ -261,7 +261,8 @@ def map_elementwise(
         # No tensor to map over: the empty concatenation still fixes the result's dtype.
         probe = func(*materialized(args), **materialized(kwargs))
         def empty_like(out: torch.Tensor) -> ParameterBundle:
-            return ref._carry(owner._make((), (), ref.strategy, ref.options, dtype=out.dtype, device=out.device))
+            made = ParameterBundle.__new__(owner, (), (), ref.strategy, ref.options, out.dtype, device=out.device)
+            return ref._carry(made)
 
         if isinstance(probe, torch.Tensor):
             return empty_like(probe)

@@ -375,8 +375,10 @@ def _as_tensor(result: Any, device: torch.device) -> torch.Tensor:
 
 
 def _per_tensor_bundle(b: ParameterBundle, results: list[Any], dtype: torch.dtype) -> ParameterBundle:
+    from modtensor._bundle import ParameterBundle
+
     tensors = [_as_tensor(r, device) for r, device in zip(results, b._devices)]
-    return b._derived_class()._make(tensors, b.names, "concat", None, dtype, device=b._device)
+    return ParameterBundle.__new__(b._derived_class(), tensors, b.names, "concat", None, dtype, device=b._device)
 
 
 class PerParam(Strategy):
