@@ -21,12 +21,13 @@ from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from modtensor._pointwise import POINTWISE_FUNCTIONS
 from modtensor._indexing import READOUT_FUNCTIONS
 from modtensor._inplace import INPLACE_FUNCTIONS
+from modtensor._like import LIKE_FUNCTIONS
 from modtensor._order import ORDER_FUNCTIONS
 from modtensor._reductions import REDUCTION_FUNCTIONS
 from op_specs import INTEGER_OPS, PAIRWISE_CALLS, REDUCTION_CALLS, is_binary, pointwise_calls
 
-# tests/test_indexing.py, tests/test_order.py
-TESTED_ELSEWHERE = {torch.Tensor.__getitem__, *READOUT_FUNCTIONS, *ORDER_FUNCTIONS}
+# tests/test_indexing.py, tests/test_order.py, tests/test_like.py
+TESTED_ELSEWHERE = {torch.Tensor.__getitem__, *READOUT_FUNCTIONS, *ORDER_FUNCTIONS, *LIKE_FUNCTIONS}
 
 
 def test_every_table_entry_has_a_property_test(builtin_table):
