@@ -159,3 +159,19 @@ def test_python_operators_on_cuda_bundles(big):
             grads = torch.autograd.grad(got, a)
             (flat_grad,) = torch.autograd.grad(want, ca)
             torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), flat_grad)
+
+
+@cuda
+def test_like_functions_on_cuda_bundles():
+    # zeros_like and kin make each tensor on its own device (or on device=), as on the
+    # concatenation; a bundle across devices keeps each tensor where its source lies.
+    torch.manual_seed(0)
+    gpu = mt.bundle(nn.Linear(8, 4).cuda())
+    for make in (torch.zeros_like, torch.ones_like, lambda x, **kw: torch.full_like(x, 3.0, **kw)):
+        got, want = make(gpu), make(gpu.materialize().detach())
+        assert all(t.device.type == "cuda" for t in got.tensors) and got.device == want.device
+        assert torch.equal(got.materialize(), want)
+        moved = make(gpu, device="cpu", dtype=torch.float64)
+        assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in moved.tensors)
+    mixed = mt.bundle({"gpu": torch.randn(3, device="cuda"), "cpu": torch.randn(2)})
+    assert [t.device.type for t in torch.zeros_like(mixed).tensors] == ["cuda", "cpu"]
