@@ -144,9 +144,10 @@ def register_reduction(
     so a tiny bundle may be reduced by one call on its concatenation. `partials(tensors, args)`
     may give the states of many tensors of one dtype and device in one call (for a
     commutative reduction, where no gradient is recorded): any number of states, one for
-    all of them if it likes; `tensors` is kept with the bundle, so it must not be modified. `fused(bundle, args)` may compute
-    the whole result of a concat-strategy bundle at once (say, one GPU kernel for all its
-    tensors), returning NotImplemented where it does not apply. The per_param and weighted
+    all of them if it likes; `tensors` is kept with the bundle, so it must not be modified.
+    `fused(bundle, args)` may compute the whole result of a concat-strategy bundle at once
+    (say, one GPU kernel for all its tensors), returning NotImplemented where it does not
+    apply. The per_param and weighted
     strategies come for free: they call `func` on each tensor.
 
     Example:

@@ -6,8 +6,9 @@ momentum, made without copying the model first. Its values, dtype, device and
 `requires_grad` are the concatenation's (under the concat strategy each tensor takes the
 concatenation's dtype; under the others its own, as elementwise ops do). torch itself makes
 each tensor, from a stand-in of its shape on the meta device (no data), after a stand-in of
-the concatenation: every argument is taken, and checked, by torch as on the concatenation. The random `rand_like` and `randn_like` are left
-out: drawn tensor by tensor, their values would not be those drawn for the concatenation.
+the concatenation: every argument is taken, and checked, by torch as on the concatenation.
+The random `rand_like` and `randn_like` are left out: drawn tensor by tensor, their values
+would not be those drawn for the concatenation.
 """
 
 from __future__ import annotations
