@@ -200,6 +200,16 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     if pieces is None:  # a number `end`: torch's lerp_ takes tensors only, let it say so
         return _lerp_per_tensor(func, types, args, kwargs)
     _check_writable(name, b, [pieces, weight], _T.lerp_)
+    # torch's lerp_ takes `end` in the tensor's own dtype only; the dry run above leaves the
+    # first tensor to torch, whose message would not say which tensor of which bundle.
+    for t, piece, tensor_name in zip(b.tensors, pieces, b.names):
+        if isinstance(piece, torch.Tensor) and piece.dtype != t.dtype:
+            raise RuntimeError(
+                f"{name}: expected dtype {t.dtype} for `end` but got dtype {piece.dtype} (tensor "
+                f"{tensor_name!r} of {b.describe()}; nothing was written). lerp_ writes each tensor "
+                "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
+                "bundles from models of one dtype)."
+            )
     if b.tensors:
         torch._foreach_lerp_(list(b.tensors), pieces, weight)
     return b

@@ -225,3 +225,15 @@ def test_bundle_operands_take_one_foreach_call(op):
         getattr(mt.bundle(xs), op)(mt.bundle(ys), *extra)
     assert [n for n in seen.names if n.endswith("_")] == ["_foreach_" + op]  # the writes
     assert all(torch.equal(x, w) for x, w in zip(xs, want))
+
+
+def test_lerp_with_an_end_of_another_dtype_names_the_tensor():
+    # torch's lerp_ takes `end` in the tensor's own dtype only; the first tensor too gets an
+    # error that names it and its bundle, before anything is written.
+    ema = mt.bundle({"w": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)})
+    source = mt.bundle({"w": torch.ones(2, 3), "b": torch.ones(3)})
+    with pytest.raises(RuntimeError, match=r"lerp_: expected dtype torch.float64 .*torch.float32 \(tensor 'w' of .*nothing was written"):
+        ema.lerp_(source, 0.5)
+    assert not ema.materialize().any()
+    ema.lerp_(source.double(), 0.5)
+    assert torch.equal(ema.materialize(), torch.full((9,), 0.5, dtype=torch.float64))
