@@ -201,15 +201,18 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         return _lerp_per_tensor(func, types, args, kwargs)
     _check_writable(name, b, [pieces, weight], _T.lerp_)
     # torch's lerp_ takes `end` in the tensor's own dtype only; the dry run above leaves the
-    # first tensor to torch, whose message would not say which tensor of which bundle.
-    for t, piece, tensor_name in zip(b.tensors, pieces, b.names):
-        if isinstance(piece, torch.Tensor) and piece.dtype != t.dtype:
-            raise RuntimeError(
-                f"{name}: expected dtype {t.dtype} for `end` but got dtype {piece.dtype} (tensor "
-                f"{tensor_name!r} of {b.describe()}; nothing was written). lerp_ writes each tensor "
-                "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
-                "bundles from models of one dtype)."
-            )
+    # first tensor to torch, whose message would not say which tensor of which bundle. Checked
+    # on the dtypes the bundles keep: the tensors themselves, just written, are not touched.
+    end = args[1]
+    ends = end._dtypes if is_bundle(end) else (end.dtype,) * len(b._dtypes)
+    if ends != b._dtypes:
+        i = next(i for i, (d, e) in enumerate(zip(b._dtypes, ends)) if d != e)
+        raise RuntimeError(
+            f"{name}: expected dtype {b._dtypes[i]} for `end` but got dtype {ends[i]} (tensor "
+            f"{b.names[i]!r} of {b.describe()}; nothing was written). lerp_ writes each tensor "
+            "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
+            "bundles from models of one dtype)."
+        )
     if b.tensors:
         torch._foreach_lerp_(list(b.tensors), pieces, weight)
     return b
