@@ -147,8 +147,8 @@ def register_reduction(
     all of them if it likes; `tensors` is kept with the bundle, so it must not be modified.
     `fused(bundle, args)` may compute the whole result of a concat-strategy bundle at once
     (say, one GPU kernel for all its tensors), returning NotImplemented where it does not
-    apply. The per_param and weighted
-    strategies come for free: they call `func` on each tensor.
+    apply. The per_param and weighted strategies come for free: they call `func` on each
+    tensor.
 
     Example:
         >>> import torch, modtensor as mt

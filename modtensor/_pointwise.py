@@ -223,11 +223,10 @@ def map_elementwise(
     call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
     if call is NOT_HANDLED:
         return NOT_HANDLED
-    # The results are of the class whose table took the call, as torch's default
-    # __torch_function__ gives them the class it was called on: `b * 2` keeps a subclass.
-    owner = types[0] if types and isinstance(types[0], type) and issubclass(types[0], ParameterBundle) else (
-        ref._derived_class()
-    )
+    # The results are of the class whose table took the call (dispatch passes it as `types`),
+    # as torch's default __torch_function__ gives them the class it was called on: `b * 2`
+    # keeps a subclass.
+    owner: type[ParameterBundle] = types[0]
     bundles = find_bundles(args, kwargs)
     if func in FLAT_RESULTS and copy_is_cheap(bundles, ref._strategy) and all(x._on_one_device for x in bundles):
         # Tiny bundles: one call on the concatenations, whose result the new bundle's tensors
