@@ -304,11 +304,16 @@ def timeit(stmt: Callable[[], Any], threads: int, min_time: float) -> tuple[floa
 ROUNDS = 5
 
 
-def time_interleaved(stmts: list[Callable[[], Any]], threads: int, min_time: float) -> list[tuple[float, int]]:
+def time_interleaved(
+    stmts: list[Callable[[], Any]], threads: int, min_time: float
+) -> list[tuple[float, int, list[float]]]:
     """`timeit` for several methods of one case, in ROUNDS rounds that take each method in
     turn: a slow spell of this noisy machine then lands on every method alike, not on
-    whichever one it was timing (the same method's median varied 2x between runs)."""
+    whichever one it was timing (the same method's median varied 2x between runs).
+    Per method: the median over all blocks, the calls timed, and each round's median (their
+    ratios between two methods show how far the machine's noise moves a ratio)."""
     times: list[list[float]] = [[] for _ in stmts]
+    rounds: list[list[float]] = [[] for _ in stmts]
     runs = [0] * len(stmts)
     for _ in range(ROUNDS):
         for i, stmt in enumerate(stmts):
@@ -316,8 +321,9 @@ def time_interleaved(stmts: list[Callable[[], Any]], threads: int, min_time: flo
                 min_run_time=min_time / ROUNDS
             )
             times[i] += m.times
+            rounds[i].append(m.median)
             runs[i] += m.number_per_run * len(m.times)
-    return [(statistics.median(t), n) for t, n in zip(times, runs)]
+    return [(statistics.median(t), n, r) for t, n, r in zip(times, runs, rounds)]
 
 
 def _status_bytes(key: str) -> int:
@@ -419,6 +425,14 @@ def source_state() -> str:
         return "unknown commit"
 
 
+def round_ratios(r: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """The lowest and highest of modtensor's ratio to the baseline within one round."""
+    if not base or not r.get("rounds") or not base.get("rounds"):
+        return "–"
+    ratios = [a / b for a, b in zip(r["rounds"], base["rounds"])]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def report(rows: list[dict[str, Any]], setups: list[list[str]], args: argparse.Namespace) -> str:
     ok = [r for r in rows if r["time"] is not None]
     summary = []
@@ -429,7 +443,7 @@ def report(rows: list[dict[str, Any]], setups: list[list[str]], args: argparse.N
             ratio = f"{r['time'] / base['time']:.2f}" if base else "–"
             summary.append([key[0], OP_TITLES.get(key[1], key[1]), r["method"], fmt_time(r["time"]),
                             base["method"] if base else "–", fmt_time(base["time"] if base else None), ratio,
-                            fmt_mem(r.get("mem"))[1], fmt_mem(base and base.get("mem"))[1]])
+                            round_ratios(r, base), fmt_mem(r.get("mem"))[1], fmt_mem(base and base.get("mem"))[1]])
     details = []
     for r in rows:
         mib, frac = fmt_mem(r.get("mem"))
@@ -452,7 +466,8 @@ def report(rows: list[dict[str, Any]], setups: list[list[str]], args: argparse.N
                   "TensorDict.from_module leaves"], setups),
         "### Summary: modtensor vs the fastest baseline",
         md_table(["model", "op", "modtensor", "time", "fastest baseline", "its time",
-                  "ratio (mt / baseline)", "mt peak extra (× model)", "baseline peak extra (× model)"],
+                  "ratio (mt / baseline)", "ratio per round", "mt peak extra (× model)",
+                  "baseline peak extra (× model)"],
                  summary),
         "### All methods",
         md_table(["model", "op", "method", "median", "runs", "rel. error vs float64", "status",
@@ -538,8 +553,10 @@ def main() -> None:
                                     runs=None, nbytes=c.nbytes))
                 calls.append(None if status.startswith("error") else call)
             timed = [i for i, f in enumerate(calls) if f is not None]
-            for i, (median, runs) in zip(timed, time_interleaved([calls[i] for i in timed], args.threads, args.min_time)):
-                op_rows[i]["time"], op_rows[i]["runs"] = median, runs
+            for i, (median, runs, rounds) in zip(
+                timed, time_interleaved([calls[i] for i in timed], args.threads, args.min_time)
+            ):
+                op_rows[i]["time"], op_rows[i]["runs"], op_rows[i]["rounds"] = median, runs, rounds
             for p in c.A:
                 p.grad = None
             for row in op_rows:

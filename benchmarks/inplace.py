@@ -62,8 +62,8 @@ def main() -> None:
         with torch.no_grad():
             for op, calls in methods(a, b).items():
                 times = bench.time_interleaved(list(calls.values()), args.threads, args.min_time)
-                best = min(t for t, _ in times)
-                for name, (t, _) in zip(calls, times):
+                best = min(t for t, _, _ in times)
+                for name, (t, _, _) in zip(calls, times):
                     print(f"{model:9} {op:26} {name:30} {t * 1e3:9.3f} ms  x{t / best:.2f}")
 
 
