@@ -30,6 +30,10 @@ def _cat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     if not dtypes:
         return torch.get_default_dtype()
     dtype = dtypes[0]
+    if len(set(dtypes)) == 1:  # most models: promote_types(d, d) is d for every dtype
+        return dtype
+    # Every step, in order, repeats included: for the bit and float8 dtypes promote_types is
+    # not a join (some orders raise where others do not), so skipping repeats could change it.
     for d in dtypes[1:]:
         dtype = torch.promote_types(dtype, d)
     return dtype
@@ -38,10 +42,11 @@ def _cat_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 def _combine_device(devices: Sequence[torch.device]) -> torch.device:
     # Where results land, as in clip_grad_norm_: the first tensor's device; meta wins, since
     # a meta tensor's partial cannot be moved anywhere else.
-    for d in devices:
+    distinct = list(dict.fromkeys(devices))  # in order; a model has one or two
+    for d in distinct:
         if d.type == "meta":
             return d
-    return devices[0] if devices else torch.device("cpu")
+    return distinct[0] if distinct else torch.device("cpu")
 
 
 def _format_shape(shape: torch.Size) -> str:
@@ -710,7 +715,8 @@ def bundle(
     keep = _as_predicate(include, "include")
     drop = _as_predicate(exclude, "exclude")
     named = _named_tensors(source, recurse, buffers)
-    for name, t in named:
+    kinds = {type(t) for _, t in named}  # a model has one or two: check them, not each tensor
+    for name, t in named if any(issubclass(k, (ParameterBundle, _TracedBundle)) for k in kinds) else ():
         if is_bundle(t):
             raise TypeError(
                 f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
