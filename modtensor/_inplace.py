@@ -2,9 +2,10 @@
 
 Each tensor is updated in its own dtype, exactly as the loop `for t in b.tensors: t.op_(...)`
 would, with one `torch._foreach_*` call where torch has the kernel. Everything that could
-fail for a dtype is checked before the first write (a dry run on meta tensors, see
-`_check_writable`), so a failing op leaves every tensor as it was; only failures that depend
-on values (an integer division by zero) can come after earlier tensors were written.
+fail for a dtype is checked before the first write (a dry run on each kind of tensor's first
+element, and on meta tensors for the shapes, see `_check_writable`), so a failing op leaves
+every tensor as it was; only failures that depend on other values (an integer division by
+zero) can come after earlier tensors were written.
 Autograd's rules are torch's: an in-place op on a leaf that requires grad needs
 `torch.no_grad()`.
 """
@@ -43,16 +44,65 @@ def _on_meta(x: Any) -> Any:
     return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
 
 
+def _sample(x: Any) -> Any:
+    # A copy of x's first element (x itself where empty), keeping whether x is 0-d: the kind
+    # of operand torch promotes types by. Its value is one the op really meets.
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.detach()
+    return x.clone() if x.dim() == 0 else x.reshape(-1)[: min(1, x.numel())].clone()
+
+
+def _in_context(e: BaseException, name: str, where: str) -> BaseException:
+    # torch's exception class, so `except NotImplementedError` still works, with the context
+    message = f"{name}: {e} ({where})"
+    try:
+        return type(e)(message)
+    except Exception:  # an exception class that takes other arguments
+        return RuntimeError(message)
+
+
+def _unwritten(b: ParameterBundle, i: int) -> str:
+    return f"tensor {b.names[i]!r} of {b.describe()}; nothing was written"
+
+
+def _operands_of(operands: list[list[Any] | Any], i: int) -> list[Any]:
+    return [operand[i] if isinstance(operand, list) else operand for operand in operands]
+
+
+def _write(
+    name: str,
+    b: ParameterBundle,
+    operands: list[list[Any] | Any],
+    dry_run: Callable[..., Any] | None,
+    write: Callable[[], Any],
+) -> None:
+    """`write()` once `_check_writable` passed; an exception it raises names the bundle."""
+    _check_writable(name, b, operands, dry_run)
+    try:
+        write()
+    except Exception as e:
+        # Every kind of tensor but the first passed its dry run: the write failed on the first
+        # tensor, before writing anything, or on a value other than a first element.
+        first = dry_run is not None and b.tensors and _dry_run_failure(dry_run, b.tensors[0], _operands_of(operands, 0))
+        where = _unwritten(b, 0) if first else (
+            f"in {b.describe()}; the tensors before the one it failed on, if any, were written"
+        )
+        raise _in_context(e, name, where) from None
+
+
 def _check_writable(
     name: str, b: ParameterBundle, operands: list[list[Any] | Any], dry_run: Callable[..., Any] | None = None
 ) -> None:
-    """Raise before any write: torch's autograd rule for leaves, and dtype casting.
+    """Raise before any write: torch's autograd rule for leaves, and the op's own checks.
 
-    `dry_run(tensor, *operands)`, where given, is the op on one tensor: it runs on meta
-    stand-ins (no data) of one tensor of each kind but the first tensor's, which catches what
-    the type promotion alone does not (true division or `sqrt_` of integers, `neg_` of bools,
-    `lerp_`'s one dtype), so that a failing op has written nothing. Failures that depend on
-    values (an integer division by zero) can still come after earlier tensors were written.
+    `dry_run(tensor, *operands)`, where given, is the op on one tensor. It runs, for one
+    tensor of each kind (dtype, and whether it or an operand is 0-d) but the first tensor's,
+    on a copy of that tensor's first element, so that torch itself says whether the op exists
+    for those dtypes and casts (`lerp_` or `frac_` of integers, shifts of floats, `mul_(0.5)`
+    of integers) and raises its own exception; then on meta stand-ins of the whole tensors,
+    for the shapes. So a failing op has written nothing, except where a value other than a
+    tensor's first element makes it fail (an integer division by zero).
     """
     if torch.is_grad_enabled():
         # a bundle of DTensor parameters holds views of them: the parameters are the leaves
@@ -64,42 +114,47 @@ def _check_writable(
                 f"({leaves[:3]}{' ...' if len(leaves) > 3 else ''} of {b.describe()}). Wrap the "
                 "update in `with torch.no_grad():`, as optimizers do."
             )
-    if torch.compiler.is_compiling():
+    if dry_run is None or torch.compiler.is_compiling():
         # torch.compile runs the whole graph on fake tensors before it writes anything, so
-        # torch's own cast check fails before any write; result_type cannot be traced.
+        # torch's own checks fail before any write.
         return
-    # Type promotion depends on the dtypes and on which operands are 0-d, not on values: one
-    # check per distinct kind of (tensor, operand) pair, the first tensor of each kind.
+    # What the op accepts depends on the dtypes, the devices and which operands are 0-d, not
+    # on values: one check per distinct kind of (tensor, operand) pair, the first of each kind.
     tensors = b.tensors
     kinds: list[Any] = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
+    if not b._on_one_device:
+        kinds = list(zip(kinds, [t.device for t in tensors]))
     for operand in operands:
         if isinstance(operand, list):  # a scalar or a single tensor is the same for every tensor
             kinds = list(zip(kinds, [o.dtype for o in operand], [o.dim() == 0 for o in operand]))
     for i in (kinds.index(kind) for kind in dict.fromkeys(kinds)):
-        these = [operand[i] if isinstance(operand, list) else operand for operand in operands]
-        for other in these:
-            if isinstance(other, (torch.Tensor, int, float, bool, complex)):
-                _check_cast(name, b, i, other)
         # The first tensor's kind needs no dry run: if the op fails for it, it fails on the
-        # first tensor, before any write (a dry run of lerp_ costs 150 us, in Python).
-        if dry_run is None or i == 0:
+        # first tensor, before any write (a dry run costs 10 us on a small layer, lerp_'s on
+        # meta 150 us); `_write` then names the bundle.
+        if not i:
             continue
-        try:
-            dry_run(_on_meta(tensors[i]), *[_on_meta(o) for o in these])
-        except NotImplementedError:  # no meta kernel: the cast checks above are all there is
-            pass
-        except RuntimeError as e:
-            raise RuntimeError(f"{name}: {e} (tensor {b.names[i]!r} of {b.describe()}; nothing was written)") from None
+        failure = _dry_run_failure(dry_run, tensors[i], _operands_of(operands, i))
+        if failure is not None:
+            # The loop would fail at the first tensor if that fails too, with its exception.
+            first = _dry_run_failure(dry_run, tensors[0], _operands_of(operands, 0))
+            at = 0 if first is not None else i
+            raise _in_context(first or failure, name, _unwritten(b, at)) from None
 
 
-def _check_cast(name: str, b: ParameterBundle, i: int, other: Any) -> None:
-    t = b.tensors[i]
-    result = torch.result_type(t, other)
-    if not torch.can_cast(result, t.dtype):
-        raise RuntimeError(
-            f"{name}: result type {result} can't be cast to the desired output type "
-            f"{t.dtype} of tensor {b.names[i]!r} in {b.describe()}."
-        )
+def _dry_run_failure(dry_run: Callable[..., Any], t: torch.Tensor, operands: list[Any]) -> Exception | None:
+    """What `dry_run` on t raises: on a copy of its first element, then on meta stand-ins."""
+    try:
+        with torch.no_grad():
+            dry_run(_sample(t), *[_sample(o) for o in operands])
+    except Exception as e:
+        return e
+    try:
+        dry_run(_on_meta(t), *[_on_meta(o) for o in operands])
+    except NotImplementedError:  # no meta kernel: the run on the sample is all there is
+        pass
+    except Exception as e:
+        return e
+    return None
 
 
 def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable[..., Any]:
@@ -112,13 +167,16 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         name = func_name(func)
         other = rest[0]
         pieces = _operand_pieces(name, b, other)
-        _check_writable(name, b, [pieces if pieces is not None else other], lambda t, o: method(t, o, **kwargs))
         tensors = list(b.tensors)
-        if not kwargs and tensors:  # a scalar, or one operand per tensor
-            foreach(tensors, other if pieces is None else pieces)
-        else:
-            for t, o in zip(tensors, pieces or [other] * len(tensors)):
-                method(t, o, **kwargs)
+
+        def write() -> None:
+            if not kwargs and tensors:  # a scalar, or one operand per tensor
+                foreach(tensors, other if pieces is None else pieces)
+            else:
+                for t, o in zip(tensors, pieces or [other] * len(tensors)):
+                    method(t, o, **kwargs)
+
+        _write(name, b, [pieces if pieces is not None else other], lambda t, o: method(t, o, **kwargs), write)
         return b
 
     return handler
@@ -131,9 +189,8 @@ def _unary(foreach: Callable[..., Any]) -> Callable[..., Any]:
         b = args[0]
         if not is_bundle(b) or len(args) != 1 or kwargs:
             return NOT_HANDLED
-        _check_writable(func_name(func), b, [], lambda t: foreach([t]))
-        if b.tensors:
-            foreach(list(b.tensors))
+        tensors = list(b.tensors)
+        _write(func_name(func), b, [], lambda t: foreach([t]), lambda: tensors and foreach(tensors))
         return b
 
     return handler
@@ -154,13 +211,15 @@ def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
         def dry_run(t: torch.Tensor, *operands: Any) -> None:
             method(t, *operands[: len(rest)], **dict(zip(kwargs, operands[len(rest) :])))
 
-        _check_writable(name, b, [p if p is not None else v for p, v in zip(pieces, values)], dry_run)
-        for i, t in enumerate(b.tensors):
-            method(
-                t,
-                *[p[i] if p is not None else a for p, a in zip(arg_pieces, rest)],
-                **{k: (p[i] if p is not None else kwargs[k]) for k, p in kwarg_pieces.items()},
-            )
+        def write() -> None:
+            for i, t in enumerate(b.tensors):
+                method(
+                    t,
+                    *[p[i] if p is not None else a for p, a in zip(arg_pieces, rest)],
+                    **{k: (p[i] if p is not None else kwargs[k]) for k, p in kwarg_pieces.items()},
+                )
+
+        _write(name, b, [p if p is not None else v for p, v in zip(pieces, values)], dry_run, write)
         return b
 
     return handler
@@ -179,7 +238,7 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         )
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
-    _check_writable(name, b, [])  # the leaf rule; copy_ casts, so no dtype check
+    _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
     if b.tensors:
         torch._foreach_copy_(list(b.tensors), pieces, **kwargs)
     return b
@@ -199,10 +258,8 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     pieces = _operand_pieces(name, b, args[1])
     if pieces is None:  # a number `end`: torch's lerp_ takes tensors only, let it say so
         return _lerp_per_tensor(func, types, args, kwargs)
-    _check_writable(name, b, [pieces, weight], _T.lerp_)
-    # torch's lerp_ takes `end` in the tensor's own dtype only; the dry run above leaves the
-    # first tensor to torch, whose message would not say which tensor of which bundle. Checked
-    # on the dtypes the bundles keep: the tensors themselves, just written, are not touched.
+    # torch's lerp_ takes `end` in the tensor's own dtype only: the dry run would say so in
+    # torch's words; this says what to do (an EMA buffer of a model that mixes dtypes).
     end = args[1]
     ends = end._dtypes if is_bundle(end) else (end.dtype,) * len(b._dtypes)
     if ends != b._dtypes:
@@ -213,8 +270,8 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
             "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
             "bundles from models of one dtype)."
         )
-    if b.tensors:
-        torch._foreach_lerp_(list(b.tensors), pieces, weight)
+    tensors = list(b.tensors)
+    _write(name, b, [pieces, weight], _T.lerp_, lambda: tensors and torch._foreach_lerp_(tensors, pieces, weight))
     return b
 
 
@@ -228,7 +285,7 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
         raise ValueError(f"{name}: assign a scalar or a one-element tensor into {b.describe()}.")
     if isinstance(index, int) and not isinstance(index, bool):
         i, coords = _locate(b, index)
-        _check_writable(name, b, [value])
+        _check_writable(name, b, [value])  # the leaf rule: one tensor is written, or none
         b._tensor(i)[coords] = value
         return None
     is_mask = (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool

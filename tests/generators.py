@@ -37,8 +37,8 @@ class Case:
 
 
 def _values(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, kind: str) -> torch.Tensor:
-    if dtype in INTS:
-        return torch.randint(-20, 20, shape, generator=gen, dtype=dtype)
+    if dtype in INTS:  # positive: no integer division by zero, which fails by value
+        return torch.randint(1 if kind == "positive" else -20, 20, shape, generator=gen, dtype=dtype)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
     if kind == "ties":
         x = x.round()

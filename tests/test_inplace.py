@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modtensor as mt
-from generators import INTS, Case, cases, other_like
+from generators import FLOATS, INTS, Case, cases, other_like
 from modtensor._inplace import INPLACE_FUNCTIONS
 from op_specs import INTEGER_OPS, is_binary, pointwise_calls
 
@@ -73,11 +73,21 @@ def _snapshot(tensors):
 @given(
     case=cases(min_tensors=1, grad=False, kinds=("normal", "ties")),
     int_case=cases(min_tensors=1, dtypes=INTS, grad=False),
+    mixed_case=cases(min_tensors=2, dtypes=FLOATS + INTS, grad=False, kinds=("normal",)),
 )
-def test_inplace_equals_the_per_tensor_loop(name, f, call, case, int_case):
+def test_inplace_equals_the_per_tensor_loop(name, f, call, case, int_case, mixed_case):
     if name.rstrip("_") in INTEGER_OPS or name in ("__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"):
         case = int_case
-    other = other_like(case, seed=4, positive=True)
+    _check_like_the_loop(f, call, case, other_like(case, seed=4, positive=True))
+    # Integer and floating tensors in one bundle: where torch's kernel for a later tensor's
+    # dtype does not exist (lerp_ of integers, shifts of floats), nothing may be written. The
+    # operand is float32 throughout, so that one made from it (`y + 1`) has the same dtypes
+    # tensor by tensor as in the loop (a mixed one would take its concatenation's dtype).
+    floats = Case([t.float() for t in mixed_case.tensors], [t.float() for t in mixed_case.tensors])
+    _check_like_the_loop(f, call, mixed_case, other_like(floats, seed=4, positive=True))
+
+
+def _check_like_the_loop(f, call, case, other):
     loop_x, loop_y = _clone(case), _clone(other)
     bundle_x, bundle_y = _clone(case), _clone(other)
     try:
@@ -128,28 +138,67 @@ def test_leaf_requires_grad_follows_torchs_rule():
     torch.testing.assert_close(model.weight, before[0] * 2)
 
 
-_CAST = "can't be cast to the desired output type torch.int64"
-_UNSAFE = "to out tensor with dtype torch.int64, but this can't be cast"
+_CAST = "can't be cast to the desired output type Long"
 _DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
 
 
 @pytest.mark.parametrize(
-    "op, message",
-    [(lambda b: b.mul_(0.5), _CAST),
-     (lambda b: b.div_(2), _CAST + " " + _DRY_RUN),
-     (lambda b: b.div_(mt.bundle([torch.ones(3), torch.ones(2, dtype=torch.int64)])), _CAST + " " + _DRY_RUN),
-     (lambda b: b.sqrt_(), _UNSAFE + ".*" + _DRY_RUN),
-     (lambda b: b.exp_(), _UNSAFE + ".*" + _DRY_RUN),
-     (lambda b: b.lerp_(mt.bundle([torch.ones(3), torch.ones(2)]), 0.5), _CAST)],
-    ids=["mul_", "div_ scalar", "div_ bundle", "sqrt_", "exp_", "lerp_"],
+    "op, error, message",
+    [(lambda b: b.mul_(0.5), RuntimeError, _CAST + " " + _DRY_RUN),
+     (lambda b: b.div_(2), RuntimeError, _CAST + " " + _DRY_RUN),
+     (lambda b: b.div_(mt.bundle([torch.ones(3), torch.ones(2, dtype=torch.int64)])), RuntimeError,
+      _CAST + " " + _DRY_RUN),
+     (lambda b: b.sqrt_(), RuntimeError, _CAST + " " + _DRY_RUN),
+     (lambda b: b.exp_(), RuntimeError, _CAST + " " + _DRY_RUN),
+     (lambda b: b.lerp_(mt.bundle([torch.ones(3), torch.ones(2)]), 0.5), RuntimeError,
+      r"expected dtype torch.int64 for `end` but got dtype torch.float32 \(tensor '1'"),
+     # torch has no kernel for these dtypes: its NotImplementedError, before any write
+     (lambda b: b.lerp_(mt.bundle([torch.ones(3), torch.ones(2, dtype=torch.int64)]), 1), NotImplementedError,
+      "not implemented for 'Long' " + _DRY_RUN),
+     (lambda b: b.frac_(), NotImplementedError, "not implemented for 'Long' " + _DRY_RUN)],
+    ids=["mul_", "div_ scalar", "div_ bundle", "sqrt_", "exp_", "lerp_ dtype", "lerp_ integers", "frac_"],
 )
-def test_nothing_is_half_written_when_a_cast_fails(op, message):
+def test_nothing_is_half_written_when_a_later_tensor_fails(op, error, message):
     # The float tensor comes first: a failure at the integer one must not follow its write.
     f, i = torch.ones(3), torch.ones(2, dtype=torch.int64)
     b = mt.bundle([f, i])
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(error, match=message):
         op(b)
     assert torch.equal(f, torch.ones(3)) and torch.equal(i, torch.ones(2, dtype=torch.int64))
+
+
+def test_integer_tensors_take_what_torch_casts_for_them():
+    # fill_, masked_fill_, comparisons and item assignment cast their value: torch takes 2.5
+    # for an integer tensor, and so does a bundle holding one (it refused, before 2026-11-27)
+    i, f = torch.tensor([1, 5, 9]), torch.tensor([0.25, 4.0])
+    b = mt.bundle([f, i])
+    b.masked_fill_(b.materialize() > 3.5, 2.5)
+    assert i.tolist() == [1, 2, 2] and f.tolist() == [0.25, 2.5]
+    b.lt_(2.2)
+    assert i.tolist() == [1, 1, 1] and f.tolist() == [1.0, 0.0]
+    b.fill_(1.5)
+    assert i.tolist() == [1, 1, 1] and f.tolist() == [1.5, 1.5]
+    b[3] = 7.9
+    assert i.tolist() == [1, 7, 1]
+
+
+def test_an_error_on_the_first_tensor_names_the_bundle():
+    i = torch.tensor([1, 2])
+    with pytest.raises(NotImplementedError, match=r"frac_: .*'Long' \(tensor '0' of .*; nothing was written\)"):
+        mt.bundle([i, torch.ones(2)]).frac_()
+    # an integer division by zero fails on a value the dry run does not see: it may come
+    # after other tensors were written, and the message says so
+    a, z = torch.tensor([4, 6]), torch.tensor([8, 0])
+    with pytest.raises(RuntimeError, match=r"ZeroDivisionError .*tensors before the one it failed on, if any"):
+        mt.bundle([a, z]).__ifloordiv__(mt.bundle([torch.tensor([2, 2]), torch.tensor([1, 0])]))
+    assert a.tolist() == [2, 3]
+
+
+def test_a_shift_of_floats_writes_no_integer_before_it_fails():
+    i, f = torch.tensor([1, 2]), torch.ones(2)
+    with pytest.raises(NotImplementedError, match=r"not implemented for 'Float' \(tensor '1'"):
+        mt.bundle([i, f]).bitwise_left_shift_(2)
+    assert i.tolist() == [1, 2]
 
 
 def test_structure_mismatch_names_both_structures():
@@ -197,16 +246,17 @@ def test_in_place_on_a_leaf_slice_of_the_bundle_view():
 
 
 class _AtenCalls(TorchDispatchMode):
-    """The aten ops called on real tensors (not the meta dry run), outermost only (the mode
-    is off inside each call)."""
+    """The aten ops called on `watched` tensors (not on the dry run's copies and meta
+    stand-ins), outermost only (the mode is off inside each call)."""
 
-    def __init__(self):
+    def __init__(self, watched):
         super().__init__()
         self.names = []
+        self.pointers = {t.data_ptr() for t in watched if t.numel()}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         first = args[0][0] if args and isinstance(args[0], list) and args[0] else args[0] if args else None
-        if not (isinstance(first, torch.Tensor) and first.is_meta):
+        if isinstance(first, torch.Tensor) and not first.is_meta and first.data_ptr() in self.pointers:
             self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -221,7 +271,7 @@ def test_bundle_operands_take_one_foreach_call(op):
     want = [x.clone() for x in xs]
     for w, y in zip(want, ys):
         getattr(w, op)(y, *extra)
-    with _AtenCalls() as seen:
+    with _AtenCalls(xs) as seen:
         getattr(mt.bundle(xs), op)(mt.bundle(ys), *extra)
     assert [n for n in seen.names if n.endswith("_")] == ["_foreach_" + op]  # the writes
     assert all(torch.equal(x, w) for x, w in zip(xs, want))
