@@ -302,6 +302,20 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
 def _requires_grad_(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     b = args[0]
     requires_grad = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    # torch's two refusals, checked on every tensor before any flag changes
+    for n, t in zip(b.names, b.tensors):
+        if requires_grad and not (t.is_floating_point() or t.is_complex()):
+            raise RuntimeError(
+                f"{func_name(func)}: only Tensors of floating point dtype can require gradients, "
+                f"and tensor {n!r} of {b.describe()} is {t.dtype} (nothing was changed). Bundle "
+                "the floating point tensors only, e.g. `mt.bundle(model, include=...)`."
+            )
+        if not requires_grad and t.requires_grad and not t.is_leaf:
+            raise RuntimeError(
+                f"{func_name(func)}: you can only change requires_grad flags of leaf variables, "
+                f"and tensor {n!r} of {b.describe()} is computed (nothing was changed). Use "
+                "`b.detach()` for a bundle that needs no gradient."
+            )
     for t in b.tensors:
         t.requires_grad_(requires_grad)
     return b

@@ -18,7 +18,7 @@ EXPLICIT_CALLS = {
     "zero_": [lambda f, x, y: f(x)],
     "masked_fill_": [lambda f, x, y: f(x, y > 1.0, -1.0)],
     "__setitem__": [lambda f, x, y: f(x, y > 1.0, 0.0)],
-    "requires_grad_": [lambda f, x, y: f(x, False)],
+    "requires_grad_": [lambda f, x, y: f(x, False), lambda f, x, y: f(x)],
     "add_": [lambda f, x, y: f(x, y), lambda f, x, y: f(x, y, alpha=0.5), lambda f, x, y: f(x, 2.0)],
     "sub_": [lambda f, x, y: f(x, y), lambda f, x, y: f(x, y, alpha=2), lambda f, x, y: f(x, 1)],
     "mul_": [lambda f, x, y: f(x, y), lambda f, x, y: f(x, 0.5)],
@@ -97,8 +97,9 @@ def _check_like_the_loop(f, call, case, other):
         before = _snapshot(bundle_x.tensors)
         with pytest.raises(type(e)):
             call(f, bundle_x.bundle(), bundle_y.bundle())
-        for (_, v, _), t in zip(before, bundle_x.tensors):
+        for (_, v, requires_grad), t in zip(before, bundle_x.tensors):
             torch.testing.assert_close(t, v, equal_nan=True)
+            assert t.requires_grad == requires_grad
         return
     bx, by = bundle_x.bundle(), bundle_y.bundle()
     pointers = [t.data_ptr() for t in (*bx.tensors, *by.tensors)]
@@ -192,6 +193,18 @@ def test_an_error_on_the_first_tensor_names_the_bundle():
     with pytest.raises(RuntimeError, match=r"ZeroDivisionError .*tensors before the one it failed on, if any"):
         mt.bundle([a, z]).__ifloordiv__(mt.bundle([torch.tensor([2, 2]), torch.tensor([1, 0])]))
     assert a.tolist() == [2, 3]
+
+
+def test_requires_grad_changes_no_flag_when_torch_refuses_one():
+    leaf = torch.ones(2, requires_grad=True)
+    computed = torch.ones(2, requires_grad=True) * 2
+    with pytest.raises(RuntimeError, match=r"leaf variables, and tensor '1' .*nothing was changed"):
+        mt.bundle([leaf, computed]).requires_grad_(False)
+    assert leaf.requires_grad
+    f, i = torch.ones(2), torch.tensor([1])
+    with pytest.raises(RuntimeError, match=r"floating point dtype .*tensor '1' .* is torch.int64"):
+        mt.bundle([f, i]).requires_grad_()
+    assert not f.requires_grad
 
 
 def test_a_shift_of_floats_writes_no_integer_before_it_fails():
