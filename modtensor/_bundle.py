@@ -716,12 +716,12 @@ def bundle(
     drop = _as_predicate(exclude, "exclude")
     named = _named_tensors(source, recurse, buffers)
     kinds = {type(t) for _, t in named}  # a model has one or two: check them, not each tensor
-    for name, t in named if any(issubclass(k, (ParameterBundle, _TracedBundle)) for k in kinds) else ():
-        if is_bundle(t):
-            raise TypeError(
-                f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
-                "(`mt.bundle(inner)` keeps its names)."
-            )
+    if any(issubclass(k, (ParameterBundle, _TracedBundle)) for k in kinds):
+        name = next(n for n, t in named if is_bundle(t))
+        raise TypeError(
+            f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
+            "(`mt.bundle(inner)` keeps its names)."
+        )
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
     ]

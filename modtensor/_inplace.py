@@ -84,7 +84,7 @@ def _write(
     except Exception as e:
         # Every kind of tensor but the first passed its dry run: the write failed on the first
         # tensor, before writing anything, or on a value other than a first element.
-        first = dry_run is not None and b.tensors and _dry_run_failure(dry_run, b.tensors[0], _operands_of(operands, 0))
+        first = dry_run is not None and _first_failure(dry_run, b, operands)
         where = _unwritten(b, 0) if first else (
             f"in {b.describe()}; the tensors before the one it failed on, if any, were written"
         )
@@ -136,9 +136,14 @@ def _check_writable(
         failure = _dry_run_failure(dry_run, tensors[i], _operands_of(operands, i))
         if failure is not None:
             # The loop would fail at the first tensor if that fails too, with its exception.
-            first = _dry_run_failure(dry_run, tensors[0], _operands_of(operands, 0))
+            first = _first_failure(dry_run, b, operands)
             at = 0 if first is not None else i
             raise _in_context(first or failure, name, _unwritten(b, at)) from None
+
+
+def _first_failure(dry_run: Callable[..., Any], b: ParameterBundle, operands: list[list[Any] | Any]) -> Exception | None:
+    """What the dry run raises on the bundle's first tensor (None without tensors)."""
+    return _dry_run_failure(dry_run, b.tensors[0], _operands_of(operands, 0)) if b.tensors else None
 
 
 def _dry_run_failure(dry_run: Callable[..., Any], t: torch.Tensor, operands: list[Any]) -> Exception | None:
