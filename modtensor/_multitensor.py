@@ -102,18 +102,27 @@ def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
 
 def _make_plan(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> _Plan | None:
     """The rows of `xs` (and of `ys`, tensor by tensor the same shapes), or None where a
-    tensor is not contiguous (its elements do not lie in one run)."""
+    tensor is not contiguous (its elements do not lie in one run), or where the tensors no
+    longer all have the first one's dtype and device, or `ys` not `xs`'s sizes."""
     size = xs[0].element_size()
     vec = max(1, 16 // size)
     sides = [xs] if ys is None else [xs, ys]
     bases = [side[0].data_ptr() for side in sides]
+    # A bundle records its tensors' dtypes and devices when made; `p.data = p.data.half()`,
+    # `model.fc.half()` or `model.cpu()` since then would have the kernel read past a tensor's
+    # end or off the device. The per-tensor path reads each tensor as it is now.
+    dtype, device = xs[0].dtype, xs[0].device
+    if device.type not in DEVICES:
+        return None
     vector_rows: list[tuple[int, int, int]] = []
     element_rows: list[tuple[int, int, int]] = []
     for i, x in enumerate(xs):
+        operands = [side[i] for side in sides]
         n = x.numel()
+        if any(t.dtype != dtype or t.device != device or t.numel() != n for t in operands):
+            return None
         if n == 0:
             continue
-        operands = [side[i] for side in sides]
         if not all(t.is_contiguous() for t in operands):
             return None
         gaps = [t.data_ptr() - base for t, base in zip(operands, bases)]

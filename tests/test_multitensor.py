@@ -343,6 +343,33 @@ def test_plan_follows_tensors_that_moved(device):
         assert float(b.sum()) == 180.0
 
 
+def test_plan_declines_tensors_changed_since_the_bundle_was_made(device, launches):
+    # The bundle still says float32; reading the float16 tensor as float32 would run past its end.
+    p = torch.nn.Parameter(torch.randn(50, device=device))
+    q = torch.randn(30, device=device)
+    b = mt.bundle([p, q])
+    with torch.no_grad():
+        b.sum()
+        p.data = p.data.half()
+        got = b.sum()
+    assert launches == ["sum", None]
+    torch.testing.assert_close(got, torch.cat([p.detach().float(), q]).sum())
+
+
+def test_plan_needs_one_dtype_device_and_matching_sizes(monkeypatch):
+    monkeypatch.setattr(_multitensor, "DEVICES", {"cpu"})  # plans only: no kernel runs here
+    x, y = torch.randn(40), torch.randn(24)
+    assert _multitensor._make_plan([x, y], None) is not None
+    assert _multitensor._make_plan([x, y], [torch.randn(40), torch.randn(24)]) is not None
+    assert _multitensor._make_plan([x, y.half()], None) is None
+    assert _multitensor._make_plan([x.double(), y], None) is None
+    assert _multitensor._make_plan([x, y], [torch.randn(40), torch.randn(20)]) is None
+    assert _multitensor._make_plan([x, y], [torch.randn(40), torch.randn(24).double()]) is None
+    assert _multitensor._make_plan([x, y], [torch.randn(40), torch.randn(24, device="meta")]) is None
+    monkeypatch.setattr(_multitensor, "DEVICES", {"cuda"})
+    assert _multitensor._make_plan([x, y], None) is None  # no kernels for the CPU
+
+
 def test_empty_bundles_take_torchs_path(device, launches):
     empty = mt.bundle([torch.empty(0, device=device), torch.empty(0, 3, device=device)])
     with torch.no_grad():
