@@ -185,7 +185,7 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
             return NOT_HANDLED
         if elementwise is None:
             return NOT_HANDLED
-        flat = b._concatenation()
+        flat = b._concatenation(func)
         func = _ON_FLAT.get(func, func)
         return b._over_flat(func(flat), cls) if elementwise else func(flat, **kwargs)
     c: Any = args[1]
@@ -212,9 +212,9 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
     if elementwise is None:
         return NOT_HANDLED
     if second:
-        operands: tuple[Any, ...] = (b._concatenation(), c._concatenation(), *args[2:])
+        operands: tuple[Any, ...] = (b._concatenation(func), c._concatenation(func), *args[2:])
     else:
-        operands = (b._concatenation(), *rest)
+        operands = (b._concatenation(func), *rest)
     func = _ON_FLAT.get(func, func)
     return b._over_flat(func(*operands), cls) if elementwise else func(*operands, **kwargs)
 
@@ -392,6 +392,10 @@ def dispatch(
             break
     table = owner.HANDLERS
     handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
+    if handler is not None or func not in PASSTHROUGH:  # b.shape, b.numel(): what it recorded
+        for a in args:
+            if isinstance(a, DispatchTensor):  # not while compiling: the stand-ins hold no data
+                a._check_unchanged(func)
     if handler is not None:
         result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:
@@ -444,9 +448,15 @@ class DispatchTensor(torch.Tensor):
         """Return the explicit concatenation; subclasses define it."""
         raise NotImplementedError
 
-    def _concatenation(self) -> torch.Tensor:
-        # The concatenation for reading only (it may be shared); subclasses define it.
+    def _concatenation(self, func: Callable[..., Any] | None = None) -> torch.Tensor:
+        # The concatenation for reading only (it may be shared), for `func`, which the error
+        # names if the tensors changed since the bundle was made; subclasses define it.
         raise NotImplementedError
+
+    def _check_unchanged(self, func: Callable[..., Any] | None) -> None:
+        # Raise where the tensors no longer have the sizes and dtypes the bundle recorded;
+        # subclasses that hold tensors define it.
+        pass
 
     def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
         # A bundle of this structure over `flat`, an op's (N,) result, of class `cls` (by

@@ -192,3 +192,61 @@ def test_meta_tensors_give_meta_results():
     assert b.device.type == "meta"
     assert (b * 2).device.type == "meta"
     assert b.sum().device.type == "meta"
+
+
+# -- tensors changed under a bundle -----------------------------------------------------------
+
+STALE_CALLS = {
+    "mean": lambda b, other: b.mean(),
+    "sum": lambda b, other: torch.sum(b),
+    "std": lambda b, other: b.std(),
+    "index": lambda b, other: b[3],
+    "elementwise": lambda b, other: b * 2,
+    "pairwise": lambda b, other: torch.dist(other, b),
+    "in place": lambda b, other: b.add_(1.0),
+}
+
+
+@pytest.mark.parametrize("call", sorted(STALE_CALLS))
+@pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])  # tiny bundles take the lane
+def test_a_bundle_refuses_tensors_resized_since_it_was_made(call, size, real_sizes):
+    model = nn.Sequential(nn.Linear(size, 20), nn.Linear(20, 3))
+    b, other = mt.bundle(model), mt.bundle(copy.deepcopy(model))
+    with torch.no_grad():  # as an update in place is made
+        for _ in range(2):  # once more, from the lane's cache of calls seen before
+            STALE_CALLS[call](b, other)
+        model[0].weight.data = model[0].weight.data[:10].clone()  # pruned: 10 of 20 rows
+        before = [t.clone() for t in model.parameters()]
+        with pytest.raises(RuntimeError, match=rf"was made when its tensor '0.weight' was \(20, {size}\) "
+                           rf"torch.float32; it is now \(10, {size}\) torch.float32.*mt.bundle\(model\)"):
+            STALE_CALLS[call](b, other)
+    assert all(torch.equal(t, u) for t, u in zip(model.parameters(), before))  # nothing written
+    assert mt.bundle(model).numel() == b.numel() - 10 * size  # a new bundle has the new sizes
+
+
+@pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])
+def test_a_bundle_refuses_tensors_of_another_dtype_since_it_was_made(size, real_sizes):
+    model = nn.Linear(size, 20)
+    b = mt.bundle(model)
+    for _ in range(2):
+        b.sum(), b - b
+    model.double()
+    for call in (lambda: b.sum(), lambda: b - b, lambda: b.norm()):
+        with pytest.raises(RuntimeError, match=r"'weight' was \(20, \d+\) torch.float32; it is now "
+                           r"\(20, \d+\) torch.float64 \(1 more tensor changed too\)"):
+            call()
+
+
+@pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])
+def test_new_values_of_the_same_sizes_are_read_as_they_are(size, real_sizes):
+    # In-place updates and `p.data = ` of the same size and dtype are what training does.
+    model = nn.Linear(size, 20)
+    b = mt.bundle(model)
+    for _ in range(2):
+        b.sum()
+    with torch.no_grad():
+        model.weight.mul_(2.0)
+        model.bias.data = torch.randn(20)
+    cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(b.sum().detach(), cat.sum())
+    torch.testing.assert_close((b * 2).materialize().detach(), cat * 2)
