@@ -108,9 +108,10 @@ def _make_plan(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) ->
     vec = max(1, 16 // size)
     sides = [xs] if ys is None else [xs, ys]
     bases = [side[0].data_ptr() for side in sides]
-    # A bundle records its tensors' dtypes and devices when made; `p.data = p.data.half()`,
-    # `model.fc.half()` or `model.cpu()` since then would have the kernel read past a tensor's
-    # end or off the device. The per-tensor path reads each tensor as it is now.
+    # A bundle records its tensors' dtypes and devices when made. Dispatch refuses a tensor
+    # whose size or itemsize changed since (_check_unchanged), not one made bfloat16 from
+    # float16 or moved by `model.cpu()`, which the kernel would read in the wrong format or
+    # off the device. The per-tensor path reads each tensor as it is now.
     dtype, device = xs[0].dtype, xs[0].device
     if device.type not in DEVICES:
         return None
