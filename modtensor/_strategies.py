@@ -499,7 +499,7 @@ def get(name: str) -> Strategy:
 def reduce(call: ReductionCall) -> Any:
     """Run `call` under its bundle's strategy; with a distributed operand, across its group."""
     if any(getattr(x, "_dist", None) is not None for x in find_bundles(call.args, call.kwargs)):
-        from modtensor._distributed import reduce as reduce_across_ranks
+        from modtensor._across_ranks import reduce as reduce_across_ranks
 
         return reduce_across_ranks(call)
     return get(call.bundle.strategy).reduce(call)
