@@ -239,7 +239,11 @@ class _BundleAPI:
             expected = self._plans["nbytes"] = tuple(
                 s.numel() * d.itemsize for s, d in zip(self._shapes, self._dtypes)
             )
-        if tuple(map(_NBYTES, tensors)) == expected:
+        try:
+            current = tuple(map(_NBYTES, tensors))
+        except RuntimeError:  # a sparse tensor has no nbytes
+            current = tuple(t.numel() * t.element_size() for t in tensors)
+        if current == expected:
             return
         changed = [
             (name, shape, dtype, t)

@@ -250,3 +250,9 @@ def test_new_values_of_the_same_sizes_are_read_as_they_are(size, real_sizes):
     cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(b.sum().detach(), cat.sum())
     torch.testing.assert_close((b * 2).materialize().detach(), cat * 2)
+
+
+def test_the_size_check_takes_tensors_without_nbytes():
+    # A sparse tensor has no nbytes; what worked on one before the check still does.
+    b = mt.bundle([torch.eye(3).to_sparse(), torch.ones(2)])
+    assert [float(x) for x in b.per_param().sum().tensors] == [3.0, 2.0]
