@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import torch
+
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
@@ -99,7 +101,9 @@ def run_reduction(
                 return result
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     packs = reduction.commutative and may_pack(b)
-    pieces = Pieces(b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans)
+    pieces = Pieces(
+        b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans, reduction.pack_dtype
+    )
 
     callers: list[Any] = []
 
@@ -130,6 +134,7 @@ def register_reduction(
     commutative: bool = False,
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
     fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None,
+    pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
@@ -147,8 +152,9 @@ def register_reduction(
     all of them if it likes; `tensors` is kept with the bundle, so it must not be modified.
     `fused(bundle, args)` may compute the whole result of a concat-strategy bundle at once
     (say, one GPU kernel for all its tensors), returning NotImplemented where it does not
-    apply. The per_param and weighted strategies come for free: they call `func` on each
-    tensor.
+    apply. `pack_dtype(dtype, device)` may name a wider dtype for the packed small tensors
+    of a commutative reduction (the sums add float32 ones in float64, exactly). The per_param
+    and weighted strategies come for free: they call `func` on each tensor.
 
     Example:
         >>> import torch, modtensor as mt
@@ -176,6 +182,7 @@ def register_reduction(
         commutative=commutative,
         partials=partials,
         fused=fused,
+        pack_dtype=pack_dtype,
     )
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -30,8 +30,9 @@ __all__ = [
 # partition of its elements, not only over its tensors. Calling torch once per tensor costs a
 # few microseconds of Python and dispatch each, more than copying a small tensor, so small
 # tensors are copied into flat segments and reduced together. The copies are bounded: a
-# segment holds at most PACK_LIMIT elements and 1% of the bundle, and only one exists at a
-# time (packing is off while autograd records, which would keep every segment for backward).
+# segment holds at most PACK_LIMIT elements and 1% of the bundle (with its widened copy, where
+# a reduction asks for one: see Reduction.pack_dtype), and only one exists at a time (packing
+# is off while autograd records, which would keep every segment for backward).
 PACK_NUMEL = 1 << 14  # tensors of at most this many elements are packed (64 KiB of float32)
 PACK_LIMIT = 1 << 16  # elements in one packed segment (256 KiB of float32: cache-sized)
 PACK_SHARE = 100  # and at most 1/PACK_SHARE of the bundle's elements
@@ -110,6 +111,11 @@ class Reduction:
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
     # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
     fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None
+    # `pack_dtype(dtype, device)`: the dtype that small tensors of `dtype` on `device`, packed
+    # together, reach `partial` in (default: their own). The sums widen float32 packs to float64,
+    # which makes them exact: a pack of norm-layer scales near 1 adds up to thousands, where one
+    # float32 rounding is as large as the error of all of GPT-2's long tensors together.
+    pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None
 
 
 class TensorGroup(list):  # type: ignore[type-arg]
@@ -133,7 +139,8 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     what keeps reductions of on-demand bundles (`(b ** 2).sum()`) within one tensor's memory.
     `keys[i]` (the operand's dtypes and device), where given, lets `map_segments` pack small
     tensors of one key together (for commutative reductions only); None keeps one segment per
-    tensor.
+    tensor. `widen(dtype, device)`, where given, is the dtype packed tensors (keyed
+    `(dtype, device)`) are converted to (see Reduction.pack_dtype).
     """
 
     def __init__(
@@ -143,10 +150,12 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         keys: Sequence[Hashable] | None = None,
         views: bool = False,
         plans: dict[Any, Any] | None = None,
+        widen: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
     ) -> None:
         self._get, self._offsets, self._keys = get, offsets, keys
         self.views = views  # True where `get(i)` is a tensor that exists anyway (not on demand)
         self._plans = plans  # where the packing plan of these offsets and keys is kept
+        self._widen = widen
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -209,19 +218,19 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
         # (the tensors reduced alone, by key; the runs of small ones packed together), made
         # once per bundle: the walk over every tensor costs as much as a reduction's Python.
-        sizes = (PACK_NUMEL, PACK_LIMIT, PACK_SHARE)
+        sizes = (PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)
         if self._plans is not None and sizes in self._plans:
             return self._plans[sizes]  # type: ignore[no-any-return]
         offsets, keys = self._offsets, self._keys
         assert keys is not None
-        limit = min(PACK_LIMIT, offsets[-1] // PACK_SHARE)
-        small = min(PACK_NUMEL, limit)
+        limits = {key: self._pack_limit(key) for key in set(keys)}
         alone: dict[Hashable, list[int]] = {}
         runs: dict[Hashable, tuple[list[int], int]] = {}  # per key: the tensors gathered, their numel
         packs: list[list[int]] = []
         for i in range(len(self)):
             n = offsets[i + 1] - offsets[i]
-            if n > small:
+            limit = limits[keys[i]]
+            if n > min(PACK_NUMEL, limit):
                 alone.setdefault(keys[i], []).append(i)
             elif n:
                 run, numel = runs.get(keys[i], ([], 0))
@@ -235,15 +244,27 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             self._plans[sizes] = plan
         return plan
 
+    def _pack_limit(self, key: Any) -> int:
+        # Elements in one segment of `key`: at most 1/PACK_SHARE of the bundle's, counting the
+        # widened copy (made beside the segment) by its bytes.
+        share = PACK_SHARE
+        if self._widen is not None:
+            dtype, device = key  # a bundle's key (pairs of bundles take no widening)
+            wide = self._widen(dtype, device)
+            if wide != dtype:
+                share = int(share * (1 + wide.itemsize / dtype.itemsize))
+        return min(PACK_LIMIT, self._offsets[-1] // share)
+
     def _packed(self, run: list[int]) -> Any:
-        if len(run) == 1:
-            return self._get(run[0])
         operands = [self._get(i) for i in run]
+        if isinstance(operands[0], tuple):  # pairs of tensors: pack each side
+            if len(run) == 1:
+                return operands[0]
+            return tuple(torch._C._nn.flatten_dense_tensors([o[k] for o in operands]) for k in range(len(operands[0])))
         # One C++ call flattens and copies them all: a Python reshape per tensor cost
         # ResNet-50's 108 small tensors 116 us against 48.
-        if isinstance(operands[0], tuple):  # pairs of tensors: pack each side
-            return tuple(torch._C._nn.flatten_dense_tensors([o[k] for o in operands]) for k in range(len(operands[0])))
-        return torch._C._nn.flatten_dense_tensors(operands)
+        segment = operands[0] if len(run) == 1 else torch._C._nn.flatten_dense_tensors(operands)
+        return segment if self._widen is None else segment.to(self._widen(segment.dtype, segment.device))
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):

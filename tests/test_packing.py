@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import modtensor as mt
 from generators import INTS, cases, check_against_concat, other_like
-from modtensor import _dispatch, _strategies
+from modtensor import _dispatch, _reductions, _strategies
 from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE
 from test_kernels import CALLS as KERNEL_CALLS
 from test_pairwise import PARAMS as PAIRWISE_PARAMS
@@ -109,7 +109,7 @@ def test_pointwise_tiny(tiny, name, f, call, case, int_case, finite_case):
 # -- the segments themselves ---------------------------------------------------------------------
 
 
-def _recorder(commutative=True):
+def _recorder(commutative=True, pack_dtype=None):
     """A registered reduction whose partials record what they were given."""
     seen = []
 
@@ -125,7 +125,7 @@ def _recorder(commutative=True):
     def combine(states, a):
         return torch.stack(states).sum()
 
-    mt.register_reduction(count, partial, combine, commutative=commutative)
+    mt.register_reduction(count, partial, combine, commutative=commutative, pack_dtype=pack_dtype)
     return count, seen
 
 
@@ -223,6 +223,53 @@ def test_segments_stay_within_a_share_of_the_bundle(real_sizes):
         assert int(count(mt.bundle([torch.ones(100) for _ in range(1000)]))) == 100_000
     assert max(s.numel() for s, _ in seen) <= 1000
     assert len(seen) == 100
+
+
+def test_widened_segments_stay_within_a_share_of_the_bundle(real_sizes):
+    # A segment widened from float32 to float64 exists beside its float32 copy: the two take
+    # at most 1% of the bundle's bytes, so a segment holds at most a third of 1% of its elements.
+    # Widening asks nothing of tensors reduced alone, or of keys it leaves as they are.
+    wide = lambda dtype, device: torch.float64 if dtype == torch.float32 else dtype  # noqa: E731
+    count, seen = _recorder(pack_dtype=wide)
+    tensors = [torch.ones(100) for _ in range(1000)] + [torch.ones(100, dtype=torch.int32)] * 2
+    tensors.append(torch.ones(_strategies.PACK_NUMEL + 1))
+    with torch.no_grad():
+        assert int(count(mt.bundle(tensors))) == len(torch.cat(tensors))
+    packs = [s for s, _ in seen if s.dtype == torch.float64]
+    total = 100_200 + _strategies.PACK_NUMEL + 1
+    assert max(s.numel() for s in packs) <= total // 300 and sum(s.numel() for s in packs) == 100_000
+    assert [s.dtype for s, _ in seen if s.dtype != torch.float64] == [torch.float32, torch.int32]
+    assert seen[0][0] is tensors[-1]  # alone, not copied
+
+
+def test_packed_float32_sums_are_exact(real_sizes):
+    # Norm-layer scales near 1 packed together add up to thousands: in float32 each pack's sum
+    # would round by up to ~1e-3, more than the errors of all of GPT-2's long tensors together
+    # (its sum landed on the float32 next to the nearest one that way). Packed in float64, a
+    # bundle of small float32 tensors sums exactly: to the float32 nearest the exact sum. (The
+    # long tensor makes the bundle large enough to pack them; its sum, 0, is exact too.)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        tensors = [torch.randn(768, generator=gen) * 0.1 + 1 for _ in range(60)]
+        tensors += [torch.randn(3072, generator=gen) * 0.02 for _ in range(10)] + [torch.zeros(1 << 21)]
+        exact = torch.cat(tensors).double()
+        b = mt.bundle(tensors)
+        with torch.no_grad():
+            for got, want in [(b.sum(), exact.sum()), (torch.nansum(b), exact.sum()), (b.mean(), exact.mean())]:
+                assert got.dtype == torch.float32 and float(got) == float(want.float())
+    assert _reductions._wide_pack(torch.float32, torch.device("mps")) == torch.float32  # no float64 there
+
+
+def test_widened_and_plain_states_combine_across_devices(packed):
+    # The packs' float64 states and the long tensors' float32 ones are combined apart; on
+    # several devices (here the CPU and meta) they meet where torch's concatenation would.
+    small = [torch.randn(3) for _ in range(3)]
+    with torch.no_grad():
+        cpu = mt.bundle(small + [torch.randn(20)])
+        torch.testing.assert_close(cpu.sum(), torch.cat([t.reshape(-1) for t in cpu.tensors]).sum())
+        both = mt.bundle({f"s{i}": t for i, t in enumerate(small)} | {"meta": torch.empty(20, device="meta")})
+        for result in (both.sum(), both.mean(), torch.nansum(both)):
+            assert result.device.type == "meta" and result.shape == () and result.dtype == torch.float32
 
 
 # -- the fast lane of tiny bundles -----------------------------------------------------------------
