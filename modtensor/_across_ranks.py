@@ -29,6 +29,7 @@ from modtensor import _strategies
 from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
 from modtensor._distributed import Sharding, _dist, refuse, sharding_of
 from modtensor._errors import UnsupportedOperationError
+from modtensor._reduce_common import _acc_dtype, _cast, _real, _stack
 from modtensor._strategies import ReduceArgs, Reduction, ReductionCall, _keepdim
 
 if TYPE_CHECKING:
@@ -74,7 +75,6 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_form(combine: Callable[[list[Any], ReduceArgs], Any], integer: bool = False) -> _Form:
-    from modtensor._reductions import _acc_dtype
 
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         return s[0].to(torch.int64) if integer else s[0].to(_acc_dtype(a.dtype))
@@ -105,7 +105,7 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
 
 def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype) -> torch.Tensor:
     """The max (or min) of every rank's `(extremum, ties)`, with torch's gradient for ties."""
-    from modtensor._reductions import _stack, tie_shared
+    from modtensor._extrema import tie_shared
 
     stacked = _stack([v for v, _ in payloads], dtype)
     m = stacked.amax() if largest else stacked.amin()
@@ -135,7 +135,6 @@ def _extremum_form(
 
 
 def _acc_args(a: ReduceArgs) -> ReduceArgs:
-    from modtensor._reductions import _acc_dtype
 
     return dataclasses.replace(a, dtype=_acc_dtype(a.dtype))
 
@@ -148,7 +147,6 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     """
     import math
 
-    from modtensor._reductions import _cast, _real
 
     def is_inf(a: ReduceArgs) -> bool:
         return math.isinf(a.options["p"])
@@ -179,7 +177,6 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     # Chan et al.'s merge of (count, M2, mean) per rank, as _combine_var's of the tensors.
-    from modtensor._reductions import _acc_dtype, _real, _stack
 
     acc = _acc_dtype(a.dtype)
     counts = _stack([n for n, _, _ in payloads], _real(acc))
@@ -192,7 +189,7 @@ def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
 
 
 def _aminmax_form() -> _Form:
-    from modtensor._reductions import _combine_aminmax
+    from modtensor._extrema import _combine_aminmax
 
     def local(states: list[Any], a: ReduceArgs) -> Any:
         low, high = _combine_aminmax(states, a)
@@ -208,7 +205,6 @@ def _aminmax_form() -> _Form:
 
 def _cosine_form() -> _Form:
     from modtensor._pairwise import _combine_cosine
-    from modtensor._reductions import _acc_dtype, _stack
 
     def local(states: list[Any], a: ReduceArgs) -> Any:
         acc = _acc_dtype(a.dtype)
@@ -232,7 +228,7 @@ def _forms() -> dict[int, _Form]:
         "nanmean": _Form(
             r["nanmean"].combine, r["nanmean"].combine, 2,
             lambda p, a: torch.cat([_f64(p[0]), _f64(p[1])]),
-            lambda s, a: (s[0].to(_reductions._acc_dtype(a.dtype)), s[1].to(torch.int64)),
+            lambda s, a: (s[0].to(_acc_dtype(a.dtype)), s[1].to(torch.int64)),
             lambda a: a.dtype.is_floating_point,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,

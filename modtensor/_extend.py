@@ -17,6 +17,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
 from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, copy_is_cheap, func_name, remember_direct
 from modtensor._pointwise import per_tensor_caller
+from modtensor._reduce_common import _bind, check_dim
 from modtensor._strategies import (
     Pieces,
     Reduction,
@@ -69,8 +70,6 @@ def parse_dim_keepdim(
     b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> ReduceArgs:
     """The default argument parser of `register_reduction`: `(input, dim=None, keepdim=False)`."""
-    from modtensor._reductions import _bind, check_dim
-
     name = func_name(func)
     dim, keepdim = _bind(_sig_dim_keepdim, name, args, kwargs)
     check_dim(dim, name, b)

@@ -19,6 +19,7 @@ import torch
 
 from modtensor import _multitensor
 from modtensor._dispatch import NOT_HANDLED
+from modtensor._reduce_common import _cast, _stack
 from modtensor._strategies import Pieces
 
 if TYPE_CHECKING:
@@ -294,7 +295,6 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     call asks for more than the plain full reduction (keepdim, another dtype or order).
     """
     from modtensor._bundle import is_bundle
-    from modtensor._reductions import _cast, _stack
 
     expr = b._expr
     if expr is None or b._strategy != "concat" or parsed.keepdim or parsed.dtype != b._dtype:

@@ -48,7 +48,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
-from modtensor._reductions import _bind, _cast, check_dim
+from modtensor._reduce_common import _bind, _cast, check_dim
 from modtensor._strategies import Reduction
 
 __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]

@@ -19,7 +19,8 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
 from modtensor._kernels import diff_l2_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
-from modtensor._reductions import _acc_dtype, _bind, _cast, _extremum, _kept, _real, _stack, check_dim
+from modtensor._extrema import _extremum, _kept
+from modtensor._reduce_common import _acc_dtype, _bind, _cast, _real, _stack, check_dim
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]

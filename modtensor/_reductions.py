@@ -2,26 +2,54 @@
 
 Reductions accept a full reduction or `dim` 0 / -1 (the bundle is one-dimensional), with
 `keepdim`. Partials are combined in float64 (complex128) where the result is floating, so
-the combine adds no rounding of its own.
+the combine adds no rounding of its own. Here: the sums, var and std, all / any, logsumexp,
+the norms, and the table of every reduction (the extrema's parts are in `_extrema.py`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._bundle import ParameterBundle
 from modtensor._dispatch import NOT_HANDLED, func_name
-from modtensor._extend import register_reduction, run_reduction
+from modtensor._extend import register_reduction
 from modtensor import _kernels, _multitensor
+from modtensor._extrema import (
+    _arg_extremum_parts,
+    _extremum,
+    _extremum_parts,
+    _fin_index,
+    _fin_values_indices,
+    _kept,
+    _parse_amax,
+    _parse_aminmax,
+    _parse_argmax,
+    _parse_max_dim,
+    _partial_aminmax,
+    _partials_amax,
+    _combine_aminmax,
+    max_handler,
+)
 from modtensor._kernels import l2_norm, moments, moments_dtype
-from modtensor._pointwise import map_elementwise
+from modtensor._reduce_common import (
+    _acc_dtype,
+    _bind,
+    _cast,
+    _is_floating,
+    _partial_dtype,
+    _real,
+    _require_floating,
+    _stack,
+    _sum_dtype,
+    check_dim,
+)
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
-__all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED", "check_dim"]
+__all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED"]
 
 # Known gaps, by OpInfo name: these fall back to the concatenation (with a warning).
 UNSUPPORTED = {
@@ -30,103 +58,6 @@ UNSUPPORTED = {
 }
 
 _T = torch.Tensor
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# -- argument helpers ------------------------------------------------------------------------
-
-
-def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
-    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ())."""
-    if dim is None:
-        return
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    for d in dims:
-        if not isinstance(d, int) or isinstance(d, bool):
-            raise TypeError(f"{name}: dim must be an int or a tuple of ints, got {dim!r}.")
-        if d not in (0, -1):
-            raise IndexError(
-                f"{name}: Dimension out of range (expected to be in range of [-1, 0], but got "
-                f"{d}): {b.describe()} behaves as one flat dimension of {b._numel} elements. "
-                "Use dim=0, or the per_param strategy for each tensor's own dims."
-            )
-    if len(dims) > 1:
-        raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
-
-
-def _bind(stub: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # Python's own argument binding mirrors torch's signature at the cost of one call.
-    kwargs = dict(kwargs)
-    if "axis" in kwargs:
-        kwargs["dim"] = kwargs.pop("axis")
-    if "keepdims" in kwargs:
-        kwargs["keepdim"] = kwargs.pop("keepdims")
-    try:
-        return stub(*args, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"{name}: {e}".replace(stub.__name__ + "()", "")) from None
-
-
-def _is_floating(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
-
-
-def _require_floating(dtype: torch.dtype, name: str, b: ParameterBundle, what: str) -> None:
-    if not _is_floating(dtype):
-        raise RuntimeError(
-            f"{name}: {what} needs a floating point or complex dtype, but {b.describe()} "
-            f"concatenates to {dtype} (torch raises the same on the concatenation). "
-            "Cast first, e.g. `b.float()`, or pass dtype=."
-        )
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype partials are combined in: float64 / complex128 for floating results."""
-    if dtype.is_complex:
-        return torch.complex128
-    if dtype.is_floating_point:
-        return torch.float64
-    return dtype
-
-
-def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float16 / bfloat16 partial sums may overflow where the concatenation's float32
-    # accumulator would not.
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    if len({s.dtype for s in states}) == 1:
-        try:  # one conversion, not one per state: for a hundred states that is most of the combine
-            return torch.stack(list(states)).to(dtype)
-        except RuntimeError:  # on several devices
-            pass
-    # Partials of a bundle spanning devices meet on the first one's (see _combine_device).
-    device = states[0].device
-    if any(s.device != device for s in states):
-        device = next((s.device for s in states if s.device.type == "meta"), device)
-    return torch.stack([s.to(device=device, dtype=dtype) for s in states])
-
-
-def _sum_dtype(dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    if requested is not None:
-        return requested
-    return torch.int64 if not _is_floating(dtype) else dtype
-
-
-_REAL_OF_COMPLEX = {
-    torch.complex32: torch.float16,
-    torch.complex64: torch.float32,
-    torch.complex128: torch.float64,
-}
-
-
-def _real(dtype: torch.dtype) -> torch.dtype:
-    return _REAL_OF_COMPLEX.get(dtype, dtype)
 
 
 # -- sum, nansum, mean, nanmean, prod ---------------------------------------------------------
@@ -345,240 +276,6 @@ def _fin_var_mean(state: Any, a: ReduceArgs) -> Any:
 
 def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
     return _fin_std(state, a), _cast(state[2], a.dtype)
-
-
-# -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
-
-
-def _kept(t: Any) -> Any:
-    """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
-
-    Without grad mode no gradient is taken, and an on-demand tensor is dropped as soon as
-    its partial is computed.
-    """
-    return t if torch.is_grad_enabled() else None
-
-
-def _extremum(
-    values: Sequence[torch.Tensor],
-    tensors: Sequence[Any],
-    largest: bool,
-    dtype: torch.dtype,
-    key: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The max (or min) of per-tensor extrema, with torch's gradient for ties.
-
-    torch spreads an extremum's gradient evenly over all tied elements of the input; the
-    plain max of per-tensor maxima would split it evenly over tensors instead. So where
-    several tensors tie and a gradient is wanted, weigh each by its share of the ties.
-    `key` maps a tensor to the values that were compared (`abs` for the inf-norms).
-    """
-    stacked = _stack(values, dtype)
-    m = stacked.amax() if largest else stacked.amin()
-    if len(values) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
-        return m
-    if torch.compiler.is_compiling():
-        return _traced_extremum(stacked, m, tensors, dtype, key)
-    tied = (stacked == m).tolist()
-    if sum(tied) <= 1:
-        return m
-    counts = [
-        (_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) if is_tied else None
-        for t, is_tied in zip(tensors, tied)
-    ]
-    return tie_shared(stacked, m, counts)
-
-
-def tie_shared(stacked: torch.Tensor, m: torch.Tensor, counts: Sequence[Any]) -> torch.Tensor:
-    """`m`, the extremum of `stacked`, with its gradient split over the tied entries.
-
-    `counts[i]` is how many elements entry i's extremum stands for (None where it is not
-    tied), so each tied entry gets its share of torch's evenly spread gradient.
-    """
-    total = sum(c for c in counts if c is not None)
-    shares = [
-        (v, (c.to(torch.float64) if isinstance(c, torch.Tensor) else float(c)) / total)
-        for v, c in zip(stacked, counts)
-        if c is not None
-    ]
-    if not bool(m.isfinite()):  # +-inf: the shares sum to one, so the value stays exact
-        return sum((v * _as_share(w, v) for v, w in shares), torch.zeros_like(m))
-    result = m.detach()
-    for v, w in shares:
-        result = result + (v - v.detach()) * _as_share(w, v)
-    return result
-
-
-def _as_share(w: Any, v: torch.Tensor) -> Any:
-    return w.to(v.dtype) if isinstance(w, torch.Tensor) else w
-
-
-def _traced_extremum(
-    stacked: torch.Tensor,
-    m: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    key: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> torch.Tensor:
-    # _extremum without data-dependent branches, which torch.compile cannot trace: ties are
-    # counted in every tensor (one more read of each), and torch.where picks the result.
-    tied = stacked == m
-    counts = torch.stack(
-        [(_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) for t in tensors]
-    )
-    counts = torch.where(tied, counts, torch.zeros_like(counts))
-    total = counts.sum()
-    shares = (counts / total.clamp(min=1)).to(stacked.dtype)
-    kept = torch.where(tied, stacked, torch.zeros_like(stacked))
-    finite = m.detach() + ((kept - kept.detach()) * shares).sum()
-    infinite = (kept * shares).sum()  # +-inf: the shares sum to one, so the value stays exact
-    shared = torch.where(m.isfinite(), finite, infinite)
-    return torch.where(total > 1, shared, m)
-
-
-def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:
-    return dim, keepdim
-
-
-def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name = func_name(func)
-    dim, keepdim = _bind(_sig_amax, name, args, kwargs)
-    check_dim(dim, name, b)
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
-
-
-def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
-    # No gradient is recorded where partials serve, so no tie needs its tensor: one state for
-    # all, the max of torch._foreach_max's maxima (not one per tensor to walk in Python again
-    # after the model was read, from cold caches).
-    return [(torch.stack(torch._foreach_max(tensors)).amax(), None)]
-
-
-def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    reducer = torch.amax if largest else torch.amin
-
-    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-        return reducer(t), _kept(t)
-
-    def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
-        values, tensors = zip(*states)
-        return _extremum(values, tensors, largest, a.dtype)
-
-    return partial, combine
-
-
-def _sig_aminmax(input: Any, *, dim: Any = None, keepdim: bool = False) -> Any:
-    return dim, keepdim
-
-
-def _parse_aminmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name = func_name(func)
-    dim, keepdim = _bind(_sig_aminmax, name, args, kwargs)
-    check_dim(dim, name, b)
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
-
-
-def _partial_aminmax(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    return torch.amin(t), torch.amax(t), _kept(t)
-
-
-def _combine_aminmax(states: list[Any], a: ReduceArgs) -> Any:
-    tensors = [t for _, _, t in states]
-    low = _extremum([lo for lo, _, _ in states], tensors, False, a.dtype)
-    high = _extremum([hi for _, hi, _ in states], tensors, True, a.dtype)
-    return torch.return_types.aminmax((low, high))
-
-
-def _sig_argmax(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
-    return dim, keepdim
-
-
-def _parse_argmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name = func_name(func)
-    dim, keepdim = _bind(_sig_argmax, name, args, kwargs)
-    check_dim(dim, name, b)
-    if b._dtype == torch.bool:
-        raise RuntimeError(f"{name}: does not support bool input ({b.describe()}); cast first, e.g. `b.int()`.")
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
-
-
-def _comparable(t: torch.Tensor) -> torch.Tensor:
-    # torch's argmax has no bool kernel, but max(dim=) of a bool tensor has: compare as uint8.
-    return t.to(torch.uint8) if t.dtype == torch.bool else t
-
-
-def _arg_extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Partial and combine of argmax / argmin, and of max / min with dim: (value, global index)."""
-
-    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-        # torch's arg-extrema count NaN as the extremum and pick the first; taking the
-        # first tensor's candidate among equals keeps that order across tensors. Compared in
-        # the concatenation's dtype (a bool tensor among integers has no argmax of its own).
-        flat = _cast(t, a.dtype).reshape(-1)
-        keyed = _comparable(flat)
-        local = keyed.argmax() if largest else keyed.argmin()
-        # gather, not flat[local]: indexing with a tensor would read it back (and fail on meta)
-        return flat.gather(0, local.reshape(1)).reshape(()), local + offset
-
-    def combine(states: list[Any], a: ReduceArgs) -> Any:
-        values = _stack([v for v, _ in states], a.dtype)
-        k = _comparable(values).argmax() if largest else _comparable(values).argmin()
-        pick = k.reshape(1)
-        indices = _stack([i for _, i in states], torch.int64)
-        return values.gather(0, pick).reshape(()), indices.gather(0, pick).reshape(())
-
-    return partial, combine
-
-
-def _fin_index(state: Any, a: ReduceArgs) -> torch.Tensor:
-    index: torch.Tensor = state[1]
-    return index
-
-
-def _fin_values_indices(return_type: Any) -> Callable[[Any, ReduceArgs], Any]:
-    return lambda state, a: return_type(state)
-
-
-# -- max / min: full (like amax), with dim (values and indices), or elementwise with `other` ---
-
-
-def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any = None) -> Any:
-    return dim, keepdim, other
-
-
-def _max_handler(largest: bool) -> Callable[..., Any]:
-    full = REDUCTIONS["amax" if largest else "amin"]
-    with_dim = _MAX_DIM[largest]
-
-    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not is_bundle(args[0]):
-            return map_elementwise(func, types, args, kwargs)
-        b = args[0]
-        dim, keepdim, other = _bind(_sig_max, func_name(func), args, kwargs)
-        if isinstance(dim, torch.Tensor) or other is not None:
-            return map_elementwise(func, types, args, kwargs)
-        if kwargs.get("out") is not None:
-            return NOT_HANDLED
-        if dim is None:
-            if keepdim:
-                return NOT_HANDLED
-            return run_reduction(func, args, kwargs, b, full)
-        return run_reduction(func, args, kwargs, b, with_dim)
-
-    return handler
-
-
-def _parse_max_dim(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name = func_name(func)
-    dim, keepdim, _ = _bind(_sig_max, name, args, kwargs)
-    if not isinstance(dim, int):
-        raise TypeError(f"{name}: dim must be an int, got {dim!r}.")
-    check_dim(dim, name, b)
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
-
-
-def _parse_full_extremum(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return ReduceArgs(func_name(func), b._dtype, b._numel)
 
 
 # -- all, any, count_nonzero, logsumexp --------------------------------------------------------
@@ -869,5 +566,5 @@ _MAX_DIM = {
 
 REDUCTION_FUNCTIONS["max"] = (torch.max, _T.max)
 REDUCTION_FUNCTIONS["min"] = (torch.min, _T.min)
-ParameterBundle.implements(REDUCTION_FUNCTIONS["max"])(_max_handler(True))
-ParameterBundle.implements(REDUCTION_FUNCTIONS["min"])(_max_handler(False))
+ParameterBundle.implements(REDUCTION_FUNCTIONS["max"])(max_handler(REDUCTIONS["amax"], _MAX_DIM[True]))
+ParameterBundle.implements(REDUCTION_FUNCTIONS["min"])(max_handler(REDUCTIONS["amin"], _MAX_DIM[False]))

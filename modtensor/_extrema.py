@@ -1,0 +1,253 @@
+"""Extrema over the whole bundle: amax, amin, aminmax, argmax, argmin, and max / min.
+
+Each is a monoid as the other reductions are (see `_reductions.py`, which holds the table);
+here also torch's gradient for ties (spread evenly over every tied element of the
+concatenation, not over tensors) and the max / min handler, which is a full reduction, one
+with `dim` (values and indices) or an elementwise op with `other`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._extend import run_reduction
+from modtensor._pointwise import map_elementwise
+from modtensor._reduce_common import _bind, _cast, _stack, check_dim
+from modtensor._strategies import Reduction, ReduceArgs
+
+__all__ = ["max_handler", "tie_shared"]
+
+
+# -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
+
+
+def _kept(t: Any) -> Any:
+    """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
+
+    Without grad mode no gradient is taken, and an on-demand tensor is dropped as soon as
+    its partial is computed.
+    """
+    return t if torch.is_grad_enabled() else None
+
+
+def _extremum(
+    values: Sequence[torch.Tensor],
+    tensors: Sequence[Any],
+    largest: bool,
+    dtype: torch.dtype,
+    key: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The max (or min) of per-tensor extrema, with torch's gradient for ties.
+
+    torch spreads an extremum's gradient evenly over all tied elements of the input; the
+    plain max of per-tensor maxima would split it evenly over tensors instead. So where
+    several tensors tie and a gradient is wanted, weigh each by its share of the ties.
+    `key` maps a tensor to the values that were compared (`abs` for the inf-norms).
+    """
+    stacked = _stack(values, dtype)
+    m = stacked.amax() if largest else stacked.amin()
+    if len(values) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
+        return m
+    if torch.compiler.is_compiling():
+        return _traced_extremum(stacked, m, tensors, dtype, key)
+    tied = (stacked == m).tolist()
+    if sum(tied) <= 1:
+        return m
+    counts = [
+        (_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) if is_tied else None
+        for t, is_tied in zip(tensors, tied)
+    ]
+    return tie_shared(stacked, m, counts)
+
+
+def tie_shared(stacked: torch.Tensor, m: torch.Tensor, counts: Sequence[Any]) -> torch.Tensor:
+    """`m`, the extremum of `stacked`, with its gradient split over the tied entries.
+
+    `counts[i]` is how many elements entry i's extremum stands for (None where it is not
+    tied), so each tied entry gets its share of torch's evenly spread gradient.
+    """
+    total = sum(c for c in counts if c is not None)
+    shares = [
+        (v, (c.to(torch.float64) if isinstance(c, torch.Tensor) else float(c)) / total)
+        for v, c in zip(stacked, counts)
+        if c is not None
+    ]
+    if not bool(m.isfinite()):  # +-inf: the shares sum to one, so the value stays exact
+        return sum((v * _as_share(w, v) for v, w in shares), torch.zeros_like(m))
+    result = m.detach()
+    for v, w in shares:
+        result = result + (v - v.detach()) * _as_share(w, v)
+    return result
+
+
+def _as_share(w: Any, v: torch.Tensor) -> Any:
+    return w.to(v.dtype) if isinstance(w, torch.Tensor) else w
+
+
+def _traced_extremum(
+    stacked: torch.Tensor,
+    m: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    key: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    # _extremum without data-dependent branches, which torch.compile cannot trace: ties are
+    # counted in every tensor (one more read of each), and torch.where picks the result.
+    tied = stacked == m
+    counts = torch.stack(
+        [(_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) for t in tensors]
+    )
+    counts = torch.where(tied, counts, torch.zeros_like(counts))
+    total = counts.sum()
+    shares = (counts / total.clamp(min=1)).to(stacked.dtype)
+    kept = torch.where(tied, stacked, torch.zeros_like(stacked))
+    finite = m.detach() + ((kept - kept.detach()) * shares).sum()
+    infinite = (kept * shares).sum()  # +-inf: the shares sum to one, so the value stays exact
+    shared = torch.where(m.isfinite(), finite, infinite)
+    return torch.where(total > 1, shared, m)
+
+
+def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_amax, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
+    # No gradient is recorded where partials serve, so no tie needs its tensor: one state for
+    # all, the max of torch._foreach_max's maxima (not one per tensor to walk in Python again
+    # after the model was read, from cold caches).
+    return [(torch.stack(torch._foreach_max(tensors)).amax(), None)]
+
+
+def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    reducer = torch.amax if largest else torch.amin
+
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+        return reducer(t), _kept(t)
+
+    def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+        values, tensors = zip(*states)
+        return _extremum(values, tensors, largest, a.dtype)
+
+    return partial, combine
+
+
+def _sig_aminmax(input: Any, *, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_aminmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_aminmax, name, args, kwargs)
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _partial_aminmax(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    return torch.amin(t), torch.amax(t), _kept(t)
+
+
+def _combine_aminmax(states: list[Any], a: ReduceArgs) -> Any:
+    tensors = [t for _, _, t in states]
+    low = _extremum([lo for lo, _, _ in states], tensors, False, a.dtype)
+    high = _extremum([hi for _, hi, _ in states], tensors, True, a.dtype)
+    return torch.return_types.aminmax((low, high))
+
+
+def _sig_argmax(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
+    return dim, keepdim
+
+
+def _parse_argmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim = _bind(_sig_argmax, name, args, kwargs)
+    check_dim(dim, name, b)
+    if b._dtype == torch.bool:
+        raise RuntimeError(f"{name}: does not support bool input ({b.describe()}); cast first, e.g. `b.int()`.")
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+
+
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    # torch's argmax has no bool kernel, but max(dim=) of a bool tensor has: compare as uint8.
+    return t.to(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _arg_extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Partial and combine of argmax / argmin, and of max / min with dim: (value, global index)."""
+
+    def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+        # torch's arg-extrema count NaN as the extremum and pick the first; taking the
+        # first tensor's candidate among equals keeps that order across tensors. Compared in
+        # the concatenation's dtype (a bool tensor among integers has no argmax of its own).
+        flat = _cast(t, a.dtype).reshape(-1)
+        keyed = _comparable(flat)
+        local = keyed.argmax() if largest else keyed.argmin()
+        # gather, not flat[local]: indexing with a tensor would read it back (and fail on meta)
+        return flat.gather(0, local.reshape(1)).reshape(()), local + offset
+
+    def combine(states: list[Any], a: ReduceArgs) -> Any:
+        values = _stack([v for v, _ in states], a.dtype)
+        k = _comparable(values).argmax() if largest else _comparable(values).argmin()
+        pick = k.reshape(1)
+        indices = _stack([i for _, i in states], torch.int64)
+        return values.gather(0, pick).reshape(()), indices.gather(0, pick).reshape(())
+
+    return partial, combine
+
+
+def _fin_index(state: Any, a: ReduceArgs) -> torch.Tensor:
+    index: torch.Tensor = state[1]
+    return index
+
+
+def _fin_values_indices(return_type: Any) -> Callable[[Any, ReduceArgs], Any]:
+    return lambda state, a: return_type(state)
+
+
+# -- max / min: full (like amax), with dim (values and indices), or elementwise with `other` ---
+
+
+def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any = None) -> Any:
+    return dim, keepdim, other
+
+
+def max_handler(full: Reduction, with_dim: Reduction) -> Callable[..., Any]:
+    """The handler of torch.max (or min): `full` without dim, `with_dim` with one, and
+    elementwise with a tensor `other`."""
+
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not is_bundle(args[0]):
+            return map_elementwise(func, types, args, kwargs)
+        b = args[0]
+        dim, keepdim, other = _bind(_sig_max, func_name(func), args, kwargs)
+        if isinstance(dim, torch.Tensor) or other is not None:
+            return map_elementwise(func, types, args, kwargs)
+        if kwargs.get("out") is not None:
+            return NOT_HANDLED
+        if dim is None:
+            if keepdim:
+                return NOT_HANDLED
+            return run_reduction(func, args, kwargs, b, full)
+        return run_reduction(func, args, kwargs, b, with_dim)
+
+    return handler
+
+
+def _parse_max_dim(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    dim, keepdim, _ = _bind(_sig_max, name, args, kwargs)
+    if not isinstance(dim, int):
+        raise TypeError(f"{name}: dim must be an int, got {dim!r}.")
+    check_dim(dim, name, b)
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))

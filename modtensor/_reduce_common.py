@@ -1,0 +1,116 @@
+"""Argument parsing and dtype helpers shared by the reductions (sums and norms, extrema,
+order statistics, bundle-with-bundle ones, and their combines across ranks).
+
+They parse torch's signatures and combine per-tensor states: in float64 (complex128) where
+the result is floating, so a combine adds no rounding of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from modtensor._bundle import ParameterBundle
+
+__all__ = ["check_dim"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# -- argument helpers ------------------------------------------------------------------------
+
+
+def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
+    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ())."""
+    if dim is None:
+        return
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"{name}: dim must be an int or a tuple of ints, got {dim!r}.")
+        if d not in (0, -1):
+            raise IndexError(
+                f"{name}: Dimension out of range (expected to be in range of [-1, 0], but got "
+                f"{d}): {b.describe()} behaves as one flat dimension of {b._numel} elements. "
+                "Use dim=0, or the per_param strategy for each tensor's own dims."
+            )
+    if len(dims) > 1:
+        raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
+
+
+def _bind(stub: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Python's own argument binding mirrors torch's signature at the cost of one call.
+    kwargs = dict(kwargs)
+    if "axis" in kwargs:
+        kwargs["dim"] = kwargs.pop("axis")
+    if "keepdims" in kwargs:
+        kwargs["keepdim"] = kwargs.pop("keepdims")
+    try:
+        return stub(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}".replace(stub.__name__ + "()", "")) from None
+
+
+def _is_floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _require_floating(dtype: torch.dtype, name: str, b: ParameterBundle, what: str) -> None:
+    if not _is_floating(dtype):
+        raise RuntimeError(
+            f"{name}: {what} needs a floating point or complex dtype, but {b.describe()} "
+            f"concatenates to {dtype} (torch raises the same on the concatenation). "
+            "Cast first, e.g. `b.float()`, or pass dtype=."
+        )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partials are combined in: float64 / complex128 for floating results."""
+    if dtype.is_complex:
+        return torch.complex128
+    if dtype.is_floating_point:
+        return torch.float64
+    return dtype
+
+
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16 / bfloat16 partial sums may overflow where the concatenation's float32
+    # accumulator would not.
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _stack(states: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if len({s.dtype for s in states}) == 1:
+        try:  # one conversion, not one per state: for a hundred states that is most of the combine
+            return torch.stack(list(states)).to(dtype)
+        except RuntimeError:  # on several devices
+            pass
+    # Partials of a bundle spanning devices meet on the first one's (see _combine_device).
+    device = states[0].device
+    if any(s.device != device for s in states):
+        device = next((s.device for s in states if s.device.type == "meta"), device)
+    return torch.stack([s.to(device=device, dtype=dtype) for s in states])
+
+
+def _sum_dtype(dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return torch.int64 if not _is_floating(dtype) else dtype
+
+
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return _REAL_OF_COMPLEX.get(dtype, dtype)
