@@ -20,6 +20,7 @@ from modtensor._extend import register_reduction
 from modtensor import _kernels, _multitensor
 from modtensor._extrema import (
     _arg_extremum_parts,
+    _combine_aminmax,
     _extremum,
     _extremum_parts,
     _fin_index,
@@ -31,7 +32,6 @@ from modtensor._extrema import (
     _parse_max_dim,
     _partial_aminmax,
     _partials_amax,
-    _combine_aminmax,
     max_handler,
 )
 from modtensor._kernels import l2_norm, moments, moments_dtype
