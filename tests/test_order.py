@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import modtensor as mt
 import modtensor._order as _order
+import modtensor._selection as _selection
 from generators import FLOATS, INTS, cases, check_against_concat, track_live
 
 NUMERIC = (*FLOATS, *INTS)
@@ -27,7 +28,7 @@ ALL_KINDS = ("normal", "ties", "special")
 
 @contextlib.contextmanager
 def tiny_limits():
-    with mock.patch.multiple(_order, _CHUNK=16, _GATHER=3, _BITS=4):
+    with mock.patch.multiple(_selection, _CHUNK=16, _GATHER=3, _BITS=4):
         yield
 
 
@@ -254,7 +255,7 @@ def test_chunks_read_elements_in_flat_order(shape, size, layout):
         t = x[: math.prod(shape)].reshape(shape[::-1]).permute(*reversed(range(len(shape))))
     elif layout == "step" and len(shape) >= 1:
         t = x.reshape(shape[0] * 2, *shape[1:])[::2]
-    pieces = list(_order._flat_chunks(t, size))
+    pieces = list(_selection._flat_chunks(t, size))
     assert all(0 < p.numel() <= size for p in pieces)
     flat = torch.cat(pieces) if pieces else torch.empty(0)
     assert torch.equal(flat, t.reshape(-1))
@@ -265,7 +266,7 @@ def test_keys_order_like_values(dtype):
     info = torch.finfo(dtype)
     special = [0.0, -0.0, info.tiny, -info.tiny, info.max, -info.max, math.inf, -math.inf, info.tiny / 4, 1.0, -1.0]
     x = torch.cat([torch.tensor(special, dtype=dtype), torch.randn(500).to(dtype), torch.randn(500).to(dtype) * 1e-30])
-    space = _order._Keys(dtype)
+    space = _selection._Keys(dtype)
     keys = space.of(x)
     order = torch.sort(x, stable=True).indices
     assert torch.equal(keys[order], torch.sort(keys).values)  # same order, ties included
@@ -280,7 +281,7 @@ def test_many_ties_are_found_by_counting(dtype):
     tensors = [torch.zeros(50, 40, dtype=dtype).t(), torch.ones(3000, dtype=dtype), torch.zeros(1000, dtype=dtype)]
     b = mt.bundle(tensors)
     cat = torch.cat([t.reshape(-1) for t in tensors])
-    with mock.patch.multiple(_order, _GATHER=100, _CHUNK=700, _BITS=8):
+    with mock.patch.multiple(_selection, _GATHER=100, _CHUNK=700, _BITS=8):
         for k in (1, 2000, 2001, 4000, 4001, 6000):
             got = torch.kthvalue(b, k)
             assert got.values == cat[got.indices] and got.indices == stable_indices(cat)[k - 1]
