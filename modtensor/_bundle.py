@@ -12,7 +12,7 @@ from typing_extensions import Self, TypeGuard
 import torch
 from torch import nn
 
-from modtensor import _distributed, _strategies
+from modtensor import _distributed, _source, _strategies
 from modtensor._dispatch import DispatchTensor, TracedDispatch, func_name
 from modtensor._errors import UnsupportedOperationError
 
@@ -88,6 +88,7 @@ class _BundleAPI:
     # An op's result on a tiny bundle, computed on the concatenation: the tensors are views of it.
     _flat: torch.Tensor | None
     _flat_attrs: dict[str, Any] | None = None  # what _over_flat's results share
+    _source: _source.ModuleSource | None = None  # the module it was made from, if any
 
     # -- structure -------------------------------------------------------------------------
 
@@ -171,6 +172,8 @@ class _BundleAPI:
         # reductions run over the same group; only the same tensors keep their parameters.
         if self._dist is not None:
             derived._dist = self._dist if same_tensors else self._dist.derived()
+        if same_tensors:
+            derived._source = self._source
         return cast(Self, derived)  # of this bundle's class: see _derived_class
 
     @property
@@ -234,6 +237,8 @@ class _BundleAPI:
         tensors = self._tensors
         if tensors is None or self._dist is not None:  # results of ops; shards (FSDP swaps them)
             return
+        if self._source is not None and self._source.stale():
+            self._check_source(func, tensors)
         expected = self._plans.get("nbytes")
         if expected is None:
             expected = self._plans["nbytes"] = tuple(
@@ -262,6 +267,24 @@ class _BundleAPI:
             "A bundle keeps the sizes and dtypes its tensors had when it was made "
             "(`p.data = ...`, pruning, `model.half()` or `.double()` change them), so its "
             "results would be wrong. Make a new bundle after the change: `mt.bundle(model)`."
+        )
+
+    def _check_source(self, func: Callable[..., Any] | None, tensors: tuple[torch.Tensor, ...]) -> None:
+        assert self._source is not None
+        replaced = self._source.replaced(self._names, tensors)
+        if not replaced:
+            return
+        name, what = replaced[0]
+        others = len(replaced) - 1
+        more = f" ({others} more {'tensor' if others == 1 else 'tensors'} too)" if others else ""
+        where = "modtensor" if func is None else func_name(func)
+        raise RuntimeError(
+            f"{where}: {self.describe()} was made from a module whose tensor {name!r} {what}"
+            f"{more} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
+            "`model.fc = nn.Linear(...)`, pruning). The bundle holds the tensors it "
+            "was made with, so its results would no longer be the module's. Make a new bundle "
+            "after the change: `mt.bundle(model)`; to go on with the old tensors, bundle them "
+            "by name: `mt.bundle(dict(b.items()))`."
         )
 
     def _flat_range(self, i: int, start: int, stop: int) -> torch.Tensor | None:
@@ -399,7 +422,10 @@ class _BundleAPI:
             flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]  # a tuple works
         else:
             flat = self.materialize()
-        if tensors is not None and (flat.numel() != self._numel or flat.dtype != self._dtype):
+        if tensors is not None and (
+            flat.numel() != self._numel or flat.dtype != self._dtype
+            or (self._source is not None and self._source.stale())
+        ):
             self._check_unchanged(func)
         return flat
 
@@ -775,4 +801,7 @@ def bundle(
     ]
     if group is not None or _distributed.involved(source, named):
         return _distributed.bundle(source, named, strategy, options, group)
-    return ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)
+    made = ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)
+    if isinstance(source, nn.Module) and isinstance(made, ParameterBundle):  # not while compiling
+        made._source = _source.ModuleSource(source, recurse, buffers)
+    return made

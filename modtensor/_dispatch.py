@@ -381,6 +381,18 @@ def _materialize_call(
     return func(*materialized(args), **materialized(kwargs))
 
 
+def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    # Every bundle the call reads, where find_bundles looks: `torch.add(x, other=b)` and
+    # `torch.stack([a, b])` read theirs too. Not while compiling: the stand-ins hold no data.
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, DispatchTensor):
+            a._check_unchanged(func)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, DispatchTensor):
+                    x._check_unchanged(func)
+
+
 def dispatch(
     owner: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -393,9 +405,7 @@ def dispatch(
     table = owner.HANDLERS
     handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
     if handler is not None or func not in PASSTHROUGH:  # b.shape, b.numel(): what it recorded
-        for a in args:
-            if isinstance(a, DispatchTensor):  # not while compiling: the stand-ins hold no data
-                a._check_unchanged(func)
+        _check_operands(func, args, kwargs)
     if handler is not None:
         result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:

@@ -1,14 +1,18 @@
 """Construction, structure, views and errors of ParameterBundle."""
 
 import copy
+import gc
+import warnings
+import weakref
 
 import pytest
 import torch
+from generators import cases
 from hypothesis import given
 from torch import nn
+from torch.nn.utils import prune
 
 import modtensor as mt
-from generators import cases
 
 
 class Tied(nn.Module):
@@ -222,6 +226,105 @@ def test_a_bundle_refuses_tensors_resized_since_it_was_made(call, size, real_siz
             STALE_CALLS[call](b, other)
     assert all(torch.equal(t, u) for t, u in zip(model.parameters(), before))  # nothing written
     assert mt.bundle(model).numel() == b.numel() - 10 * size  # a new bundle has the new sizes
+
+
+# Calls that read a bundle given as a keyword or in a list; the second pair falls back to the
+# concatenation (with a warning) and must not build one of the new size.
+KEYWORD_AND_LIST_CALLS = {
+    "keyword": lambda b, x: torch.add(x, other=b),
+    "keyword pairwise": lambda b, x: torch.dist(x, other=b),
+    "list": lambda b, x: torch.stack([b, b]),
+    "list cat": lambda b, x: torch.cat([x, b]),
+}
+
+
+@pytest.mark.parametrize("call", sorted(KEYWORD_AND_LIST_CALLS))
+def test_the_size_check_reads_bundles_given_as_keywords_or_in_lists(call):
+    model = nn.Linear(30, 20)
+    b = mt.bundle(model)
+    x = torch.zeros(b.shape)
+    model.weight.data = model.weight.data[:10].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mt.MaterializationWarning)
+        with pytest.raises(RuntimeError, match=r"torch\.\w+: ParameterBundle .* was made when its tensor "
+                           r"'weight' was \(20, 30\)"):
+            KEYWORD_AND_LIST_CALLS[call](b, x)
+
+
+# Ways to put other tensors into a module than those a bundle was made with.
+REPLACEMENTS = {
+    "load_state_dict(assign=True)": lambda m: m.load_state_dict(
+        {k: v.detach() + 1 for k, v in m.state_dict().items()}, assign=True
+    ),
+    "a new parameter": lambda m: setattr(m[0], "bias", nn.Parameter(m[0].bias.detach() + 1)),
+    "a new submodule": lambda m: m.__setitem__(0, copy.deepcopy(m[0])),
+    # torch.nn.utils.prune moves the parameter to `weight_orig` and makes `weight` an attribute.
+    "pruning": lambda m: prune.l1_unstructured(m[0], "weight", amount=0.5),
+}
+
+
+@pytest.mark.parametrize("how", sorted(REPLACEMENTS))
+@pytest.mark.parametrize("call", sorted(STALE_CALLS))
+@pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])
+def test_a_bundle_refuses_tensors_replaced_in_its_module(size, call, how, real_sizes):
+    model = nn.Sequential(nn.Linear(size, 20), nn.Linear(20, 3))
+    b, other = mt.bundle(model), mt.bundle(copy.deepcopy(model))
+    views = [b, b.per_param()]  # a bundle of the same tensors watches the same module
+    with torch.no_grad():
+        for _ in range(2):
+            STALE_CALLS[call](b, other)
+        REPLACEMENTS[how](model)
+        olds = [t.clone() for t in b.tensors]
+        news = [t.clone() for t in model.parameters()]
+        for view in views:
+            with pytest.raises(RuntimeError, match=r"made from a module whose tensor '0\.(weight|bias)' "
+                               r"(has since been replaced by another tensor|is no longer in it).*mt\.bundle\(model\)"):
+                STALE_CALLS[call](view, other)
+    assert all(torch.equal(t, u) for t, u in zip(b.tensors, olds))  # nothing written
+    assert all(torch.equal(t, u) for t, u in zip(model.parameters(), news))
+    fresh = mt.bundle(model)
+    cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(fresh.sum().detach(), cat.sum())
+
+
+@pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])
+def test_assignments_that_keep_a_bundles_tensors_are_accepted(size, real_sizes):
+    # Other modules made or changed, the same parameter assigned again, values loaded in place:
+    # the module still holds the bundle's tensors, so its ops go on (and the check is paid once).
+    model = nn.Sequential(nn.Linear(size, 20), nn.Linear(20, 3))
+    b = mt.bundle(model)
+    nn.Linear(4, 4)
+    model[0].weight = model[0].weight
+    model.register_buffer("scale", torch.ones(1))  # not in a bundle of parameters
+    model.load_state_dict({k: v.detach() * 2 for k, v in model.state_dict().items()})
+    cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(b.sum().detach(), cat.sum())
+    assert not b._source.stale()
+
+
+def test_a_bundle_of_buffers_watches_them_and_a_bundle_by_name_watches_nothing():
+    model = nn.BatchNorm1d(3)
+    with_buffers, by_name = mt.bundle(model, buffers=True), mt.bundle(dict(model.named_parameters()))
+    params = mt.bundle(model)
+    model.running_mean = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"tensor 'running_mean' has since been replaced"):
+        with_buffers.sum()
+    params.sum()
+    model.weight = nn.Parameter(torch.zeros(3))
+    assert float(by_name.sum().detach()) == 3.0  # the tensors it was given, as given
+    with pytest.raises(RuntimeError, match=r"tensor 'weight' has since been replaced"):
+        params.sum()
+
+
+def test_a_bundle_does_not_keep_its_module_alive():
+    model = nn.Linear(3, 2)
+    b = mt.bundle(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    nn.Linear(2, 2)  # an assignment after the module is gone: nothing to compare with
+    assert b.sum().shape == ()
 
 
 @pytest.mark.parametrize("size", [8, 300], ids=["tiny", "large"])

@@ -1,0 +1,90 @@
+"""The module a bundle was made from, to notice when its tensors are replaced in it.
+
+A bundle holds tensors, not the module. `model.load_state_dict(sd, assign=True)`,
+`module.weight = nn.Parameter(...)` or `model.fc = nn.Linear(...)` put other tensors in the
+module, and a bundle made before would go on reading the old ones: its results would no longer
+be the module's, with nothing to tell. Walking the module at every op would cost about as much
+as a small reduction, so torch's global registration hooks count such assignments instead, and
+a bundle walks its module again only after one (at its next op).
+
+Not seen: a tensor only removed (`module.bias = None`, `del module.weight`: torch calls no hook
+for those), and writes that bypass `nn.Module.__setattr__` (`module._parameters[name] = ...`,
+as `torch.func.functional_call` does for the length of its call).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+# Assignments of parameters or submodules, and of buffers, to any module, counted apart: some
+# models reassign a cache buffer in every forward, and only bundles of buffers need to look.
+_counts = [0, 0]
+_hooked = False
+
+
+def _counter(slot: int) -> Callable[[nn.Module, str, Any], None]:
+    def hook(module: nn.Module, name: str, value: Any) -> None:
+        _counts[slot] += 1  # returning None registers the value unchanged
+
+    return hook
+
+
+def _install_hooks() -> None:
+    # Installed with the first bundle of a module, not at import: importing modtensor alone
+    # leaves nn.Module as it was.
+    global _hooked
+    if not _hooked:
+        _module.register_module_parameter_registration_hook(_counter(0))
+        _module.register_module_module_registration_hook(_counter(0))
+        _module.register_module_buffer_registration_hook(_counter(1))
+        _hooked = True
+
+
+class ModuleSource:
+    """Where a bundle's tensors are in the module it was made from (held by a weak reference)."""
+
+    __slots__ = ("_buffers", "_module", "_recurse", "_seen")
+
+    def __init__(self, module: nn.Module, recurse: bool, buffers: bool) -> None:
+        _install_hooks()
+        self._module = weakref.ref(module)
+        self._recurse = recurse
+        self._buffers = buffers
+        self._seen = self._count()
+
+    def _count(self) -> int:
+        return _counts[0] + _counts[1] if self._buffers else _counts[0]
+
+    def stale(self) -> bool:
+        """True if something was assigned to some module since the tensors were last found in it."""
+        return self._seen != self._count()
+
+    def replaced(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[tuple[str, str]]:
+        """`(name, what became of it)` for each tensor the module no longer holds under its name.
+
+        After an assignment that changed none of them, the current count is recorded, so later
+        ops check nothing until the next assignment.
+        """
+        count = self._count()
+        module = self._module()
+        if module is None:  # gone: the bundle holds the only references to its tensors
+            self._seen = count
+            return []
+        now: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=self._recurse))
+        if self._buffers:
+            now.update(module.named_buffers(recurse=self._recurse))
+        found = []
+        for name, t in zip(names, tensors):
+            current = now.get(name)
+            if current is not t:
+                what = "is no longer in it" if current is None else "has since been replaced by another tensor"
+                found.append((name, what))
+        if not found:
+            self._seen = count
+        return found
