@@ -9,6 +9,8 @@ concatenation, with a `MaterializationWarning`, or raises under `fallback("error
 from __future__ import annotations
 
 import contextvars
+import inspect
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -381,6 +383,35 @@ def _materialize_call(
     return func(*materialized(args), **materialized(kwargs))
 
 
+_FIRST_PARAMETERS: dict[Any, str | None] = {}
+
+
+def _first_parameter(func: Callable[..., Any]) -> str | None:
+    try:
+        return next(iter(inspect.signature(func).parameters))  # functions torch writes in Python
+    except (TypeError, ValueError, StopIteration):
+        pass
+    # torch's C functions open their docstring with the signature: "sum(input, *, dtype=None)",
+    # "linalg.vector_norm(x, ord=2, ...)". A Tensor method's leaves out self: none then.
+    if inspect.ismethoddescriptor(func):
+        return None
+    match = re.match(r"\s*[\w.]+\((\w+)", getattr(func, "__doc__", None) or "")
+    return match.group(1) if match else None
+
+
+def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # A call spelled all in keywords, its first parameter moved to the front: the same call
+    # to torch, in the form handlers and strategies read (the bundle as args[0]).
+    try:
+        name = _FIRST_PARAMETERS[func]
+    except KeyError:
+        name = _FIRST_PARAMETERS[func] = _first_parameter(func)
+    if name is None or name not in kwargs:
+        return (), kwargs
+    rest = dict(kwargs)
+    return (rest.pop(name),), rest
+
+
 def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     # Every bundle the call reads, where find_bundles looks: `torch.add(x, other=b)` and
     # `torch.stack([a, b])` read theirs too. Not while compiling: the stand-ins hold no data.
@@ -397,6 +428,8 @@ def dispatch(
     owner: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Run `func` through `owner`'s table (a `DispatchTensor` subclass), else the fallback."""
+    if not args and kwargs:  # `torch.sum(input=b)`: handlers and strategies read args[0]
+        args, kwargs = _first_as_positional(func, kwargs)
     strategy: str = owner._strategy
     for a in args:
         if isinstance(a, BUNDLE_TYPES):

@@ -107,3 +107,36 @@ def test_refused_operands_raise_as_on_a_tensor_without_a_copy(sizes, expr):
             assert str(got.value) == str(want).replace("Tensor", "ParameterBundle")
         else:
             assert expr(mt.bundle(ts)) is want
+
+
+# The same calls spelled with keywords only; each is in the table when spelled positionally.
+KEYWORD_CALLS = {
+    "sum": lambda x, t: torch.sum(input=x),
+    "mean dim": lambda x, t: torch.mean(input=x, dim=0),
+    "amax": lambda x, t: torch.amax(input=x),
+    "norm": lambda x, t: torch.norm(input=x),
+    "vector_norm": lambda x, t: torch.linalg.vector_norm(x=x, ord=1),
+    "dist": lambda x, t: torch.dist(input=x, other=t),
+    "add": lambda x, t: torch.add(input=x, other=t, alpha=2),
+    "where": lambda x, t: torch.where(condition=t > 0, input=x, other=t),
+    "mse_loss": lambda x, t: torch.nn.functional.mse_loss(input=x, target=t),
+}
+
+
+@pytest.mark.parametrize("call", sorted(KEYWORD_CALLS))
+@pytest.mark.parametrize("size", [5, 300], ids=["tiny", "large"])
+def test_calls_in_keywords_only_are_dispatched_as_positional_ones(call, size, real_sizes):
+    model = torch.nn.Linear(size, 3)
+    b = mt.bundle(model).detach()
+    t = torch.randn(b.shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MaterializationWarning)  # no copy: the table served it
+        out = KEYWORD_CALLS[call](b, t)
+    out = out.materialize() if mt.is_bundle(out) else out
+    torch.testing.assert_close(out, KEYWORD_CALLS[call](b.materialize(), t))
+
+
+def test_a_keyword_only_call_keeps_the_bundles_strategy():
+    b = _b().per_param()
+    out = torch.sum(input=b)
+    assert mt.is_bundle(out) and out.to_dict() == {"w": torch.tensor(6.0), "b": torch.tensor(2.0)}
