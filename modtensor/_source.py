@@ -9,7 +9,8 @@ a bundle walks its module again only after one (at its next op).
 
 Not seen: a tensor only removed (`module.bias = None`, `del module.weight`: torch calls no hook
 for those), and writes that bypass `nn.Module.__setattr__` (`module._parameters[name] = ...`,
-as `torch.func.functional_call` does for the length of its call).
+as `torch.func.functional_call` does for the length of its call). Tensors added beside the
+old ones are not a change: the bundle's tensors are all still in the module.
 """
 
 from __future__ import annotations
