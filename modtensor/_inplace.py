@@ -27,8 +27,15 @@ __all__ = ["INPLACE_FUNCTIONS"]
 _T = torch.Tensor
 
 
+def _targets(b: ParameterBundle) -> list[torch.Tensor]:
+    # The tensors as the ops write them: a 0-d one as its (1,) view, dimensioned as in the
+    # concatenation, so that a (1,) operand broadcasts into it and types promote as there.
+    return [t if t.dim() else t.view(1) for t in b.tensors]
+
+
 def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | None:
-    """Tensor i's operand for each i: scalars as they are, bundles and flat tensors split."""
+    """Tensor i's operand for each i: numbers and 0-d tensors as they are (None), bundles and
+    flat tensors split, a `(1,)` tensor repeated (a foreach kernel takes 0-d tensors only)."""
     getter = _piece_getter(value, b, name, cast=False)
     if getter is NOT_HANDLED:
         raise ValueError(
@@ -36,6 +43,8 @@ def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | No
             f"use a scalar, a 0-d tensor, a flat ({b._numel},) tensor or a bundle of the same structure."
         )
     if getter is None:
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            return [value] * len(b.names)
         return None
     return [getter(i) for i in range(len(b.names))]
 
@@ -120,7 +129,7 @@ def _check_writable(
         return
     # What the op accepts depends on the dtypes, the devices and which operands are 0-d, not
     # on values: one check per distinct kind of (tensor, operand) pair, the first of each kind.
-    tensors = b.tensors
+    tensors = _targets(b)
     kinds: list[Any] = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
     if not b._on_one_device:
         kinds = list(zip(kinds, [t.device for t in tensors]))
@@ -143,7 +152,7 @@ def _check_writable(
 
 def _first_failure(dry_run: Callable[..., Any], b: ParameterBundle, operands: list[list[Any] | Any]) -> Exception | None:
     """What the dry run raises on the bundle's first tensor (None without tensors)."""
-    return _dry_run_failure(dry_run, b.tensors[0], _operands_of(operands, 0)) if b.tensors else None
+    return _dry_run_failure(dry_run, _targets(b)[0], _operands_of(operands, 0)) if b.tensors else None
 
 
 def _dry_run_failure(dry_run: Callable[..., Any], t: torch.Tensor, operands: list[Any]) -> Exception | None:
@@ -172,7 +181,7 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         name = func_name(func)
         other = rest[0]
         pieces = _operand_pieces(name, b, other)
-        tensors = list(b.tensors)
+        tensors = _targets(b)
 
         def write() -> None:
             if not kwargs and tensors:  # a scalar, or one operand per tensor
@@ -217,7 +226,7 @@ def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
             method(t, *operands[: len(rest)], **dict(zip(kwargs, operands[len(rest) :])))
 
         def write() -> None:
-            for i, t in enumerate(b.tensors):
+            for i, t in enumerate(_targets(b)):
                 method(
                     t,
                     *[p[i] if p is not None else a for p, a in zip(arg_pieces, rest)],
@@ -245,7 +254,7 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     assert pieces is not None
     _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
     if b.tensors:
-        torch._foreach_copy_(list(b.tensors), pieces, **kwargs)
+        torch._foreach_copy_(_targets(b), pieces, **kwargs)
     return b
 
 
@@ -275,7 +284,7 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
             "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
             "bundles from models of one dtype)."
         )
-    tensors = list(b.tensors)
+    tensors = _targets(b)
     _write(name, b, [pieces, weight], _T.lerp_, lambda: tensors and torch._foreach_lerp_(tensors, pieces, weight))
     return b
 

@@ -125,7 +125,9 @@ def check_same_structure(name: str, a: ParameterBundle, b: ParameterBundle) -> N
 def _piece_getter(arg: Any, ref: ParameterBundle, name: str, cast: bool = True) -> Any:
     """How to get tensor i's operand from one argument; NOT_HANDLED if only a copy could.
 
-    With `cast`, a bundle's tensors come in the bundle's dtype, as in the concatenation.
+    None for an argument every tensor takes as it is: a number, a 0-d or a `(1,)` tensor
+    (which of the two decides how torch promotes types, so neither is reshaped). With `cast`,
+    a bundle's tensors come in the bundle's dtype, as in the concatenation.
     """
     if is_bundle(arg):
         check_same_structure(name, ref, arg)
@@ -143,8 +145,7 @@ def _piece_getter(arg: Any, ref: ParameterBundle, name: str, cast: bool = True) 
 
         return flat_piece
     if arg.dim() <= 1 and arg.numel() == 1:
-        scalar = arg.reshape(())
-        return lambda i: scalar
+        return None
     try:
         torch.broadcast_shapes(arg.shape, (ref._numel,))  # type: ignore[no-untyped-call]
     except RuntimeError:
@@ -178,13 +179,17 @@ def per_tensor_caller(
     ref: ParameterBundle,
     cast: bool = True,
     flatten: bool = False,
+    dimensioned: bool = False,
 ) -> Any:
     """`call(i)`: `func` with every bundle (or flat tensor) argument replaced by tensor i's part.
 
     `cast` gives a bundle's parts in the bundle's dtype (as in the concatenation), `flatten`
-    gives them as vectors. NOT_HANDLED where an argument could only be split by copying it.
+    gives them as vectors, `dimensioned` computes on a 0-d tensor's part as on a (1,) one (an
+    elementwise op, as on the concatenation) and gives the result its shape. NOT_HANDLED where
+    an argument could only be split by copying it.
     """
     name = func_name(func)
+    shapes = ref._shapes
     arg_getters = [_piece_getter(a, ref, name, cast) for a in args]
     kwarg_getters = {k: _piece_getter(v, ref, name, cast) for k, v in kwargs.items()}
     if any(g is NOT_HANDLED for g in (*arg_getters, *kwarg_getters.values())):
@@ -194,9 +199,21 @@ def per_tensor_caller(
         kwarg_getters = {k: _flattened(g) for k, g in kwarg_getters.items()}
 
     def call(i: int) -> Any:
+        if dimensioned and not shapes[i]:
+            return _call_0d(i)
         piece_args = [g(i) if g else a for g, a in zip(arg_getters, args)]
         piece_kwargs = {k: (g(i) if g else kwargs[k]) for k, g in kwarg_getters.items()}
         return func(*piece_args, **piece_kwargs)
+
+    def _call_0d(i: int) -> Any:
+        # A 0-d tensor is dimensioned in the concatenation: as its (1,) view it broadcasts a
+        # (1,) operand and promotes types against a 0-d one as there. The results take its shape.
+        piece_args = [g(i).reshape(1) if g else a for g, a in zip(arg_getters, args)]
+        piece_kwargs = {k: (g(i).reshape(1) if g else kwargs[k]) for k, g in kwarg_getters.items()}
+        out = func(*piece_args, **piece_kwargs)
+        if isinstance(out, tuple):
+            return type(out)([x.reshape(()) if isinstance(x, torch.Tensor) else x for x in out])
+        return out.reshape(()) if isinstance(out, torch.Tensor) else out
 
     return call
 
@@ -220,7 +237,7 @@ def map_elementwise(
     # Under concat each tensor computes in the concatenation's dtype; under the other
     # strategies, which see tensors one at a time, in its own.
     cast = ref.strategy == "concat"
-    call = per_tensor_caller(func, args, kwargs, ref, cast=cast)
+    call = per_tensor_caller(func, args, kwargs, ref, cast=cast, dimensioned=True)
     if call is NOT_HANDLED:
         return NOT_HANDLED
     # The results are of the class whose table took the call (dispatch passes it as `types`),
@@ -397,7 +414,7 @@ def _operand_range(arg: Any, ref: ParameterBundle, i: int, start: int, stop: int
         return arg
     if arg.dim() == 1 and arg.shape[0] == ref._numel:
         return arg.narrow(0, ref._offsets[i] + start, stop - start).to(ref._devices[i])
-    return arg.reshape(()) if arg.numel() == 1 else _NO_RANGE
+    return arg if arg.numel() == 1 and arg.dim() <= 1 else _NO_RANGE
 
 
 def _range_call(

@@ -300,3 +300,28 @@ def test_lerp_with_an_end_of_another_dtype_names_the_tensor():
     assert not ema.materialize().any()
     ema.lerp_(source.double(), 0.5)
     assert torch.equal(ema.materialize(), torch.full((9,), 0.5, dtype=torch.float64))
+
+
+ONE_ELEMENT_CALLS = {
+    "add_": lambda t, o: t.add_(o, alpha=2),
+    "mul_": lambda t, o: t.mul_(o),
+    "clamp_min_": lambda t, o: t.clamp_min_(o),
+    "addcmul_": lambda t, o: t.addcmul_(o, o),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ONE_ELEMENT_CALLS))
+@given(case=cases(min_tensors=1, grad=False))
+def test_one_element_operands_promote_as_on_each_flattened_tensor(op, case):
+    # A (1,) float32 operand makes a bfloat16 tensor's update compute in float32, a 0-d one
+    # does not; and a 0-d tensor of the bundle is written as its (1,) view, as in the
+    # concatenation, so a (1,) operand broadcasts into it.
+    call = ONE_ELEMENT_CALLS[op]
+    for other in (torch.tensor(0.7), torch.tensor([0.7]), torch.tensor([0.7], dtype=torch.float64)):
+        want = [t.detach().clone() for t in case.tensors]
+        for t in want:
+            call(t if t.dim() else t.view(1), other)
+        got = [t.detach().clone() for t in case.tensors]
+        call(mt.bundle(got), other)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)

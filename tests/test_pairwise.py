@@ -1,8 +1,11 @@
 """Bundle-with-bundle reductions equal their concatenation versions, for a bundle or a flat other."""
 
 import pytest
+import torch
+import torch.nn.functional as F
 from hypothesis import given
 
+import modtensor as mt
 from generators import cases, check_against_concat, other_like
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from op_specs import PAIRWISE_CALLS
@@ -25,3 +28,17 @@ def test_pairwise_matches_concat(f, call, case):
 @given(case=cases(kinds=("normal",)))
 def test_pairwise_with_flat_other(f, call, case):
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case, seed=3), flat_other=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_zero_dim_other_operand_gives_the_concatenations_result(dtype):
+    # torch broadcasts a 0-d operand and promotes by its category only; the bundle falls back
+    # to the concatenation for it (it used to reduce against it and promote by its dtype).
+    b = mt.bundle({"w": torch.randn(3, 4), "b": torch.randn(5)}).detach()
+    other = torch.tensor(1.5, dtype=dtype)
+    for f in (torch.dist, F.huber_loss, torch.inner, lambda x, y: F.cosine_similarity(x, y, dim=0)):
+        with pytest.warns(mt.MaterializationWarning):
+            got = f(b, other)
+        want = f(b.materialize(), other)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want)

@@ -36,5 +36,11 @@ def test_binary_with_flat_tensor(name, f, call, case, int_case):
 
 @given(case=cases(min_tensors=1))
 def test_zero_dim_and_one_element_operands_broadcast(case):
-    for other in (torch.tensor(0.5), torch.tensor([0.5])):
-        check_against_concat(case, lambda x, y: x * other + other)
+    # A 0-d operand does not widen a floating bundle's dtype, a (1,) one does: each is taken as
+    # it is, and the bundle's own 0-d tensors compute as the dimensioned parts they are in the
+    # concatenation (a 0-d float32 tensor plus a 0-d float64 one stays float32 there).
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for other in (torch.tensor(0.5, dtype=dtype), torch.tensor([0.5], dtype=dtype)):
+            check_against_concat(case, lambda x, y: x * other + other)
+            check_against_concat(case, lambda x, y: torch.where(x > 0, x, other))
+            check_against_concat(case, lambda x, y: torch.clamp(x, min=other))
