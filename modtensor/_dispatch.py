@@ -600,11 +600,13 @@ class DispatchTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # a bundle made outside the compiled function
+            return _outside_the_graph(cls, func, args, kwargs)
         b = args[0] if args else None
         # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path).
         if (
             type(b) is cls and b._numel and b._numel <= TINY_NUMEL and b._strategy == "concat"
-            and b._dist is None and b._on_one_device and not torch.compiler.is_compiling()
+            and b._dist is None and b._on_one_device
         ):
             result = _fast_lane(cls, b, func, args, kwargs)
             if result is not NOT_HANDLED:
@@ -625,6 +627,16 @@ class DispatchTensor(torch.Tensor):
             f"{func} reached a {cls.__name__} below __torch_function__; the bundle has no "
             "storage of its own. Call it on `b.materialize()` or on `b.tensors`."
         )
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it untyped
+def _outside_the_graph(cls: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # Dynamo met a real bundle: one made before the compiled function ran, captured or passed
+    # in. Tracing into dispatch, it broke the graph inside modtensor's own functions and
+    # reused their compiled resumptions for other ops: `b.std()` returned the `b.mean()`
+    # computed before it. So the op breaks the graph here and runs eagerly, exact. Bundles
+    # made inside the compiled function are stand-ins (TracedDispatch), traced into the graph.
+    return cls.__torch_function__(func, (cls,), args, kwargs)
 
 
 class TracedDispatch:

@@ -259,3 +259,30 @@ def test_copy_and_masked_assignment_between_bundles_compile() -> None:
     torch.compile(step, fullgraph=True, backend="eager")(model, target)
     for p, q in zip(model.parameters(), target.parameters()):
         torch.testing.assert_close(q, p.detach().clamp_min(0))
+
+
+@pytest.mark.parametrize("size", [3, 300], ids=["tiny", "large"])
+@pytest.mark.parametrize("passed", [False, True], ids=["captured", "argument"])
+def test_a_bundle_made_outside_runs_each_op_eagerly_and_exactly(size: int, passed: bool) -> None:
+    # Several reductions in a row on one bundle: dynamo, tracing into dispatch, used to reuse
+    # the first op's compiled resumption for the next ones (std gave the mean).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Linear(size, 10)
+    b = mt.bundle(model)
+
+    def stats(x: mt.ParameterBundle) -> tuple[torch.Tensor, ...]:
+        return x.mean(), x.std(), x.amax(), x.norm(), torch.sum(x), (x ** 2).sum(), torch.dist(x, x * 2)
+
+    compiled = torch.compile(stats if passed else (lambda _: stats(b)), backend="aot_eager")
+    got, want = compiled(b), stats(b)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    got[5].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want[5].backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+        torch.compile(lambda: b.sum(), fullgraph=True, backend="eager")()
