@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -11,6 +12,7 @@ from typing_extensions import Self, TypeGuard
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from modtensor import _distributed, _source, _strategies
 from modtensor._dispatch import DispatchTensor, TracedDispatch, func_name
@@ -21,6 +23,7 @@ __all__ = ["ParameterBundle", "bundle", "is_bundle", "Selector", "Source"]
 Selector = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None]
 Source = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Any], "ParameterBundle"]
 
+_UNINITIALIZED = (UninitializedParameter, UninitializedBuffer)  # of Lazy modules
 _SOURCES = (
     "an nn.Module, a Mapping[str, Tensor] such as a state_dict, an iterable of tensors "
     "or of (name, tensor) pairs, or a ParameterBundle"
@@ -198,6 +201,7 @@ class _BundleAPI:
         """
         if self._dist is not None and self._dist.sources is not None:  # DTensor parameters
             return cast(Self, _distributed.grad(cast(ParameterBundle, self)))
+        self._check_held("ParameterBundle.grad")  # the old tensors' gradients would be stale
         named = [(n, t.grad) for n, t in zip(self._names, self.tensors) if t.grad is not None]
         if not named and self._dist is None:
             return None
@@ -217,6 +221,7 @@ class _BundleAPI:
     @property
     def data(self) -> Self:
         """The bundle of the tensors' `.data` (detached aliases, same names)."""
+        self._check_held("ParameterBundle.data")
         return self.derive([t.data for t in self.tensors])
 
     def _tensor(self, i: int) -> torch.Tensor:
@@ -229,7 +234,7 @@ class _BundleAPI:
             return self._flat[self._offsets[i]:self._offsets[i + 1]].view(self._shapes[i])
         return self._compute(i)
 
-    def _check_unchanged(self, func: Callable[..., Any] | None) -> None:
+    def _check_unchanged(self, func: Callable[..., Any] | str | None) -> None:
         # The offsets, element count and dtype were read from the tensors when the bundle was
         # made. After `p.data = p.data[:100]` (pruning) or `model.double()` every op would use
         # stale ones, and a mean would divide by the old count, silently. Bytes per tensor
@@ -260,7 +265,7 @@ class _BundleAPI:
         name, shape, dtype, t = changed[0]
         others = len(changed) - 1
         more = f" ({others} more {'tensor' if others == 1 else 'tensors'} changed too)" if others else ""
-        where = "modtensor" if func is None else func_name(func)
+        where = func if isinstance(func, str) else "modtensor" if func is None else func_name(func)
         raise RuntimeError(
             f"{where}: {self.describe()} was made when its tensor {name!r} was "
             f"{_format_shape(shape)} {dtype}; it is now {_format_shape(t.shape)} {t.dtype}{more}. "
@@ -269,7 +274,13 @@ class _BundleAPI:
             "results would be wrong. Make a new bundle after the change: `mt.bundle(model)`."
         )
 
-    def _check_source(self, func: Callable[..., Any] | None, tensors: tuple[torch.Tensor, ...]) -> None:
+    def _check_held(self, where: str) -> None:
+        # _check_unchanged for the accessors that read the tensors outside dispatch; not for
+        # the stand-ins of torch.compile, whose tensors are traced, not held.
+        if isinstance(self, DispatchTensor):
+            self._check_unchanged(where)
+
+    def _check_source(self, func: Callable[..., Any] | str | None, tensors: tuple[torch.Tensor, ...]) -> None:
         assert self._source is not None
         replaced = self._source.replaced(self._names, tensors)
         if not replaced:
@@ -277,7 +288,7 @@ class _BundleAPI:
         name, what = replaced[0]
         others = len(replaced) - 1
         more = f" ({others} more {'tensor' if others == 1 else 'tensors'} too)" if others else ""
-        where = "modtensor" if func is None else func_name(func)
+        where = func if isinstance(func, str) else "modtensor" if func is None else func_name(func)
         raise RuntimeError(
             f"{where}: {self.describe()} was made from a module whose tensor {name!r} {what}"
             f"{more} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
@@ -399,6 +410,10 @@ class _BundleAPI:
             >>> mt.bundle([torch.ones(2), torch.zeros(1)]).materialize()
             tensor([1., 1., 0.])
         """
+        self._check_held("ParameterBundle.materialize")
+        return self._cat()
+
+    def _cat(self) -> torch.Tensor:
         if self._flat is not None:
             return self._flat.clone()
         if not self._names:
@@ -421,7 +436,7 @@ class _BundleAPI:
         if tensors is not None and len(tensors) > 1 and self._on_one_device:
             flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]  # a tuple works
         else:
-            flat = self.materialize()
+            flat = self._cat()
         if tensors is not None and (
             flat.numel() != self._numel or flat.dtype != self._dtype
             or (self._source is not None and self._source.stale())
@@ -523,8 +538,16 @@ class _BundleAPI:
         return repr(self) if not format_spec else format(self.materialize(), format_spec)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        # A bundle is a view of tensors it does not own: copying it copies the tensors.
-        return self.derive([t.detach().clone().requires_grad_(t.requires_grad) for t in self.tensors])
+        # A bundle is a view of tensors it does not own: copying it copies the tensors, through
+        # `memo`, so that a module deep-copied with a bundle of its parameters (an attribute)
+        # gives a bundle of the copy's parameters, watching the copy.
+        made = self.derive([
+            copy.deepcopy(t, memo) if t.is_leaf else t.detach().clone().requires_grad_(t.requires_grad)
+            for t in self.tensors
+        ])
+        if self._source is not None:
+            made._source = self._source.copied(memo)
+        return made
 
 
 # The shared methods stand in for torch.Tensor's (grad, data, split, __repr__) on purpose.
@@ -799,6 +822,14 @@ def bundle(
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
     ]
+    if any(issubclass(k, _UNINITIALIZED) for k in kinds):
+        lazy = [n for n, t in named if isinstance(t, _UNINITIALIZED)]
+        if lazy:
+            raise ValueError(
+                f"bundle: {lazy[0]!r} is an uninitialized parameter (of a Lazy module, before its "
+                "first forward pass): it has no shape yet. Run a forward pass first, or leave it "
+                f"out with exclude={lazy[0]!r}."
+            )
     if group is not None or _distributed.involved(source, named):
         return _distributed.bundle(source, named, strategy, options, group)
     made = ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)

@@ -496,7 +496,7 @@ class DispatchTensor(torch.Tensor):
         # names if the tensors changed since the bundle was made; subclasses define it.
         raise NotImplementedError
 
-    def _check_unchanged(self, func: Callable[..., Any] | None) -> None:
+    def _check_unchanged(self, func: Callable[..., Any] | str | None) -> None:
         # Raise where the tensors no longer have the sizes and dtypes the bundle recorded;
         # subclasses that hold tensors define it.
         pass

@@ -59,6 +59,12 @@ class ModuleSource:
         self._buffers = buffers
         self._seen = self._count()
 
+    def copied(self, memo: dict[int, Any]) -> ModuleSource | None:
+        """The same place in the module's copy, where `copy.deepcopy` made one (`memo`)."""
+        module = self._module()
+        copy = None if module is None else memo.get(id(module))
+        return ModuleSource(copy, self._recurse, self._buffers) if isinstance(copy, nn.Module) else None
+
     def _count(self) -> int:
         return _counts[0] + _counts[1] if self._buffers else _counts[0]
 

@@ -175,10 +175,39 @@ def test_dtype_errors_are_raised_in_python_like_torch():
         torch.dot(mt.bundle([torch.ones(2)]), torch.ones(2, dtype=torch.float64))
 
 
+def test_a_lazy_module_before_its_first_forward_is_refused_clearly():
+    model = nn.Sequential(nn.Linear(2, 3), nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"bundle: '1.weight' is an uninitialized parameter .*exclude="):
+        mt.bundle(model)
+    assert mt.bundle(model, exclude="1.*").names == ("0.weight", "0.bias")
+    model(torch.ones(1, 2))
+    assert mt.bundle(model).numel() == 9 + 16
+
+
 def test_deepcopy_copies_the_tensors():
     w = torch.ones(2, requires_grad=True)
     b = copy.deepcopy(mt.bundle({"w": w}))
     assert b.names == ("w",) and b.tensors[0] is not w and b.tensors[0].requires_grad
+
+
+class _WithBundle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.params = mt.bundle(self.layer)  # a plain attribute: not a parameter or buffer
+
+
+def test_deepcopy_of_a_module_holding_a_bundle_keeps_them_together():
+    # As copy.deepcopy keeps a list of a module's parameters aliased to the copy's (an EMA
+    # model made by deepcopy), the bundle's tensors are the copy's parameters.
+    ema = copy.deepcopy(_WithBundle())
+    assert all(t is p for t, p in zip(ema.params.tensors, ema.layer.parameters()))
+    with torch.no_grad():
+        ema.layer.weight.zero_()
+    assert float(ema.params.abs().sum().detach()) == float(ema.layer.bias.abs().sum().detach())
+    ema.layer.weight = nn.Parameter(torch.ones(2, 3))  # and it watches the copy
+    with pytest.raises(RuntimeError, match="'weight' has since been replaced"):
+        ema.params.sum()
 
 
 def test_elementwise_results_keep_names_and_shapes_and_write_nothing():
@@ -208,6 +237,9 @@ STALE_CALLS = {
     "elementwise": lambda b, other: b * 2,
     "pairwise": lambda b, other: torch.dist(other, b),
     "in place": lambda b, other: b.add_(1.0),
+    "materialize": lambda b, other: b.materialize(),
+    "grad": lambda b, other: b.grad,  # clip_grad_norm_(b) read the old tensors' (none): no clipping
+    "data": lambda b, other: b.data,
 }
 
 
