@@ -233,10 +233,33 @@ def _sig_huber(input: Any, target: Any, reduction: str = "mean", delta: float = 
     return input, target, weight is not None, reduction, {"delta": delta}
 
 
+_LOSS_DTYPES: dict[tuple[Any, ...], torch.dtype] = {}
+
+
+def _loss_dtype(
+    loss: Callable[..., torch.Tensor], name: str, ref: Any, dtypes: tuple[torch.dtype, torch.dtype],
+    reduction: str, loss_kwargs: dict[str, Any],
+) -> torch.dtype:
+    # The result's dtype, and whether torch takes these dtypes at all (l1_loss refuses bool,
+    # huber_loss integers, mse_loss complex; l1_loss of complex is real): the loss itself on
+    # one-element tensors of the operands' dtypes, where the bundle lives, once per kind.
+    device = ref._device
+    key = (loss, *dtypes, device.type, reduction, *loss_kwargs.items())
+    dtype = _LOSS_DTYPES.get(key)
+    if dtype is None:
+        x, y = (torch.ones(1, dtype=d, device=device) for d in dtypes)
+        try:
+            dtype = loss(x, y, reduction=reduction, **loss_kwargs).dtype
+        except Exception as e:
+            raise type(e)(f"{name}: {e} ({ref.describe()}; torch raises the same on the concatenations)") from None
+        _LOSS_DTYPES[key] = dtype
+    return dtype
+
+
 def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any]) -> Callable[..., Any]:
     def partial(pair: Any, offset: int, a: ReduceArgs) -> torch.Tensor:
         x, y = pair
-        return loss(_cast(x, a.dtype), y, reduction="sum", **a.options["loss_kwargs"])
+        return loss(_cast(x, a.options["input_dtype"]), y, reduction="sum", **a.options["loss_kwargs"])
 
     def finalize(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         return _cast(state / a.numel, a.dtype) if a.options["mean"] else state
@@ -264,8 +287,11 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         operands = _operands(name, first, second, require_same_dtype=False)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
-        options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean"}
-        parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
+        ref, _, input_dtype = operands
+        dtypes = (first._dtype if is_bundle(first) else first.dtype, second._dtype if is_bundle(second) else second.dtype)
+        dtype = _loss_dtype(loss, name, ref, dtypes, reduction, loss_kwargs)
+        options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
+        parsed = ReduceArgs(name, dtype, ref._numel, options=options)
         return _run(func, args, kwargs, reduction_of, parsed, operands)
 
     return handler

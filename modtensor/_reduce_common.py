@@ -58,12 +58,14 @@ def _is_floating(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def _require_floating(dtype: torch.dtype, name: str, b: ParameterBundle, what: str) -> None:
+def _require_floating(
+    dtype: torch.dtype, name: str, b: ParameterBundle, what: str, dtype_helps: bool = True
+) -> None:
     if not _is_floating(dtype):
         raise RuntimeError(
             f"{name}: {what} needs a floating point or complex dtype, but {b.describe()} "
             f"concatenates to {dtype} (torch raises the same on the concatenation). "
-            "Cast first, e.g. `b.float()`, or pass dtype=."
+            f"Cast first, e.g. `b.float()`{', or pass dtype=' if dtype_helps else ''}."
         )
 
 

@@ -74,8 +74,10 @@ def _parse_sum_like(
     dim, keepdim, dtype = _bind(_sig_sum, name, args, kwargs)
     check_dim(dim, name, b)
     if mean:
-        dtype = dtype or b._dtype
-        _require_floating(dtype, name, b, "the mean")
+        if func in REDUCTION_FUNCTIONS["nanmean"]:  # torch.mean takes integers given dtype=; nanmean does not
+            _require_floating(b._dtype, name, b, "the mean", dtype_helps=False)
+        else:
+            _require_floating(dtype or b._dtype, name, b, "the mean")
     return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
 
 
@@ -184,7 +186,7 @@ def _parse_var(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
         raise RuntimeError(f"{name}: cannot specify both unbiased and correction.")
     if correction is None:
         correction = 0 if unbiased is False else 1
-    _require_floating(b._dtype, name, b, "var and std")
+    _require_floating(b._dtype, name, b, "var and std", dtype_helps=False)
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"correction": correction})
 
 
@@ -368,14 +370,14 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             "Use a number (0, 1, 2, any p, inf, -inf)."
         )
     check_dim(dim, name, b)
+    _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says
     dtype = dtype or b._dtype
-    _require_floating(dtype, name, b, "a norm")
     return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p)})
 
 
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    if not _is_floating(t.dtype):
-        t = t.to(a.dtype)
+    if not _is_floating(t.dtype) or (a.dtype.is_complex and not t.dtype.is_complex):
+        t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= _kernels.NORM_ROWS_NUMEL:
         return l2_norm(t), _kept(t)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)

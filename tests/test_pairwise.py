@@ -42,3 +42,27 @@ def test_a_zero_dim_other_operand_gives_the_concatenations_result(dtype):
         want = f(b.materialize(), other)
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want)
+
+
+def test_losses_take_torchs_result_dtype_and_refusals():
+    # l1_loss of complex tensors is real; l1_loss refuses bool, huber_loss integers, mse_loss
+    # complex, each with torch's exception; a float16 input's huber_loss stays float16.
+    target = torch.ones(7)
+    cases = [
+        (F.l1_loss, [torch.randn(3, dtype=torch.cfloat), torch.randn(4, dtype=torch.cfloat)], target),
+        (F.l1_loss, [torch.tensor([True, False, True]), torch.tensor([False] * 4)], target),
+        (F.huber_loss, [torch.arange(3), torch.arange(4)], target),
+        (F.huber_loss, [torch.randn(3).half(), torch.randn(4).half()], target),
+        (F.mse_loss, [torch.randn(3, dtype=torch.cfloat), torch.randn(4, dtype=torch.cfloat)], target),
+    ]
+    for loss, tensors, y in cases:
+        b = mt.bundle(tensors)
+        try:
+            want = loss(b.materialize(), y)
+        except Exception as e:
+            with pytest.raises(type(e)):
+                loss(b, y)
+            continue
+        got = loss(b, y)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 
+import modtensor as mt
 from generators import cases, check_against_concat, other_like
 from modtensor._reductions import REDUCTION_FUNCTIONS
 from op_specs import REDUCTION_CALLS
@@ -26,3 +27,22 @@ def test_reduction_matches_concat(f, call, case):
 @given(case=cases(dtypes=(torch.int64, torch.int32, torch.float32, torch.bool), kinds=("normal",), grad=False))
 def test_reduction_matches_concat_mixed_integer_dtypes(f, call, case):
     check_against_concat(case, lambda x, y: call(f, x, y), other_like(case), grads=False)
+
+
+def test_torchs_dtype_rules_for_norms_and_nanmean():
+    # Both refuse integer input whatever dtype= says (mean takes it); a norm of complex and
+    # real tensors together converts the real ones, as the concatenation does.
+    ints = mt.bundle([torch.tensor([1, 2, 3]), torch.tensor([4])])
+    for call in (
+        lambda x: torch.nanmean(x, dtype=torch.float32),
+        lambda x: torch.linalg.vector_norm(x, dtype=torch.float64),
+        lambda x: torch.norm(x, p=1, dtype=torch.float64),
+    ):
+        with pytest.raises(RuntimeError):
+            call(ints.materialize())
+        with pytest.raises(RuntimeError, match=r"needs a floating point or complex dtype.*b\.float\(\)`\.$"):
+            call(ints)
+    torch.testing.assert_close(torch.mean(ints, dtype=torch.float32), torch.tensor(2.5))
+    mixed = mt.bundle([torch.randn(3, 4, dtype=torch.cfloat), torch.randn(5)])
+    for p in (0, 1, 2, 3, float("inf")):
+        torch.testing.assert_close(torch.linalg.vector_norm(mixed, p), torch.linalg.vector_norm(mixed.materialize(), p))
