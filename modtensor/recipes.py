@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +49,20 @@ def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
 
 
 def clip_grad_norm_(
-    parameters: BundleLike, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    parameters: BundleLike | torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> torch.Tensor:
     """Clip the gradients' global norm to `max_norm`, in place; return the norm before clipping.
 
     Same as `torch.nn.utils.clip_grad_norm_` on the bundle's tensors (tensors without a
-    gradient are skipped), up to the last bit of the norm, which is summed in float64.
+    gradient are skipped), up to the last bit of the norm, which is summed in float64. It also
+    takes torch's arguments: a tensor or an iterable of them (`model.parameters()`), a
+    `norm_type` such as `"inf"`, and `foreach` (the bundle picks its kernels itself). Of order
+    0, torch's total is the number of tensors with a nonzero gradient (the order-0 norm of
+    their norms), not of nonzero elements; so is this one.
 
     Example:
         >>> import torch, modtensor as mt
@@ -64,10 +73,19 @@ def clip_grad_norm_(
         >>> round(float(mt.bundle(lin).grad.norm()), 4)
         1.0
     """
+    if isinstance(parameters, torch.Tensor) and not is_bundle(parameters):
+        parameters = [parameters]
+    if not is_bundle(parameters) and not isinstance(parameters, nn.Module):
+        parameters = bundle(list(parameters))
     grads = _as_bundle(parameters, "clip_grad_norm_").grad
     if grads is None:
         return torch.tensor(0.0)
-    total: torch.Tensor = grads.norm(norm_type)
+    norm_type = float(norm_type)
+    total: torch.Tensor
+    if norm_type == 0:  # torch's total is a norm of the per-tensor norms: the same but here
+        total = torch.linalg.vector_norm(_b(grads.per_param().norm(0)).materialize(), 0)
+    else:
+        total = grads.norm(norm_type)
     if error_if_nonfinite and not bool(total.isfinite()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
@@ -158,7 +176,11 @@ def merge(
     tvs = [_b(_as_bundle(tv, "merge").detach()) for tv in task_vectors]
     if not tvs:
         raise ValueError("merge: no task vectors given.")
-    ws = [float(weights)] * len(tvs) if isinstance(weights, (int, float)) else [float(w) for w in weights]
+    # one number for all: a Python or NumPy number, or a one-element tensor
+    if isinstance(weights, numbers.Real) or (isinstance(weights, torch.Tensor) and weights.numel() == 1):
+        ws = [float(weights)] * len(tvs)
+    else:
+        ws = [float(w) for w in cast(Iterable[Any], weights)]
     if len(ws) != len(tvs):
         raise ValueError(f"merge: {len(ws)} weights for {len(tvs)} task vectors.")
     if trim is not None and not 0 < trim <= 1:

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -39,6 +40,23 @@ def test_clip_grad_norm_matches_torch(norm_type, max_norm):
             torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("norm_type", [0, 2.0, "inf"])
+@pytest.mark.parametrize("form", ["parameters()", "list", "one tensor"])
+def test_clip_grad_norm_takes_torchs_arguments(norm_type, form):
+    # A drop-in for torch's: an iterable of tensors or one tensor, "inf", foreach=. Of order 0,
+    # torch's total counts the tensors with a nonzero gradient (a norm of per-tensor norms).
+    ours, theirs = _with_grads(_model()), _with_grads(_model())
+    for m in (ours, theirs):
+        m[3].bias.grad.zero_()
+    args = {"parameters()": lambda m: m.parameters(), "list": lambda m: list(m.parameters()),
+            "one tensor": lambda m: m[0].weight}[form]
+    got = recipes.clip_grad_norm_(args(ours), 0.5, norm_type, foreach=True)
+    want = nn.utils.clip_grad_norm_(args(theirs), 0.5, norm_type, foreach=True)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_clip_grad_norm_errors_on_nonfinite_like_torch():
     model = _with_grads(_model())
     model[0].weight.grad[0, 0, 0, 0] = float("inf")
@@ -61,6 +79,15 @@ def test_ema_matches_averaged_model_step_after_step():
         recipes.ema_(ema, model, decay=0.9)
     for a, b in zip(ema.parameters(), averaged.module.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_merge_takes_one_weight_as_any_number():
+    base, ft1, ft2 = _model(0), _model(1), _model(2)
+    tvs = [recipes.task_vector(ft1, base), recipes.task_vector(ft2, base)]
+    want = recipes.merge(base, tvs, weights=[0.5, 0.5])
+    for weight in (0.5, np.float32(0.5), torch.tensor(0.5), torch.tensor([0.5, 0.5])):
+        for got, w in zip(recipes.merge(base, tvs, weights=weight).tensors, want.tensors):
+            torch.testing.assert_close(got, w)
 
 
 def test_task_arithmetic_and_distance():
