@@ -14,7 +14,7 @@ What the figures cover:
 
 - Per-tensor rows: every selected tensor. Integer, bool and float8 tensors are converted for
   their statistics (to float32 up to 16 bits, where that is exact, float64 beyond); complex,
-  quantized and sparse tensors get blank statistics. A figure an empty tensor does not have
+  quantized, sparse and meta tensors get blank statistics (nested ones are refused). A figure an empty tensor does not have
   (its mean, min, cosine...) is blank; its norm, L2 distance and NaN/inf counts are 0.
 - The global row: the selected float16/bfloat16/float32/float64 tensors (the weights). Integer
   and bool buffers such as BatchNorm's step counter would swamp the weights' figures, so they
@@ -202,6 +202,9 @@ def _as_state_dict(obj: Any, path: Path) -> StateDict:
                 f"{path}: entry {key!r} holds {_a(type(value).__name__)}; expected a state_dict (a "
                 f"mapping of names to tensors), or a dict with one under {' or '.join(map(repr, _NESTED_KEYS))}"
             )
+        if value.is_nested:
+            raise CliError(f"{path}: entry {key!r} is a nested tensor, which has no single shape; a "
+                           "state_dict of a model holds none")
     # detach: a saved nn.Parameter comes back requiring grad
     return {key: value.detach() for key, value in obj.items()}
 
@@ -255,11 +258,19 @@ def _shorten(names: Sequence[str], limit: int = 4) -> str:
 # -- figures ---------------------------------------------------------------------------------
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for sparse and meta tensors (meta ones, saved from a model made on the meta device,
+    hold no values): their statistics are blank."""
+    return t.layout == torch.strided and not t.is_meta
+
+
 def _for_stats(t: torch.Tensor) -> torch.Tensor | None:
     """`t` in a dtype that torch's reductions take, or None where its statistics are undefined."""
+    if not _has_values(t):
+        return None
     if t.dtype in _NATIVE:
         return t
-    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+    if t.is_complex() or t.is_quantized:
         return None
     # bool, integers, float8: exact in float32 up to 16 bits, not beyond (int64 step counters)
     try:
@@ -308,7 +319,8 @@ _DISTANCES: Figures = {
     "l2": lambda a, b: torch.dist(a, b),
     "max_abs": lambda a, b: (a - b).abs().amax(),
     "cosine": lambda a, b: F.cosine_similarity(a, b, dim=0),
-    "changed": lambda a, b: torch.count_nonzero(a != b),
+    # NaN != NaN: a NaN left as it was is not a change
+    "changed": lambda a, b: torch.count_nonzero((a != b) & ~(torch.isnan(a) & torch.isnan(b))),
 }
 
 # The figures an empty tensor has (the others, such as its min, do not exist).
@@ -369,7 +381,7 @@ def _rows(sides: Sequence[StateDict], names: Sequence[str], figures: Figures, de
 
 def _global(sides: Sequence[StateDict], names: Sequence[str], figures: Figures, strategy: str) -> Row:
     """The figures of the floating-point tensors of `names` (of the others where there are none)."""
-    covered = [n for n in names if all(side[n].dtype in _NATIVE for side in sides)]
+    covered = [n for n in names if all(side[n].dtype in _NATIVE and _has_values(side[n]) for side in sides)]
     tensors = [{n: side[n] for n in covered} for side in sides]
     if not covered:
         converted = [_converted(side, names) for side in sides]

@@ -177,6 +177,26 @@ def test_odd_dtypes_and_empty_tensors_do_not_crash(capsys, tmp_path):
     assert rows["empty"]["l2"] == 0 and rows["empty"]["cosine"] is None
 
 
+def test_sparse_and_meta_tensors_get_blank_statistics(capsys, tmp_path):
+    # They hold no dense values (a meta tensor none at all); the docstring promised blanks for
+    # sparse ones, and both crashed with torch's errors.
+    path, meta = tmp_path / "sparse.pt", tmp_path / "meta.pt"
+    w = torch.randn(5)
+    torch.save({"w": w, "s": torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))}, path)
+    torch.save({"w": torch.empty(5, device="meta"), "s": torch.empty(4, device="meta")}, meta)
+    code, out, _ = _run(capsys, "stats", path, "--format", "json")
+    assert code == 0
+    report = json.loads(out)
+    assert [report["tensors"]["s"][k] for k in FIGURES] == [4] + [None] * 8
+    assert report["global"]["not_in_global"] == ["s"]
+    _assert_figures(report["global"], _reference([w]))
+    code, out, _ = _run(capsys, "stats", meta, "--format", "json")
+    assert code == 0 and json.loads(out)["global"]["not_in_global"] == ["w", "s"]
+    for a, b in ((path, path), (path, meta)):
+        code, out, _ = _run(capsys, "diff", a, b, "--format", "json")
+        assert code == 0 and json.loads(out)["tensors"]["s"]["l2"] is None
+
+
 def test_global_row_covers_integer_tensors_when_no_float_is_selected(capsys, checkpoint):
     code, out, _ = _run(capsys, "stats", checkpoint, "--include", "bn.num*", "--include", "mask", "--format", "json")
     assert code == 0
@@ -256,6 +276,8 @@ def _write_truncated(path):
         ("epoch.pt", lambda p: torch.save({"w": torch.ones(2), "epoch": 3}, p), "entry 'epoch' holds an int"),
         ("list.pt", lambda p: torch.save([torch.ones(2)], p), "holds a list, not a state_dict"),
         ("nothing.pt", lambda p: torch.save({}, p), "empty state_dict"),
+        ("nested.pt", lambda p: torch.save({"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, p),
+         "entry 'n' is a nested tensor"),
         ("corrupt.safetensors", _write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"), "not a readable safetensors"),
     ],
 )
@@ -370,6 +392,15 @@ def test_diff_of_a_checkpoint_with_itself(capsys, checkpoint):
     assert report["global"]["cosine"] == pytest.approx(1.0)
     assert report["only_in_a"] == report["only_in_b"] == report["shape_mismatches"] == []
     assert "bn.weight" not in report["tensors"]
+
+
+def test_nan_left_as_it_was_is_no_change(capsys, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.tensor([float("nan"), 1.0, 2.0, float("nan")])}, a)
+    torch.save({"w": torch.tensor([float("nan"), 1.0, 3.0, 0.0])}, b)
+    code, out, _ = _run(capsys, "diff", a, b, "--format", "json")
+    assert code == 0 and json.loads(out)["tensors"]["w"]["changed_fraction"] == 0.5  # 2.0 -> 3.0, nan -> 0.0
+    assert json.loads(_run(capsys, "diff", a, a, "--format", "json")[1])["global"]["changed_fraction"] == 0
 
 
 def test_demo_without_a_path(capsys):
