@@ -23,6 +23,7 @@ __all__ = ["ParameterBundle", "bundle", "is_bundle", "Selector", "Source"]
 Selector = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None]
 Source = Union[nn.Module, Mapping[str, torch.Tensor], Iterable[Any], "ParameterBundle"]
 
+_SOURCE_COUNTS = _source.COUNTS
 _UNINITIALIZED = (UninitializedParameter, UninitializedBuffer)  # of Lazy modules
 _SOURCES = (
     "an nn.Module, a Mapping[str, Tensor] such as a state_dict, an iterable of tensors "
@@ -242,7 +243,8 @@ class _BundleAPI:
         tensors = self._tensors
         if tensors is None or self._dist is not None:  # results of ops; shards (FSDP swaps them)
             return
-        if self._source is not None and self._source.stale():
+        src = self._source
+        if src is not None and src.seen != _SOURCE_COUNTS[src.slot]:  # src.stale(), written out
             self._check_source(func, tensors)
         expected = self._plans.get("nbytes")
         if expected is None:
@@ -437,9 +439,10 @@ class _BundleAPI:
             flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]  # a tuple works
         else:
             flat = self._cat()
+        src = self._source
         if tensors is not None and (
             flat.numel() != self._numel or flat.dtype != self._dtype
-            or (self._source is not None and self._source.stale())
+            or (src is not None and src.seen != _SOURCE_COUNTS[src.slot])  # src.stale(), written out
         ):
             self._check_unchanged(func)
         return flat

@@ -23,15 +23,18 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-# Assignments of parameters or submodules, and of buffers, to any module, counted apart: some
-# models reassign a cache buffer in every forward, and only bundles of buffers need to look.
-_counts = [0, 0]
+# Assignments to any module: COUNTS[0] of parameters and submodules, COUNTS[1] of those and
+# of buffers. Some models reassign a cache buffer in every forward: only bundles of buffers
+# need to look then. A bundle compares its source's count with one of them at every op.
+COUNTS = [0, 0]
 _hooked = False
 
 
-def _counter(slot: int) -> Callable[[nn.Module, str, Any], None]:
+def _counter(slots: tuple[int, ...]) -> Callable[[nn.Module, str, Any], None]:
     def hook(module: nn.Module, name: str, value: Any) -> None:
-        _counts[slot] += 1  # returning None registers the value unchanged
+        for slot in slots:
+            COUNTS[slot] += 1
+        # returning None registers the value unchanged
 
     return hook
 
@@ -41,23 +44,24 @@ def _install_hooks() -> None:
     # leaves nn.Module as it was.
     global _hooked
     if not _hooked:
-        _module.register_module_parameter_registration_hook(_counter(0))
-        _module.register_module_module_registration_hook(_counter(0))
-        _module.register_module_buffer_registration_hook(_counter(1))
+        _module.register_module_parameter_registration_hook(_counter((0, 1)))
+        _module.register_module_module_registration_hook(_counter((0, 1)))
+        _module.register_module_buffer_registration_hook(_counter((1,)))
         _hooked = True
 
 
 class ModuleSource:
     """Where a bundle's tensors are in the module it was made from (held by a weak reference)."""
 
-    __slots__ = ("_buffers", "_module", "_recurse", "_seen")
+    __slots__ = ("_buffers", "_module", "_recurse", "seen", "slot")
 
     def __init__(self, module: nn.Module, recurse: bool, buffers: bool) -> None:
         _install_hooks()
         self._module = weakref.ref(module)
         self._recurse = recurse
         self._buffers = buffers
-        self._seen = self._count()
+        self.slot = 1 if buffers else 0  # which of COUNTS it watches
+        self.seen = COUNTS[self.slot]  # its value when the tensors were last found in the module
 
     def copied(self, memo: dict[int, Any]) -> ModuleSource | None:
         """The same place in the module's copy, where `copy.deepcopy` made one (`memo`)."""
@@ -65,12 +69,12 @@ class ModuleSource:
         copy = None if module is None else memo.get(id(module))
         return ModuleSource(copy, self._recurse, self._buffers) if isinstance(copy, nn.Module) else None
 
-    def _count(self) -> int:
-        return _counts[0] + _counts[1] if self._buffers else _counts[0]
-
     def stale(self) -> bool:
-        """True if something was assigned to some module since the tensors were last found in it."""
-        return self._seen != self._count()
+        """True if something was assigned to some module since the tensors were last found in it.
+
+        The bundle's hot paths write this test out: `src.seen != COUNTS[src.slot]`.
+        """
+        return self.seen != COUNTS[self.slot]
 
     def replaced(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[tuple[str, str]]:
         """`(name, what became of it)` for each tensor the module no longer holds under its name.
@@ -78,10 +82,10 @@ class ModuleSource:
         After an assignment that changed none of them, the current count is recorded, so later
         ops check nothing until the next assignment.
         """
-        count = self._count()
+        count = COUNTS[self.slot]
         module = self._module()
         if module is None:  # gone: the bundle holds the only references to its tensors
-            self._seen = count
+            self.seen = count
             return []
         now: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=self._recurse))
         if self._buffers:
@@ -93,5 +97,5 @@ class ModuleSource:
                 what = "is no longer in it" if current is None else "has since been replaced by another tensor"
                 found.append((name, what))
         if not found:
-            self._seen = count
+            self.seen = count
         return found
