@@ -57,6 +57,15 @@ def _combine_device(devices: Sequence[torch.device]) -> torch.device:
 _NBYTES = operator.attrgetter("nbytes")
 
 
+def _caller(func: Callable[..., Any] | str | None) -> str:
+    # What an error names: the torch function, the bundle's accessor, or the library.
+    return func if isinstance(func, str) else "modtensor" if func is None else func_name(func)
+
+
+def _more(others: int, what: str) -> str:
+    return f" ({others} more {'tensor' if others == 1 else 'tensors'} {what})" if others else ""
+
+
 def _format_shape(shape: torch.Size) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -265,12 +274,10 @@ class _BundleAPI:
         if not changed:  # a tensor type whose nbytes is not numel * itemsize
             return
         name, shape, dtype, t = changed[0]
-        others = len(changed) - 1
-        more = f" ({others} more {'tensor' if others == 1 else 'tensors'} changed too)" if others else ""
-        where = func if isinstance(func, str) else "modtensor" if func is None else func_name(func)
         raise RuntimeError(
-            f"{where}: {self.describe()} was made when its tensor {name!r} was "
-            f"{_format_shape(shape)} {dtype}; it is now {_format_shape(t.shape)} {t.dtype}{more}. "
+            f"{_caller(func)}: {self.describe()} was made when its tensor {name!r} was "
+            f"{_format_shape(shape)} {dtype}; it is now {_format_shape(t.shape)} {t.dtype}"
+            f"{_more(len(changed) - 1, 'changed too')}. "
             "A bundle keeps the sizes and dtypes its tensors had when it was made "
             "(`p.data = ...`, pruning, `model.half()` or `.double()` change them), so its "
             "results would be wrong. Make a new bundle after the change: `mt.bundle(model)`."
@@ -288,12 +295,9 @@ class _BundleAPI:
         if not replaced:
             return
         name, what = replaced[0]
-        others = len(replaced) - 1
-        more = f" ({others} more {'tensor' if others == 1 else 'tensors'} too)" if others else ""
-        where = func if isinstance(func, str) else "modtensor" if func is None else func_name(func)
         raise RuntimeError(
-            f"{where}: {self.describe()} was made from a module whose tensor {name!r} {what}"
-            f"{more} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
+            f"{_caller(func)}: {self.describe()} was made from a module whose tensor {name!r} {what}"
+            f"{_more(len(replaced) - 1, 'too')} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
             "`model.fc = nn.Linear(...)`, pruning). The bundle holds the tensors it "
             "was made with, so its results would no longer be the module's. Make a new bundle "
             "after the change: `mt.bundle(model)`; to go on with the old tensors, bundle them "
