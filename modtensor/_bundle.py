@@ -544,6 +544,23 @@ class _BundleAPI:
     def __format__(self, format_spec: str) -> str:
         return repr(self) if not format_spec else format(self.materialize(), format_spec)
 
+    def __copy__(self) -> Self:
+        # copy.copy: a bundle of the same tensors, as a copy of a list of them holds them.
+        return self.with_strategy(self._strategy, **self._options)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle and torch.save: a bundle again, of its tensors (which torch pickles as usual),
+        # names, strategy and options. torch.Tensor's own would save the concatenation.
+        if self._dist is not None:
+            raise TypeError(
+                f"pickle: {self.describe()} holds this rank's shards; save `b.to_dict()` per rank "
+                "(or the model's state_dict) instead."
+            )
+        return _rebuild, (
+            self._derived_class(), self.tensors, self._names, self._strategy, dict(self._options),
+            self._dtype, self._left_out, self._device,
+        )
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
         # A bundle is a view of tensors it does not own: copying it copies the tensors, through
         # `memo`, so that a module deep-copied with a bundle of its parameters (an attribute)
@@ -697,6 +714,11 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._lazy_requires_grad = requires_grad
         self._dist = None if like._dist is None else like._dist.derived()
         return self
+
+
+def _rebuild(cls: type[ParameterBundle], *args: Any) -> ParameterBundle:
+    """What pickle calls to make a bundle again (see `__reduce_ex__`)."""
+    return ParameterBundle.__new__(cls, *args)
 
 
 class _TracedBundle(_BundleAPI, TracedDispatch):

@@ -2,6 +2,8 @@
 
 import copy
 import gc
+import io
+import pickle
 import warnings
 import weakref
 
@@ -182,6 +184,27 @@ def test_a_lazy_module_before_its_first_forward_is_refused_clearly():
     assert mt.bundle(model, exclude="1.*").names == ("0.weight", "0.bias")
     model(torch.ones(1, 2))
     assert mt.bundle(model).numel() == 9 + 16
+
+
+def test_copy_pickle_and_torch_save_give_bundles():
+    # They used to give the concatenation (a full copy), with a MaterializationWarning.
+    model = nn.Linear(3, 2)
+    b = mt.bundle(model).weighted({"*": 2.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MaterializationWarning)
+        shallow = copy.copy(b)
+        pickled = pickle.loads(pickle.dumps(b))
+        buffer = io.BytesIO()
+        torch.save(b, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)  # a bundle is not plain weights
+    assert all(t is p for t, p in zip(shallow.tensors, model.parameters()))
+    for other in (shallow, pickled, loaded):
+        assert isinstance(other, mt.ParameterBundle) and other.names == b.names
+        assert other.strategy == "weighted" and dict(other.options) == dict(b.options)
+        torch.testing.assert_close(other.materialize(), b.materialize())
+    assert pickled.tensors[0] is not model.weight
+    assert pickle.loads(pickle.dumps(mt.bundle([]))).numel() == 0
 
 
 def test_deepcopy_copies_the_tensors():
