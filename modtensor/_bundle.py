@@ -298,7 +298,7 @@ class _BundleAPI:
         raise RuntimeError(
             f"{_caller(func)}: {self.describe()} was made from a module whose tensor {name!r} {what}"
             f"{_more(len(replaced) - 1, 'too')} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
-            "`model.fc = nn.Linear(...)`, pruning). The bundle holds the tensors it "
+            "`model.fc = nn.Linear(...)`). The bundle holds the tensors it "
             "was made with, so its results would no longer be the module's. Make a new bundle "
             "after the change: `mt.bundle(model)`; to go on with the old tensors, bundle them "
             "by name: `mt.bundle(dict(b.items()))`."
@@ -565,8 +565,10 @@ class _BundleAPI:
         # A bundle is a view of tensors it does not own: copying it copies the tensors, through
         # `memo`, so that a module deep-copied with a bundle of its parameters (an attribute)
         # gives a bundle of the copy's parameters, watching the copy.
+        # (Views are cloned: a deep copy of one copies all of its base's storage.)
         made = self.derive([
-            copy.deepcopy(t, memo) if t.is_leaf else t.detach().clone().requires_grad_(t.requires_grad)
+            copy.deepcopy(t, memo) if t.is_leaf and t._base is None
+            else t.detach().clone().requires_grad_(t.requires_grad)
             for t in self.tensors
         ])
         if self._source is not None:

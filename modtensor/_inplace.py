@@ -30,7 +30,10 @@ _T = torch.Tensor
 def _targets(b: ParameterBundle) -> list[torch.Tensor]:
     # The tensors as the ops write them: a 0-d one as its (1,) view, dimensioned as in the
     # concatenation, so that a (1,) operand broadcasts into it and types promote as there.
-    return [t if t.dim() else t.view(1) for t in b.tensors]
+    has_0d = b._plans.get("has 0-d")
+    if has_0d is None:  # most models have none: then no pass over the tensors at each op
+        has_0d = b._plans["has 0-d"] = not all(b._shapes)
+    return [t if t.dim() else t.view(1) for t in b.tensors] if has_0d else list(b.tensors)
 
 
 def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | None:

@@ -93,6 +93,13 @@ def _sig_dot(input: Any, other: Any) -> Any:
     return input, other
 
 
+def _sig_tensor(input: Any, tensor: Any) -> Any:  # torch.dot names its second `tensor`
+    return input, tensor
+
+
+_TENSOR_SECOND = (torch.dot, torch.Tensor.dot)
+
+
 def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     reduction = Reduction(
         parse=lambda *a: None,
@@ -103,7 +110,7 @@ def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
 
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name = func_name(func)
-        first, second = _bind(_sig_dot, name, args, kwargs)
+        first, second = _bind(_sig_tensor if func in _TENSOR_SECOND else _sig_dot, name, args, kwargs)
         if "matmul" in name and not (
             isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
             and first.dim() == 1 and second.dim() == 1
@@ -247,6 +254,8 @@ def _loss_dtype(
     key = (loss, *dtypes, device.type, reduction, *loss_kwargs.items())
     dtype = _LOSS_DTYPES.get(key)
     if dtype is None:
+        if len(_LOSS_DTYPES) >= 1024:  # a scheduled delta or beta makes ever new keys
+            _LOSS_DTYPES.clear()
         x, y = (torch.ones(1, dtype=d, device=device) for d in dtypes)
         try:
             dtype = loss(x, y, reduction=reduction, **loss_kwargs).dtype

@@ -207,13 +207,27 @@ def per_tensor_caller(
 
     def _call_0d(i: int) -> Any:
         # A 0-d tensor is dimensioned in the concatenation: as its (1,) view it broadcasts a
-        # (1,) operand and promotes types against a 0-d one as there. The results take its shape.
-        piece_args = [g(i).reshape(1) if g else a for g, a in zip(arg_getters, args)]
-        piece_kwargs = {k: (g(i).reshape(1) if g else kwargs[k]) for k, g in kwarg_getters.items()}
-        out = func(*piece_args, **piece_kwargs)
-        if isinstance(out, tuple):
-            return type(out)([x.reshape(()) if isinstance(x, torch.Tensor) else x for x in out])
-        return out.reshape(()) if isinstance(out, torch.Tensor) else out
+        # (1,) operand and promotes types against a 0-d one as there. The results take its
+        # shape; one that is an operand itself (`.float()` of a float tensor) is that operand,
+        # as without the view: `b.float().grad` reads the parameter's gradient.
+        parts = {}
+        for g in (*arg_getters, *kwarg_getters.values()):
+            if g and g not in parts:
+                parts[g] = g(i)
+        views = {g: part.reshape(1) for g, part in parts.items()}
+        originals = {id(view): parts[g] for g, view in views.items()}
+        out = func(
+            *[views[g] if g else a for g, a in zip(arg_getters, args)],
+            **{k: (views[g] if g else kwargs[k]) for k, g in kwarg_getters.items()},
+        )
+
+        def shaped(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            original = originals.get(id(x))
+            return x.reshape(()) if original is None else original
+
+        return type(out)([shaped(x) for x in out]) if isinstance(out, tuple) else shaped(out)
 
     return call
 
@@ -253,7 +267,7 @@ def map_elementwise(
         if out is NotImplemented:
             _refuse_operands(func, ref, args)
         if isinstance(out, torch.Tensor) and out.shape == (ref._numel,):
-            if is_bundle(args[0]):
+            if args and is_bundle(args[0]):
                 remember_elementwise(args[0], func, args, kwargs)
             return ref._over_flat(out, owner)
     # While torch.compile traces, the compiler fuses the chain itself; computing on demand

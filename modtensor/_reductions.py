@@ -371,6 +371,12 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
         )
     check_dim(dim, name, b)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says
+    if dtype is not None and dtype.is_complex != b._dtype.is_complex:
+        kind = "complex" if b._dtype.is_complex else "real"
+        raise RuntimeError(
+            f"{name}: dtype should be {kind} for {kind} inputs, but got {dtype}: {b.describe()} "
+            f"concatenates to {b._dtype} (torch raises the same on the concatenation)."
+        )
     dtype = dtype or b._dtype
     return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p)})
 

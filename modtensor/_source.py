@@ -77,7 +77,11 @@ class ModuleSource:
         return self.seen != COUNTS[self.slot]
 
     def replaced(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[tuple[str, str]]:
-        """`(name, what became of it)` for each tensor the module no longer holds under its name.
+        """`(name, what became of it)` for each tensor the module no longer holds.
+
+        Under any name: a layer wrapped in another (adapters, `nn.Sequential(layer)`) or a
+        parametrization renames its tensors without changing them, and the bundle still reads
+        the module's own.
 
         After an assignment that changed none of them, the current count is recorded, so later
         ops check nothing until the next assignment.
@@ -87,14 +91,14 @@ class ModuleSource:
         if module is None:  # gone: the bundle holds the only references to its tensors
             self.seen = count
             return []
-        now: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=self._recurse))
+        now: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=self._recurse, remove_duplicate=False))
         if self._buffers:
-            now.update(module.named_buffers(recurse=self._recurse))
+            now.update(module.named_buffers(recurse=self._recurse, remove_duplicate=False))
+        held = {id(t) for t in now.values()}
         found = []
         for name, t in zip(names, tensors):
-            current = now.get(name)
-            if current is not t:
-                what = "is no longer in it" if current is None else "has since been replaced by another tensor"
+            if id(t) not in held:
+                what = "is no longer in it" if name not in now else "has since been replaced by another tensor"
                 found.append((name, what))
         if not found:
             self.seen = count

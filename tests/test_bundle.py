@@ -211,6 +211,21 @@ def test_deepcopy_copies_the_tensors():
     w = torch.ones(2, requires_grad=True)
     b = copy.deepcopy(mt.bundle({"w": w}))
     assert b.names == ("w",) and b.tensors[0] is not w and b.tensors[0].requires_grad
+    flat = torch.zeros(100_000)  # views: each copied alone, not with all of its base
+    views = copy.deepcopy(mt.bundle([flat[:10].view(2, 5), flat[10:13]]))
+    assert [t.untyped_storage().nbytes() for t in views.tensors] == [40, 12]
+
+
+def test_conversions_that_change_nothing_keep_a_0d_tensor_itself():
+    # `.float()` of float32 tensors returns them: a 0-d parameter too (a logit scale), so the
+    # derived bundle's grad is the parameters' (it lost the 0-d one's).
+    m = nn.Module()
+    m.w, m.s = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.tensor(2.0))
+    (m.w.sum() * m.s).backward()
+    for convert in (lambda b: b.float(), lambda b: b.cpu(), lambda b: b.contiguous(), lambda b: b.to(torch.float32)):
+        b = convert(mt.bundle(m))
+        assert b.tensors[1] is m.s and b.grad.shape == (10,)
+    assert (mt.bundle(m) * 0).tensors[1].shape == ()  # an op's result still takes the 0-d shape
 
 
 class _WithBundle(nn.Module):
@@ -313,8 +328,7 @@ REPLACEMENTS = {
     ),
     "a new parameter": lambda m: setattr(m[0], "bias", nn.Parameter(m[0].bias.detach() + 1)),
     "a new submodule": lambda m: m.__setitem__(0, copy.deepcopy(m[0])),
-    # torch.nn.utils.prune moves the parameter to `weight_orig` and makes `weight` an attribute.
-    "pruning": lambda m: prune.l1_unstructured(m[0], "weight", amount=0.5),
+    "a removed submodule": lambda m: m.__setitem__(0, nn.Identity()),
 }
 
 
@@ -350,11 +364,27 @@ def test_assignments_that_keep_a_bundles_tensors_are_accepted(size, real_sizes):
     b = mt.bundle(model)
     nn.Linear(4, 4)
     model[0].weight = model[0].weight
+    model[1] = nn.Sequential(model[1])  # wrapped, as adapters do: the same tensors, renamed
     model.register_buffer("scale", torch.ones(1))  # not in a bundle of parameters
     model.load_state_dict({k: v.detach() * 2 for k, v in model.state_dict().items()})
     cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(b.sum().detach(), cat.sum())
     assert not b._source.stale()
+
+
+@pytest.mark.parametrize("rename", [
+    lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", nn.Identity()),
+    lambda m: prune.l1_unstructured(m, "weight", amount=0.5),
+], ids=["parametrize", "prune"])
+def test_a_parameter_kept_under_another_name_is_no_change(rename):
+    # Both move the weight (to `parametrizations.weight.original`, `weight_orig`): the module's
+    # parameter is the same tensor, which is what model.parameters() yields too.
+    model = nn.Linear(3, 2)
+    b = mt.bundle(model)
+    rename(model)
+    assert "weight" not in dict(model.named_parameters())
+    cat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(b.sum().detach(), cat.sum())
 
 
 def test_a_bundle_of_buffers_watches_them_and_a_bundle_by_name_watches_nothing():

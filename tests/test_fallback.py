@@ -120,6 +120,8 @@ KEYWORD_CALLS = {
     "add": lambda x, t: torch.add(input=x, other=t, alpha=2),
     "where": lambda x, t: torch.where(condition=t > 0, input=x, other=t),
     "mse_loss": lambda x, t: torch.nn.functional.mse_loss(input=x, target=t),
+    "dot": lambda x, t: torch.dot(input=x, tensor=t),  # torch.dot names its second `tensor`
+    "pow of a number": lambda x, t: torch.pow(self=2.0, exponent=x),  # not `input`: left as it is
 }
 
 

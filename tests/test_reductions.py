@@ -43,6 +43,11 @@ def test_torchs_dtype_rules_for_norms_and_nanmean():
         with pytest.raises(RuntimeError, match=r"needs a floating point or complex dtype.*b\.float\(\)`\.$"):
             call(ints)
     torch.testing.assert_close(torch.mean(ints, dtype=torch.float32), torch.tensor(2.5))
+    real = mt.bundle([torch.randn(3, 4), torch.randn(5)])
+    with pytest.raises(RuntimeError, match="dtype should be real for real inputs"):
+        torch.linalg.vector_norm(real, dtype=torch.complex128)
     mixed = mt.bundle([torch.randn(3, 4, dtype=torch.cfloat), torch.randn(5)])
+    with pytest.raises(RuntimeError, match="dtype should be complex for complex inputs"):
+        torch.linalg.vector_norm(mixed, dtype=torch.float64)
     for p in (0, 1, 2, 3, float("inf")):
         torch.testing.assert_close(torch.linalg.vector_norm(mixed, p), torch.linalg.vector_norm(mixed.materialize(), p))
