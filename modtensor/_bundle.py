@@ -297,11 +297,11 @@ class _BundleAPI:
         name, what = replaced[0]
         raise RuntimeError(
             f"{_caller(func)}: {self.describe()} was made from a module whose tensor {name!r} {what}"
-            f"{_more(len(replaced) - 1, 'too')} (`load_state_dict(..., assign=True)`, `module.weight = nn.Parameter(...)`, "
-            "`model.fc = nn.Linear(...)`). The bundle holds the tensors it "
-            "was made with, so its results would no longer be the module's. Make a new bundle "
-            "after the change: `mt.bundle(model)`; to go on with the old tensors, bundle them "
-            "by name: `mt.bundle(dict(b.items()))`."
+            f"{_more(len(replaced) - 1, 'too')} (`load_state_dict(..., assign=True)`, "
+            "`module.weight = nn.Parameter(...)`, `model.fc = nn.Linear(...)`). The bundle holds "
+            "the tensors it was made with, so its results would no longer be the module's. Make "
+            "a new bundle after the change: `mt.bundle(model)`; to go on with the old tensors, "
+            "bundle them by name: `mt.bundle(dict(b.items()))`."
         )
 
     def _flat_range(self, i: int, start: int, stop: int) -> torch.Tensor | None:

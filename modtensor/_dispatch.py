@@ -630,7 +630,9 @@ class DispatchTensor(torch.Tensor):
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it untyped
-def _outside_the_graph(cls: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _outside_the_graph(
+    cls: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     # Dynamo met a real bundle: one made before the compiled function ran, captured or passed
     # in. Tracing into dispatch, it broke the graph inside modtensor's own functions and
     # reused their compiled resumptions for other ops: `b.std()` returned the `b.mean()`

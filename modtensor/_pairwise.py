@@ -243,6 +243,10 @@ def _sig_huber(input: Any, target: Any, reduction: str = "mean", delta: float = 
 _LOSS_DTYPES: dict[tuple[Any, ...], torch.dtype] = {}
 
 
+def _dtype_of(x: Any) -> torch.dtype:
+    return x._dtype if is_bundle(x) else x.dtype  # a bundle's: its concatenation's
+
+
 def _loss_dtype(
     loss: Callable[..., torch.Tensor], name: str, ref: Any, dtypes: tuple[torch.dtype, torch.dtype],
     reduction: str, loss_kwargs: dict[str, Any],
@@ -297,7 +301,7 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         if operands is NOT_HANDLED:
             return NOT_HANDLED
         ref, _, input_dtype = operands
-        dtypes = (first._dtype if is_bundle(first) else first.dtype, second._dtype if is_bundle(second) else second.dtype)
+        dtypes = (_dtype_of(first), _dtype_of(second))
         dtype = _loss_dtype(loss, name, ref, dtypes, reduction, loss_kwargs)
         options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
         parsed = ReduceArgs(name, dtype, ref._numel, options=options)

@@ -14,8 +14,9 @@ What the figures cover:
 
 - Per-tensor rows: every selected tensor. Integer, bool and float8 tensors are converted for
   their statistics (to float32 up to 16 bits, where that is exact, float64 beyond); complex,
-  quantized, sparse and meta tensors get blank statistics (nested ones are refused). A figure an empty tensor does not have
-  (its mean, min, cosine...) is blank; its norm, L2 distance and NaN/inf counts are 0.
+  quantized, sparse and meta tensors get blank statistics (nested ones are refused). A figure
+  an empty tensor does not have (its mean, min, cosine...) is blank; its norm, L2 distance and
+  NaN/inf counts are 0.
 - The global row: the selected float16/bfloat16/float32/float64 tensors (the weights). Integer
   and bool buffers such as BatchNorm's step counter would swamp the weights' figures, so they
   are left out of it (and named); only where no such tensor is selected does it cover the
