@@ -17,7 +17,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
 from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, copy_is_cheap, func_name, remember_direct
 from modtensor._pointwise import per_tensor_caller
-from modtensor._reduce_common import _bind, check_dim
+from modtensor._reduce_common import _bind, _is_floating, check_dim
 from modtensor._strategies import (
     Pieces,
     Reduction,
@@ -76,6 +76,25 @@ def parse_dim_keepdim(
     return ReduceArgs(name, b.dtype, b.numel(), bool(keepdim))
 
 
+def _has_integers_in_floats(b: ParameterBundle) -> bool:
+    found = b._plans.get("integers in floats")
+    if found is None:  # once per bundle: most have none
+        found = b._plans["integers in floats"] = _is_floating(b._dtype) and not all(map(_is_floating, b._dtypes))
+    return bool(found)
+
+
+def _as_in_concatenation(b: ParameterBundle) -> tuple[Callable[[int], torch.Tensor], tuple[Any, ...]]:
+    # torch.cat converts integer tensors to a floating concatenation's dtype before anything
+    # reduces them, and that rounds (70000 is inf in float16, 2**24 + 1 is 2**24 in float32):
+    # the partials see them so too. The converted copies are of the integer tensors only.
+    def get(i: int) -> torch.Tensor:
+        t = b._tensor(i)
+        return t if _is_floating(t.dtype) else t.to(b._dtype)
+
+    keys = tuple((d if _is_floating(d) else b._dtype, device) for d, device in b._keys)
+    return get, keys
+
+
 def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
@@ -100,9 +119,11 @@ def run_reduction(
                 return result
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     packs = reduction.commutative and may_pack(b)
-    pieces = Pieces(
-        b._tensor, b._offsets, b._keys if packs else None, b._tensors is not None, b._plans, reduction.pack_dtype
-    )
+    get: Callable[[int], torch.Tensor] = b._tensor
+    keys: tuple[Any, ...] = b._keys
+    if b._strategy == "concat" and _has_integers_in_floats(b):
+        get, keys = _as_in_concatenation(b)
+    pieces = Pieces(get, b._offsets, keys if packs else None, b._tensors is not None, b._plans, reduction.pack_dtype)
 
     callers: list[Any] = []
 
@@ -110,7 +131,7 @@ def run_reduction(
         # Under per_param and weighted, dim and the like apply to each tensor's own shape.
         # Built on first use: the concat strategy never needs it.
         if not callers:
-            callers.append(per_tensor_caller(func, args, kwargs, b, cast=False))
+            callers.append(per_tensor_caller(func, args, kwargs, b, cast=False, split_tensors=False))
             if callers[0] is NOT_HANDLED:
                 raise ValueError(f"{func_name(func)}: an argument cannot be split tensor by tensor.")
         return callers[0](i)

@@ -180,18 +180,23 @@ def per_tensor_caller(
     cast: bool = True,
     flatten: bool = False,
     dimensioned: bool = False,
+    split_tensors: bool = True,
 ) -> Any:
     """`call(i)`: `func` with every bundle (or flat tensor) argument replaced by tensor i's part.
 
     `cast` gives a bundle's parts in the bundle's dtype (as in the concatenation), `flatten`
     gives them as vectors, `dimensioned` computes on a 0-d tensor's part as on a (1,) one (an
-    elementwise op, as on the concatenation) and gives the result its shape. NOT_HANDLED where
-    an argument could only be split by copying it.
+    elementwise op, as on the concatenation) and gives the result its shape. Without
+    `split_tensors`, only bundles are split: a reduction's plain tensor arguments (quantile's
+    `q`) are passed whole. NOT_HANDLED where an argument could only be split by copying it.
     """
     name = func_name(func)
     shapes = ref._shapes
-    arg_getters = [_piece_getter(a, ref, name, cast) for a in args]
-    kwarg_getters = {k: _piece_getter(v, ref, name, cast) for k, v in kwargs.items()}
+    def getter(a: Any) -> Any:
+        return _piece_getter(a, ref, name, cast) if split_tensors or is_bundle(a) else None
+
+    arg_getters = [getter(a) for a in args]
+    kwarg_getters = {k: getter(v) for k, v in kwargs.items()}
     if any(g is NOT_HANDLED for g in (*arg_getters, *kwarg_getters.values())):
         return NOT_HANDLED
     if flatten:

@@ -378,9 +378,33 @@ def _take(b: ParameterBundle, i: int, local: torch.Tensor) -> torch.Tensor:
     return _cast(taken, b._dtype).to(b._device)
 
 
+class _ZeroGrads(torch.autograd.Function):
+    """`result` itself, linked to `tensors`: each gets a zero gradient from it in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
+        return result.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
+
+
 def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
-    """`result`, made to require grad where the concatenation's would (subtracting 0.0 changes nothing)."""
-    if result.requires_grad or not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
+    """`result`, linked to the tensors as the concatenation's would be.
+
+    The concatenation's backward gives every tensor that requires grad a gradient, zeros for
+    those none of whose elements were picked; optimizers skip a None one (no weight decay).
+    """
+    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
+        return result
+    if b._tensors is not None:  # held tensors: one link to all of them
+        linked: torch.Tensor = _ZeroGrads.apply(result, *[t for t in b._tensors if t.requires_grad])  # type: ignore[no-untyped-call]
+        return linked
+    # Computed on demand: linking every tensor would compute each again. One link makes the
+    # result require grad, as the concatenation's does (subtracting 0.0 changes nothing).
+    if result.requires_grad:
         return result
     for i in range(len(b.names)):
         nothing = _no_elements(b, i)

@@ -387,3 +387,33 @@ def test_empty_bundles_answer_as_torch_does_where_torch_does():
     assert torch.isnan(torch.median(EMPTY)) and torch.isnan(EMPTY.nanmedian())
     out = torch.topk(EMPTY, 0)
     assert out.values.shape == (0,) and out.indices.dtype == torch.int64
+
+
+def test_per_tensor_quantiles_take_a_tensor_q_whole():
+    # q of the bundle's own length used to be split across the tensors like an operand of an
+    # elementwise op (tensor 1 got q[4:]); a q of another length was refused.
+    ts = [torch.randn(4, generator=torch.Generator().manual_seed(0)), torch.randn(4)]
+    b = mt.bundle(ts)
+    for q in (torch.linspace(0, 1, 8), torch.tensor([0.25, 0.75])):
+        got = b.per_param().quantile(q)
+        for g, t in zip(got.tensors, ts):
+            torch.testing.assert_close(g, torch.quantile(t, q))
+        weighted = b.weighted([1.0, 3.0]).nanquantile(q)
+        torch.testing.assert_close(weighted, (torch.nanquantile(ts[0], q) + 3 * torch.nanquantile(ts[1], q)) / 4)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.quantile(x, 0.5), lambda x: x.topk(2).values.sum(), lambda x: x.kthvalue(2).values,
+    lambda x: torch.median(x, 0).values, lambda x: x.nanquantile(torch.tensor([0.1, 0.9])).sum(),
+], ids=["quantile", "topk", "kthvalue", "median dim", "nanquantile"])
+def test_tensors_with_no_selected_element_get_zero_gradients(call):
+    # As from the concatenation's backward; None would make an optimizer skip them.
+    def leaves():
+        return [torch.tensor([1.0, 2.0, 3.0], requires_grad=True), torch.tensor([10.0, 20.0], requires_grad=True),
+                torch.tensor(5.0, requires_grad=True)]
+
+    ours, theirs = leaves(), leaves()
+    call(mt.bundle(ours)).backward()
+    call(torch.cat([t.reshape(-1) for t in theirs])).backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None and torch.equal(a.grad, b.grad)

@@ -51,3 +51,22 @@ def test_torchs_dtype_rules_for_norms_and_nanmean():
         torch.linalg.vector_norm(mixed, dtype=torch.float64)
     for p in (0, 1, 2, 3, float("inf")):
         torch.testing.assert_close(torch.linalg.vector_norm(mixed, p), torch.linalg.vector_norm(mixed.materialize(), p))
+
+
+def test_integer_tensors_are_reduced_as_the_concatenation_converts_them():
+    # torch.cat converts them to the floating dtype first, which rounds: 70000 is inf in
+    # float16, 2**24 + 1 is 2**24 in float32. The partials used to see the exact integers.
+    cases = [
+        [torch.zeros(5000, dtype=torch.float16), torch.tensor([70000, 2049])],
+        [torch.zeros(50), torch.tensor([2**24 + 1] * 4)],
+        [torch.ones(3, dtype=torch.bfloat16), torch.tensor([1000001], dtype=torch.int32)],
+    ]
+    calls = [
+        lambda x: x.mean(), lambda x: x.sum(dtype=torch.float64), lambda x: torch.nansum(x, dtype=torch.float64),
+        lambda x: x.mean(dtype=torch.float64), lambda x: x.std(), lambda x: x.norm(dtype=torch.float64),
+        lambda x: x.prod(dtype=torch.float64),
+    ]
+    for tensors in cases:
+        b = mt.bundle(tensors)
+        for call in calls:
+            torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
