@@ -406,6 +406,8 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
         name = _FIRST_PARAMETERS[func]
     except KeyError:
         name = _FIRST_PARAMETERS[func] = _first_parameter(func)
+    if name is not None and name not in kwargs and "input" in kwargs:
+        name = "input"  # torch's parser also takes `input` for a C function's first tensor (vector_norm's `x`)
     if name is None or name not in kwargs:
         return (), kwargs
     rest = dict(kwargs)

@@ -9,6 +9,7 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
@@ -438,10 +439,12 @@ def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
     if isinstance(weights, Mapping):
         resolved, unmatched = [], []
         for n in b.names:
-            match = next((w for pattern, w in weights.items() if glob_match(n, pattern)), None)
-            if match is None:
+            pattern = next((p for p in weights if glob_match(n, p)), None)
+            if pattern is None:
                 unmatched.append(n)
-            resolved.append(float(match or 0.0))
+            elif not isinstance(weights[pattern], (int, float)) or isinstance(weights[pattern], bool):
+                raise TypeError(f"weighted: the weight of {pattern!r} is {weights[pattern]!r}; weights are numbers.")
+            resolved.append(0.0 if pattern is None else float(weights[pattern]))
         if unmatched:
             raise ValueError(
                 f"weighted: no weight for {unmatched} in {b.describe()}; patterns are "
@@ -468,6 +471,9 @@ class Weighted(Strategy):
         unknown = set(options) - {"weights", "normalize"}
         if unknown:
             raise TypeError(f"strategy 'weighted' takes weights= and normalize=, got {sorted(unknown)}.")
+        normalize = options.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"weighted: normalize must be True or False, got {normalize!r}.")
         w = options.get("weights")
         if not (w is None or callable(w) or isinstance(w, (Mapping, Sequence))) or isinstance(w, str):
             raise TypeError(
@@ -478,9 +484,17 @@ class Weighted(Strategy):
     def reduce(self, call: ReductionCall) -> Any:
         b = call.bundle
         weights = resolve_weights(b, b.options.get("weights"))
-        terms = [(w, call.per_tensor(i)) for i, w in enumerate(weights) if w != 0]
-        if not terms:
+        if any(math.isnan(w) for w in weights):
+            name = b.names[next(i for i, w in enumerate(weights) if math.isnan(w))]
+            raise ValueError(f"{call.name}: the weight of tensor {name!r} of {b.describe()} is NaN.")
+        if not any(weights):
             raise ValueError(f"{call.name}: all weights are zero for {b.describe()}; nothing to weigh.")
+        if b.options.get("normalize", True) and sum(weights) == 0:
+            raise ValueError(
+                f"{call.name}: the weights of {b.describe()} sum to 0, and normalize=True divides "
+                "by their sum; pass normalize=False for the plain weighted sum."
+            )
+        terms = [(w, call.per_tensor(i)) for i, w in enumerate(weights) if w != 0]
         if isinstance(terms[0][1], tuple):
             parts = zip(*(r for _, r in terms))
             return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])

@@ -116,6 +116,7 @@ KEYWORD_CALLS = {
     "amax": lambda x, t: torch.amax(input=x),
     "norm": lambda x, t: torch.norm(input=x),
     "vector_norm": lambda x, t: torch.linalg.vector_norm(x=x, ord=1),
+    "vector_norm input=": lambda x, t: torch.linalg.vector_norm(input=x),  # torch takes both names
     "dist": lambda x, t: torch.dist(input=x, other=t),
     "add": lambda x, t: torch.add(input=x, other=t, alpha=2),
     "where": lambda x, t: torch.where(condition=t > 0, input=x, other=t),

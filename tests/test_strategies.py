@@ -191,6 +191,16 @@ def test_weighted_errors():
         mt.bundle([torch.ones(1)], strategy="weighted", weigths=None)
     with pytest.raises(TypeError, match="weights must be"):
         b.weighted("w")
+    # checked when made or at the first reduction, never computed into inf or NaN
+    with pytest.raises(TypeError, match="normalize must be True or False, got 'no'"):
+        b.weighted(normalize="no")
+    with pytest.raises(ValueError, match="sum to 0.*normalize=False"):
+        b.weighted([1.0, -1.0]).sum()
+    torch.testing.assert_close(b.weighted([1.0, -1.0], normalize=False).sum(), torch.tensor(4.0))
+    with pytest.raises(ValueError, match="weight of tensor 'b' .* is NaN"):
+        b.weighted([1.0, float("nan")]).sum()
+    with pytest.raises(TypeError, match=r"the weight of '\*' is None; weights are numbers"):
+        b.weighted({"*": None}).sum()
 
 
 def test_pairwise_under_strategies():
