@@ -192,6 +192,7 @@ def per_tensor_caller(
     """
     name = func_name(func)
     shapes = ref._shapes
+
     def getter(a: Any) -> Any:
         return _piece_getter(a, ref, name, cast) if split_tensors or is_bundle(a) else None
 

@@ -400,7 +400,8 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
     if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
         return result
     if b._tensors is not None:  # held tensors: one link to all of them
-        linked: torch.Tensor = _ZeroGrads.apply(result, *[t for t in b._tensors if t.requires_grad])  # type: ignore[no-untyped-call]
+        trained = [t for t in b._tensors if t.requires_grad]
+        linked: torch.Tensor = _ZeroGrads.apply(result, *trained)  # type: ignore[no-untyped-call]
         return linked
     # Computed on demand: linking every tensor would compute each again. One link makes the
     # result require grad, as the concatenation's does (subtracting 0.0 changes nothing).
