@@ -336,7 +336,7 @@ def concatenated(obj: Any) -> Any:
 def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[Any]:
     """Every bundle among the arguments, in order, looking one level into lists and tuples."""
     found = []
-    for a in (*args, *kwargs.values()):
+    for a in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(a, BUNDLE_TYPES):
             found.append(a)
         elif isinstance(a, (list, tuple)):
@@ -415,15 +415,11 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
 
 
 def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    # Every bundle the call reads, where find_bundles looks: `torch.add(x, other=b)` and
-    # `torch.stack([a, b])` read theirs too. Not while compiling: the stand-ins hold no data.
-    for a in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(a, DispatchTensor):
-            a._check_unchanged(func)
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                if isinstance(x, DispatchTensor):
-                    x._check_unchanged(func)
+    # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
+    # theirs too. Not the stand-ins of torch.compile: they hold no data.
+    for b in find_bundles(args, kwargs):
+        if isinstance(b, DispatchTensor):
+            b._check_unchanged(func)
 
 
 def dispatch(

@@ -28,6 +28,10 @@ __all__ = ["PAIRWISE_FUNCTIONS"]
 _T = torch.Tensor
 
 
+def _dtype_of(x: Any) -> torch.dtype:
+    return x._dtype if is_bundle(x) else x.dtype  # a bundle's: its concatenation's
+
+
 def _operands(
     name: str, first: Any, second: Any, require_same_dtype: bool
 ) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
@@ -36,7 +40,7 @@ def _operands(
     getters = [_piece_getter(x, ref, name) for x in (first, second)]
     if any(g is NOT_HANDLED or g is None for g in getters):
         return NOT_HANDLED
-    dtypes = [x._dtype if is_bundle(x) else x.dtype for x in (first, second)]
+    dtypes = [_dtype_of(first), _dtype_of(second)]
     if require_same_dtype and dtypes[0] != dtypes[1]:
         raise RuntimeError(
             f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
@@ -241,10 +245,6 @@ def _sig_huber(input: Any, target: Any, reduction: str = "mean", delta: float = 
 
 
 _LOSS_DTYPES: dict[tuple[Any, ...], torch.dtype] = {}
-
-
-def _dtype_of(x: Any) -> torch.dtype:
-    return x._dtype if is_bundle(x) else x.dtype  # a bundle's: its concatenation's
 
 
 def _loss_dtype(

@@ -216,15 +216,17 @@ def per_tensor_caller(
         # (1,) operand and promotes types against a 0-d one as there. The results take its
         # shape; one that is an operand itself (`.float()` of a float tensor) is that operand,
         # as without the view: `b.float().grad` reads the parameter's gradient.
-        parts = {}
-        for g in (*arg_getters, *kwarg_getters.values()):
-            if g and g not in parts:
-                parts[g] = g(i)
-        views = {g: part.reshape(1) for g, part in parts.items()}
-        originals = {id(view): parts[g] for g, view in views.items()}
+        originals: dict[int, torch.Tensor] = {}  # each (1,) view's 0-d part, by the view's id
+
+        def view(g: Any) -> torch.Tensor:
+            part: torch.Tensor = g(i)
+            v = part.reshape(1)
+            originals[id(v)] = part
+            return v
+
         out = func(
-            *[views[g] if g else a for g, a in zip(arg_getters, args)],
-            **{k: (views[g] if g else kwargs[k]) for k, g in kwarg_getters.items()},
+            *[view(g) if g else a for g, a in zip(arg_getters, args)],
+            **{k: (view(g) if g else kwargs[k]) for k, g in kwarg_getters.items()},
         )
 
         def shaped(x: Any) -> Any:
