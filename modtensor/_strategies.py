@@ -442,9 +442,14 @@ def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
             pattern = next((p for p in weights if glob_match(n, p)), None)
             if pattern is None:
                 unmatched.append(n)
-            elif not isinstance(weights[pattern], (int, float)) or isinstance(weights[pattern], bool):
-                raise TypeError(f"weighted: the weight of {pattern!r} is {weights[pattern]!r}; weights are numbers.")
-            resolved.append(0.0 if pattern is None else float(weights[pattern]))
+                resolved.append(0.0)
+                continue
+            try:  # any number float() takes: a NumPy scalar, a one-element tensor
+                resolved.append(float(weights[pattern]))
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"weighted: the weight of {pattern!r} is {weights[pattern]!r}; weights are numbers."
+                ) from None
         if unmatched:
             raise ValueError(
                 f"weighted: no weight for {unmatched} in {b.describe()}; patterns are "

@@ -1,5 +1,6 @@
 """The per_param and weighted strategies, against the op applied to each tensor."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -201,6 +202,8 @@ def test_weighted_errors():
         b.weighted([1.0, float("nan")]).sum()
     with pytest.raises(TypeError, match=r"the weight of '\*' is None; weights are numbers"):
         b.weighted({"*": None}).sum()
+    for number in (np.float32(2.0), torch.tensor(2.0)):  # what float() takes, as before that check
+        torch.testing.assert_close(b.weighted({"*": number}).mean(), b.weighted({"*": 2.0}).mean())
 
 
 def test_pairwise_under_strategies():
