@@ -399,12 +399,15 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
     """
     if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
         return result
-    if b._tensors is not None:  # held tensors: one link to all of them
-        trained = [t for t in b._tensors if t.requires_grad]
+    # Held tensors are linked themselves; a bundle computed on demand through the tensors it is
+    # computed from (computing its own again would cost the op twice).
+    trained = _trained_sources(b) if b._tensors is None else [t for t in b._tensors if t.requires_grad]
+    if trained:
         linked: torch.Tensor = _ZeroGrads.apply(result, *trained)  # type: ignore[no-untyped-call]
         return linked
-    # Computed on demand: linking every tensor would compute each again. One link makes the
-    # result require grad, as the concatenation's does (subtracting 0.0 changes nothing).
+    # Computed on demand by a path that does not say from what (a strategy's copy of one): one
+    # link makes the result require grad, as the concatenation's does (subtracting 0.0
+    # changes nothing).
     if result.requires_grad:
         return result
     for i in range(len(b.names)):
@@ -412,6 +415,33 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
         if nothing is not None:
             return result - nothing.sum().to(device=result.device, dtype=result.dtype)
     return result
+
+
+def _trained_sources(b: ParameterBundle) -> list[torch.Tensor]:
+    """The tensors requiring grad that an on-demand bundle is computed from, through autograd.
+
+    Only operands that require grad carry a gradient back (`b * (c > 0)` gives `c` none), so
+    the walk follows those alone, down to held tensors and plain tensor operands.
+    """
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(x: ParameterBundle) -> bool:
+        if x._expr is None:
+            return False
+        _, args, kwargs, _ = x._expr
+        for a in (*args, *kwargs.values()):
+            for item in a if isinstance(a, (list, tuple)) else (a,):
+                if not (isinstance(item, torch.Tensor) and item.requires_grad):
+                    continue
+                if not isinstance(item, ParameterBundle):
+                    found[id(item)] = item
+                elif item._tensors is not None:
+                    found.update((id(t), t) for t in item._tensors if t.requires_grad)
+                elif not walk(item):
+                    return False
+        return True
+
+    return list(found.values()) if walk(b) else []
 
 
 def _no_elements(b: ParameterBundle, i: int) -> torch.Tensor | None:

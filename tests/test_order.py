@@ -417,3 +417,32 @@ def test_tensors_with_no_selected_element_get_zero_gradients(call):
     call(torch.cat([t.reshape(-1) for t in theirs])).backward()
     for a, b in zip(ours, theirs):
         assert a.grad is not None and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.quantile(x, 0.5), lambda x: x.topk(2).values.sum(), lambda x: x.kthvalue(2).values,
+    lambda x: torch.median(x), lambda x: torch.median(x, 0).values,
+], ids=["quantile", "topk", "kthvalue", "median", "median dim"])
+def test_on_demand_bundles_give_their_sources_zero_gradients(call):
+    # An op's result computed on demand links the tensors it is computed from, as the
+    # concatenation's graph does; a comparison's operand gets none (`d > 0` has no gradient).
+    def leaves():
+        made = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0]), torch.tensor(5.0), torch.tensor([0.5, -1.0, 2.0])]
+        return [t.requires_grad_() for t in made]
+
+    def chain(a, c, d, x):
+        return ((a - c).abs() * x) * (d > 0)
+
+    ours, theirs = leaves(), leaves()
+    x_ours, x_theirs = (torch.linspace(1, 2, 6).requires_grad_() for _ in range(2))
+    b = chain(mt.bundle(ours[:3]), mt.bundle([torch.zeros(3), torch.zeros(2), ours[3].new_zeros(())]),
+              mt.bundle([ours[3], torch.ones(2), torch.tensor(1.0)]), x_ours)
+    assert b._tensors is None  # computed on demand
+    cat = chain(torch.cat([t.reshape(-1) for t in theirs[:3]]), torch.zeros(6),
+                torch.cat([theirs[3], torch.ones(3)]), x_theirs)
+    call(b).backward()
+    call(cat).backward()
+    for a, t in zip([*ours, x_ours], [*theirs, x_theirs]):
+        assert (a.grad is None) == (t.grad is None)
+        if t.grad is not None:
+            assert torch.equal(a.grad, t.grad)
