@@ -16,7 +16,8 @@ What the figures cover:
   their statistics (to float32 up to 16 bits, where that is exact, float64 beyond); complex,
   quantized, sparse and meta tensors get blank statistics (nested ones are refused). A figure
   an empty tensor does not have (its mean, min, cosine...) is blank; its norm, L2 distance and
-  NaN/inf counts are 0.
+  NaN/inf counts are 0. The cosine of float16/bfloat16 tensors is computed in float32 (in
+  float16, torch's cosine of a tensor with itself is 0.999).
 - The global row: the selected float16/bfloat16/float32/float64 tensors (the weights). Integer
   and bool buffers such as BatchNorm's step counter would swamp the weights' figures, so they
   are left out of it (and named); only where no such tensor is selected does it cover the
@@ -319,10 +320,17 @@ _STATS: Figures = {
 _DISTANCES: Figures = {
     "l2": lambda a, b: torch.dist(a, b),
     "max_abs": lambda a, b: (a - b).abs().amax(),
-    "cosine": lambda a, b: F.cosine_similarity(a, b, dim=0),
+    "cosine": lambda a, b: _cosine(a, b),
     # NaN != NaN: a NaN left as it was is not a change
     "changed": lambda a, b: torch.count_nonzero((a != b) & ~(torch.isnan(a) & torch.isnan(b))),
 }
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # In float32 at least: torch's float16 cosine of a tensor with itself is 0.999 (each tensor
+    # converted on its own, as the bundles compute tensor by tensor).
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return F.cosine_similarity(a.to(wide), b.to(wide), dim=0)
+
 
 # The figures an empty tensor has (the others, such as its min, do not exist).
 _ON_EMPTY = {"l2": 0.0, "nan": 0, "inf": 0}

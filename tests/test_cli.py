@@ -450,3 +450,17 @@ def test_python_dash_m_end_to_end(checkpoint):
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("modtensor: error:") and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_diff_of_a_16_bit_checkpoint_with_itself_has_cosine_one(capsys, tmp_path, dtype):
+    # torch's cosine in float16 gives 0.999 for a tensor and itself, and the global row was inf
+    # (float16 dot products overflowed); the figures are computed in float32.
+    path = tmp_path / "half.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"w": torch.randn(300, 1000, generator=g).to(dtype), "b": torch.randn(300, generator=g).to(dtype)}, path)
+    code, out, _ = _run(capsys, "diff", path, path, "--format", "json")
+    assert code == 0
+    report = json.loads(out)
+    for row in (report["global"], *report["tensors"].values()):
+        assert row["cosine"] == pytest.approx(1.0, abs=1e-4)  # float32 (torch: 1e-6 to 1e-5 here)

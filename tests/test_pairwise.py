@@ -66,3 +66,19 @@ def test_losses_take_torchs_result_dtype_and_refusals():
         got = loss(b, y)
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosine_of_16_bit_bundles_does_not_overflow(dtype):
+    # torch divides by the norms before summing; a float16 dot product of the tensors
+    # (0.6 * 0.6 over 200k elements) passes 65504, which made the bundle's cosine inf.
+    g = torch.Generator().manual_seed(0)
+    ts = [(0.6 + 0.1 * torch.randn(200_000, generator=g)).to(dtype), torch.randn(30, generator=g).to(dtype)]
+    other = [t + 0.3 * torch.randn(t.shape, generator=g).to(dtype) for t in ts]
+    cat, cat_other = (torch.cat([t.reshape(-1) for t in x]) for x in (ts, other))
+    for x, y, cx, cy in ((ts, ts, cat, cat), (ts, other, cat, cat_other)):
+        got = F.cosine_similarity(mt.bundle(x), mt.bundle(y), dim=0)
+        want = F.cosine_similarity(cx, cy, dim=0)
+        exact = F.cosine_similarity(cx.double(), cy.double(), dim=0)
+        assert got.dtype == dtype
+        assert (got.double() - exact).abs() <= (want.double() - exact).abs()
