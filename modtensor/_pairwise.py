@@ -275,15 +275,24 @@ def _loss_dtype(
 def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any]) -> Callable[..., Any]:
     def partial(pair: Any, offset: int, a: ReduceArgs) -> torch.Tensor:
         x, y = pair
-        return loss(_cast(x, a.options["input_dtype"]), y, reduction="sum", **a.options["loss_kwargs"])
+        dtype = a.options["input_dtype"]
+        if dtype.is_floating_point and dtype.itemsize < 4:
+            # A float16 tensor's sum passes 65504 long before its mean does (torch's mean
+            # loss accumulates in float32): 16-bit partials are made in float32.
+            dtype = torch.float32
+            y = _cast(y, dtype)
+        return loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"])
+
+    def combine(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
+        return _stack(states, _acc_dtype(a.dtype)).sum()  # cast after the division, in finalize
 
     def finalize(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-        return _cast(state / a.numel, a.dtype) if a.options["mean"] else state
+        return _cast(state / a.numel if a.options["mean"] else state, a.dtype)
 
     reduction_of = Reduction(
         parse=lambda *a: None,
         partial=partial,
-        combine=_combine_sum,
+        combine=combine,
         finalize=finalize,
         direct=True,
         commutative=True,

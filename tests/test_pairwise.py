@@ -82,3 +82,23 @@ def test_cosine_of_16_bit_bundles_does_not_overflow(dtype):
         exact = F.cosine_similarity(cx.double(), cy.double(), dim=0)
         assert got.dtype == dtype
         assert (got.double() - exact).abs() <= (want.double() - exact).abs()
+
+
+@pytest.mark.parametrize("loss", [F.mse_loss, F.l1_loss, F.huber_loss, F.smooth_l1_loss])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mean_losses_of_16_bit_bundles_do_not_overflow(loss, dtype):
+    # A tensor's float16 sum of losses passes 65504 long before the mean does; torch's mean
+    # accumulates in float32. The bundle's partials were float16, and its combined sum was cast
+    # to float16 before the division: inf.
+    g = torch.Generator().manual_seed(1)
+    ts = [(1 + 0.1 * torch.randn(200_000, generator=g)).to(dtype).requires_grad_(), torch.randn(30, generator=g).to(dtype)]
+    target = [torch.full_like(t, -0.5) for t in ts]
+    cat, cat_target = (torch.cat([t.reshape(-1) for t in x]) for x in (ts, target))
+    got = loss(mt.bundle(ts), mt.bundle(target))
+    want = loss(cat, cat_target)
+    exact = loss(cat.double(), cat_target.double())
+    assert got.dtype == want.dtype and torch.isfinite(got)
+    assert (got.double() - exact).abs() <= (want.double() - exact).abs()
+    (grad,) = torch.autograd.grad(got, ts[0])
+    (want_grad,) = torch.autograd.grad(want, ts[0])
+    torch.testing.assert_close(grad, want_grad)
