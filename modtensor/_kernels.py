@@ -7,12 +7,17 @@ torch's kernel (as fast, and accurate on short rows), the rows' norms combined i
 `a - b` is formed a block at a time; and a sum of squares or a norm of a difference computed
 on demand is recognised and computed by these kernels, with one-allocation backwards.
 The raw moments (sum, sum of squares) that a fast variance needs come from the same rows.
+
+float16 and bfloat16 tensors are read the same way, a block at a time converted into a float32
+buffer: torch's CPU float16 norm of 16Mi elements is 1.4% off (and 4x slower than the blocks),
+and its float32 sum or var of one (which the concatenation's accumulator is) makes a whole
+float32 copy, twice the tensor's memory.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
     from modtensor._strategies import ReduceArgs
 
-__all__ = ["diff_l2_norm", "fuse", "l2_norm", "moments", "moments_dtype", "sum_of_squares"]
+__all__ = ["diff_l2_norm", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel", "sum_of_squares"]
 
 ROW = 1024
 # Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
@@ -36,7 +41,6 @@ MIN_NUMEL = 1 << 20
 # is off by at most about 5e-5 (1.2e-5 at 1Mi elements, growing with the length), far closer
 # than the concatenation's, and a row pass would cost ~10% more than torch._foreach_norm.
 NORM_ROWS_NUMEL = 1 << 22
-DIFF_MIN_NUMEL = 1 << 22  # as NORM_ROWS_NUMEL; below, one tensor's `a - b` is at most 16 MiB
 DIST_MAX_NUMEL = 1 << 14  # torch.dist is the fastest up to here
 BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
 # Moments serve tensors from MOMENTS_MIN_NUMEL elements: below, torch's var and mean take
@@ -53,6 +57,22 @@ MOMENTS_ROWS_NUMEL = 1 << 17
 MOMENTS_BLOCK = 1 << 20  # ROW * k
 _SCRATCH = threading.local()
 _DTYPES = (torch.float32, torch.float64)
+_NARROW = (torch.float16, torch.bfloat16)  # read by blocks converted to float32
+# float16 and bfloat16 tensors take the row kernels from here: torch's float16 norm is off by
+# 6e-4 at 1Mi elements, over a float16 step, and its float32 sum of one copies it; below, a
+# float32 copy takes at most 256 KiB. (5e-6 at 100Ki elements.)
+NARROW_MIN_NUMEL = 1 << 16
+
+
+def rows_numel(dtype: torch.dtype) -> int:
+    """The fewest elements of `dtype` whose norm `l2_norm` takes by rows.
+
+    Example:
+        >>> import torch
+        >>> rows_numel(torch.float32) > rows_numel(torch.bfloat16)
+        True
+    """
+    return NARROW_MIN_NUMEL if dtype in _NARROW else NORM_ROWS_NUMEL
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:
@@ -60,9 +80,9 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     # would cost a kernel launch per block.
     t = tensors[0]
     return (
-        t.numel() >= MIN_NUMEL  # first: the cheapest test, and most tensors are smaller
+        t.numel() >= NARROW_MIN_NUMEL  # first: the cheapest test, and most tensors are smaller
         and t.device.type == "cpu"
-        and t.dtype in _DTYPES
+        and (t.dtype in _NARROW or (t.dtype in _DTYPES and t.numel() >= MIN_NUMEL))
         and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
         and all(u.device == t.device for u in tensors)
     )
@@ -83,27 +103,48 @@ def _rows_into(
 def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
     if flat.requires_grad and torch.is_grad_enabled():  # traced by autograd (torch.compile)
         full = flat.numel() // ROW * ROW
-        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1)]
+        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, dtype=_work_dtype(flat.dtype))]
         if full < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[full:]).reshape(1))
+            parts.append(torch.linalg.vector_norm(flat[full:], dtype=_work_dtype(flat.dtype)).reshape(1))
         rows = torch.cat(parts)
     else:  # written in place: out= has no autograd
-        rows = torch.empty(-(-flat.numel() // ROW), dtype=flat.dtype, device=flat.device)
-        _rows_into(flat, rows)
+        rows = torch.empty(-(-flat.numel() // ROW), dtype=_work_dtype(flat.dtype), device=flat.device)
+        for start, stop, block in _blocks(flat, BLOCK if flat.dtype in _NARROW else flat.numel()):
+            _rows_into(block, rows[start // ROW : -(-stop // ROW)])
     norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
     return norm
 
 
-def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
-    # One block buffer per thread, dtype and device, kept: a fresh block per tensor costs its
-    # page faults again each time (the allocator hands large blocks back to the system).
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _NARROW else dtype
+
+
+def _blocks(flat: torch.Tensor, size: int, slot: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """`(start, stop, flat[start:stop])` by blocks of `size` elements (a multiple of ROW, so
+    one tail row at most); float16 and bfloat16 converted into a float32 buffer, reused for
+    each block (`slot` tells a second such buffer from the first)."""
+    n = flat.numel()
+    buffer = _scratch(min(size, n), torch.float32, flat.device, slot) if flat.dtype in _NARROW else None
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        if buffer is None:
+            yield start, stop, flat[start:stop]
+        else:
+            block = buffer[: stop - start]
+            block.copy_(flat[start:stop])
+            yield start, stop, block
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    # One block buffer per thread, dtype, device and slot, kept: a fresh block per tensor costs
+    # its page faults again each time (the allocator hands large blocks back to the system).
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None:
         buffers = _SCRATCH.buffers = {}
-    key = (like.dtype, like.device)
+    key = (dtype, device, slot)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 
@@ -131,13 +172,18 @@ class _DiffL2Norm(torch.autograd.Function):
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
         n = fa.numel()
-        block = _scratch(min(BLOCK, n), fa)
-        rows = torch.empty(-(-n // ROW), dtype=fa.dtype, device=fa.device)
-        for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
-            stop = min(start + BLOCK, n)
-            difference = block[: stop - start]
-            torch.sub(fa[start:stop], fb[start:stop], out=difference)
-            _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
+        dtype = _work_dtype(fa.dtype)
+        rows = torch.empty(-(-n // ROW), dtype=dtype, device=fa.device)
+        if fa.dtype in _NARROW:  # both converted by blocks, the difference made in float32
+            for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
+                _rows_into(x.sub_(y), rows[start // ROW : -(-stop // ROW)])
+        else:
+            block = _scratch(min(BLOCK, n), dtype, fa.device)
+            for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
+                stop = min(start + BLOCK, n)
+                difference = block[: stop - start]
+                torch.sub(fa[start:stop], fb[start:stop], out=difference)
+                _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
         norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
         ctx.save_for_backward(a, b, norm)
         return norm
@@ -191,7 +237,7 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> float(diff_l2_norm(torch.ones(1 << 22), torch.zeros(1 << 22)))
         2048.0
     """
-    if a.numel() >= DIFF_MIN_NUMEL and _eligible(a, b) and not torch.compiler.is_compiling():
+    if a.numel() >= rows_numel(a.dtype) and _eligible(a, b) and not torch.compiler.is_compiling():
         result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
         return result
     if a.numel() > DIST_MAX_NUMEL and a.dtype == b.dtype and a.shape == b.shape:
@@ -209,21 +255,48 @@ def _moments_eligible(t: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()
         and t.numel() >= MOMENTS_MIN_NUMEL
         and t.device.type == "cpu"
-        and t.dtype in _DTYPES
+        and (t.dtype in _DTYPES or t.dtype in _NARROW)
         and t.is_contiguous()
         and not (t.requires_grad and torch.is_grad_enabled())
     )
 
 
-def moments_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype `moments(t)` adds in: float64 below `MOMENTS_ROWS_NUMEL` elements, else `t`'s.
+def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
+    """`torch.sum(t, dtype=torch.float64)` (`nansum` if `nan`) of a float16 or bfloat16 CPU
+    tensor of at least `NARROW_MIN_NUMEL` elements that needs no gradient, by blocks converted
+    to float32 (no float32 copy of `t`), their rows' sums added in float64; None where not served.
 
     Example:
         >>> import torch
-        >>> moments_dtype(torch.ones(3)), moments_dtype(torch.ones(1 << 20))
+        >>> float(narrow_sum(torch.full((1 << 17,), 0.1, dtype=torch.half)))  # 131072 * 0.0999755859375
+        13104.0
+    """
+    if not (
+        t.dtype in _NARROW
+        and t.numel() >= NARROW_MIN_NUMEL
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not (t.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    flat = t.reshape(-1)
+    rows = torch.empty(-(-flat.numel() // ROW), dtype=torch.float32, device=flat.device)
+    for start, stop, block in _blocks(flat, BLOCK):
+        _rows_into(block, rows[start // ROW : -(-stop // ROW)], torch.nansum if nan else torch.sum)
+    return rows.to(torch.float64).sum()
+
+
+def moments_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype `moments(t)` adds in: float64 below `MOMENTS_ROWS_NUMEL` elements, else `t`'s
+    (float32 for float16 and bfloat16).
+
+    Example:
+        >>> import torch
+        >>> moments_dtype(torch.ones(3)), moments_dtype(torch.ones(1 << 20, dtype=torch.half))
         (torch.float64, torch.float32)
     """
-    return torch.float64 if t.numel() < MOMENTS_ROWS_NUMEL else t.dtype
+    return torch.float64 if t.numel() < MOMENTS_ROWS_NUMEL else _work_dtype(t.dtype)
 
 
 def _block_moments(block: torch.Tensor, rows: torch.Tensor) -> None:
@@ -236,13 +309,9 @@ def _block_moments(block: torch.Tensor, rows: torch.Tensor) -> None:
 
 def _row_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = flat.numel()
-    rows = torch.empty(2, -(-n // ROW), dtype=flat.dtype, device=flat.device)  # norms, sums
-    if n <= MOMENTS_BLOCK:
-        _block_moments(flat, rows)
-    else:
-        for start in range(0, n, MOMENTS_BLOCK):  # MOMENTS_BLOCK is a multiple of ROW: one tail row at most
-            stop = min(start + MOMENTS_BLOCK, n)
-            _block_moments(flat[start:stop], rows[:, start // ROW : -(-stop // ROW)])
+    rows = torch.empty(2, -(-n // ROW), dtype=_work_dtype(flat.dtype), device=flat.device)  # norms, sums
+    for start, stop, block in _blocks(flat, MOMENTS_BLOCK):
+        _block_moments(block, rows[:, start // ROW : -(-stop // ROW)])
     norms, sums = rows.to(torch.float64).unbind()
     return sums.sum(), torch.dot(norms, norms)
 
@@ -250,11 +319,11 @@ def _row_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`(t.sum(), (t ** 2).sum())` as float64 0-d tensors, in one pass; None where not served.
 
-    Served: float32 and float64 contiguous CPU tensors of at least `MOMENTS_MIN_NUMEL`
-    elements that need no gradient, while torch.compile is not tracing. Their elements are
-    added in float64 below `MOMENTS_ROWS_NUMEL`, else in rows of `ROW` in their own dtype,
-    the rows' sums and norms then in float64: a relative error of about 1e-8 in float32 at
-    the smallest sizes, 1e-9 from 4Mi elements.
+    Served: float16, bfloat16, float32 and float64 contiguous CPU tensors of at least
+    `MOMENTS_MIN_NUMEL` elements that need no gradient, while torch.compile is not tracing.
+    Their elements are added in float64 below `MOMENTS_ROWS_NUMEL`, else in rows of `ROW` in
+    their own dtype (float32 for 16-bit ones), the rows' sums and norms then in float64: a
+    relative error of about 1e-8 in float32 at the smallest sizes, 1e-9 from 4Mi elements.
 
     Example:
         >>> import torch
@@ -285,7 +354,7 @@ _DIFFERENCES = frozenset({torch.sub, _T.sub, _T.__sub__, torch.subtract, _T.subt
 def _uniform(x: Any, dtype: torch.dtype) -> bool:
     from modtensor._bundle import is_bundle
 
-    return is_bundle(x) and dtype in _DTYPES and all(d == dtype for d in x._dtypes)
+    return is_bundle(x) and (dtype in _DTYPES or dtype in _NARROW) and all(d == dtype for d in x._dtypes)
 
 
 def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> Any:

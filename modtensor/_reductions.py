@@ -34,8 +34,9 @@ from modtensor._extrema import (
     _partials_amax,
     max_handler,
 )
-from modtensor._kernels import l2_norm, moments, moments_dtype
+from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel
 from modtensor._reduce_common import (
+    _LOW_PRECISION,
     _acc_dtype,
     _bind,
     _cast,
@@ -91,6 +92,10 @@ def _parse_mean(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 
 def _make_sum(reducer: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+        if t.dtype == a.dtype:  # float16 and bfloat16 by blocks: no float32 copy
+            by_blocks = narrow_sum(t, nan=reducer is torch.nansum)
+            if by_blocks is not None:
+                return by_blocks
         dtype = _partial_dtype(a.dtype)
         if t.dtype == torch.float64 and dtype.is_floating_point:  # a widened pack: keep it exact
             dtype = t.dtype
@@ -132,7 +137,18 @@ def _finalize_mean(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
 
 
 def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    return torch.nansum(t, dtype=_partial_dtype(a.dtype)), t.numel() - t.isnan().sum()
+    by_blocks = narrow_sum(t, nan=True) if t.dtype == a.dtype else None
+    total = torch.nansum(t, dtype=_partial_dtype(a.dtype)) if by_blocks is None else by_blocks
+    return total, t.numel() - _count_nan(t)
+
+
+def _count_nan(t: torch.Tensor) -> torch.Tensor:
+    # By blocks: `t.isnan().sum()` made a bool copy of t and an int64 one of that (2.25x a
+    # float32 tensor); `count_nonzero` counts without the int64 one.
+    if t.numel() <= _kernels.BLOCK or not t.is_contiguous():
+        return torch.count_nonzero(torch.isnan(t))
+    counts = [torch.count_nonzero(torch.isnan(block)) for block in torch.split(t.reshape(-1), _kernels.BLOCK)]
+    return torch.stack(counts).sum()
 
 
 def _combine_nanmean(states: list[Any], a: ReduceArgs) -> Any:
@@ -200,8 +216,11 @@ def _parse_var(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
 # - float32 added in float64 (short tensors): delta ~1e-15, its squares being exact, so
 #   K = 2**16 keeps M2 within about 1e-10, and lets norm-layer scales through (mean 1, std 0.1:
 #   n * mean**2 / M2 = 100).
+# - float16 and bfloat16 in float32 rows: K = 2**12 keeps M2 within about 1e-4, under a
+#   float16 step (4.9e-4).
 _CANCELLATION_SAME = 1.0
 _CANCELLATION_WIDER = float(2**16)
+_CANCELLATION_NARROW = float(2**12)
 # Squares under finfo.tiny lose digits (at most tiny * eps each): a variance over tiny / eps
 # (1e-31 in float32) keeps that loss under eps**2 of M2.
 _SMALLEST_VAR = {t: torch.finfo(t).tiny / torch.finfo(t).eps for t in (torch.float32, torch.float64)}
@@ -217,7 +236,10 @@ def _var_by_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] |
     mean = s1 / n
     m2 = s2 - s1 * mean
     dtype = moments_dtype(x)
-    k = _CANCELLATION_SAME if dtype == x.dtype else _CANCELLATION_WIDER
+    if dtype == x.dtype:
+        k = _CANCELLATION_SAME
+    else:
+        k = _CANCELLATION_NARROW if dtype == torch.float32 else _CANCELLATION_WIDER
     accurate = (
         math.isfinite(s1) and math.isfinite(s2)  # else NaN, inf or an overflow: torch's var says
         and m2 > n * _SMALLEST_VAR[dtype]
@@ -230,11 +252,14 @@ def _var_by_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] |
 
 
 def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    x = _cast(t, _partial_dtype(a.dtype))
-    if a.dtype in (torch.float32, torch.float64):  # float16, bfloat16, complex: torch's var
+    # float16 and bfloat16 go to the moments as they are (read by blocks: no float32 copy)
+    narrow = t.dtype == a.dtype and a.dtype in _LOW_PRECISION
+    x = t if narrow else _cast(t, _partial_dtype(a.dtype))
+    if narrow or a.dtype in (torch.float32, torch.float64):  # complex: torch's var
         fast = _var_by_moments(x)
         if fast is not None:
             return fast
+    x = _cast(x, _partial_dtype(a.dtype))
     # Two calls, not torch.var_mean: on the CPU its fused kernel is about 5x slower than var's.
     return t.numel(), x.var(correction=0), x.mean()
 
@@ -384,9 +409,12 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype) or (a.dtype.is_complex and not t.dtype.is_complex):
         t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
-    if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= _kernels.NORM_ROWS_NUMEL:
+    if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
         return l2_norm(t), _kept(t)
-    value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=a.dtype if a.dtype != t.dtype else None)
+    # A float16 partial would round to float16 before the combine (a float16 step off the
+    # concatenation's in about 1 draw of 5); a short one's float32 copy is small.
+    dtype = _partial_dtype(a.dtype) if t.numel() < _kernels.NARROW_MIN_NUMEL else a.dtype
+    value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
     return value, _kept(t)
 
 
@@ -395,19 +423,21 @@ def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     # by one torch._foreach_norm (no Python per tensor), the long ones by rows (accurate).
     if a.options["p"] != 2 or tensors[0].dtype != a.dtype or len(tensors) == 1:
         return [_partial_norm(t, 0, a) for t in tensors]
-    key = ("norm rows", _kernels.NORM_ROWS_NUMEL)
+    least = rows_numel(a.dtype)
+    key = ("norm rows", least)
     split = tensors.derived.get(key) if isinstance(tensors, TensorGroup) else None
     if split is None:
         split = (
-            [t for t in tensors if t.numel() >= _kernels.NORM_ROWS_NUMEL],
-            [t for t in tensors if t.numel() < _kernels.NORM_ROWS_NUMEL],
+            [t for t in tensors if t.numel() >= least],
+            [t for t in tensors if t.numel() < least],
         )
         if isinstance(tensors, TensorGroup):
             tensors.derived[key] = split
     long, short = split
     states = [(l2_norm(t), _kept(t)) for t in long]
     if short:  # one state for them all, as for amax: their norms' norm
-        norms = torch.stack(torch._foreach_norm(short))
+        dtype = _partial_dtype(a.dtype)  # float16 norms would round before the combine
+        norms = torch.stack(torch._foreach_norm(short, 2, dtype=dtype if dtype != a.dtype else None))
         states.append((torch.linalg.vector_norm(norms.to(torch.float64)), None))
     return states
 

@@ -57,7 +57,7 @@ def small_kernels(monkeypatch):
     modtensor/_kernels.py (rows, tail rows, several blocks, the moments' three paths)."""
     monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
-    monkeypatch.setattr(_kernels, "DIFF_MIN_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "NARROW_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
