@@ -99,7 +99,7 @@ def _make_sum(reducer: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, i
         dtype = _partial_dtype(a.dtype)
         if t.dtype == torch.float64 and dtype.is_floating_point:  # a widened pack: keep it exact
             dtype = t.dtype
-        return reducer(t, dtype=dtype)
+        return reducer(_complex_input(t, dtype), dtype=dtype)
 
     return partial
 
@@ -163,7 +163,15 @@ def _finalize_nanmean(state: Any, a: ReduceArgs) -> torch.Tensor:
 
 
 def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
-    return torch.prod(t, dtype=a.dtype)
+    return torch.prod(_complex_input(t, a.dtype), dtype=a.dtype)
+
+
+def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # torch has no backward for a real tensor reduced with a complex dtype=; the concatenation
+    # converts it first (torch.cat promotes), which has one.
+    if dtype.is_complex and not t.dtype.is_complex and t.requires_grad and torch.is_grad_enabled():
+        return t.to(dtype)
+    return t
 
 
 def _combine_prod(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:

@@ -70,3 +70,22 @@ def test_integer_tensors_are_reduced_as_the_concatenation_converts_them():
         b = mt.bundle(tensors)
         for call in calls:
             torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
+
+
+@pytest.mark.parametrize("call", [torch.sum, torch.mean, torch.prod], ids=["sum", "mean", "prod"])
+def test_real_tensors_of_a_complex_bundle_get_real_gradients(call):
+    # torch has no backward for a real tensor summed with a complex dtype=; the concatenation
+    # converts it first. The bundle's backward raised inside autograd.
+    def leaves():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(3000, dtype=torch.complex64, generator=g).requires_grad_(),
+                (1 + 0.001 * torch.randn(2000, generator=g)).requires_grad_()]
+
+    ours, theirs = leaves(), leaves()
+    got, want = call(mt.bundle(ours)), call(torch.cat([t.reshape(-1) for t in theirs]))
+    torch.testing.assert_close(got, want)
+    (got.real + got.imag).backward()
+    (want.real + want.imag).backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad)
