@@ -1,6 +1,6 @@
 """modtensor: treat a model's parameters as one tensor, without copying them."""
 
-from modtensor import _indexing, _inplace, _like, _order, _pairwise, _pointwise, _reductions  # noqa: F401  (fill the table)
+from modtensor import _autograd, _indexing, _inplace, _like, _order, _pairwise, _pointwise, _reductions  # noqa: F401  (fill the table)
 from modtensor import recipes
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._dispatch import fallback

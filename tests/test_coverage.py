@@ -17,6 +17,7 @@ import torch
 import modtensor as mt
 from generators import Case, check_against_concat, other_like
 from modtensor import _pointwise, _reductions
+from modtensor._autograd import AUTOGRAD_FUNCTIONS
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from modtensor._pointwise import POINTWISE_FUNCTIONS
 from modtensor._indexing import READOUT_FUNCTIONS
@@ -26,8 +27,10 @@ from modtensor._order import ORDER_FUNCTIONS
 from modtensor._reductions import REDUCTION_FUNCTIONS
 from op_specs import INTEGER_OPS, PAIRWISE_CALLS, REDUCTION_CALLS, is_binary, pointwise_calls
 
-# tests/test_indexing.py, tests/test_order.py, tests/test_like.py
-TESTED_ELSEWHERE = {torch.Tensor.__getitem__, *READOUT_FUNCTIONS, *ORDER_FUNCTIONS, *LIKE_FUNCTIONS}
+# tests/test_indexing.py, tests/test_order.py, tests/test_like.py, tests/test_grad_and_devices.py
+TESTED_ELSEWHERE = {
+    torch.Tensor.__getitem__, *READOUT_FUNCTIONS, *ORDER_FUNCTIONS, *LIKE_FUNCTIONS, *AUTOGRAD_FUNCTIONS,
+}
 
 
 def test_every_table_entry_has_a_property_test(builtin_table):

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import given
 from torch import nn
 
 import modtensor as mt
+from generators import cases
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -175,3 +177,45 @@ def test_like_functions_on_cuda_bundles():
         assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in moved.tensors)
     mixed = mt.bundle({"gpu": torch.randn(3, device="cuda"), "cpu": torch.randn(2)})
     assert [t.device.type for t in torch.zeros_like(mixed).tensors] == ["cuda", "cpu"]
+
+
+# -- bundles as the inputs of torch.autograd.grad / backward ------------------------------------
+
+
+def _loss(x):
+    return ((x - 0.3) ** 2).sum() + (x.detach().sin() * x).sum()
+
+
+@given(case=cases(min_tensors=1))
+def test_autograd_grad_with_respect_to_a_bundle_is_the_concatenations(case):
+    # The fallback handed autograd a fresh concatenation, in no graph: an error, or None.
+    b = case.bundle()
+    frozen = [t for t in case.tensors if not t.requires_grad]
+    if frozen:  # no graph reaches them: refused where the others require grad, torch's error if none does
+        with pytest.raises(RuntimeError, match="does not require grad|do not require grad"):
+            torch.autograd.grad(_loss(b), b)
+        return
+    cat = case.concat().detach().requires_grad_()
+    (want,) = torch.autograd.grad(_loss(cat), cat)
+    (got,) = torch.autograd.grad(_loss(b), b)
+    assert isinstance(got, mt.ParameterBundle) and got.names == b.names
+    torch.testing.assert_close(got.materialize(), want, equal_nan=True)
+    for t in case.tensors:
+        t.grad = None
+    _loss(b).backward(inputs=[b])  # accumulates into the tensors' .grad, as inputs= does for a tensor
+    if all(t.numel() for t in case.tensors):  # a 0-numel tensor gets no gradient from backward
+        torch.testing.assert_close(b.grad.materialize(), want, equal_nan=True)
+
+
+def test_autograd_grad_of_unused_tensors():
+    w, v, u = (torch.randn(3, requires_grad=True) for _ in range(3))
+    b, other = mt.bundle([w, v]), mt.bundle([u])
+    got, nothing = torch.autograd.grad(w.sum(), [b, other], allow_unused=True)
+    torch.testing.assert_close(got.materialize(), torch.cat([torch.ones(3), torch.zeros(3)]))  # as cat's
+    assert nothing is None  # as for a tensor the output does not use
+    with pytest.raises(RuntimeError, match="index 1 appears to not have been used"):
+        torch.autograd.grad(w.sum(), [b, other])
+    _, zeros = torch.autograd.grad(w.sum(), [b, other], materialize_grads=True)
+    assert torch.equal(zeros.materialize(), torch.zeros(3))
+    with pytest.raises(mt.UnsupportedOperationError, match="computed on demand"):
+        torch.autograd.grad(w.sum(), b * 2)

@@ -1,0 +1,107 @@
+"""Bundles as the inputs of `torch.autograd.grad` and `torch.autograd.backward(inputs=...)`.
+
+The gradient with respect to a bundle is the gradient with respect to its concatenation: a
+bundle of its tensors' gradients, same names. A bundle's tensors are what the graph holds, so
+they are the inputs autograd is asked about; the fallback would hand autograd a fresh
+concatenation, which is in no graph ("appears to not have been used in the graph").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._errors import UnsupportedOperationError
+
+__all__ = ["AUTOGRAD_FUNCTIONS"]
+
+
+def _as_sequence(x: Any) -> tuple[Any, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _expand(name: str, inputs: Sequence[Any]) -> tuple[list[Any], list[tuple[int, int | None]]]:
+    """The inputs with each bundle replaced by its tensors, and where each input's part starts."""
+    expanded: list[Any] = []
+    spans: list[tuple[int, int | None]] = []
+    for x in inputs:
+        if not is_bundle(x):
+            spans.append((len(expanded), None))
+            expanded.append(x)
+            continue
+        if x._tensors is None or x._flat is not None:
+            raise UnsupportedOperationError(
+                f"{name}: {x.describe()} is the result of an op, computed on demand, so no graph "
+                "holds its tensors; ask for the gradient with respect to the bundles (or tensors) "
+                "it was computed from, or take `b.tensors` first and use those in the loss."
+            )
+        frozen = [n for n, t in zip(x._names, x._tensors) if not t.requires_grad]
+        if frozen and len(frozen) < len(x._names):
+            # The concatenation would require grad, but no graph reaches these tensors.
+            raise UnsupportedOperationError(
+                f"{name}: {x.describe()} holds tensors that do not require grad ({', '.join(frozen[:3])}"
+                f"{', ...' if len(frozen) > 3 else ''}), so no graph gives their part of the gradient. "
+                "Ask with respect to the trainable ones: `mt.bundle(model, include=lambda n, t: "
+                "t.requires_grad)`."
+            )
+        spans.append((len(expanded), len(x._tensors)))
+        expanded.extend(x._tensors)
+    return expanded, spans
+
+
+def _grad(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    kwargs = dict(kwargs)
+    outputs = args[0] if args else kwargs.pop("outputs")
+    inputs = args[1] if len(args) > 1 else kwargs.pop("inputs")
+    inputs = _as_sequence(inputs)
+    if not any(is_bundle(x) for x in inputs) or any(is_bundle(x) for x in _as_sequence(outputs)):
+        return NOT_HANDLED
+    expanded, spans = _expand(func_name(func), inputs)
+    materialize = bool(kwargs.pop("materialize_grads", False))
+    allow_unused = kwargs.pop("allow_unused", None)
+    allow_unused = materialize if allow_unused is None else allow_unused
+    # A bundle's unused tensors (a 0-numel one, or one the output does not read) are zeros of
+    # the concatenation's gradient, so torch is asked to allow them; the rule for unused
+    # inputs is then applied to each input as a whole, as torch applies it to a tensor.
+    grads: tuple[Any, ...] = torch.autograd.grad(  # type: ignore[call-overload]
+        outputs, expanded, *args[2:], allow_unused=True, **kwargs
+    )
+    results: list[Any] = []
+    for index, (x, (start, n)) in enumerate(zip(inputs, spans)):
+        parts = grads[start : start + (1 if n is None else n)]
+        if all(g is None for g in parts):
+            if not allow_unused:
+                raise RuntimeError(
+                    f"The differentiated Tensor at index {index} appears to not have been used in the "
+                    "graph. Set allow_unused=True if this is the desired behavior."
+                )
+            if not materialize:
+                results.append(None)
+                continue
+        own = (x,) if n is None else x._tensors
+        filled = [torch.zeros_like(t) if g is None else g for t, g in zip(own, parts)]
+        results.append(filled[0] if n is None else x.derive(filled))
+    return tuple(results)
+
+
+def _backward(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    inputs = kwargs.get("inputs")
+    tensors = args[0] if args else kwargs.get("tensors")
+    if inputs is None or tensors is None or any(is_bundle(x) for x in _as_sequence(tensors)):
+        return NOT_HANDLED
+    inputs = _as_sequence(inputs)
+    if not any(is_bundle(x) for x in inputs):
+        return NOT_HANDLED
+    expanded, _ = _expand(func_name(func), inputs)
+    # Each tensor's .grad accumulates, as `inputs=` asks of a tensor: `b.grad` then reads them.
+    torch.autograd.backward(*args, **{**kwargs, "inputs": expanded})
+    return None
+
+
+AUTOGRAD_FUNCTIONS = (torch.autograd.grad, torch.autograd.backward)
+ParameterBundle.implements(torch.autograd.grad)(_grad)
+ParameterBundle.implements(torch.autograd.backward)(_backward)
