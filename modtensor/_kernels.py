@@ -24,7 +24,7 @@ import torch
 
 from modtensor import _multitensor
 from modtensor._dispatch import NOT_HANDLED
-from modtensor._reduce_common import _cast, _stack
+from modtensor._reduce_common import _cast, _stack, transformed
 from modtensor._strategies import Pieces
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def _eligible(*tensors: torch.Tensor) -> bool:
         and (t.dtype in _NARROW or (t.dtype in _DTYPES and t.numel() >= MIN_NUMEL))
         and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
         and all(u.device == t.device for u in tensors)
+        and not transformed()
     )
 
 
@@ -258,6 +259,7 @@ def _moments_eligible(t: torch.Tensor) -> bool:
         and (t.dtype in _DTYPES or t.dtype in _NARROW)
         and t.is_contiguous()
         and not (t.requires_grad and torch.is_grad_enabled())
+        and not transformed()
     )
 
 
@@ -278,6 +280,7 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
         and t.is_contiguous()
         and not (t.requires_grad and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
+        and not transformed()
     ):
         return None
     flat = t.reshape(-1)

@@ -33,7 +33,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
-from modtensor._reduce_common import _bind, check_dim
+from modtensor._reduce_common import _bind, check_dim, transformed
 from modtensor._selection import _elements, _equal, _evenly, _scan, _Selection, _Stat
 from modtensor._strategies import Reduction
 
@@ -339,6 +339,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
         if b.strategy != "concat":
             return run_reduction(func, args, kwargs, b, _PER_TENSOR)
         if b._device.type == "meta":  # no values to count: torch.cat of meta tensors is free
+            return NOT_HANDLED
+        if transformed():  # radix counting carries no tangent and has no batching rule
             return NOT_HANDLED
         return compute(b, func, args, kwargs)
 

@@ -18,6 +18,18 @@ if TYPE_CHECKING:
 __all__ = ["check_dim"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_forward_ad = torch.autograd.forward_ad
+_interpreters = torch._C._functorch.peek_interpreter_stack
+
+
+def transformed() -> bool:
+    """True under forward-mode AD (a dual level) or a `torch.func` transform (grad, jvp, vmap).
+
+    Their tangents and batching follow torch's own ops only: the kernels that write with
+    `out=`, pack tensors or count by radix keys (which would drop tangents, or have no
+    batching rule) then step aside. About 50 ns.
+    """
+    return _forward_ad._current_level >= 0 or _interpreters() is not None
 
 
 # -- argument helpers ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
+from modtensor._reduce_common import transformed
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
@@ -43,7 +44,7 @@ def may_pack(*operands: Any) -> bool:
     """True where small tensors of `operands` (bundles or tensors) may be packed: not while
     autograd records (it would keep every copy for the backward), nor in a compiled graph."""
     records = torch.is_grad_enabled() and any(x.requires_grad for x in operands)
-    return not records and not torch.compiler.is_compiling()
+    return not records and not torch.compiler.is_compiling() and not transformed()
 
 
 # fnmatch, which torch.compile takes as a constant instead of tracing it (it cannot).
