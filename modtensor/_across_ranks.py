@@ -29,7 +29,7 @@ from modtensor import _strategies
 from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
 from modtensor._distributed import Sharding, _dist, refuse, sharding_of
 from modtensor._errors import UnsupportedOperationError
-from modtensor._reduce_common import _acc_dtype, _cast, _real, _stack
+from modtensor._reduce_common import _acc_dtype, _cast, _real, _stack, sqrt0
 from modtensor._strategies import ReduceArgs, Reduction, ReductionCall, _keepdim
 
 if TYPE_CHECKING:
@@ -159,7 +159,11 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
         return ext_local(states, a) if is_inf(a) else combine(states, _acc_args(a))
 
     def merge(payloads: list[Any], a: ReduceArgs) -> Any:
-        return ext_merge(payloads, a) if is_inf(a) else combine([(p, None) for p in payloads], a)
+        if is_inf(a):
+            return ext_merge(payloads, a)
+        # the payloads are ranks' norms, whatever the partials were (see _reductions._combine_norm)
+        plain = dataclasses.replace(a, options={**a.options, "squares": False})
+        return combine([(p, None) for p in payloads], plain)
 
     def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         return _f64(p.square() if a.options["p"] == 2 else p)
@@ -167,9 +171,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         total = s[0]
         if a.options["p"] == 2:
-            # sqrt with a zero gradient at zero, as vector_norm's, not sqrt's infinite one
-            positive = total > 0
-            total = torch.where(positive, torch.where(positive, total, torch.ones_like(total)).sqrt(), total)
+            total = sqrt0(total)
         return _cast(total, _real(a.dtype))
 
     return _Form(local, merge, 1, encode, decode, lambda a: a.options["p"] in (0.0, 1.0, 2.0))
@@ -209,7 +211,7 @@ def _cosine_form() -> _Form:
     def local(states: list[Any], a: ReduceArgs) -> Any:
         acc = _acc_dtype(a.dtype)
         dot = _stack([s[0] for s in states], acc).sum()
-        return dot, *(torch.linalg.vector_norm(_stack([s[j] for s in states], acc)) for j in (1, 2))
+        return dot, *(_stack([s[j] for s in states], _real(acc)).sum() for j in (1, 2))  # squares
 
     return _Form(local, _combine_cosine)
 

@@ -24,14 +24,14 @@ import torch
 
 from modtensor import _multitensor
 from modtensor._dispatch import NOT_HANDLED
-from modtensor._reduce_common import _cast, _stack, transformed
+from modtensor._reduce_common import _cast, _stack, sqrt0, transformed
 from modtensor._strategies import Pieces
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
     from modtensor._strategies import ReduceArgs
 
-__all__ = ["diff_l2_norm", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel", "sum_of_squares"]
+__all__ = ["diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel", "sum_of_squares"]
 
 ROW = 1024
 # Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
@@ -168,6 +168,44 @@ class _L2Norm(torch.autograd.Function):
         return grad
 
 
+class _SumOfSquares(torch.autograd.Function):
+    # Its backward, 2 * g * t, is itself differentiable (create_graph): the square's second
+    # derivative, 2, also where t is 0 (through _L2Norm it came out 0 there).
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(t)
+        flat = t.detach().reshape(-1)
+        # No square of t. torch's norm of a tensor is off by up to 5e-5 below MIN_NUMEL, where
+        # the square's pairwise sum was within 1e-8: its rows' norms are as accurate.
+        by_rows = flat.device.type == "cpu" and flat.numel() >= ROW and not transformed()
+        norm = _rows_norm(flat) if by_rows else torch.linalg.vector_norm(flat)
+        return norm.to(torch.float64).square()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (t,) = ctx.saved_tensors
+        grad: torch.Tensor = t * (2 * g).to(t.dtype)
+        return grad
+
+
+class _DiffSquares(torch.autograd.Function):
+    # `((a - b) ** 2).sum()` for the L2 norms of a gradient penalty (see diff_squares); the
+    # difference is formed again in backward, one tensor at a time, rather than kept.
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        with torch.no_grad():
+            return diff_l2_norm(a, b).to(torch.float64).square()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        scale = (2 * g).to(a.dtype)
+        # out of place where the backward is differentiated itself (create_graph)
+        grad = (a - b) * scale if torch.is_grad_enabled() else (a - b).mul_(scale)
+        return (grad if ctx.needs_input_grad[0] else None), (-grad if ctx.needs_input_grad[1] else None)
+
+
 class _DiffL2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -223,10 +261,34 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
         >>> float(sum_of_squares(torch.full((3,), 2.0)))
         12.0
     """
+    records = t.requires_grad and torch.is_grad_enabled()
+    if records and t.is_floating_point() and not torch.compiler.is_compiling() and not transformed():
+        # no square kept for backward, and twice differentiable (see _SumOfSquares)
+        result: torch.Tensor = _SumOfSquares.apply(t)  # type: ignore[no-untyped-call]
+        return result
     if not _eligible(t):  # the square fits in cache, and torch's sum is pairwise
         small: torch.Tensor = torch.square(t).sum()
         return small
     return l2_norm(t).square()
+
+
+def diff_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`((a - b) ** 2).sum()` in float64, twice differentiable, keeping no `a - b` for backward.
+
+    The L2 norm of a bundle that requires grad is the square root of its tensors' sums of
+    squares, not a norm of their norms: a tensor whose norm is 0 (a zero bias, a layer equal
+    to the reference) would make the second derivative NaN (gradient penalties).
+
+    Example:
+        >>> import torch
+        >>> float(diff_squares(torch.full((3,), 2.0), torch.ones(3)))
+        3.0
+    """
+    if torch.compiler.is_compiling():
+        traced: torch.Tensor = torch.square(a - b).sum().to(torch.float64)
+        return traced
+    result: torch.Tensor = _DiffSquares.apply(a, b)  # type: ignore[no-untyped-call]
+    return result
 
 
 def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -394,10 +456,13 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
                 return fused
         if not (_uniform(x, b._dtype) and _uniform(y, b._dtype)):
             return NOT_HANDLED
-        norms = _per_segment(b, guard, diff_l2_norm, lambda i: (x._tensor(i), y._tensor(i)))
+        twice = bool(parsed.options.get("squares"))  # twice differentiable (see diff_squares)
+        kernel = diff_squares if twice else diff_l2_norm
+        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)))
         if not norms:
             return NOT_HANDLED
-        return _cast(torch.linalg.vector_norm(_stack(norms, torch.float64)), b._dtype)
+        stacked = _stack(norms, torch.float64)
+        return _cast(sqrt0(stacked.sum()) if twice else torch.linalg.vector_norm(stacked), b._dtype)
     return NOT_HANDLED
 
 

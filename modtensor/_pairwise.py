@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
-from modtensor._kernels import diff_l2_norm
+from modtensor._kernels import diff_l2_norm, diff_squares, sum_of_squares
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept
-from modtensor._reduce_common import _acc_dtype, _bind, _cast, _real, _stack, check_dim
+from modtensor._reduce_common import _acc_dtype, _bind, _cast, _real, _stack, check_dim, sqrt0
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -138,6 +138,8 @@ def _sig_dist(input: Any, other: Any, p: Any = 2) -> Any:
 
 def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
     x, y = pair
+    if a.options.get("squares"):  # twice differentiable where a pair is equal (see _dist)
+        return diff_squares(_cast(x, a.dtype), _cast(y, a.dtype)), None
     if a.options["p"] == 2:
         return diff_l2_norm(_cast(x, a.dtype), _cast(y, a.dtype)), _kept(pair)
     return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), _kept(pair)
@@ -147,6 +149,8 @@ def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     p = a.options["p"]
     values = [v for v, _ in states]
     real = _real(a.dtype)
+    if a.options.get("squares"):
+        return _cast(sqrt0(_stack(values, _acc_dtype(real)).sum()), real)
     if math.isinf(p):
         pairs = [pair for _, pair in states]
         return _extremum(values, pairs, p > 0, real, key=lambda pr: (pr[0] - pr[1]).abs())
@@ -174,7 +178,14 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p)})
+    # Where autograd records, the root of the pairs' sums of squares, as for norms (see
+    # _reductions._parse_norm): a pair of equal tensors (a layer left as the reference) would
+    # make the second derivative NaN.
+    squares = (
+        p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
+        and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
+    )
+    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p), "squares": squares})
     return _run(func, args, kwargs, _DIST, parsed, operands)
 
 
@@ -189,8 +200,14 @@ def _partial_cosine(pair: Any, offset: int, a: ReduceArgs) -> Any:
     # torch divides by the norms before it sums, so its products never overflow; a tensor's
     # dot product in float16 would (0.6 * 0.6 over 200k elements passes 65504): the partials
     # of 16-bit dtypes are made in float32.
-    x, y = (_cast(t, torch.promote_types(a.dtype, torch.float32)) for t in pair)
-    return torch.dot(x.reshape(-1), y.reshape(-1)), torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
+    # The norms' squares, not the norms: a tensor whose norm is 0 (a zero bias) would make a
+    # gradient penalty's second derivative NaN, where the concatenation's is finite.
+    x, y = (_cast(t, torch.promote_types(a.dtype, torch.float32)).reshape(-1) for t in pair)
+    return torch.dot(x, y), _squares(x), _squares(y)
+
+
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    return torch.vdot(x, x).real if x.is_complex() else sum_of_squares(x)
 
 
 def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
@@ -199,7 +216,7 @@ def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     eps = a.options["eps"]
     norms = []
     for j in (1, 2):
-        norm = torch.linalg.vector_norm(_stack([s[j] for s in states], acc))
+        norm = sqrt0(_stack([s[j] for s in states], _real(acc)).sum())
         # torch clamps the norms at eps outside autograd: the value is clamped, the
         # gradient is the unclamped norm's.
         norms.append(norm + (norm.clamp_min(eps) - norm).detach())

@@ -96,6 +96,12 @@ def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def sqrt0(total: torch.Tensor) -> torch.Tensor:
+    """`total.sqrt()` with a zero gradient at 0, as a norm's, not sqrt's infinite one."""
+    positive = total > 0
+    return torch.where(positive, torch.where(positive, total, torch.ones_like(total)).sqrt(), total)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 

@@ -34,7 +34,7 @@ from modtensor._extrema import (
     _partials_amax,
     max_handler,
 )
-from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel
+from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel, sum_of_squares
 from modtensor._reduce_common import (
     _LOW_PRECISION,
     _acc_dtype,
@@ -47,6 +47,7 @@ from modtensor._reduce_common import (
     _stack,
     _sum_dtype,
     check_dim,
+    sqrt0,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
@@ -411,12 +412,19 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             f"concatenates to {b._dtype} (torch raises the same on the concatenation)."
         )
     dtype = dtype or b._dtype
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p)})
+    # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
+    # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second
+    # derivative NaN, where the concatenation's is finite (gradient penalties).
+    squares = p == 2 and not dtype.is_complex and torch.is_grad_enabled() and b.requires_grad
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p), "squares": squares})
 
 
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype) or (a.dtype.is_complex and not t.dtype.is_complex):
         t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
+    if a.options.get("squares"):
+        wide = _partial_dtype(a.dtype) if t.numel() < _kernels.NARROW_MIN_NUMEL else a.dtype
+        return sum_of_squares(_cast(t, wide)), None
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
         return l2_norm(t), _kept(t)
     # A float16 partial would round to float16 before the combine (a float16 step off the
@@ -429,7 +437,7 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     # Tensors of one dtype and device, no gradient recorded: the L2 norms of the short ones
     # by one torch._foreach_norm (no Python per tensor), the long ones by rows (accurate).
-    if a.options["p"] != 2 or tensors[0].dtype != a.dtype or len(tensors) == 1:
+    if a.options["p"] != 2 or a.options.get("squares") or tensors[0].dtype != a.dtype or len(tensors) == 1:
         return [_partial_norm(t, 0, a) for t in tensors]
     least = rows_numel(a.dtype)
     key = ("norm rows", least)
@@ -456,6 +464,8 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     values, tensors = zip(*states)
     if math.isinf(p):
         return _extremum(values, tensors, p > 0, real, key=torch.abs)
+    if a.options.get("squares"):  # sums of squares (see _parse_norm)
+        return _cast(sqrt0(_stack(values, _acc_dtype(real)).sum()), real)
     if len(values) == 1:
         return _cast(values[0], real)
     stacked = _stack(values, _acc_dtype(real))

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from torch import nn
 
@@ -275,3 +276,42 @@ def test_torch_func_grad_and_vmap(real_sizes, name):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(batched, torch.func.vmap(lambda a, b: f(_cat(a, b)))(*batch))
+
+
+# -- second derivatives (gradient penalties) ---------------------------------------------------
+
+PENALIZED = {
+    "norm": lambda x, r: x.norm(),
+    "vector_norm": lambda x, r: torch.linalg.vector_norm(x),
+    "dist": lambda x, r: torch.dist(x, r),
+    "difference norm": lambda x, r: (x - r).norm(),
+    "cosine": lambda x, r: F.cosine_similarity(x, r + 1, dim=0),
+    "sum of squares": lambda x, r: (x**2).sum(),
+}
+
+
+@pytest.mark.parametrize("kernels", ["small_kernels", "real"])
+@pytest.mark.parametrize("name", sorted(PENALIZED))
+def test_second_derivatives_with_a_zero_tensor(request, kernels, name):
+    # A norm of the tensors' norms has a NaN second derivative where one tensor's norm is 0 (a
+    # zero-initialized bias, a layer equal to the reference); the concatenation's is finite.
+    if kernels == "small_kernels":
+        request.getfixturevalue("small_kernels")
+    f = PENALIZED[name]
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(6, 5, generator=g), torch.zeros(5), torch.randn(4, generator=g)]
+    reference = [v * 0.5 for v in values[:1]] + [torch.zeros(5), torch.randn(4, generator=g)]
+
+    def penalty_grads(make):
+        leaves = [v.clone().requires_grad_() for v in values]
+        value = f(make(leaves), make(reference))
+        grads = torch.autograd.grad(value, leaves, create_graph=True)
+        sum(gr.pow(2).sum() for gr in grads).backward()
+        return value, [leaf.grad for leaf in leaves]
+
+    got, got_grads = penalty_grads(mt.bundle)
+    want, want_grads = penalty_grads(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

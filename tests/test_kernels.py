@@ -41,9 +41,11 @@ def test_kernels_match_concat(small_kernels, name, case):
 def test_fused_chains_use_the_kernels(small_kernels, monkeypatch):
     # A fused chain never computes its on-demand tensors, and its kernels run.
     seen = []
-    monkeypatch.setattr(_kernels._L2Norm, "apply", lambda t, _f=_kernels._L2Norm.apply: seen.append("l2") or _f(t))
     monkeypatch.setattr(
-        _kernels._DiffL2Norm, "apply", lambda a, b, _f=_kernels._DiffL2Norm.apply: seen.append("diff") or _f(a, b)
+        _kernels._SumOfSquares, "apply", lambda t, _f=_kernels._SumOfSquares.apply: seen.append("squares") or _f(t)
+    )
+    monkeypatch.setattr(
+        _kernels._DiffSquares, "apply", lambda a, b, _f=_kernels._DiffSquares.apply: seen.append("diff") or _f(a, b)
     )
     x = mt.bundle([torch.randn(5, 4, requires_grad=True), torch.randn(9, requires_grad=True)])
     y = mt.bundle([torch.randn(5, 4), torch.randn(9)])
@@ -51,7 +53,8 @@ def test_fused_chains_use_the_kernels(small_kernels, monkeypatch):
     peaks = track_live(square), track_live(difference)
     square.sum(), difference.norm()
     assert peaks[0][0] == peaks[1][0] == 0
-    assert seen == ["l2", "l2", "diff", "diff"]
+    # with gradients: the twice differentiable kernels (their sums of squares)
+    assert seen == ["squares", "squares", "diff", "diff"]
 
 
 def test_fusion_keeps_on_demand_rules(small_kernels):
