@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
     from modtensor._strategies import ReduceArgs
 
-__all__ = ["diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel", "sum_of_squares"]
+__all__ = [
+    "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel",
+    "sum_of_squares",
+]
 
 ROW = 1024
 # Below these torch's own kernels are faster (their temporaries fit in cache and the allocator
@@ -284,7 +287,7 @@ def diff_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> float(diff_squares(torch.full((3,), 2.0), torch.ones(3)))
         3.0
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transformed():  # traced by the compiler / torch.func
         traced: torch.Tensor = torch.square(a - b).sum().to(torch.float64)
         return traced
     result: torch.Tensor = _DiffSquares.apply(a, b)  # type: ignore[no-untyped-call]

@@ -231,6 +231,7 @@ TRANSFORMED = {
     "sum": lambda x: x.sum(), "var": lambda x: x.var(), "std": lambda x: x.std(), "norm": lambda x: x.norm(),
     "amax": lambda x: x.amax(), "median": lambda x: x.median(), "topk": lambda x: x.topk(3).values.sum(),
     "quantile": lambda x: torch.quantile(x, 0.3), "sum of squares": lambda x: (x**2).sum(),
+    "dist": lambda x: torch.dist(x, torch.ones(x.shape)), "difference norm": lambda x: (x - x * 0.5).norm(),
 }
 
 
