@@ -125,6 +125,7 @@ class _BundleAPI:
             self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
             self._compute = self._compute_range = None
             self._flat = None  # the kept tensors may now be given other data (`t.data = ...`)
+            self._expr = None  # a snapshot now: fused chains must not read its inputs again
         return self._tensors
 
     @property

@@ -56,6 +56,11 @@ def test_inputs_modified_in_place_afterwards_are_refused():
     snapshot = (mt.bundle([a]) - mt.bundle([c])).clone()
     a.add_(1)
     assert float(snapshot.sum()) == 6.0
+    # `.tensors` is a snapshot too: the fused chains ((x - y).norm()) no longer read the inputs
+    kept = mt.bundle([a]) - mt.bundle([c])
+    kept.tensors
+    a.add_(1)
+    assert float(kept.norm()) == float(torch.full((3,), 3.0).norm())
 
 
 def test_grad_mode_of_creation_is_kept():
