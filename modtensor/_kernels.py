@@ -284,8 +284,8 @@ def diff_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> import torch
-        >>> float(diff_squares(torch.full((3,), 2.0), torch.ones(3)))
-        3.0
+        >>> float(diff_squares(torch.full((4,), 2.0), torch.ones(4)))
+        4.0
     """
     if torch.compiler.is_compiling() or transformed():  # traced by the compiler / torch.func
         traced: torch.Tensor = torch.square(a - b).sum().to(torch.float64)
