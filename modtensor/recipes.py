@@ -1,7 +1,9 @@
 """Model algebra recipes built on bundles, each checked against torch's own implementation.
 
 Every recipe takes bundles or modules (a module means `mt.bundle(module)`), updates the real
-tensors in place where its name ends in `_`, and never concatenates the model.
+tensors in place where its name ends in `_`, and never concatenates the model. A recipe's figures
+are those of the concatenation whatever the strategy of a bundle given to it (it computes on the
+same tensors under `concat`): `clip_grad_norm_(b.weighted(), 1.0)` clips by the global norm.
 
 Example:
     >>> import copy, torch, modtensor as mt
@@ -41,8 +43,10 @@ def _b(x: Any) -> ParameterBundle:
 
 
 def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
+    # The recipes define their own semantics, those of the concatenation: a bundle's strategy
+    # (weighted, per_param) would silently change them, so they compute under concat.
     if is_bundle(x):
-        return x
+        return x if x.strategy == "concat" else x.with_strategy("concat")
     if isinstance(x, nn.Module):
         return bundle(x)
     raise TypeError(f"{what}: expected a ParameterBundle or an nn.Module, got {type(x).__name__}.")
@@ -116,7 +120,7 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
     t, s = _as_bundle(target, "ema_"), _as_bundle(source, "ema_")
     with torch.no_grad():  # one torch._foreach_lerp_ (no detach: nothing is recorded)
         t.lerp_(s, 1.0 - decay)
-    return t
+    return target if is_bundle(target) else t
 
 
 def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
@@ -209,7 +213,8 @@ def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
 
     Exactly `round(amount * N)` entries are zeroed, as `torch.nn.utils.prune.global_unstructured`
     with `L1Unstructured` does; among entries tied at the threshold the first ones in the
-    concatenation's order go. Returns the bundle.
+    concatenation's order go. NaN counts as the largest magnitude, as in torch's `topk`, so NaNs
+    go last; a pruned NaN is zeroed (torch's mask leaves it NaN: NaN * 0). Returns the bundle.
 
     Example:
         >>> import torch, modtensor as mt
@@ -226,17 +231,28 @@ def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
         return b
     with torch.no_grad():
         threshold = _kth_smallest_magnitude(b, k)
-        remaining = k - int(sum((t.abs() < threshold).sum() for t in b.tensors))
+        # torch's topk(largest=False) takes NaN as the largest magnitude, so NaNs go last. A
+        # NaN threshold (k beyond the other entries) compares False with everything: then all
+        # the other entries go, and the NaNs are the ones tied at it.
+        nan_threshold = bool(threshold.isnan())
+
+        def below(m: torch.Tensor) -> torch.Tensor:
+            return ~m.isnan() if nan_threshold else m < threshold
+
+        def at(m: torch.Tensor) -> torch.Tensor:
+            return m.isnan() if nan_threshold else m == threshold
+
+        remaining = k - int(sum(below(t.abs()).sum() for t in b.tensors))
         for t in b.tensors:
             magnitude = t.abs()
-            prune = magnitude < threshold
+            prune = below(magnitude)
             if remaining > 0:
-                tied = (magnitude == threshold).reshape(-1)
+                tied = at(magnitude).reshape(-1)
                 first = tied & (tied.cumsum(0) <= remaining)
                 remaining -= int(first.sum())
                 prune |= first.reshape(t.shape)
             t.masked_fill_(prune, 0)
-    return b
+    return parameters if is_bundle(parameters) else b
 
 
 @dataclass

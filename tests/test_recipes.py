@@ -159,3 +159,57 @@ def test_recipe_errors():
         recipes.merge(nn.Linear(2, 2), [nn.Linear(2, 2)], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="structure"):
         recipes.ema_(nn.Linear(2, 2), nn.Linear(3, 2), 0.9)
+
+
+@pytest.mark.parametrize("amount", [0.6, 0.8, 1.0])
+def test_magnitude_prune_takes_nan_as_the_largest_magnitude_like_torch(amount):
+    # torch's topk(largest=False) puts NaN last; a NaN cut-off once pruned nothing at all.
+    w = torch.tensor([0.5, -0.1, 2.0, 0.3, float("nan")])
+    ours, theirs = nn.Linear(5, 1, bias=False), nn.Linear(5, 1, bias=False)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+    recipes.magnitude_prune_(ours, amount)
+    prune.global_unstructured([(theirs, "weight")], pruning_method=prune.L1Unstructured, amount=amount)
+    # torch's mask says which entries go (its pruned NaN stays NaN: NaN * 0); ours are zeroed
+    assert torch.equal(ours.weight == 0, theirs.weight_mask == 0)
+    assert int((ours.weight == 0).sum()) == round(amount * 5)
+
+
+def test_magnitude_prune_among_nans_prunes_the_first_ones():
+    w = torch.tensor([float("nan"), 1.0, float("nan"), 2.0])
+    recipes.magnitude_prune_(mt.bundle([w[:2], w[2:]]), 0.75)
+    assert w[2].isnan() and int((w == 0).sum()) == 3
+
+
+def _clip_grads():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([12.0])
+    return [a, b]
+
+
+@pytest.mark.parametrize("strategy", ["weighted", "per_param"])
+def test_recipes_compute_as_the_concatenation_whatever_the_strategy(strategy):
+    # A bundle's strategy once changed what a recipe computed (weighted: a mean of norms) or
+    # made it fail with an unrelated error (per_param).
+    def given(tensors):
+        return mt.bundle(tensors).with_strategy(strategy)
+
+    theirs, ours = _clip_grads(), _clip_grads()
+    want = nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(recipes.clip_grad_norm_(given(ours), 1.0), want)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    w = torch.tensor([0.5, -0.1, 2.0, 0.3])
+    pruned = recipes.magnitude_prune_(given([w[:1], w[1:]]), 0.5)
+    assert pruned.strategy == strategy  # the bundle given, as it was
+    assert torch.equal(w, torch.tensor([0.5, 0.0, 2.0, 0.0]))
+
+    ema = given([torch.zeros(2), torch.zeros(1)])
+    assert recipes.ema_(ema, given([torch.ones(2), torch.ones(1)]), 0.9) is ema
+    torch.testing.assert_close(ema.tensors[1], torch.tensor([0.1]))
+
+    x, y = [torch.tensor([3.0, 0.0]), torch.zeros(1)], [torch.zeros(2), torch.zeros(1)]
+    report = recipes.distance(given(x), given(y))
+    assert (report.l2, report.max_abs, report.changed_fraction) == (3.0, 3.0, pytest.approx(1 / 3))
