@@ -28,6 +28,7 @@ from torch import nn
 
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._errors import UnsupportedOperationError
+from modtensor._pointwise import check_same_structure
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -50,6 +51,18 @@ def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
     if isinstance(x, nn.Module):
         return bundle(x)
     raise TypeError(f"{what}: expected a ParameterBundle or an nn.Module, got {type(x).__name__}.")
+
+
+def _new(result: ParameterBundle, like: BundleLike) -> ParameterBundle:
+    """`result` as a bundle of new tensors, computed now, under the strategy of `like`.
+
+    An on-demand result would read its inputs whenever used, and refuse once one of them was
+    modified in place (`mt.bundle(base).add_(tv)`): a task vector must outlive its models.
+    """
+    held = result.derive(list(result.tensors))
+    if is_bundle(like) and like.strategy != "concat":
+        return held.with_strategy(like.strategy, **like.options)
+    return held
 
 
 def clip_grad_norm_(
@@ -126,6 +139,9 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
 def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
     """Return `finetuned - base` as a bundle of new tensors (no gradient), named like `finetuned`.
 
+    The tensors are computed here, so the task vector stays as it is when the models change
+    later (`mt.bundle(base).add_(tv)` applies it in place).
+
     Example:
         >>> import torch, modtensor as mt
         >>> mt.recipes.task_vector(mt.bundle([torch.ones(2)]), mt.bundle([torch.zeros(2)])).tensors
@@ -133,7 +149,7 @@ def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
     """
     ft, b = _as_bundle(finetuned, "task_vector"), _as_bundle(base, "task_vector")
     with torch.no_grad():
-        return _b(ft.detach() - b.detach())
+        return _new(_b(ft.detach() - b.detach()), finetuned)
 
 
 def _kth_smallest_magnitude(b: ParameterBundle, k: int) -> torch.Tensor:
@@ -164,7 +180,8 @@ def merge(
     Without options: `base + sum_k w_k * tv_k`. With `trim` (a fraction in (0, 1]), each task
     vector keeps only its `trim` fraction of largest magnitudes over the whole model. With
     `elect_sign`, each element takes the sign of the sum of the (trimmed, weighted) task
-    vectors, and the mean of the entries that agree with it. Returns a new bundle.
+    vectors, and the mean of the entries that agree with it. Returns a bundle of new tensors
+    (no gradient), named and with the strategy of `base`.
 
     Example:
         >>> import torch, modtensor as mt
@@ -180,6 +197,8 @@ def merge(
     tvs = [_b(_as_bundle(tv, "merge").detach()) for tv in task_vectors]
     if not tvs:
         raise ValueError("merge: no task vectors given.")
+    for tv in tvs:  # elect_sign pairs the tensors one by one: it would drop extra ones silently
+        check_same_structure("recipes.merge", b, tv)
     # one number for all: a Python or NumPy number, or a one-element tensor
     if isinstance(weights, numbers.Real) or (isinstance(weights, torch.Tensor) and weights.numel() == 1):
         ws = [float(weights)] * len(tvs)
@@ -197,7 +216,7 @@ def merge(
             total = scaled[0]
             for s in scaled[1:]:
                 total = _b(total + s)
-            return _b(b + total)
+            return _new(_b(b + total), base)
         merged = []
         for i in range(len(b.names)):
             stacked = torch.stack([s._tensor(i) for s in scaled])
@@ -205,7 +224,7 @@ def merge(
             agree = (torch.sign(stacked) == sign) & (stacked != 0)
             count = agree.sum(dim=0).clamp(min=1)
             merged.append(b._tensor(i) + (stacked * agree).sum(dim=0) / count)
-        return b.derive(merged)
+        return _new(b.derive(merged), base)
 
 
 def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:

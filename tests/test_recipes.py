@@ -213,3 +213,45 @@ def test_recipes_compute_as_the_concatenation_whatever_the_strategy(strategy):
     x, y = [torch.tensor([3.0, 0.0]), torch.zeros(1)], [torch.zeros(2), torch.zeros(1)]
     report = recipes.distance(given(x), given(y))
     assert (report.l2, report.max_abs, report.changed_fraction) == (3.0, 3.0, pytest.approx(1 / 3))
+
+
+@pytest.mark.parametrize("width", [20, 100])  # a tiny bundle, and one above 4096 elements
+def test_task_vector_and_merge_are_new_tensors_that_outlive_their_inputs(width):
+    # They were computed on demand: after `base += tv` in place, using them raised (or read
+    # the changed models).
+    torch.manual_seed(0)
+    base = nn.Linear(width, width)
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(1.0)
+    tv = recipes.task_vector(ft, base)
+    merged = recipes.merge(base, [tv], weights=0.5)
+    want = [p.detach() + 0.5 for p in base.parameters()]
+    with torch.no_grad():
+        mt.bundle(base).add_(tv, alpha=0.5)
+        ft.weight.zero_()
+    assert float(tv.norm()) == pytest.approx((width * width + width) ** 0.5)
+    assert float(tv.sum()) == pytest.approx(width * width + width)
+    for got, w in zip(merged.tensors, want):
+        torch.testing.assert_close(got, w)
+    torch.testing.assert_close(merged.norm(), torch.cat([w.reshape(-1) for w in want]).norm())
+
+
+def test_merge_and_task_vector_keep_the_strategy_of_their_bundle():
+    base = mt.bundle({"w": torch.zeros(2), "b": torch.zeros(3)}).per_param()
+    tv = recipes.task_vector(mt.bundle({"w": torch.ones(2), "b": torch.ones(3)}).weighted(), base)
+    assert tv.strategy == "weighted"
+    for elect_sign in (False, True):
+        assert recipes.merge(base, [tv], elect_sign=elect_sign).strategy == "per_param"
+
+
+@pytest.mark.parametrize("elect_sign", [False, True])
+@pytest.mark.parametrize("tv", [
+    {"w": torch.ones(2, 3), "extra": torch.ones(3)},  # elect_sign dropped the extra tensor silently
+    {"w": torch.ones(3, 2)},  # same numel, another shape: a raw torch error
+])
+def test_merge_checks_the_structure_with_and_without_elect_sign(elect_sign, tv):
+    base = mt.bundle({"w": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=r"recipes.merge: bundles of different structure: ParameterBundle of 1"):
+        recipes.merge(base, [mt.bundle({"w": torch.ones(2, 3)}), mt.bundle(tv)], elect_sign=elect_sign)
