@@ -287,7 +287,8 @@ class DistanceReport:
 
 def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
     """Compare two models of the same structure: L2 distance, max |a - b|, cosine similarity,
-    and the fraction of entries that differ, globally and per parameter.
+    and the fraction of entries that differ, globally and per parameter (a NaN in both at the
+    same place is no difference).
 
     Example:
         >>> import torch, modtensor as mt
@@ -319,5 +320,10 @@ def _distance_figures(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         "l2": float(torch.dist(x, y)),
         "max_abs": 0.0 if empty else float((x - y).abs().amax()),
         "cosine": float(F.cosine_similarity(x, y, dim=0)),
-        "changed_fraction": 0.0 if empty else float((x != y).sum()) / x.numel(),
+        "changed_fraction": 0.0 if empty else float(torch.count_nonzero(_changed(x, y))) / x.numel(),
     }
+
+
+def _changed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # NaN != NaN, but a NaN left as it was is no change (as `modtensor diff` counts them)
+    return (x != y) & ~(x.isnan() & y.isnan())

@@ -255,3 +255,12 @@ def test_merge_checks_the_structure_with_and_without_elect_sign(elect_sign, tv):
     base = mt.bundle({"w": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match=r"recipes.merge: bundles of different structure: ParameterBundle of 1"):
         recipes.merge(base, [mt.bundle({"w": torch.ones(2, 3)}), mt.bundle(tv)], elect_sign=elect_sign)
+
+
+def test_distance_counts_a_nan_left_as_it_was_as_unchanged():
+    # It counted it as changed (NaN != NaN), where `modtensor diff` says 0.
+    a = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([float("nan"), 2.0, 3.0, 4.0])}
+    b = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([1.0, float("nan"), 3.0, 4.0])}
+    report = recipes.distance(mt.bundle(a), mt.bundle(b))
+    assert report.changed_fraction == pytest.approx(2 / 6)
+    assert report.per_param["w"]["changed_fraction"] == 0 and report.per_param["b"]["changed_fraction"] == 0.5
