@@ -49,6 +49,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -143,6 +144,13 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path)
 
 
+def _looks_like_torch_save(path: Path) -> bool:
+    # torch.save writes a zip archive, or (the legacy format) a pickle, which opens with PROTO.
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
 def _load_torch(path: Path) -> Any:
     try:
         # mmap leaves the tensors on disk until read; the legacy (non-zip) format cannot do it.
@@ -160,6 +168,10 @@ def _load_torch(path: Path) -> Any:
         detail = _first_line(e, message.split("WeightsUnpickler error:", 1)[-1])
         if isinstance(e, EOFError):
             detail = "the file is empty or truncated"
+        elif not _looks_like_torch_save(path):  # whatever the unpickler made of it ("101") means nothing
+            detail = "not a torch.save or safetensors file"
+        elif not isinstance(e, (RuntimeError, pickle.UnpicklingError)):  # not torch's own words
+            detail = f"the file is corrupt or truncated: {type(e).__name__} while unpickling"
         raise CliError(f"{path}: not a readable PyTorch or safetensors checkpoint ({detail})") from None
 
 
@@ -201,7 +213,12 @@ def _as_state_dict(obj: Any, path: Path) -> StateDict:
     if not obj:
         raise CliError(f"{path}: holds an empty state_dict")
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise CliError(
+                f"{path}: key {key!r} is {_a(type(key).__name__)}, not a name; a state_dict maps "
+                "names (strings) to tensors"
+            )
+        if not isinstance(value, torch.Tensor):
             raise CliError(
                 f"{path}: entry {key!r} holds {_a(type(value).__name__)}; expected a state_dict (a "
                 f"mapping of names to tensors), or a dict with one under {' or '.join(map(repr, _NESTED_KEYS))}"

@@ -270,6 +270,12 @@ def _write_truncated(path):
         ("missing.pt", None, "no such file"),
         ("folder", lambda p: p.mkdir(), "is a directory"),
         ("corrupt.pt", _write_bytes(b"these bytes are no checkpoint"), "not a readable PyTorch or safetensors"),
+        # the unpickler's own words were the detail: "(101)", "(pop from empty list)"
+        ("text.pt", _write_bytes(b"hello world\n"), "checkpoint (not a torch.save or safetensors file)"),
+        ("short.pt", _write_bytes(b"abc"), "checkpoint (not a torch.save or safetensors file)"),
+        ("cut.pt", _write_bytes(b"\x80"), "(the file is corrupt or truncated: IndexError while unpickling)"),
+        # a non-string key was blamed on its value: "entry 1 holds a Tensor"
+        ("intkey.pt", lambda p: torch.save({1: torch.ones(2)}, p), "key 1 is an int, not a name"),
         ("empty.pt", _write_bytes(b""), "empty or truncated"),
         ("truncated.pt", _write_truncated, "not a readable PyTorch or safetensors"),
         ("module.pt", _write_module, "torch.nn.modules.linear.Linear"),
