@@ -65,6 +65,7 @@ def _new(result: ParameterBundle, like: BundleLike) -> ParameterBundle:
     return held
 
 
+@torch.no_grad()  # as torch's: the total carries no graph, even of create_graph gradients
 def clip_grad_norm_(
     parameters: BundleLike | torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
@@ -112,8 +113,7 @@ def clip_grad_norm_(
     # torch's formula, epsilon included. The norm is summed in float64, so it can differ from
     # torch's float32 total in the last bit (it is the more accurate of the two).
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    with torch.no_grad():
-        grads.mul_(coefficient)
+    grads.mul_(coefficient)
     return total
 
 

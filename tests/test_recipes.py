@@ -264,3 +264,16 @@ def test_distance_counts_a_nan_left_as_it_was_as_unchanged():
     report = recipes.distance(mt.bundle(a), mt.bundle(b))
     assert report.changed_fraction == pytest.approx(2 / 6)
     assert report.per_param["w"]["changed_fraction"] == 0 and report.per_param["b"]["changed_fraction"] == 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_clip_grad_norm_total_carries_no_graph_like_torchs():
+    # Of gradients made with create_graph=True, the total carried a graph; torch's runs under no_grad.
+    ours, theirs = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    for w in (ours, theirs):
+        (w ** 3).sum().backward(create_graph=True)
+    want = nn.utils.clip_grad_norm_([theirs], 1.0)
+    got = recipes.clip_grad_norm_([ours], 1.0)
+    assert not want.requires_grad and not got.requires_grad
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.grad, theirs.grad)
