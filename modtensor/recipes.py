@@ -227,13 +227,15 @@ def merge(
         return _new(b.derive(merged), base)
 
 
-def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
-    """Zero the `amount` fraction of smallest-magnitude entries over the whole model, in place.
+def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBundle:
+    """Zero the `amount` smallest-magnitude entries over the whole model, in place.
 
-    Exactly `round(amount * N)` entries are zeroed, as `torch.nn.utils.prune.global_unstructured`
-    with `L1Unstructured` does; among entries tied at the threshold the first ones in the
-    concatenation's order go. NaN counts as the largest magnitude, as in torch's `topk`, so NaNs
-    go last; a pruned NaN is zeroed (torch's mask leaves it NaN: NaN * 0). Returns the bundle.
+    As in `torch.nn.utils.prune.global_unstructured` with `L1Unstructured`, a float `amount` is
+    a fraction in [0, 1], of which exactly `round(amount * N)` entries are zeroed, and an int
+    is a count (so `amount=1` prunes one entry; `1.0` all of them; a bool is refused). Among
+    entries tied at the threshold the first ones in the concatenation's order go. NaN counts
+    as the largest magnitude, as in torch's `topk`, so NaNs go last; a pruned NaN is zeroed
+    (torch's mask leaves it NaN: NaN * 0). Returns the bundle.
 
     Example:
         >>> import torch, modtensor as mt
@@ -241,13 +243,30 @@ def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
         >>> _ = mt.recipes.magnitude_prune_(mt.bundle([w]), amount=0.5)
         >>> w
         tensor([0.5000, 0.0000, 2.0000, 0.0000])
+        >>> _ = mt.recipes.magnitude_prune_(mt.bundle([w]), amount=3)  # a count: 3 entries
+        >>> w
+        tensor([0., 0., 2., 0.])
     """
     b = _as_bundle(parameters, "magnitude_prune_")
-    if not 0 <= amount <= 1:
-        raise ValueError(f"magnitude_prune_: amount is a fraction in [0, 1], got {amount}.")
-    k = round(amount * b.numel())
+    result = parameters if is_bundle(parameters) else b
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(
+            f"magnitude_prune_: amount is a fraction (a float) or a count (an int), got {amount!r}."
+        )
+    n = b.numel()
+    if isinstance(amount, numbers.Integral):
+        if not 0 <= amount <= n:
+            raise ValueError(
+                f"magnitude_prune_: an int amount is a count of entries, in [0, {n}] here; got "
+                f"{amount}. For a fraction, pass a float."
+            )
+        k = int(amount)
+    else:
+        if not 0 <= amount <= 1:
+            raise ValueError(f"magnitude_prune_: amount is a fraction in [0, 1], got {amount}.")
+        k = round(amount * n)
     if k == 0:
-        return b
+        return result
     with torch.no_grad():
         threshold = _kth_smallest_magnitude(b, k)
         # torch's topk(largest=False) takes NaN as the largest magnitude, so NaNs go last. A
@@ -271,7 +290,7 @@ def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
                 remaining -= int(first.sum())
                 prune |= first.reshape(t.shape)
             t.masked_fill_(prune, 0)
-    return parameters if is_bundle(parameters) else b
+    return result
 
 
 @dataclass

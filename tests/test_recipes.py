@@ -277,3 +277,28 @@ def test_clip_grad_norm_total_carries_no_graph_like_torchs():
     assert not want.requires_grad and not got.requires_grad
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("amount", [0, 1, 5, np.int64(7), 143])
+def test_magnitude_prune_takes_an_int_amount_as_a_count_like_torch(amount):
+    # amount=1 pruned everything (a fraction); torch's global_unstructured prunes one entry.
+    ours, theirs = _model(3), _model(3)
+    recipes.magnitude_prune_(ours, amount)
+    params = [(m, n) for m in (theirs[0], theirs[3]) for n in ("weight", "bias")]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    assert sum(int((m.get_buffer(f"{n}_mask") == 0).sum()) for m, n in params) == amount
+    for m, n in params:
+        prune.remove(m, n)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_magnitude_prune_amount_errors():
+    n = mt.bundle(_model(3)).numel()
+    with pytest.raises(ValueError, match=rf"an int amount is a count of entries, in \[0, {n}\] here; got {n + 1}"):
+        recipes.magnitude_prune_(_model(3), n + 1)
+    with pytest.raises(ValueError, match="an int amount is a count"):
+        recipes.magnitude_prune_(_model(3), -1)
+    for amount in (True, torch.tensor(0.5), "0.5"):
+        with pytest.raises(TypeError, match="a fraction .a float. or a count .an int."):
+            recipes.magnitude_prune_(_model(3), amount)
