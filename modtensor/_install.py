@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -13,8 +13,38 @@ from modtensor._bundle import ParameterBundle, bundle
 
 __all__ = ["install", "uninstall", "installed"]
 
-_ORIGINAL_GETATTR = nn.Module.__getattr__
-_state = {"installed": False, "tensor_methods": False}
+Getattr = Callable[[nn.Module, str], Any]
+
+
+class _Patch:
+    """nn.Module.__getattr__ while tensor methods are installed, over the one found then.
+
+    It wraps whatever was there at install time (another library's patch included), and
+    uninstall puts that back. If yet another patch was put on top of this one meanwhile,
+    uninstall leaves that patch in place and turns this one off: it then only passes on to
+    the one below, so neither library's patch is lost.
+    """
+
+    def __init__(self, below: Getattr) -> None:
+        self.below = below
+        self.active = True
+        patch = self
+
+        # A plain function: nn.Module.__getattr__ serves every parameter access (`lin.weight`).
+        def __getattr__(module: nn.Module, name: str) -> Any:
+            # It only runs after normal lookup failed, so the module's own attributes and
+            # methods (.to, .half, a user's `mean`) always win over the bundle's.
+            try:
+                return below(module, name)
+            except AttributeError:
+                if not patch.active or name.startswith("_") or not hasattr(torch.Tensor, name):
+                    raise
+            return getattr(bundle(module), name)
+
+        self.getattr = __getattr__
+
+
+_state: dict[str, Any] = {"installed": False, "patch": None}  # patch: the _Patch set, if any
 
 
 def _as_tensor(self: nn.Module, **bundle_kwargs: Any) -> ParameterBundle:
@@ -22,24 +52,31 @@ def _as_tensor(self: nn.Module, **bundle_kwargs: Any) -> ParameterBundle:
     return bundle(self, **bundle_kwargs)
 
 
-def _getattr_with_tensor_methods(self: nn.Module, name: str) -> Any:
-    # nn.Module.__getattr__ only runs after normal lookup failed, so the module's own
-    # attributes and methods (.to, .half, a user's `mean`) always win over the bundle's.
-    try:
-        return _ORIGINAL_GETATTR(self, name)
-    except AttributeError:
-        if name.startswith("_") or not hasattr(torch.Tensor, name):
-            raise
-    return getattr(bundle(self), name)
+def _remove_tensor_methods() -> None:
+    ours: _Patch | None = _state["patch"]
+    if ours is None:
+        return
+    if vars(nn.Module).get("__getattr__") is ours.getattr:
+        nn.Module.__getattr__ = ours.below  # type: ignore[method-assign]
+    else:  # another patch on top of ours: keep it, and make ours a plain pass-on
+        ours.active = False
+    _state["patch"] = None
 
 
-def install(tensor_methods: bool = False) -> None:
+def install(tensor_methods: bool | None = None) -> None:
     """Add `nn.Module.as_tensor(**bundle_kwargs)`; with `tensor_methods=True`, tensor methods too.
 
     With `tensor_methods=True` any tensor method or attribute a module does not itself have
     resolves to its bundle, so `model.conv1.mean()` works. Plain PyTorch is untouched until
-    this is called; calling it again is harmless; `uninstall()` reverts it. Note that modules
+    this is called; `uninstall()` reverts it. Calling it again is harmless: without
+    `tensor_methods` it keeps what is installed (tensor methods stay on after
+    `install(tensor_methods=True)`); `tensor_methods=False` turns them off. Note that modules
     then answer `hasattr(module, "dtype")` and the like with True.
+
+    It patches `nn.Module.__getattr__` as found at this call (another library's patch made
+    earlier keeps working, and `uninstall()` puts it back). The install state is
+    process-global, like the patch: it is not thread-safe, so threads must not install or
+    uninstall concurrently, nor run overlapping `mt.installed()` blocks.
 
     Example:
         >>> import torch, modtensor as mt
@@ -49,17 +86,31 @@ def install(tensor_methods: bool = False) -> None:
         True
         >>> conv.as_tensor(exclude="bias").names
         ('weight',)
+        >>> mt.install()  # harmless: tensor methods stay
+        >>> conv.numel()
+        448
         >>> mt.uninstall()
         >>> hasattr(conv, "mean")
         False
     """
     nn.Module.as_tensor = _as_tensor  # type: ignore[attr-defined]
-    nn.Module.__getattr__ = _getattr_with_tensor_methods if tensor_methods else _ORIGINAL_GETATTR  # type: ignore[method-assign]
-    _state.update(installed=True, tensor_methods=tensor_methods)
+    _state["installed"] = True
+    if tensor_methods is None or bool(tensor_methods) == (_state["patch"] is not None):
+        return
+    if tensor_methods:
+        ours = _Patch(nn.Module.__getattr__)  # what is there now, patches included
+        nn.Module.__getattr__ = ours.getattr  # type: ignore[method-assign]
+        _state["patch"] = ours
+    else:
+        _remove_tensor_methods()
 
 
 def uninstall() -> None:
-    """Undo `install()`: nn.Module is plain PyTorch again. Harmless if not installed.
+    """Undo `install()`: nn.Module is as it was before. Harmless if not installed.
+
+    `nn.Module.__getattr__` gets back what `install()` found (another library's earlier patch
+    included); a patch made on top of modtensor's after `install()` is left in place, and
+    modtensor's part of it turned off.
 
     Example:
         >>> import torch, modtensor as mt
@@ -67,15 +118,19 @@ def uninstall() -> None:
         >>> hasattr(torch.nn.Linear(2, 2), "as_tensor")
         False
     """
-    if "as_tensor" in vars(nn.Module):
+    if vars(nn.Module).get("as_tensor") is _as_tensor:
         del nn.Module.as_tensor  # type: ignore[attr-defined]
-    nn.Module.__getattr__ = _ORIGINAL_GETATTR  # type: ignore[method-assign]
-    _state.update(installed=False, tensor_methods=False)
+    _remove_tensor_methods()
+    _state["installed"] = False
 
 
 @contextlib.contextmanager
-def installed(tensor_methods: bool = False) -> Iterator[None]:
+def installed(tensor_methods: bool | None = None) -> Iterator[None]:
     """Install for the duration of a `with` block, then restore the previous state.
+
+    `tensor_methods` as in `install()`: None keeps what is installed. The state is
+    process-global: blocks in different threads must not overlap (the one that ends last
+    would restore the state it found, undoing the other's).
 
     Example:
         >>> import torch, modtensor as mt
@@ -86,12 +141,12 @@ def installed(tensor_methods: bool = False) -> Iterator[None]:
         >>> hasattr(lin, "numel")
         False
     """
-    previous = dict(_state)
+    was_installed, had_methods = _state["installed"], _state["patch"] is not None
     install(tensor_methods)
     try:
         yield
     finally:
-        if previous["installed"]:
-            install(previous["tensor_methods"])
+        if was_installed:
+            install(had_methods)
         else:
             uninstall()

@@ -16,8 +16,9 @@ What the figures cover:
   their statistics (to float32 up to 16 bits, where that is exact, float64 beyond); complex,
   quantized, sparse and meta tensors get blank statistics (nested ones are refused). A figure
   an empty tensor does not have (its mean, min, cosine...) is blank; its norm, L2 distance and
-  NaN/inf counts are 0. The cosine of float16/bfloat16 tensors is computed in float32 (in
-  float16, torch's cosine of a tensor with itself is 0.999).
+  NaN/inf counts are 0. The figures of float16/bfloat16 tensors are computed in float32, one
+  tensor converted at a time, in the global row too: in float16 the L2 norm of 100 entries of
+  1e4 is inf, a cosine of a tensor with itself 0.999, and bfloat16 keeps 3 significant digits.
 - The global row: the selected float16/bfloat16/float32/float64 tensors (the weights). Integer
   and bool buffers such as BatchNorm's step counter would swamp the weights' figures, so they
   are left out of it (and named); only where no such tensor is selected does it cover the
@@ -48,6 +49,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -71,6 +73,7 @@ PROGRESS_MIN_TENSORS = 1000
 CHUNK_BYTES = 64 * 2**20
 
 _NATIVE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_HALF = frozenset({torch.float16, torch.bfloat16})
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _STRATEGIES = ("concat", "weighted", "per_param")
 _STATS_COLUMNS = ("name", "dtype", "shape", "numel", "mean", "std", "min", "max", "l2", "zero_fraction", "nan", "inf")
@@ -141,6 +144,13 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path)
 
 
+def _looks_like_torch_save(path: Path) -> bool:
+    # torch.save writes a zip archive, or (the legacy format) a pickle, which opens with PROTO.
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
 def _load_torch(path: Path) -> Any:
     try:
         # mmap leaves the tensors on disk until read; the legacy (non-zip) format cannot do it.
@@ -158,6 +168,10 @@ def _load_torch(path: Path) -> Any:
         detail = _first_line(e, message.split("WeightsUnpickler error:", 1)[-1])
         if isinstance(e, EOFError):
             detail = "the file is empty or truncated"
+        elif not _looks_like_torch_save(path):  # whatever the unpickler made of it ("101") means nothing
+            detail = "not a torch.save or safetensors file"
+        elif not isinstance(e, (RuntimeError, pickle.UnpicklingError)):  # not torch's own words
+            detail = f"the file is corrupt or truncated: {type(e).__name__} while unpickling"
         raise CliError(f"{path}: not a readable PyTorch or safetensors checkpoint ({detail})") from None
 
 
@@ -199,7 +213,12 @@ def _as_state_dict(obj: Any, path: Path) -> StateDict:
     if not obj:
         raise CliError(f"{path}: holds an empty state_dict")
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise CliError(
+                f"{path}: key {key!r} is {_a(type(key).__name__)}, not a name; a state_dict maps "
+                "names (strings) to tensors"
+            )
+        if not isinstance(value, torch.Tensor):
             raise CliError(
                 f"{path}: entry {key!r} holds {_a(type(value).__name__)}; expected a state_dict (a "
                 f"mapping of names to tensors), or a dict with one under {' or '.join(map(repr, _NESTED_KEYS))}"
@@ -270,6 +289,8 @@ def _for_stats(t: torch.Tensor) -> torch.Tensor | None:
     """`t` in a dtype that torch's reductions take, or None where its statistics are undefined."""
     if not _has_values(t):
         return None
+    if t.dtype in _HALF:  # see _widened
+        return t.float()
     if t.dtype in _NATIVE:
         return t
     if t.is_complex() or t.is_quantized:
@@ -279,6 +300,20 @@ def _for_stats(t: torch.Tensor) -> torch.Tensor | None:
         return t.to(torch.float32 if t.element_size() <= 2 else torch.float64)
     except (RuntimeError, NotImplementedError, TypeError):
         return None
+
+
+def _widened(b: mt.ParameterBundle) -> mt.ParameterBundle:
+    """A bundle of 16-bit floats in float32, for its figures: in float16 the L2 norm of 100
+    entries of 1e4 is inf, and bfloat16 figures have 3 significant digits.
+
+    Times a float32 `(1,)` one, which is exact and computed on demand, one tensor at a time
+    (`b.float()` would convert the whole checkpoint at once).
+    """
+    if b.dtype not in _HALF:
+        return b
+    widened = b * torch.ones(1, dtype=torch.float32)
+    assert isinstance(widened, mt.ParameterBundle)
+    return widened
 
 
 def _chunks(names: Sequence[str], tensors: Mapping[str, torch.Tensor]) -> Iterator[list[str]]:
@@ -326,10 +361,9 @@ _DISTANCES: Figures = {
 }
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # In float32 at least: torch's float16 cosine of a tensor with itself is 0.999 (each tensor
-    # converted on its own, as the bundles compute tensor by tensor).
-    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return F.cosine_similarity(a.to(wide), b.to(wide), dim=0)
+    # Both sides in one dtype (a float32 and a float64 side); 16-bit ones come widened.
+    wide = torch.promote_types(a.dtype, b.dtype)
+    return F.cosine_similarity(a if a.dtype == wide else a.to(wide), b if b.dtype == wide else b.to(wide), dim=0)
 
 
 # The figures an empty tensor has (the others, such as its min, do not exist).
@@ -398,6 +432,7 @@ def _global(sides: Sequence[StateDict], names: Sequence[str], figures: Figures, 
         tensors = [{n: c[n] for n in covered} for c in converted]
     bundles = [mt.bundle(t, strategy=strategy) for t in tensors]
     row: Row = {"tensors": len(covered), "dtype": _dtype_text(bundles[0].dtype), "numel": bundles[0].numel()}
+    bundles = [_widened(b) for b in bundles]
     row |= dict.fromkeys(figures)
     if not covered:  # only tensors without statistics, such as complex ones
         return _with_fractions(row) | {"not_in_global": list(names)}

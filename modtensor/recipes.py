@@ -1,7 +1,9 @@
 """Model algebra recipes built on bundles, each checked against torch's own implementation.
 
 Every recipe takes bundles or modules (a module means `mt.bundle(module)`), updates the real
-tensors in place where its name ends in `_`, and never concatenates the model.
+tensors in place where its name ends in `_`, and never concatenates the model. A recipe's figures
+are those of the concatenation whatever the strategy of a bundle given to it (it computes on the
+same tensors under `concat`): `clip_grad_norm_(b.weighted(), 1.0)` clips by the global norm.
 
 Example:
     >>> import copy, torch, modtensor as mt
@@ -26,6 +28,7 @@ from torch import nn
 
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._errors import UnsupportedOperationError
+from modtensor._pointwise import check_same_structure
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -41,13 +44,28 @@ def _b(x: Any) -> ParameterBundle:
 
 
 def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
+    # The recipes define their own semantics, those of the concatenation: a bundle's strategy
+    # (weighted, per_param) would silently change them, so they compute under concat.
     if is_bundle(x):
-        return x
+        return x if x.strategy == "concat" else x.with_strategy("concat")
     if isinstance(x, nn.Module):
         return bundle(x)
     raise TypeError(f"{what}: expected a ParameterBundle or an nn.Module, got {type(x).__name__}.")
 
 
+def _new(result: ParameterBundle, like: BundleLike) -> ParameterBundle:
+    """`result` as a bundle of new tensors, computed now, under the strategy of `like`.
+
+    An on-demand result would read its inputs whenever used, and refuse once one of them was
+    modified in place (`mt.bundle(base).add_(tv)`): a task vector must outlive its models.
+    """
+    held = result.derive(list(result.tensors))
+    if is_bundle(like) and like.strategy != "concat":
+        return held.with_strategy(like.strategy, **like.options)
+    return held
+
+
+@torch.no_grad()  # as torch's: the total carries no graph, even of create_graph gradients
 def clip_grad_norm_(
     parameters: BundleLike | torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
@@ -95,8 +113,7 @@ def clip_grad_norm_(
     # torch's formula, epsilon included. The norm is summed in float64, so it can differ from
     # torch's float32 total in the last bit (it is the more accurate of the two).
     coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    with torch.no_grad():
-        grads.mul_(coefficient)
+    grads.mul_(coefficient)
     return total
 
 
@@ -116,11 +133,14 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
     t, s = _as_bundle(target, "ema_"), _as_bundle(source, "ema_")
     with torch.no_grad():  # one torch._foreach_lerp_ (no detach: nothing is recorded)
         t.lerp_(s, 1.0 - decay)
-    return t
+    return target if is_bundle(target) else t
 
 
 def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
     """Return `finetuned - base` as a bundle of new tensors (no gradient), named like `finetuned`.
+
+    The tensors are computed here, so the task vector stays as it is when the models change
+    later (`mt.bundle(base).add_(tv)` applies it in place).
 
     Example:
         >>> import torch, modtensor as mt
@@ -129,7 +149,7 @@ def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
     """
     ft, b = _as_bundle(finetuned, "task_vector"), _as_bundle(base, "task_vector")
     with torch.no_grad():
-        return _b(ft.detach() - b.detach())
+        return _new(_b(ft.detach() - b.detach()), finetuned)
 
 
 def _kth_smallest_magnitude(b: ParameterBundle, k: int) -> torch.Tensor:
@@ -160,7 +180,8 @@ def merge(
     Without options: `base + sum_k w_k * tv_k`. With `trim` (a fraction in (0, 1]), each task
     vector keeps only its `trim` fraction of largest magnitudes over the whole model. With
     `elect_sign`, each element takes the sign of the sum of the (trimmed, weighted) task
-    vectors, and the mean of the entries that agree with it. Returns a new bundle.
+    vectors, and the mean of the entries that agree with it. Returns a bundle of new tensors
+    (no gradient), named and with the strategy of `base`.
 
     Example:
         >>> import torch, modtensor as mt
@@ -176,6 +197,8 @@ def merge(
     tvs = [_b(_as_bundle(tv, "merge").detach()) for tv in task_vectors]
     if not tvs:
         raise ValueError("merge: no task vectors given.")
+    for tv in tvs:  # elect_sign pairs the tensors one by one: it would drop extra ones silently
+        check_same_structure("recipes.merge", b, tv)
     # one number for all: a Python or NumPy number, or a one-element tensor
     if isinstance(weights, numbers.Real) or (isinstance(weights, torch.Tensor) and weights.numel() == 1):
         ws = [float(weights)] * len(tvs)
@@ -193,7 +216,7 @@ def merge(
             total = scaled[0]
             for s in scaled[1:]:
                 total = _b(total + s)
-            return _b(b + total)
+            return _new(_b(b + total), base)
         merged = []
         for i in range(len(b.names)):
             stacked = torch.stack([s._tensor(i) for s in scaled])
@@ -201,15 +224,18 @@ def merge(
             agree = (torch.sign(stacked) == sign) & (stacked != 0)
             count = agree.sum(dim=0).clamp(min=1)
             merged.append(b._tensor(i) + (stacked * agree).sum(dim=0) / count)
-        return b.derive(merged)
+        return _new(b.derive(merged), base)
 
 
-def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
-    """Zero the `amount` fraction of smallest-magnitude entries over the whole model, in place.
+def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBundle:
+    """Zero the `amount` smallest-magnitude entries over the whole model, in place.
 
-    Exactly `round(amount * N)` entries are zeroed, as `torch.nn.utils.prune.global_unstructured`
-    with `L1Unstructured` does; among entries tied at the threshold the first ones in the
-    concatenation's order go. Returns the bundle.
+    As in `torch.nn.utils.prune.global_unstructured` with `L1Unstructured`, a float `amount` is
+    a fraction in [0, 1], of which exactly `round(amount * N)` entries are zeroed, and an int
+    is a count (so `amount=1` prunes one entry; `1.0` all of them; a bool is refused). Among
+    entries tied at the threshold the first ones in the concatenation's order go. NaN counts
+    as the largest magnitude, as in torch's `topk`, so NaNs go last; a pruned NaN is zeroed
+    (torch's mask leaves it NaN: NaN * 0). Returns the bundle.
 
     Example:
         >>> import torch, modtensor as mt
@@ -217,26 +243,54 @@ def magnitude_prune_(parameters: BundleLike, amount: float) -> ParameterBundle:
         >>> _ = mt.recipes.magnitude_prune_(mt.bundle([w]), amount=0.5)
         >>> w
         tensor([0.5000, 0.0000, 2.0000, 0.0000])
+        >>> _ = mt.recipes.magnitude_prune_(mt.bundle([w]), amount=3)  # a count: 3 entries
+        >>> w
+        tensor([0., 0., 2., 0.])
     """
     b = _as_bundle(parameters, "magnitude_prune_")
-    if not 0 <= amount <= 1:
-        raise ValueError(f"magnitude_prune_: amount is a fraction in [0, 1], got {amount}.")
-    k = round(amount * b.numel())
+    result = parameters if is_bundle(parameters) else b
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(
+            f"magnitude_prune_: amount is a fraction (a float) or a count (an int), got {amount!r}."
+        )
+    n = b.numel()
+    if isinstance(amount, numbers.Integral):
+        if not 0 <= amount <= n:
+            raise ValueError(
+                f"magnitude_prune_: an int amount is a count of entries, in [0, {n}] here; got "
+                f"{amount}. For a fraction, pass a float."
+            )
+        k = int(amount)
+    else:
+        if not 0 <= amount <= 1:
+            raise ValueError(f"magnitude_prune_: amount is a fraction in [0, 1], got {amount}.")
+        k = round(amount * n)
     if k == 0:
-        return b
+        return result
     with torch.no_grad():
         threshold = _kth_smallest_magnitude(b, k)
-        remaining = k - int(sum((t.abs() < threshold).sum() for t in b.tensors))
+        # torch's topk(largest=False) takes NaN as the largest magnitude, so NaNs go last. A
+        # NaN threshold (k beyond the other entries) compares False with everything: then all
+        # the other entries go, and the NaNs are the ones tied at it.
+        nan_threshold = bool(threshold.isnan())
+
+        def below(m: torch.Tensor) -> torch.Tensor:
+            return ~m.isnan() if nan_threshold else m < threshold
+
+        def at(m: torch.Tensor) -> torch.Tensor:
+            return m.isnan() if nan_threshold else m == threshold
+
+        remaining = k - int(sum(below(t.abs()).sum() for t in b.tensors))
         for t in b.tensors:
             magnitude = t.abs()
-            prune = magnitude < threshold
+            prune = below(magnitude)
             if remaining > 0:
-                tied = (magnitude == threshold).reshape(-1)
+                tied = at(magnitude).reshape(-1)
                 first = tied & (tied.cumsum(0) <= remaining)
                 remaining -= int(first.sum())
                 prune |= first.reshape(t.shape)
             t.masked_fill_(prune, 0)
-    return b
+    return result
 
 
 @dataclass
@@ -252,7 +306,8 @@ class DistanceReport:
 
 def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
     """Compare two models of the same structure: L2 distance, max |a - b|, cosine similarity,
-    and the fraction of entries that differ, globally and per parameter.
+    and the fraction of entries that differ, globally and per parameter (a NaN in both at the
+    same place is no difference).
 
     Example:
         >>> import torch, modtensor as mt
@@ -284,5 +339,10 @@ def _distance_figures(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         "l2": float(torch.dist(x, y)),
         "max_abs": 0.0 if empty else float((x - y).abs().amax()),
         "cosine": float(F.cosine_similarity(x, y, dim=0)),
-        "changed_fraction": 0.0 if empty else float((x != y).sum()) / x.numel(),
+        "changed_fraction": 0.0 if empty else float(torch.count_nonzero(_changed(x, y))) / x.numel(),
     }
+
+
+def _changed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # NaN != NaN, but a NaN left as it was is no change (as `modtensor diff` counts them)
+    return (x != y) & ~(x.isnan() & y.isnan())

@@ -270,6 +270,12 @@ def _write_truncated(path):
         ("missing.pt", None, "no such file"),
         ("folder", lambda p: p.mkdir(), "is a directory"),
         ("corrupt.pt", _write_bytes(b"these bytes are no checkpoint"), "not a readable PyTorch or safetensors"),
+        # the unpickler's own words were the detail: "(101)", "(pop from empty list)"
+        ("text.pt", _write_bytes(b"hello world\n"), "checkpoint (not a torch.save or safetensors file)"),
+        ("short.pt", _write_bytes(b"abc"), "checkpoint (not a torch.save or safetensors file)"),
+        ("cut.pt", _write_bytes(b"\x80"), "(the file is corrupt or truncated: IndexError while unpickling)"),
+        # a non-string key was blamed on its value: "entry 1 holds a Tensor"
+        ("intkey.pt", lambda p: torch.save({1: torch.ones(2)}, p), "key 1 is an int, not a name"),
         ("empty.pt", _write_bytes(b""), "empty or truncated"),
         ("truncated.pt", _write_truncated, "not a readable PyTorch or safetensors"),
         ("module.pt", _write_module, "torch.nn.modules.linear.Linear"),
@@ -464,3 +470,30 @@ def test_diff_of_a_16_bit_checkpoint_with_itself_has_cosine_one(capsys, tmp_path
     report = json.loads(out)
     for row in (report["global"], *report["tensors"].values()):
         assert row["cosine"] == pytest.approx(1.0, abs=1e-4)  # float32 (torch: 1e-6 to 1e-5 here)
+
+
+@pytest.mark.parametrize("strategy", ["concat", "weighted"])
+def test_16_bit_figures_are_computed_in_float32(capsys, tmp_path, strategy):
+    # They were computed in the tensors' own dtype: the L2 norm of 100 entries of 1e4 was inf in
+    # float16, and bfloat16 figures had 3 significant digits.
+    g = torch.Generator().manual_seed(0)
+    state = {"big": torch.full((100,), 1e4, dtype=torch.float16),
+             "bf": (torch.randn(5000, generator=g) * 0.5 + 1).to(torch.bfloat16)}
+    path = tmp_path / "half.pt"
+    torch.save(state, path)
+    report = json.loads(_run(capsys, "stats", path, "--format", "json", "--strategy", strategy)[1])
+    for name, t in state.items():
+        _assert_figures(report["tensors"][name], _reference([t]))
+        assert report["tensors"][name]["dtype"] == str(t.dtype).replace("torch.", "")
+    if strategy == "concat":
+        _assert_figures(report["global"], _reference(list(state.values())))
+    big = tmp_path / "big.pt"
+    torch.save({"big": state["big"]}, big)
+    report = json.loads(_run(capsys, "stats", big, "--format", "json", "--strategy", strategy)[1])
+    assert report["global"]["l2"] == pytest.approx(1e5) and report["global"]["dtype"] == "float16"
+    minus = tmp_path / "minus.pt"
+    torch.save({"big": -state["big"]}, minus)
+    report = json.loads(_run(capsys, "diff", big, minus, "--format", "json")[1])
+    for row in (report["global"], report["tensors"]["big"]):
+        assert row["l2"] == pytest.approx(2e5, rel=1e-5) and row["max_abs"] == 2e4
+        assert row["cosine"] == pytest.approx(-1)

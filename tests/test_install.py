@@ -64,3 +64,66 @@ def test_installed_restores_the_previous_state():
         assert nn.Linear(2, 2).sum().shape == ()
     assert hasattr(nn.Linear(2, 2), "as_tensor")
     assert not hasattr(nn.Linear(2, 2), "sum")
+
+
+@pytest.fixture
+def other_library(monkeypatch):
+    """Another library's patch of nn.Module.__getattr__ (undone by monkeypatch)."""
+    below = nn.Module.__getattr__
+
+    def other_patch(self, name):
+        return 42 if name == "special" else below(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", other_patch)
+    return other_patch
+
+
+def test_another_librarys_earlier_patch_survives_install_and_uninstall(other_library):
+    # install captured nn.Module.__getattr__ at import and put that back: the patch was lost.
+    lin = nn.Linear(2, 2)
+    mt.install(tensor_methods=True)
+    assert lin.special == 42 and lin.numel() == 6
+    mt.uninstall()
+    assert nn.Module.__getattr__ is other_library
+    assert lin.special == 42 and not hasattr(lin, "numel")
+
+
+def test_a_patch_made_on_top_of_ours_is_kept_by_uninstall(monkeypatch):
+    mt.install(tensor_methods=True)
+    below = nn.Module.__getattr__
+
+    def later_patch(self, name):
+        return 7 if name == "later" else below(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", later_patch)
+    lin = nn.Linear(2, 2)
+    mt.uninstall()
+    assert nn.Module.__getattr__ is later_patch and lin.later == 7
+    assert not hasattr(lin, "numel")  # ours, below it, is off
+    mt.install(tensor_methods=True)  # and on again over it, once
+    assert lin.later == 7 and lin.numel() == 6
+    mt.uninstall()
+    assert nn.Module.__getattr__ is later_patch and not hasattr(lin, "numel")
+
+
+def test_install_again_keeps_tensor_methods_unless_asked():
+    # install() after install(tensor_methods=True) turned them off; "calling it again is harmless".
+    lin = nn.Linear(2, 2)
+    mt.install(tensor_methods=True)
+    mt.install()
+    assert lin.numel() == 6
+    with mt.installed():
+        assert lin.numel() == 6
+    assert lin.numel() == 6
+    mt.install(tensor_methods=False)
+    assert hasattr(lin, "as_tensor") and not hasattr(lin, "numel")
+    with mt.installed(tensor_methods=True):
+        assert lin.numel() == 6
+    assert hasattr(lin, "as_tensor") and not hasattr(lin, "numel")
+
+
+def test_install_state_is_process_global():
+    # Documented rather than made thread-safe: overlapping installed() blocks in threads
+    # undo each other.
+    for doc in (mt.install.__doc__, mt.installed.__doc__):
+        assert "process-global" in doc and "thread" in doc

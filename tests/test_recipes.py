@@ -159,3 +159,146 @@ def test_recipe_errors():
         recipes.merge(nn.Linear(2, 2), [nn.Linear(2, 2)], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="structure"):
         recipes.ema_(nn.Linear(2, 2), nn.Linear(3, 2), 0.9)
+
+
+@pytest.mark.parametrize("amount", [0.6, 0.8, 1.0])
+def test_magnitude_prune_takes_nan_as_the_largest_magnitude_like_torch(amount):
+    # torch's topk(largest=False) puts NaN last; a NaN cut-off once pruned nothing at all.
+    w = torch.tensor([0.5, -0.1, 2.0, 0.3, float("nan")])
+    ours, theirs = nn.Linear(5, 1, bias=False), nn.Linear(5, 1, bias=False)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+    recipes.magnitude_prune_(ours, amount)
+    prune.global_unstructured([(theirs, "weight")], pruning_method=prune.L1Unstructured, amount=amount)
+    # torch's mask says which entries go (its pruned NaN stays NaN: NaN * 0); ours are zeroed
+    assert torch.equal(ours.weight == 0, theirs.weight_mask == 0)
+    assert int((ours.weight == 0).sum()) == round(amount * 5)
+
+
+def test_magnitude_prune_among_nans_prunes_the_first_ones():
+    w = torch.tensor([float("nan"), 1.0, float("nan"), 2.0])
+    recipes.magnitude_prune_(mt.bundle([w[:2], w[2:]]), 0.75)
+    assert w[2].isnan() and int((w == 0).sum()) == 3
+
+
+def _clip_grads():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([12.0])
+    return [a, b]
+
+
+@pytest.mark.parametrize("strategy", ["weighted", "per_param"])
+def test_recipes_compute_as_the_concatenation_whatever_the_strategy(strategy):
+    # A bundle's strategy once changed what a recipe computed (weighted: a mean of norms) or
+    # made it fail with an unrelated error (per_param).
+    def given(tensors):
+        return mt.bundle(tensors).with_strategy(strategy)
+
+    theirs, ours = _clip_grads(), _clip_grads()
+    want = nn.utils.clip_grad_norm_(theirs, 1.0)
+    torch.testing.assert_close(recipes.clip_grad_norm_(given(ours), 1.0), want)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    w = torch.tensor([0.5, -0.1, 2.0, 0.3])
+    pruned = recipes.magnitude_prune_(given([w[:1], w[1:]]), 0.5)
+    assert pruned.strategy == strategy  # the bundle given, as it was
+    assert torch.equal(w, torch.tensor([0.5, 0.0, 2.0, 0.0]))
+
+    ema = given([torch.zeros(2), torch.zeros(1)])
+    assert recipes.ema_(ema, given([torch.ones(2), torch.ones(1)]), 0.9) is ema
+    torch.testing.assert_close(ema.tensors[1], torch.tensor([0.1]))
+
+    x, y = [torch.tensor([3.0, 0.0]), torch.zeros(1)], [torch.zeros(2), torch.zeros(1)]
+    report = recipes.distance(given(x), given(y))
+    assert (report.l2, report.max_abs, report.changed_fraction) == (3.0, 3.0, pytest.approx(1 / 3))
+
+
+@pytest.mark.parametrize("width", [20, 100])  # a tiny bundle, and one above 4096 elements
+def test_task_vector_and_merge_are_new_tensors_that_outlive_their_inputs(width):
+    # They were computed on demand: after `base += tv` in place, using them raised (or read
+    # the changed models).
+    torch.manual_seed(0)
+    base = nn.Linear(width, width)
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(1.0)
+    tv = recipes.task_vector(ft, base)
+    merged = recipes.merge(base, [tv], weights=0.5)
+    want = [p.detach() + 0.5 for p in base.parameters()]
+    with torch.no_grad():
+        mt.bundle(base).add_(tv, alpha=0.5)
+        ft.weight.zero_()
+    assert float(tv.norm()) == pytest.approx((width * width + width) ** 0.5)
+    assert float(tv.sum()) == pytest.approx(width * width + width)
+    for got, w in zip(merged.tensors, want):
+        torch.testing.assert_close(got, w)
+    torch.testing.assert_close(merged.norm(), torch.cat([w.reshape(-1) for w in want]).norm())
+
+
+def test_merge_and_task_vector_keep_the_strategy_of_their_bundle():
+    base = mt.bundle({"w": torch.zeros(2), "b": torch.zeros(3)}).per_param()
+    tv = recipes.task_vector(mt.bundle({"w": torch.ones(2), "b": torch.ones(3)}).weighted(), base)
+    assert tv.strategy == "weighted"
+    for elect_sign in (False, True):
+        assert recipes.merge(base, [tv], elect_sign=elect_sign).strategy == "per_param"
+
+
+@pytest.mark.parametrize("elect_sign", [False, True])
+@pytest.mark.parametrize("tv", [
+    {"w": torch.ones(2, 3), "extra": torch.ones(3)},  # elect_sign dropped the extra tensor silently
+    {"w": torch.ones(3, 2)},  # same numel, another shape: a raw torch error
+])
+def test_merge_checks_the_structure_with_and_without_elect_sign(elect_sign, tv):
+    base = mt.bundle({"w": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=r"recipes.merge: bundles of different structure: ParameterBundle of 1"):
+        recipes.merge(base, [mt.bundle({"w": torch.ones(2, 3)}), mt.bundle(tv)], elect_sign=elect_sign)
+
+
+def test_distance_counts_a_nan_left_as_it_was_as_unchanged():
+    # It counted it as changed (NaN != NaN), where `modtensor diff` says 0.
+    a = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([float("nan"), 2.0, 3.0, 4.0])}
+    b = {"w": torch.tensor([float("nan"), 1.0]), "b": torch.tensor([1.0, float("nan"), 3.0, 4.0])}
+    report = recipes.distance(mt.bundle(a), mt.bundle(b))
+    assert report.changed_fraction == pytest.approx(2 / 6)
+    assert report.per_param["w"]["changed_fraction"] == 0 and report.per_param["b"]["changed_fraction"] == 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_clip_grad_norm_total_carries_no_graph_like_torchs():
+    # Of gradients made with create_graph=True, the total carried a graph; torch's runs under no_grad.
+    ours, theirs = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    for w in (ours, theirs):
+        (w ** 3).sum().backward(create_graph=True)
+    want = nn.utils.clip_grad_norm_([theirs], 1.0)
+    got = recipes.clip_grad_norm_([ours], 1.0)
+    assert not want.requires_grad and not got.requires_grad
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("amount", [0, 1, 5, np.int64(7), 143])
+def test_magnitude_prune_takes_an_int_amount_as_a_count_like_torch(amount):
+    # amount=1 pruned everything (a fraction); torch's global_unstructured prunes one entry.
+    ours, theirs = _model(3), _model(3)
+    recipes.magnitude_prune_(ours, amount)
+    params = [(m, n) for m in (theirs[0], theirs[3]) for n in ("weight", "bias")]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+    assert sum(int((m.get_buffer(f"{n}_mask") == 0).sum()) for m, n in params) == amount
+    for m, n in params:
+        prune.remove(m, n)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_magnitude_prune_amount_errors():
+    n = mt.bundle(_model(3)).numel()
+    with pytest.raises(ValueError, match=rf"an int amount is a count of entries, in \[0, {n}\] here; got {n + 1}"):
+        recipes.magnitude_prune_(_model(3), n + 1)
+    with pytest.raises(ValueError, match="an int amount is a count"):
+        recipes.magnitude_prune_(_model(3), -1)
+    for amount in (True, torch.tensor(0.5), "0.5"):
+        with pytest.raises(TypeError, match="a fraction .a float. or a count .an int."):
+            recipes.magnitude_prune_(_model(3), amount)
