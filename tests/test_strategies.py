@@ -245,3 +245,25 @@ def test_empty_bundle_under_strategies():
 def test_case_helper_shapes():
     case = Case([torch.ones(2)], [torch.ones(2)])
     assert case.bundle().per_param().sum().tolist() == [2.0]
+
+
+def test_operands_of_different_strategies():
+    torch.manual_seed(0)
+    x, y = {"a": torch.randn(3), "b": torch.randn(5)}, {"a": torch.randn(3), "b": torch.randn(5)}
+    a, c = mt.bundle(x), mt.bundle(y)
+    expected = {n: torch.dist(x[n], y[n]) for n in x}
+    for per in (torch.dist(a.per_param(), c), torch.dist(a, c.per_param())):  # whichever holds it
+        assert per.names == ("a", "b")
+        torch.testing.assert_close(per.to_dict(), expected)
+    for result in (a - c.per_param(), a.per_param() - c, torch.sub(a, other=c.per_param())):
+        assert result.strategy == "per_param"
+    wa = a.weighted({"a": 1.0, "b": 0.0})
+    torch.testing.assert_close(torch.dist(c, wa), expected["a"])
+    assert (c - wa).strategy == "weighted" and dict((c - wa).options) == dict(wa.options)
+    assert (a.weighted() - c.weighted()).strategy == "weighted"  # the same options agree
+    wc = c.weighted({"a": 0.0, "b": 1.0})
+    for mixed in (lambda: torch.dist(wa, wc), lambda: wa - wc, lambda: a.per_param() - wc):
+        with pytest.raises(ValueError, match=r"different strategies, .*\.with_strategy\(\.\.\.\)"):
+            mixed()
+    target = mt.bundle({n: t.clone() for n, t in x.items()})
+    assert target.add_(c.per_param()) is target and target.strategy == "concat"  # in place: its own
