@@ -153,7 +153,16 @@ def run_reduction(
             callers.append(per_tensor_caller(func, args, kwargs, b, cast=False, split_tensors=False))
             if callers[0] is NOT_HANDLED:
                 raise ValueError(f"{func_name(func)}: an argument cannot be split tensor by tensor.")
-        return callers[0](i)
+        try:
+            return callers[0](i)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            if type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
+                raise  # a subclass may take other arguments: as it is
+            # torch's message names no tensor: say which one, as it is one of many.
+            raise type(e)(
+                f"{func_name(func)} under the {b._strategy} strategy, on tensor {b._names[i]!r} "
+                f"({b._dtypes[i]}) of {b.describe()}: {e}"
+            ) from e
 
     call = ReductionCall(
         func, args, kwargs, b, reduction, parse, pieces, per_tensor
