@@ -17,6 +17,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 from modtensor import _distributed, _source, _strategies
 from modtensor._dispatch import DispatchTensor, TracedDispatch, func_name
 from modtensor._errors import UnsupportedOperationError
+from modtensor._strategies import Weights
 
 __all__ = ["ParameterBundle", "bundle", "is_bundle", "Selector", "Source"]
 
@@ -139,7 +140,13 @@ class _BundleAPI:
 
     @property
     def requires_grad(self) -> bool:
-        """True if any of the tensors requires grad."""
+        """True if any of the tensors requires grad; read-only (set it on the tensors).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle([torch.ones(2, requires_grad=True), torch.ones(1)]).requires_grad
+            True
+        """
         if self._tensors is None:
             return self._lazy_requires_grad
         return any(t.requires_grad for t in self._tensors)
@@ -230,7 +237,14 @@ class _BundleAPI:
 
     @property
     def data(self) -> Self:
-        """The bundle of the tensors' `.data` (detached aliases, same names)."""
+        """The bundle of the tensors' `.data` (detached aliases, same names).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> d = mt.bundle({"w": torch.ones(2, requires_grad=True)}).data
+            >>> d.names, d.requires_grad
+            (('w',), False)
+        """
         self._check_held("ParameterBundle.data")
         return self.derive([t.data for t in self.tensors])
 
@@ -367,13 +381,15 @@ class _BundleAPI:
         """
         return self.with_strategy("per_param")
 
-    def weighted(self, weights: _strategies.Weights = None, normalize: bool = True) -> Self:
+    def weighted(self, weights: Weights = None, normalize: bool = True) -> Self:
         """Return the same tensors under the `weighted` strategy.
 
         A reduction then gives `sum_i w_i * op(t_i) / sum_i w_i` (without the division when
         `normalize=False`). `weights`: None (each tensor's numel: then the mean equals the
         concatenation's), a mapping of names or glob patterns to floats (first match wins;
-        add `"*"` for the rest), a callable `(name, tensor) -> float`, or one float per tensor.
+        add `"*"` for the rest; a tensor's exact name wins over patterns), a callable
+        `(name, tensor) -> float`, or one float per tensor. The bundle keeps its own copy of a
+        weights dict or list; results are at least float32.
 
         Example:
             >>> import torch, modtensor as mt

@@ -578,7 +578,9 @@ class Weighted(Strategy):
                 f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}. "
                 "Use a full reduction, or the per_param strategy."
             )
-        dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
+        # At least float32, whatever the default dtype: the weights are Python floats, and a
+        # float16 sum of weighted terms would overflow where the per-tensor results do not.
+        dtype = torch.promote_types(values[0].dtype, torch.float32)
         for v in values[1:]:
             dtype = torch.promote_types(dtype, v.dtype)
         device = b.device  # where a bundle's partials meet (see mt.bundle)

@@ -382,3 +382,18 @@ def test_per_param_of_no_tensors_has_torchs_structure_and_dtypes():
             assert [g.dtype for g in got] == [e.dtype for e in expected] and all(g.names == () for g in got)
         else:
             assert got.dtype == expected.dtype and got.names == ()
+
+
+def test_weighted_results_are_at_least_float32_whatever_the_default_dtype():
+    for dtype, expected in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        b = mt.bundle([torch.ones(3, dtype=dtype), torch.ones(2, dtype=dtype)])
+        previous = torch.get_default_dtype()
+        try:
+            for default in (torch.float32, torch.float64):
+                torch.set_default_dtype(default)
+                assert b.weighted().mean().dtype == expected
+        finally:
+            torch.set_default_dtype(previous)
+    ints = mt.bundle({"i": torch.tensor([1, 2, 3]), "j": torch.tensor([10, 20])})
+    assert ints.weighted().sum().dtype == torch.float32
