@@ -744,11 +744,14 @@ _UNIQUE_NAMES: dict[int, tuple[str, ...]] = {}
 
 def _check_names(names: Sequence[str]) -> None:
     # to_dict() and per-tensor results are keyed by name: a repeated one would lose tensors.
-    if len(names) < 2 or _UNIQUE_NAMES.get(id(names)) is names:
+    if len(names) < 2:
+        return
+    compiling = torch.compiler.is_compiling()  # dynamo cannot keep an id() across graph breaks
+    if not compiling and _UNIQUE_NAMES.get(id(names)) is names:
         return
     if len(set(names)) != len(names):
         _refuse_duplicates(names)
-    if type(names) is tuple:  # immutable: unique for good
+    if type(names) is tuple and not compiling:  # immutable: unique for good
         if len(_UNIQUE_NAMES) >= 256:
             _UNIQUE_NAMES.clear()
         _UNIQUE_NAMES[id(names)] = names
