@@ -15,9 +15,20 @@ OUT = pathlib.Path(__file__).resolve().parent / "API.md"
 
 # ParameterBundle's own API; the torch.Tensor methods it inherits are documented by torch.
 BUNDLE_MEMBERS = (
-    "names", "tensors", "strategy", "options", "group", "grad", "left_out", "items", "to_dict", "derive",
-    "per_param", "weighted", "with_strategy", "materialize", "split", "describe",
+    "names", "tensors", "strategy", "options", "group", "grad", "data", "requires_grad", "left_out", "items",
+    "to_dict", "derive", "per_param", "weighted", "with_strategy", "materialize", "split", "describe",
+    "implements", "HANDLERS",
 )
+
+# Members whose value is data, not a documented object: their entry's text.
+DATA_MEMBERS = {
+    "HANDLERS": (
+        "The class's dispatch table, `{(torch function, strategy name): handler}`; the strategy\n"
+        "`\"*\"` serves every strategy, a specific one wins. Each subclass has its own, which\n"
+        "inherits its parent's entries (registered before or after it) except those it registered\n"
+        "itself. Register with `implements`; read it, do not write it.\n"
+    ),
+}
 
 
 def _signature(obj: Any) -> str:
@@ -55,7 +66,13 @@ def render() -> str:
         parts.append(_entry(f"mt.{name}", obj))
         if obj is mt.ParameterBundle:
             for member in BUNDLE_MEMBERS:
-                parts.append(_entry(f"ParameterBundle.{member}", inspect.getattr_static(obj, member), "####"))
+                title = f"ParameterBundle.{member}"
+                if member in DATA_MEMBERS:
+                    parts.append(f"#### `{title}`\n\n{DATA_MEMBERS[member]}")
+                    continue
+                static = inspect.getattr_static(obj, member)
+                # a classmethod as it is called: bound, without `cls`
+                parts.append(_entry(title, getattr(obj, member) if isinstance(static, classmethod) else static, "####"))
     parts.append("## modtensor.recipes\n")
     for name in mt.recipes.__all__:
         parts.append(_entry(f"mt.recipes.{name}", getattr(mt.recipes, name)))

@@ -3,7 +3,9 @@
 from modtensor import _autograd, _indexing, _inplace, _like, _order, _pairwise, _pointwise, _reductions  # noqa: F401  (fill the table)
 from modtensor import recipes
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
-from modtensor._dispatch import fallback
+from modtensor._bundle import Selector as Selector, Source as Source  # type aliases of the signatures
+from modtensor._dispatch import Handler as Handler, fallback
+from modtensor._strategies import Weights as Weights
 from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 from modtensor._extend import (
     Reduction,

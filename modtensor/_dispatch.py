@@ -414,12 +414,75 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
     return (rest.pop(name),), rest
 
 
-def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
-    # theirs too. Not the stand-ins of torch.compile: they hold no data.
-    for b in find_bundles(args, kwargs):
+    # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them.
+    bundles = find_bundles(args, kwargs)
+    for b in bundles:
         if isinstance(b, DispatchTensor):
             b._check_unchanged(func)
+    return bundles
+
+
+def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # weights given as tensors compare elementwise
+        return False
+
+
+def _mixed(bundles: list[Any]) -> bool:
+    # Whether the operands differ in strategy or options; the common case (all concat, which
+    # takes no options) costs one attribute read per operand.
+    strategy = bundles[0]._strategy
+    for x in bundles:
+        if x._strategy != strategy:
+            return True
+    if strategy == "concat":
+        return False
+    options = bundles[0]._options
+    return not all(_same_options(x._options, options) for x in bundles)
+
+
+def _agree(
+    func: Callable[..., Any], bundles: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # Operands of different strategies (`dist(a, b.per_param())`): the one strategy other than
+    # concat among them, whichever operand holds it, as the same call with the operands
+    # swapped would take it; two such strategies are ambiguous. The operands are passed on
+    # as bundles of the same tensors under that strategy, which every handler then reads.
+    chosen = None
+    for x in bundles:
+        if x._strategy == "concat":
+            continue
+        if chosen is None:
+            chosen = x
+        elif x._strategy != chosen._strategy or not _same_options(x._options, chosen._options):
+            def spelled(b: Any) -> str:
+                options = ", ".join(f"{k}={v!r}" for k, v in b._options.items())
+                return f"{b._strategy}({options})"
+
+            raise ValueError(
+                f"{func_name(func)}: its operands have different strategies, {spelled(chosen)} for "
+                f"{chosen.describe()} and {spelled(x)} for {x.describe()}, and modtensor cannot "
+                "tell which one the result should follow. Pick one for both with "
+                "`.with_strategy(...)` (or `.per_param()`, `.weighted(...)`)."
+            )
+    if chosen is None:
+        return args, kwargs
+    name, options = chosen._strategy, dict(chosen._options)
+    converted: dict[int, Any] = {}
+
+    def convert(b: Any) -> Any:
+        if b._strategy == name and _same_options(b._options, chosen._options):
+            return b
+        if id(b) not in converted:
+            converted[id(b)] = b.with_strategy(name, **options)
+        return converted[id(b)]
+
+    return _replace_bundles(args, convert), _replace_bundles(kwargs, convert)
 
 
 def dispatch(
@@ -436,12 +499,19 @@ def dispatch(
     table = owner.HANDLERS
     handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
     if handler is not None or func not in PASSTHROUGH:  # b.shape, b.numel(): what it recorded
-        _check_operands(func, args, kwargs)
+        bundles = _check_operands(func, args, kwargs)
+        if len(bundles) > 1 and _mixed(bundles) and not _writes_in_place(func, kwargs):
+            # (An in-place op's result is its target, which keeps its own strategy.)
+            args, kwargs = _agree(func, bundles, args, kwargs)
+            first = next((a for a in args if isinstance(a, BUNDLE_TYPES)), None)
+            if first is not None and first._strategy != strategy:
+                strategy = first._strategy
+                handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
     if handler is not None:
         result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:
             return result
-    elif func in PASSTHROUGH:
+    if func in PASSTHROUGH:  # also where a handler declined it: what the bundle recorded answers
         traced = next((a for a in args if isinstance(a, TracedDispatch)), None)
         if traced is not None:  # no wrapper to ask: a meta tensor of the same metadata answers
             args = tuple(traced._meta() if a is traced else a for a in args)
@@ -469,6 +539,9 @@ class DispatchTensor(torch.Tensor):
     """
 
     HANDLERS: ClassVar[dict[tuple[Any, str], Handler]] = {}
+    # The keys registered on this class itself: a later registration on a parent reaches
+    # every subclass except under these (see implements).
+    _OWN_KEYS: ClassVar[set[tuple[Any, str]]] = set()
     _strategy: str = "concat"
     _dtype: torch.dtype
     _numel: int
@@ -479,7 +552,10 @@ class DispatchTensor(torch.Tensor):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # Its own table, a copy of the parent's: a lookup stays one dict get, and implements
+        # keeps the copies up to date.
         cls.HANDLERS = dict(cls.HANDLERS)
+        cls._OWN_KEYS = set()
 
     def describe(self) -> str:
         """Return a one-line description of the bundle for error messages."""
@@ -578,11 +654,28 @@ class DispatchTensor(torch.Tensor):
             >>> torch.cumsum(MyBundle([torch.ones(2)], ["w"]), 0)
             'my cumsum'
         """
-        func_list = [funcs] if callable(funcs) else list(funcs)
+        func_list = _as_functions(funcs, f"{cls.__name__}.implements")
+        _check_strategy(strategy, f"{cls.__name__}.implements")
 
         def decorator(handler: H) -> H:
+            if not callable(handler):
+                raise TypeError(
+                    f"{cls.__name__}.implements: the handler must be a callable "
+                    f"(func, types, args, kwargs) -> result; got {handler!r}."
+                )
+            try:
+                inspect.signature(handler).bind(None, None, None, None)
+            except ValueError:  # no signature to read (a C function): trust it
+                pass
+            except TypeError as e:
+                raise TypeError(
+                    f"{cls.__name__}.implements: the handler {getattr(handler, '__name__', handler)!r} "
+                    f"cannot be called as handler(func, types, args, kwargs): {e}."
+                ) from None
             for f in func_list:
-                cls.HANDLERS[(f, strategy)] = handler
+                key = (f, strategy)
+                cls._OWN_KEYS.add(key)
+                _set_handler(cls, key, handler)
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name
             LANE_CALLS.clear()  # the new handler may serve one of them
             return handler
@@ -624,6 +717,42 @@ class DispatchTensor(torch.Tensor):
         raise UnsupportedOperationError(
             f"{func} reached a {cls.__name__} below __torch_function__; the bundle has no "
             "storage of its own. Call it on `b.materialize()` or on `b.tensors`."
+        )
+
+
+def _set_handler(cls: type[DispatchTensor], key: tuple[Any, str], handler: Handler) -> None:
+    # Into cls's table and those of its subclasses that registered nothing of their own under
+    # `key` (and theirs, and so on): they inherit the parent's entries, made before or after.
+    cls.HANDLERS[key] = handler
+    for sub in cls.__subclasses__():
+        if key not in sub._OWN_KEYS:
+            _set_handler(sub, key, handler)
+
+
+def _as_functions(funcs: Any, where: str) -> list[Callable[..., Any]]:
+    # One callable or an iterable of them; a string would be taken letter by letter.
+    found = [funcs] if callable(funcs) else None
+    if found is None and not isinstance(funcs, (str, bytes)):
+        try:
+            found = list(funcs)
+        except TypeError:
+            pass
+    if not found or not all(callable(f) for f in found):
+        raise TypeError(
+            f"{where}: expected a torch function or an iterable of them (e.g. torch.cumsum or "
+            f"[torch.cumsum, torch.Tensor.cumsum]), got {funcs!r}."
+        )
+    return found
+
+
+def _check_strategy(strategy: Any, where: str) -> None:
+    # A misspelt strategy ("per-param") would register an entry no bundle ever reaches.
+    from modtensor._strategies import STRATEGIES
+
+    if strategy != ANY_STRATEGY and (not isinstance(strategy, str) or strategy not in STRATEGIES):
+        raise ValueError(
+            f"{where}: unknown strategy {strategy!r}. Expect {ANY_STRATEGY!r} (every strategy) or "
+            f"a registered one: {tuple(STRATEGIES)} (register yours first with mt.register_strategy)."
         )
 
 

@@ -15,7 +15,9 @@ import torch
 from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
-from modtensor._dispatch import ANY_STRATEGY, NOT_HANDLED, Handler, copy_is_cheap, func_name, remember_direct
+from modtensor._dispatch import (
+    ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, copy_is_cheap, func_name, remember_direct,
+)
 from modtensor._pointwise import per_tensor_caller
 from modtensor._reduce_common import _bind, _is_floating, check_dim
 from modtensor._strategies import (
@@ -45,7 +47,11 @@ def implements(
     The handler is called as `handler(func, types, args, kwargs)`; `strategy` restricts it to
     bundles of that strategy (the default `"*"` serves all; a specific entry wins). Return
     `NotImplemented` from it to send a call to the fallback. Subclass `ParameterBundle` to
-    keep your entries out of everyone else's table.
+    keep your entries out of everyone else's table: a subclass inherits its parent's entries,
+    registered before or after it was defined, except where it registered its own. `funcs` is
+    a callable or an iterable of them, `strategy` `"*"` or a registered strategy. A second
+    registration for the same function and strategy replaces the first (that is how the
+    built-in handlers are overridden), whichever library made it.
 
     Example:
         >>> import torch, modtensor as mt
@@ -95,6 +101,17 @@ def _as_in_concatenation(b: ParameterBundle) -> tuple[Callable[[int], torch.Tens
     return get, keys
 
 
+_BUILTIN: set[int] = set()
+
+
+def _is_builtin(reduction: Reduction) -> bool:
+    if not _BUILTIN:  # read on first use: _reductions registers them through this module
+        from modtensor._reductions import REDUCTIONS
+
+        _BUILTIN.update(map(id, REDUCTIONS.values()))  # they live as long as the process
+    return id(reduction) in _BUILTIN
+
+
 def run_reduction(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], b: ParameterBundle, reduction: Reduction
 ) -> Any:
@@ -113,7 +130,9 @@ def run_reduction(
         parsed = parse()
         if parsed is not NOT_HANDLED:
             result = NOT_HANDLED if reduction.fused is None else reduction.fused(b, parsed)
-            if result is NOT_HANDLED and b._expr is not None:
+            if result is NOT_HANDLED and b._expr is not None and _is_builtin(reduction):
+                # The kernels compute the built-in sum and norm: not a reduction that a
+                # library registered in their place for the same function.
                 result = fuse(func, parsed, b)
             if result is not NOT_HANDLED:
                 return result
@@ -134,7 +153,16 @@ def run_reduction(
             callers.append(per_tensor_caller(func, args, kwargs, b, cast=False, split_tensors=False))
             if callers[0] is NOT_HANDLED:
                 raise ValueError(f"{func_name(func)}: an argument cannot be split tensor by tensor.")
-        return callers[0](i)
+        try:
+            return callers[0](i)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            if type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
+                raise  # a subclass may take other arguments: as it is
+            # torch's message names no tensor: say which one, as it is one of many.
+            raise type(e)(
+                f"{func_name(func)} under the {b._strategy} strategy, on tensor {b._names[i]!r} "
+                f"({b._dtypes[i]}) of {b.describe()}: {e}"
+            ) from e
 
     call = ReductionCall(
         func, args, kwargs, b, reduction, parse, pieces, per_tensor
@@ -155,6 +183,7 @@ def register_reduction(
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
     fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None,
     pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
+    bundle_type: type[ParameterBundle] = ParameterBundle,
 ) -> Reduction:
     """Declare a reduction over the concatenation as a monoid, and register it for `funcs`.
 
@@ -174,7 +203,10 @@ def register_reduction(
     (say, one GPU kernel for all its tensors), returning NotImplemented where it does not
     apply. `pack_dtype(dtype, device)` may name a wider dtype for the packed small tensors
     of a commutative reduction (the sums add float32 ones in float64, exactly). The per_param
-    and weighted strategies come for free: they call `func` on each tensor.
+    and weighted strategies come for free: they call `func` on each tensor. The reduction is
+    registered in `bundle_type`'s table (by default ParameterBundle's, which its subclasses
+    inherit; name your subclass to keep it out of everyone else's) and replaces what was there
+    for `funcs`, as `implements` does.
 
     Example:
         >>> import torch, modtensor as mt
@@ -192,6 +224,19 @@ def register_reduction(
         >>> float(sum_of_squares(b)), sum_of_squares(b.per_param()).tolist()
         (14.0, [2.0, 12.0])
     """
+    funcs = _as_functions(funcs, "register_reduction")
+    if not (isinstance(bundle_type, type) and issubclass(bundle_type, ParameterBundle)):
+        raise TypeError(f"register_reduction: bundle_type must be ParameterBundle or a subclass, got {bundle_type!r}.")
+    parts = dict(
+        partial=partial, combine=combine, finalize=finalize, parse=parse, needs_elements=needs_elements,
+        partials=partials, fused=fused, pack_dtype=pack_dtype,
+    )
+    for what, part in parts.items():
+        if not callable(part) and (part is not None or what in ("partial", "combine")):
+            raise TypeError(
+                f"register_reduction: {what} must be a callable"
+                f"{'' if what in ('partial', 'combine') else ' or None'}, got {part!r}."
+            )
     reduction = Reduction(
         parse=parse or parse_dim_keepdim,
         partial=partial,
@@ -210,5 +255,5 @@ def register_reduction(
             return NOT_HANDLED
         return run_reduction(func, args, kwargs, args[0], reduction)
 
-    ParameterBundle.implements(funcs)(handler)
+    bundle_type.implements(funcs)(handler)
     return reduction

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall",
-    "Strategy", "STRATEGIES", "get", "may_pack", "register_strategy", "strategies", "resolve_weights",
-    "reduce",
+    "Strategy", "STRATEGIES", "Weights", "get", "may_pack", "own_options", "register_strategy", "strategies",
+    "resolve_weights", "reduce",
 ]
 
 # A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
@@ -382,15 +382,27 @@ class Concat(Strategy):
             None if many is None else lambda tensors: many(tensors, parsed),
         )
         if not states:
+            # The empty concatenation is torch.empty(0): let torch give its own answer.
+            args, kwargs = materialized(call.args), materialized(call.kwargs)
             if red.needs_elements(parsed):
-                raise RuntimeError(
+                raise _empty_error(call, args, kwargs)(
                     f"{parsed.name}: {b.describe()} has no elements, and this reduction has no "
                     "identity (torch raises the same on torch.empty(0)). Check `b.numel() > 0` first."
                 )
-            # The empty concatenation is torch.empty(0): let torch give its own answer.
-            args, kwargs = materialized(call.args), materialized(call.kwargs)
             return call.func(*args, **kwargs)
         return _keepdim(red.finalize(red.combine(states, parsed), parsed), parsed.keepdim)
+
+
+def _empty_error(call: ReductionCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> type[Exception]:
+    # The type of torch's exception on the empty concatenation: IndexError for argmax and
+    # max(dim), RuntimeError for amax.
+    try:
+        call.func(*args, **kwargs)
+    except (IndexError, ValueError) as e:
+        return type(e)
+    except Exception:
+        pass
+    return RuntimeError
 
 
 def _as_tensor(result: Any, device: torch.device) -> torch.Tensor:
@@ -417,18 +429,36 @@ class PerParam(Strategy):
             return type(results[0])(
                 [_per_tensor_bundle(b, list(p), b.dtype) for p in parts]
             )
-        if not results:  # no tensor: torch's answer on the empty concatenation fixes the dtype
-            try:
-                probe = call.func(b.materialize(), *call.args[1:], **call.kwargs)
-            except (RuntimeError, IndexError):  # no identity (amax...): no tensor, no result
-                return _per_tensor_bundle(b, [], b.dtype)
+        if not results:
+            # No tensor, no result; but the result's structure and dtypes are those torch
+            # gives on one tensor: on the empty concatenation, or where that has no answer (no
+            # identity: argmax, max(dim)), on one element.
+            probe = None
+            rest, kwargs = materialized(call.args[1:]), materialized(call.kwargs)  # other operands too
+            for one in (b.materialize(), torch.zeros(1, dtype=b.dtype, device=b.device)):
+                try:
+                    probe = call.func(one, *rest, **kwargs)
+                    break
+                except (RuntimeError, IndexError, ValueError):
+                    pass
             if isinstance(probe, tuple):
-                return type(probe)([_per_tensor_bundle(b, [], p.dtype) for p in probe])
-            return _per_tensor_bundle(b, [], _as_tensor(probe, b.device).dtype)
+                return type(probe)([_per_tensor_bundle(b, [], _as_tensor(p, b.device).dtype) for p in probe])
+            return _per_tensor_bundle(b, [], b.dtype if probe is None else _as_tensor(probe, b.device).dtype)
         return _per_tensor_bundle(b, results, b.dtype)
 
 
 Weights = Union[None, Mapping[str, float], Callable[[str, torch.Tensor], float], Sequence[float]]
+
+
+def _number(value: Any, what: str) -> float:
+    # Any number float() takes (a NumPy scalar, a one-element tensor), but not a string: "1"
+    # is a name gone astray, not a weight.
+    if not isinstance(value, (str, bytes)) and value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"weighted: {what} is {value!r}; weights are numbers.")
 
 
 def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
@@ -436,31 +466,52 @@ def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
     if weights is None:
         return [float(shape.numel()) for shape in b._shapes]
     if callable(weights):
-        return [float(weights(n, b._tensor(i))) for i, n in enumerate(b.names)]
+        return [
+            _number(weights(n, b._tensor(i)), f"the weight the callable gave tensor {n!r}")
+            for i, n in enumerate(b.names)
+        ]
     if isinstance(weights, Mapping):
         resolved, unmatched = [], []
         for n in b.names:
-            pattern = next((p for p in weights if glob_match(n, p)), None)
+            # The name itself first: "w[0]" is a name, as a glob it would mean "w0".
+            pattern = n if n in weights else next((p for p in weights if glob_match(n, p)), None)
             if pattern is None:
                 unmatched.append(n)
                 resolved.append(0.0)
                 continue
-            try:  # any number float() takes: a NumPy scalar, a one-element tensor
-                resolved.append(float(weights[pattern]))
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"weighted: the weight of {pattern!r} is {weights[pattern]!r}; weights are numbers."
-                ) from None
+            resolved.append(_number(weights[pattern], f"the weight of {pattern!r}"))
         if unmatched:
             raise ValueError(
                 f"weighted: no weight for {unmatched} in {b.describe()}; patterns are "
                 f"{list(weights)}. Add a '*' entry for the rest."
             )
         return resolved
-    resolved = [float(w) for w in weights]
+    resolved = [_number(w, f"weight {i}") for i, w in enumerate(weights)]
     if len(resolved) != len(b.names):
         raise ValueError(f"weighted: {len(resolved)} weights for {len(b.names)} tensors ({b.describe()}).")
     return resolved
+
+
+def own_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a bundle keeps: its own copies of the dicts and lists in them (weights),
+    so that the caller changing theirs later does not change the bundle's."""
+    return {
+        k: dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, list) else v
+        for k, v in options.items()
+    }
+
+
+def _whole(result: Any, shape: torch.Size) -> Any:
+    # A reduction of a whole tensor with keepdim=True keeps its ndim ones, (1, 1, 1, 1) for a
+    # conv weight: weighted with a bias's (1,) it gives the concatenation's (1,), as concat does.
+    parts = result if isinstance(result, tuple) else (result,)
+    if not len(shape) or not all(
+        isinstance(r, torch.Tensor) and r.dim() == len(shape) and r.numel() == 1 for r in parts
+    ):
+        return result
+    if isinstance(result, tuple):
+        return type(result)([r.reshape(1) for r in result])
+    return result.reshape(1)
 
 
 class Weighted(Strategy):
@@ -481,14 +532,26 @@ class Weighted(Strategy):
         if not isinstance(normalize, bool):
             raise TypeError(f"weighted: normalize must be True or False, got {normalize!r}.")
         w = options.get("weights")
-        if not (w is None or callable(w) or isinstance(w, (Mapping, Sequence))) or isinstance(w, str):
+        if not (w is None or callable(w) or isinstance(w, (Mapping, Sequence))) or isinstance(w, (str, bytes)):
             raise TypeError(
                 "weighted: weights must be None, a mapping of names or glob patterns to floats, a "
                 f"callable (name, tensor) -> float, or a sequence of floats; got {type(w).__name__}."
             )
+        if isinstance(w, Mapping):
+            key = next((k for k in w if not isinstance(k, str)), None)
+            if key is not None:
+                raise TypeError(
+                    f"weighted: the weights' keys are tensor names or glob patterns (str); got {key!r}. "
+                    "For weights by position, pass a list of floats."
+                )
 
     def reduce(self, call: ReductionCall) -> Any:
         b = call.bundle
+        if not b.names:
+            raise ValueError(
+                f"{call.name}: {b.describe()} has no tensors, so there is nothing to weigh under the "
+                "weighted strategy. Check `len(b.names) > 0` first."
+            )
         weights = resolve_weights(b, b.options.get("weights"))
         if any(math.isnan(w) for w in weights):
             name = b.names[next(i for i, w in enumerate(weights) if math.isnan(w))]
@@ -500,7 +563,8 @@ class Weighted(Strategy):
                 f"{call.name}: the weights of {b.describe()} sum to 0, and normalize=True divides "
                 "by their sum; pass normalize=False for the plain weighted sum."
             )
-        terms = [(w, call.per_tensor(i)) for i, w in enumerate(weights) if w != 0]
+        kept = [i for i, w in enumerate(weights) if w != 0]
+        terms = [(weights[i], _whole(call.per_tensor(i), b._shapes[i])) for i in kept]
         if isinstance(terms[0][1], tuple):
             parts = zip(*(r for _, r in terms))
             return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])
@@ -515,7 +579,9 @@ class Weighted(Strategy):
                 f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}. "
                 "Use a full reduction, or the per_param strategy."
             )
-        dtype = torch.promote_types(values[0].dtype, torch.get_default_dtype())
+        # At least float32, whatever the default dtype: the weights are Python floats, and a
+        # float16 sum of weighted terms would overflow where the per-tensor results do not.
+        dtype = torch.promote_types(values[0].dtype, torch.float32)
         for v in values[1:]:
             dtype = torch.promote_types(dtype, v.dtype)
         device = b.device  # where a bundle's partials meet (see mt.bundle)
@@ -527,6 +593,7 @@ class Weighted(Strategy):
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Concat(), PerParam(), Weighted())}
+_BUILTIN_STRATEGIES = frozenset(STRATEGIES)
 
 
 def get(name: str) -> Strategy:
@@ -546,17 +613,49 @@ def reduce(call: ReductionCall) -> Any:
     return get(call.bundle.strategy).reduce(call)
 
 
-def register_strategy(strategy: Strategy) -> None:
-    """Add `strategy` to the strategies bundles can use, under `strategy.name`.
+def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
+    """Add `strategy` to the strategies bundles can use, under `strategy.name` (a str).
+
+    A name already registered is refused unless `replace=True` (registering an instance of
+    the same class again, as a reloaded module does, replaces it too). The built-in
+    strategies (`concat`, `per_param`, `weighted`) cannot be replaced: parts of the library
+    (tiny bundles, the fused kernels) implement them directly.
 
     Example:
         >>> import modtensor as mt
         >>> "per_param" in mt.strategies()
         True
+        >>> class Largest(mt.Strategy):
+        ...     name = "largest_example"
+        ...     def reduce(self, call):
+        ...         return max(float(call.per_tensor(i)) for i in range(len(call.bundle.names)))
+        >>> mt.register_strategy(Largest(), replace=True)
     """
-    if not isinstance(strategy, Strategy) or not strategy.name:
-        raise TypeError("register_strategy: expected a Strategy instance with a non-empty name.")
-    STRATEGIES[strategy.name] = strategy
+    if not isinstance(strategy, Strategy) or not isinstance(strategy.name, str) or not strategy.name:
+        raise TypeError(
+            "register_strategy: expected a Strategy instance whose `name` is a non-empty str; got "
+            f"{strategy!r}" + (f" named {strategy.name!r}." if isinstance(strategy, Strategy) else ".")
+        )
+    name = strategy.name
+    if name in _BUILTIN_STRATEGIES:
+        raise ValueError(
+            f"register_strategy: {name!r} is a built-in strategy, which modtensor implements in "
+            "places a replacement would not reach (tiny bundles, fused kernels); give yours "
+            "another name."
+        )
+    existing = STRATEGIES.get(name)
+    if existing is not None and not replace and not _same_class(existing, strategy):
+        raise ValueError(
+            f"register_strategy: a strategy named {name!r} is already registered "
+            f"({type(existing).__module__}.{type(existing).__qualname__}); give yours another "
+            "name, or pass replace=True to replace it for every bundle."
+        )
+    STRATEGIES[name] = strategy
+
+
+def _same_class(a: Strategy, b: Strategy) -> bool:
+    # By name: a reloaded module defines its classes again.
+    return (type(a).__module__, type(a).__qualname__) == (type(b).__module__, type(b).__qualname__)
 
 
 def strategies() -> tuple[str, ...]:

@@ -444,3 +444,33 @@ def test_the_size_check_takes_tensors_without_nbytes():
     # A sparse tensor has no nbytes; what worked on one before the check still does.
     b = mt.bundle([torch.eye(3).to_sparse(), torch.ones(2)])
     assert [float(x) for x in b.per_param().sum().tensors] == [3.0, 2.0]
+
+
+def test_duplicate_names_are_refused():
+    m1, m2 = nn.Linear(3, 2), nn.Linear(5, 4)
+    with pytest.raises(ValueError, match=r"the name 'weight' is given to more than one tensor.*f'm1.\{n\}'"):
+        mt.bundle([*m1.named_parameters(), *m2.named_parameters()])
+    with pytest.raises(ValueError, match="the name 'w' is given to more than one tensor"):
+        mt.ParameterBundle([torch.ones(2), torch.zeros(3)], ["w", "w"])
+    both = mt.bundle({**{f"m1.{n}": p for n, p in m1.named_parameters()}, **{f"m2.{n}": p for n, p in m2.named_parameters()}})
+    assert len(both.per_param().norm().to_dict()) == 4
+
+
+def test_names_with_glob_characters_select_themselves_and_includes_must_match():
+    sd = {"w[0]": torch.ones(2), "x": torch.ones(1)}
+    assert mt.bundle(sd, include="w[0]").names == ("w[0]",)
+    assert mt.bundle(sd, exclude="w[0]").names == ("x",)
+    assert mt.bundle(sd, include=["x*", "w[0]"]).names == ("w[0]", "x")
+    with pytest.raises(ValueError, match=r"include='tpyo.\*' matches none of the 2 tensors \('weight', 'bias'\)"):
+        mt.bundle(nn.Linear(2, 2), include="tpyo.*")
+    assert mt.bundle(nn.Linear(2, 2), include=lambda n, t: False).names == ()  # a predicate may
+    assert mt.bundle(nn.Linear(2, 2), include="*", exclude="*").names == ()
+    with pytest.raises(TypeError, match="include must be a glob pattern .*got 3"):
+        mt.bundle(sd, include=3)
+
+
+def test_describe_refuses_a_negative_limit():
+    b = mt.bundle({"w": torch.ones(2), "b": torch.ones(1)})
+    assert b.describe(0) == "ParameterBundle of 2 tensors [... 2 more]"
+    with pytest.raises(ValueError, match="limit is how many tensors to show"):
+        b.describe(-1)

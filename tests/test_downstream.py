@@ -148,3 +148,119 @@ def test_derived_bundles_keep_the_subclass(width):
     for result in (tagged * 2, tagged.grad, tagged.derive(tagged.tensors), tagged.per_param().sum()):
         assert type(result) is Tagged  # made without calling Tagged's own constructor
     torch.testing.assert_close((tagged - tagged * 2).norm(), torch.cat([p.reshape(-1) for p in model.parameters()]).norm())
+
+
+def test_a_registered_reduction_serves_computed_chains():
+    # `(b ** 2).sum()` and `(a - b).norm()` are computed by kernels of their own; they must
+    # not stand in for a reduction a library registered in place of the built-in one.
+    class Marked(mt.ParameterBundle):
+        pass
+
+    def marked(states, args):
+        return torch.stack(states).sum() + 1000.0
+
+    mt.register_reduction(torch.Tensor.sum, partial=lambda t, o, a: t.sum(), combine=marked, bundle_type=Marked)
+    mt.register_reduction(
+        torch.Tensor.norm, partial=lambda t, o, a: t.square().sum(), combine=marked, bundle_type=Marked
+    )
+    torch.manual_seed(0)
+    x, y = [torch.randn(5000), torch.randn(3000)], [torch.randn(5000), torch.randn(3000)]
+    a, b = Marked(x, ["w", "v"]), Marked(y, ["w", "v"])  # not tiny: no call on the concatenation
+    flat_x, flat_y = torch.cat(x), torch.cat(y)
+    torch.testing.assert_close((a**2).sum(), flat_x.square().sum() + 1000.0)
+    torch.testing.assert_close(torch.square(a).sum(), flat_x.square().sum() + 1000.0)
+    torch.testing.assert_close((a - b).norm(), (flat_x - flat_y).square().sum() + 1000.0)
+    plain = mt.bundle(x)  # the built-in reductions, kernels included, elsewhere
+    torch.testing.assert_close((plain**2).sum(), flat_x.square().sum())
+
+
+def test_registrations_reach_subclasses_defined_before_them():
+    class Parent(mt.ParameterBundle):
+        pass
+
+    class Child(Parent):  # defined before the registrations below, as by another library
+        pass
+
+    class GrandChild(Child):
+        pass
+
+    @Child.implements(torch.cummax)
+    def _child_cummax(func, types, args, kwargs):
+        return "child's own"
+
+    @Parent.implements([torch.cumsum, torch.cummax])
+    def _parent(func, types, args, kwargs):
+        return "parent's"
+
+    def absmax(x, dim=None, keepdim=False):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(absmax, (x,), x, dim=dim, keepdim=keepdim)
+        return x.abs().amax()
+
+    mt.register_reduction(
+        absmax, partial=lambda t, o, a: t.abs().amax(), combine=lambda s, a: torch.stack(s).amax(),
+        bundle_type=Parent,
+    )
+    tensors, names = [torch.ones(2), -3 * torch.ones(3)], ["a", "b"]
+    with mt.fallback("error"):
+        for cls in (Parent, Child, GrandChild):
+            b = cls(tensors, names)
+            assert torch.cumsum(b, 0) == "parent's"
+            assert float(absmax(b)) == 3.0
+        assert torch.cummax(Parent(tensors, names), 0) == "parent's"
+        assert torch.cummax(Child(tensors, names), 0) == "child's own"  # its own entry stays
+        assert torch.cummax(GrandChild(tensors, names), 0) == "child's own"  # inherited from Child
+        with pytest.raises(mt.UnsupportedOperationError, match="absmax is not in the dispatch table"):
+            absmax(mt.bundle(tensors))  # the parent of Parent is untouched
+    assert (torch.cumsum, "*") not in mt.ParameterBundle.HANDLERS
+
+
+def test_registration_refuses_misuse():
+    class Mine(mt.ParameterBundle):
+        pass
+
+    def handler(func, types, args, kwargs):
+        return "mine"
+
+    before = dict(Mine.HANDLERS)
+    with pytest.raises(TypeError, match="expected a torch function or an iterable of them.*got 'cumsum'"):
+        Mine.implements("cumsum")(handler)
+    with pytest.raises(TypeError, match="the handler must be a callable"):
+        Mine.implements(torch.cumprod)(42)
+    with pytest.raises(TypeError, match=r"cannot be called as handler\(func, types, args, kwargs\)"):
+        Mine.implements(torch.cummax)(lambda b: "x")
+    with pytest.raises(ValueError, match="unknown strategy 'per-param'.*'per_param'"):
+        Mine.implements(torch.Tensor.sum, strategy="per-param")(handler)
+    with pytest.raises(ValueError, match="unknown strategy 'per-param'"):
+        mt.implements(torch.Tensor.sum, strategy="per-param")
+    with pytest.raises(TypeError, match="got 'nope'"):
+        mt.register_reduction("nope", partial=lambda t, o, a: t, combine=lambda s, a: s[0])
+    with pytest.raises(TypeError, match="partial must be a callable, got 1"):
+        mt.register_reduction(torch.cumsum, partial=1, combine=lambda s, a: s[0], bundle_type=Mine)
+    with pytest.raises(TypeError, match="combine must be a callable, got None"):
+        mt.register_reduction(torch.cumsum, partial=lambda t, o, a: t, combine=None, bundle_type=Mine)
+    with pytest.raises(TypeError, match="finalize must be a callable or None"):
+        mt.register_reduction(
+            torch.cumsum, partial=lambda t, o, a: t, combine=lambda s, a: s[0], finalize=3, bundle_type=Mine
+        )
+    with pytest.raises(TypeError, match="bundle_type must be ParameterBundle or a subclass"):
+        mt.register_reduction(torch.cumsum, partial=lambda t, o, a: t, combine=lambda s, a: s[0], bundle_type=int)
+    assert Mine.HANDLERS == before  # nothing half-registered
+    Mine.implements(torch.logcumsumexp)(lambda *a: "first")
+    Mine.implements(torch.logcumsumexp)(handler)  # registering again replaces (documented)
+    assert torch.logcumsumexp(Mine([torch.ones(2)], ["w"]), 0) == "mine"
+
+
+def test_a_declining_handler_leaves_metadata_to_the_bundle():
+    # A handler returning NotImplemented for torch.numel gets what no handler would give: the
+    # recorded metadata, not a copy of the tensors with a warning that it is not in the table.
+    class Declines(mt.ParameterBundle):
+        pass
+
+    @Declines.implements([torch.numel, torch.Tensor.dim])
+    def _decline(func, types, args, kwargs):
+        return NotImplemented
+
+    b = Declines([torch.ones(2, 3), torch.ones(4)], ["w", "b"])
+    with mt.fallback("error"):
+        assert torch.numel(b) == 10 and b.dim() == 1

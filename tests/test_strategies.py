@@ -1,5 +1,7 @@
 """The per_param and weighted strategies, against the op applied to each tensor."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import modtensor as mt
 from generators import Case, assert_same, cases, other_like
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from modtensor._reductions import REDUCTION_FUNCTIONS
+from modtensor._strategies import STRATEGIES
 from op_specs import PAIRWISE_CALLS, REDUCTION_CALLS
 
 REDUCTIONS = [
@@ -238,10 +241,159 @@ def test_a_custom_strategy_plugs_into_every_reduction():
 
 def test_empty_bundle_under_strategies():
     assert mt.bundle([]).per_param().sum().names == ()
-    with pytest.raises(ValueError, match="all weights are zero"):
+    with pytest.raises(ValueError, match=r"has no tensors, so there is nothing to weigh"):
         mt.bundle([]).weighted().sum()
 
 
 def test_case_helper_shapes():
     case = Case([torch.ones(2)], [torch.ones(2)])
     assert case.bundle().per_param().sum().tolist() == [2.0]
+
+
+def test_operands_of_different_strategies():
+    torch.manual_seed(0)
+    x, y = {"a": torch.randn(3), "b": torch.randn(5)}, {"a": torch.randn(3), "b": torch.randn(5)}
+    a, c = mt.bundle(x), mt.bundle(y)
+    expected = {n: torch.dist(x[n], y[n]) for n in x}
+    for per in (torch.dist(a.per_param(), c), torch.dist(a, c.per_param())):  # whichever holds it
+        assert per.names == ("a", "b")
+        torch.testing.assert_close(per.to_dict(), expected)
+    for result in (a - c.per_param(), a.per_param() - c, torch.sub(a, other=c.per_param())):
+        assert result.strategy == "per_param"
+    wa = a.weighted({"a": 1.0, "b": 0.0})
+    torch.testing.assert_close(torch.dist(c, wa), expected["a"])
+    assert (c - wa).strategy == "weighted" and dict((c - wa).options) == dict(wa.options)
+    assert (a.weighted() - c.weighted()).strategy == "weighted"  # the same options agree
+    wc = c.weighted({"a": 0.0, "b": 1.0})
+    for mixed in (lambda: torch.dist(wa, wc), lambda: wa - wc, lambda: a.per_param() - wc):
+        with pytest.raises(ValueError, match=r"different strategies, .*\.with_strategy\(\.\.\.\)"):
+            mixed()
+    target = mt.bundle({n: t.clone() for n, t in x.items()})
+    assert target.add_(c.per_param()) is target and target.strategy == "concat"  # in place: its own
+
+
+def test_register_strategy_refuses_taken_and_odd_names():
+    class Hijack(mt.Strategy):
+        name = "concat"
+
+        def reduce(self, call):
+            return torch.tensor(-1.0)
+
+    with pytest.raises(ValueError, match="'concat' is a built-in strategy"):
+        mt.register_strategy(Hijack())
+    with pytest.raises(ValueError, match="'concat' is a built-in strategy"):
+        mt.register_strategy(Hijack(), replace=True)
+    assert float(mt.bundle([torch.ones(5000)]).sum()) == 5000.0
+
+    class Numbered(mt.Strategy):
+        name = 5
+
+    with pytest.raises(TypeError, match="`name` is a non-empty str"):
+        mt.register_strategy(Numbered())
+
+    class First(mt.Strategy):
+        name = "taken_by_first"
+
+        def reduce(self, call):
+            return "first"
+
+    class Second(mt.Strategy):
+        name = "taken_by_first"
+
+        def reduce(self, call):
+            return "second"
+
+    try:
+        mt.register_strategy(First())
+        mt.register_strategy(First())  # the same class again (a reloaded module): fine
+        with pytest.raises(ValueError, match="already registered .*First.*replace=True"):
+            mt.register_strategy(Second())
+        assert mt.bundle([torch.ones(2)], strategy="taken_by_first").sum() == "first"
+        mt.register_strategy(Second(), replace=True)
+        assert mt.bundle([torch.ones(2)], strategy="taken_by_first").sum() == "second"
+    finally:
+        STRATEGIES.pop("taken_by_first", None)
+
+
+def test_weights_are_refused_clearly():
+    b = mt.bundle({"a": torch.full((4,), 2.0), "b": torch.full((2,), -1.0)})
+    with pytest.raises(TypeError, match="weight 0 is '1'; weights are numbers"):
+        b.weighted(["1", "2"]).sum()
+    with pytest.raises(TypeError, match="weight 0 is None; weights are numbers"):
+        b.weighted([None, 1.0]).sum()
+    with pytest.raises(TypeError, match="the weight the callable gave tensor 'a' is None"):
+        b.weighted(lambda n, t: None).sum()
+    with pytest.raises(TypeError, match=r"keys are tensor names or glob patterns \(str\); got 1"):
+        b.weighted({1: 2.0, "*": 1.0})
+    ints = mt.bundle({"w": torch.ones(2), "count": torch.tensor(3)})
+    with pytest.raises(RuntimeError, match=r"torch.Tensor.mean under the per_param strategy, on tensor 'count' \(torch.int64\)"):
+        ints.per_param().mean()
+
+
+def test_weights_match_names_before_patterns_and_are_the_bundles_own():
+    b = mt.bundle({"w[0]": torch.full((2,), 3.0), "x": torch.ones(1), "y": torch.zeros(1)})
+    # "w[0]" is a name: as a glob it would only match "w0"; the name wins over "*" too
+    torch.testing.assert_close(b.weighted({"*": 1.0, "w[0]": 2.0}, normalize=False).sum(), torch.tensor(13.0))
+    weights, listed = {"w[0]": 1.0, "*": 1.0}, [1.0, 1.0, 1.0]
+    by_name, by_position = b.weighted(weights, normalize=False), b.weighted(listed, normalize=False)
+    weights["w[0]"], listed[0] = 100.0, 100.0  # the caller reuses its own
+    torch.testing.assert_close(by_name.sum(), torch.tensor(7.0))
+    torch.testing.assert_close(by_position.sum(), torch.tensor(7.0))
+    assert by_name.options["weights"] == {"w[0]": 1.0, "*": 1.0}
+
+
+def test_weighted_full_reductions_with_keepdim_take_the_concatenations_shape():
+    conv = mt.bundle(torch.nn.Conv2d(3, 4, 3))  # a 4-D weight and a 1-D bias
+    squares = mt.bundle([torch.ones(2, 2), torch.ones(3, 3)])  # the same ndim
+    for b in (conv, squares):
+        for call in (
+            lambda x: torch.sum(x, dim=None, keepdim=True), lambda x: x.amax(keepdim=True),
+            lambda x: x.norm(keepdim=True), lambda x: torch.aminmax(x, keepdim=True)[1],
+        ):
+            result = call(b.weighted())
+            assert result.shape == call(b).shape == (1,)
+            torch.testing.assert_close(result.reshape(()), call(b.weighted()).reshape(()))
+    # numel weights 4 and 9 of the sums 4 and 9
+    torch.testing.assert_close(torch.sum(squares.weighted(), dim=None, keepdim=True), torch.tensor([(4 * 4 + 9 * 9) / 13]))
+
+
+def test_empty_bundles_raise_torchs_exception_type():
+    for empty in (mt.bundle([]), mt.bundle([torch.empty(0)])):
+        for call in (lambda x: x.max(0), lambda x: x.argmax(), lambda x: x.argmin(0), lambda x: x.min(-1)):
+            with pytest.raises(IndexError):
+                call(torch.empty(0))
+            with pytest.raises(IndexError, match="has no elements"):
+                call(empty)
+        with pytest.raises(RuntimeError, match="has no elements"):
+            empty.amax()
+
+
+def test_per_param_of_no_tensors_has_torchs_structure_and_dtypes():
+    full, empty = mt.bundle([torch.ones(3)]).per_param(), mt.bundle([]).per_param()
+    for call in (
+        lambda x: x.argmax(), lambda x: torch.max(x, 0), lambda x: torch.aminmax(x),
+        lambda x: torch.topk(x, 1), lambda x: torch.var_mean(x), lambda x: x.sum(),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # var_mean of no elements
+            expected, got = call(full), call(empty)
+        assert type(got) is type(expected)
+        if isinstance(expected, tuple):
+            assert [g.dtype for g in got] == [e.dtype for e in expected] and all(g.names == () for g in got)
+        else:
+            assert got.dtype == expected.dtype and got.names == ()
+
+
+def test_weighted_results_are_at_least_float32_whatever_the_default_dtype():
+    for dtype, expected in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        b = mt.bundle([torch.ones(3, dtype=dtype), torch.ones(2, dtype=dtype)])
+        previous = torch.get_default_dtype()
+        try:
+            for default in (torch.float32, torch.float64):
+                torch.set_default_dtype(default)
+                assert b.weighted().mean().dtype == expected
+        finally:
+            torch.set_default_dtype(previous)
+    ints = mt.bundle({"i": torch.tensor([1, 2, 3]), "j": torch.tensor([10, 20])})
+    assert ints.weighted().sum().dtype == torch.float32

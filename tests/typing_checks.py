@@ -24,3 +24,8 @@ def derived_bundles_keep_the_subclass(b: Mine, plain: mt.ParameterBundle) -> Non
     assert_type(b.split(torch.zeros(2)), Mine)
     assert_type(plain.derive([torch.zeros(2)]), mt.ParameterBundle)
     assert_type(mt.bundle(torch.nn.Linear(2, 2)), mt.ParameterBundle)
+
+
+def the_signatures_type_aliases_are_public(source: mt.Source, include: mt.Selector, weights: mt.Weights, handler: mt.Handler) -> None:
+    mt.bundle(source, include=include).weighted(weights)
+    mt.implements(torch.cumsum)(handler)
