@@ -258,8 +258,8 @@ def _demo_state_dict() -> StateDict:
 def _select(state: StateDict, args: argparse.Namespace) -> StateDict:
     # mt.bundle's glob rule, but not mt.bundle(state, include=...) itself: a bundle promotes
     # its tensors' dtypes on construction, and float8 promotes with nothing.
-    def matches(name: str, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    def matches(name: str, patterns: Sequence[str]) -> bool:  # a name matches itself first ("w[0]")
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
     return {
         name: t for name, t in state.items()

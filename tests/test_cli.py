@@ -497,3 +497,11 @@ def test_16_bit_figures_are_computed_in_float32(capsys, tmp_path, strategy):
     for row in (report["global"], report["tensors"]["big"]):
         assert row["l2"] == pytest.approx(2e5, rel=1e-5) and row["max_abs"] == 2e4
         assert row["cosine"] == pytest.approx(-1)
+
+
+def test_a_name_with_glob_characters_selects_itself(capsys, tmp_path):
+    # as mt.bundle's include: "w[0]" as a glob means "w0"
+    path = tmp_path / "brackets.pt"
+    torch.save({"w[0]": torch.ones(2), "w0": torch.zeros(3)}, path)
+    _, out, _ = _run(capsys, "stats", path, "--format", "json", "--include", "w[0]")
+    assert set(json.loads(out)["tensors"]) == {"w[0]", "w0"}
