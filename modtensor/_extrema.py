@@ -41,6 +41,7 @@ def _extremum(
     largest: bool,
     dtype: torch.dtype,
     key: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    nan_spread: bool = False,
 ) -> torch.Tensor:
     """The max (or min) of per-tensor extrema, with torch's gradient for ties.
 
@@ -48,13 +49,20 @@ def _extremum(
     plain max of per-tensor maxima would split it evenly over tensors instead. So where
     several tensors tie and a gradient is wanted, weigh each by its share of the ties.
     `key` maps a tensor to the values that were compared (`abs` for the inf-norms).
+
+    A NaN result (see `_nan_extremum`) gets amax's gradient (NaN everywhere), or with
+    `nan_spread` that of max() (shared by the NaN elements); with `key`, the inf-norms' (zeros).
     """
     stacked = _stack(values, dtype)
     m = stacked.amax() if largest else stacked.amin()
-    if len(values) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
+    if not (m.requires_grad and torch.is_grad_enabled()):
         return m
     if torch.compiler.is_compiling():
-        return _traced_extremum(stacked, m, tensors, dtype, key)
+        return m if len(values) == 1 else _traced_extremum(stacked, m, tensors, dtype, key)
+    if (key is not None or nan_spread) and bool(m.isnan()):
+        return _nan_extremum(m, tensors, key is not None)
+    if len(values) == 1:
+        return m
     tied = (stacked == m).tolist()
     if sum(tied) <= 1:
         return m
@@ -63,6 +71,30 @@ def _extremum(
         for t, is_tied in zip(tensors, tied)
     ]
     return tie_shared(stacked, m, counts)
+
+
+def _nan_extremum(m: torch.Tensor, tensors: Sequence[Any], zeros: bool) -> torch.Tensor:
+    """`m`, which is NaN, with the gradient torch's concatenation gives it.
+
+    The stacked extrema's amax would send NaN into every tensor (as torch's amax does).
+    torch's max() / min() instead spread the gradient evenly over the elements equal to the
+    result, NaN counting as equal to NaN; its inf-norms give every element zero (`zeros`).
+    `tensors` are the kept tensors, or pairs of them for a distance.
+    """
+    flat = [x for t in tensors for x in (t if isinstance(t, tuple) else (t,)) if isinstance(x, torch.Tensor)]
+    flat = [x for x in flat if x.requires_grad]
+    masks = [None if zeros else x.isnan() for x in flat]
+    counts = [0 if mask is None else int(mask.sum()) for mask in masks]
+    total = sum(counts)
+    links = [
+        # an empty slice links a tensor with no NaN with a zero gradient, as the concatenation's
+        torch.where(mask, x, 0).sum() / total if mask is not None and count else x.reshape(-1)[:0].sum()
+        for x, mask, count in zip(flat, masks, counts)
+    ]
+    result = m.detach()
+    for link in links:  # NaN values, but the gradient of each is the link's
+        result = result + (link - link.detach()).to(device=m.device, dtype=m.dtype)
+    return result
 
 
 def tie_shared(stacked: torch.Tensor, m: torch.Tensor, counts: Sequence[Any]) -> torch.Tensor:
@@ -138,7 +170,10 @@ def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., An
 
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
         values, tensors = zip(*states)
-        return _extremum(values, tensors, largest, a.dtype)
+        # max() / min() share the reduction of amax / amin; only their gradient at a NaN
+        # result differs (see `_nan_extremum`).
+        spread = a.name.endswith((".max", ".min"))
+        return _extremum(values, tensors, largest, a.dtype, nan_spread=spread)
 
     return partial, combine
 

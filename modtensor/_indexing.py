@@ -15,6 +15,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._pointwise import _piece_getter
+from modtensor._selection import _connect
 
 __all__ = ["READOUT_FUNCTIONS", "getitem"]
 
@@ -102,12 +103,23 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ):
         index = int(index)
     if isinstance(index, int) and not isinstance(index, bool):
-        return _int_index(b, index)
-    if isinstance(index, slice):
-        return _slice_index(b, index)
-    if (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool:
-        return _mask_index(b, index)
-    return NOT_HANDLED
+        result = _int_index(b, index)
+    elif isinstance(index, slice):
+        result = _slice_index(b, index)
+    elif (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool:
+        result = _mask_index(b, index)
+        if result is NOT_HANDLED:
+            return result
+    else:
+        return NOT_HANDLED
+    if isinstance(index, slice) and result._is_view():
+        # A slice within one tensor is a view of it, as documented; linking the other tensors
+        # would take an autograd Function, whose views raise once their base is written
+        # (an optimizer step), so they get no gradient from it.
+        return result
+    # The concatenation's backward gives the tensors an index misses zero gradients, not
+    # None (which optimizers skip).
+    return _connect(result, b)
 
 
 # -- reading values out: the result is a full Python or NumPy copy by nature ----------------

@@ -49,7 +49,10 @@ def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | No
         if isinstance(value, torch.Tensor) and value.dim() == 1:
             return [value] * len(b.names)
         return None
-    return [getter(i) for i in range(len(b.names))]
+    # A 0-d tensor's piece is (1,) as its target is (see `_targets`): a 0-d piece would take
+    # no part in type promotion (a float32 piece would be rounded into a bfloat16 target
+    # before the op), where in the loop and in the concatenation it does.
+    return [p if p.dim() else p.reshape(1) for p in map(getter, range(len(b.names)))]
 
 
 def _on_meta(x: Any) -> Any:
@@ -187,16 +190,38 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         tensors = _targets(b)
 
         def write() -> None:
-            if not kwargs and tensors:  # a scalar, or one operand per tensor
-                foreach(tensors, other if pieces is None else pieces)
-            else:
-                for t, o in zip(tensors, pieces or [other] * len(tensors)):
-                    method(t, o, **kwargs)
+            looped = range(len(tensors)) if kwargs else _foreach_differs(foreach, tensors, other, pieces)
+            if len(looped) < len(tensors):  # a scalar, or one operand per tensor
+                rest = [i for i in range(len(tensors)) if i not in set(looped)]
+                foreach([tensors[i] for i in rest], other if pieces is None else [pieces[i] for i in rest])
+            for i in looped:
+                method(tensors[i], other if pieces is None else pieces[i], **kwargs)
 
         _write(name, b, [pieces if pieces is not None else other], lambda t, o: method(t, o, **kwargs), write)
         return b
 
     return handler
+
+
+def _foreach_differs(
+    foreach: Callable[..., Any], tensors: list[torch.Tensor], other: Any, pieces: list[Any] | None
+) -> range | list[int]:
+    """The tensors on which `foreach(tensors, other)` would write other values than the loop
+    of the method: those take the method.
+
+    `torch._foreach_pow_` takes a tensor exponent as a number (an int 3 is computed by
+    multiplications, the tensor 3 by the pow kernel, whose bfloat16 results differ); on the
+    CPU a foreach kernel rounds a float to a 16-bit tensor's dtype before it multiplies,
+    the method does not (`mul_(0.7)` of bfloat16).
+    """
+    if pieces is None and isinstance(other, torch.Tensor) and foreach is torch._foreach_pow_:
+        return range(len(tensors))
+    if pieces is None and isinstance(other, float):
+        return [i for i, t in enumerate(tensors) if t.dtype in _HALF and t.device.type == "cpu"]
+    return []
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _unary(foreach: Callable[..., Any]) -> Callable[..., Any]:

@@ -178,6 +178,7 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     operands = _operands(name, first, second, require_same_dtype=False)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
+    _probe(torch.dist, name, operands[0], (_dtype_of(first), _dtype_of(second)), p=p)
     # Where autograd records, the root of the pairs' sums of squares, as for norms (see
     # _reductions._parse_norm): a pair of equal tensors (a layer left as the reference) would
     # make the second derivative NaN.
@@ -199,9 +200,9 @@ def _sig_cosine(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> Any:
 def _partial_cosine(pair: Any, offset: int, a: ReduceArgs) -> Any:
     # torch divides by the norms before it sums, so its products never overflow; a tensor's
     # dot product in float16 would (0.6 * 0.6 over 200k elements passes 65504): the partials
-    # of 16-bit dtypes are made in float32.
-    # The norms' squares, not the norms: a tensor whose norm is 0 (a zero bias) would make a
-    # gradient penalty's second derivative NaN, where the concatenation's is finite.
+    # of 16-bit dtypes are made in float32. They are the norms' squares, not the norms: a
+    # tensor whose norm is 0 (a zero bias) would make a gradient penalty's second derivative
+    # NaN, where the concatenation's is finite.
     x, y = (_cast(t, torch.promote_types(a.dtype, torch.float32)).reshape(-1) for t in pair)
     return torch.dot(x, y), _squares(x), _squares(y)
 
@@ -237,8 +238,7 @@ def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ..
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     dtype = operands[2]
-    if not (dtype.is_floating_point or dtype.is_complex):
-        raise RuntimeError(f"{name}: needs floating point operands, got {dtype}.")
+    _probe(torch.cosine_similarity, name, ref, (_dtype_of(first), _dtype_of(second)), dim=0)
     parsed = ReduceArgs(name, dtype, ref._numel, options={"eps": eps})
     return _run(func, args, kwargs, _COSINE, parsed, operands)
 
@@ -264,28 +264,30 @@ def _sig_huber(input: Any, target: Any, reduction: str = "mean", delta: float = 
     return input, target, weight is not None, reduction, {"delta": delta}
 
 
-_LOSS_DTYPES: dict[tuple[Any, ...], torch.dtype] = {}
+_PROBED: dict[tuple[Any, ...], torch.dtype] = {}
 
 
-def _loss_dtype(
-    loss: Callable[..., torch.Tensor], name: str, ref: Any, dtypes: tuple[torch.dtype, torch.dtype],
-    reduction: str, loss_kwargs: dict[str, Any],
+def _probe(
+    op: Callable[..., torch.Tensor], name: str, ref: Any, dtypes: tuple[torch.dtype, torch.dtype], **kwargs: Any
 ) -> torch.dtype:
-    # The result's dtype, and whether torch takes these dtypes at all (l1_loss refuses bool,
-    # huber_loss integers, mse_loss complex; l1_loss of complex is real): the loss itself on
-    # one-element tensors of the operands' dtypes, where the bundle lives, once per kind.
+    """The dtype of `op` on operands of `dtypes`, or torch's own error where it refuses them.
+
+    `op` runs on one-element tensors of those dtypes, where the bundle lives, once per kind:
+    torch.dist refuses bool (it subtracts), cosine_similarity anything but real floats,
+    l1_loss bool, huber_loss integers, mse_loss complex; l1_loss of complex is real.
+    """
     device = ref._device
-    key = (loss, *dtypes, device.type, reduction, *loss_kwargs.items())
-    dtype = _LOSS_DTYPES.get(key)
+    key = (op, *dtypes, device.type, *kwargs.items())
+    dtype = _PROBED.get(key)
     if dtype is None:
-        if len(_LOSS_DTYPES) >= 1024:  # a scheduled delta or beta makes ever new keys
-            _LOSS_DTYPES.clear()
+        if len(_PROBED) >= 1024:  # a scheduled delta, beta or p makes ever new keys
+            _PROBED.clear()
         x, y = (torch.ones(1, dtype=d, device=device) for d in dtypes)
         try:
-            dtype = loss(x, y, reduction=reduction, **loss_kwargs).dtype
+            dtype = op(x, y, **kwargs).dtype
         except Exception as e:
             raise type(e)(f"{name}: {e} ({ref.describe()}; torch raises the same on the concatenations)") from None
-        _LOSS_DTYPES[key] = dtype
+        _PROBED[key] = dtype
     return dtype
 
 
@@ -331,7 +333,7 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
             return NOT_HANDLED
         ref, _, input_dtype = operands
         dtypes = (_dtype_of(first), _dtype_of(second))
-        dtype = _loss_dtype(loss, name, ref, dtypes, reduction, loss_kwargs)
+        dtype = _probe(loss, name, ref, dtypes, reduction=reduction, **loss_kwargs)
         options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
         parsed = ReduceArgs(name, dtype, ref._numel, options=options)
         return _run(func, args, kwargs, reduction_of, parsed, operands)

@@ -356,6 +356,12 @@ def _parse_logsumexp(b: ParameterBundle, func: Callable[..., Any], args: tuple[A
     name = func_name(func)
     dim, keepdim = _bind(_sig_logsumexp, name, args, kwargs)
     check_dim(dim, name, b)
+    if not isinstance(dim, int) and not len(dim) and not keepdim and b._numel:
+        # torch reduces over every dim for dim=(), then cannot write into the 0-d result
+        raise RuntimeError(
+            f"{name}: output with shape [] doesn't match the broadcast shape [1] (torch raises "
+            f"this on the concatenation for dim={dim!r}; {b.describe()}). Use dim=0."
+        )
     dtype = b._dtype if _is_floating(b._dtype) else torch.get_default_dtype()
     return ReduceArgs(name, dtype, b._numel, bool(keepdim))
 
@@ -396,12 +402,15 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
     if out is not None:
         return NOT_HANDLED
-    if p is None or p == "fro":
+    # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any
+    # string as a matrix norm, which the 1-D concatenation is refused.
+    if p is None or (p == "fro" and func in (torch.norm, _T.norm)):
         p = 2.0
     if isinstance(p, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
         raise RuntimeError(
-            f"{name}: ord {p!r} is a matrix norm, but {b.describe()} behaves as a vector. "
-            "Use a number (0, 1, 2, any p, inf, -inf)."
+            f"{name}: ord {p!r} is a matrix norm, but {b.describe()} behaves as a vector "
+            "(torch raises on the 1-D concatenation: linalg.matrix_norm: The input tensor A must "
+            "have at least 2 dimensions). Use a number (0, 1, 2, any p, inf, -inf)."
         )
     check_dim(dim, name, b)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says

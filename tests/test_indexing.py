@@ -76,3 +76,35 @@ def test_scalar_conversions_of_other_counts_raise_like_torch(convert, n):
     with pytest.raises(Exception) as got:
         convert(b)
     assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: x[0], lambda x: x[-1], lambda x: x[torch.tensor(4)], lambda x: x[4:7].sum(), lambda x: x[4:4].sum(),
+    lambda x: x[::3].sum(), lambda x: x[x > 2.5].sum(),
+], ids=["int", "last", "0-d tensor", "slice across tensors", "empty slice", "strided slice", "mask"])
+def test_tensors_the_index_misses_get_zero_gradients(call):
+    # As from the concatenation's backward; None would make an optimizer skip them.
+    def leaves():
+        return [torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True),
+                torch.tensor([10.0, 20.0], requires_grad=True), torch.tensor(5.0, requires_grad=True)]
+
+    ours, theirs = leaves(), leaves()
+    call(mt.bundle(ours)).backward()
+    call(torch.cat([t.reshape(-1) for t in theirs])).backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None and torch.equal(a.grad, b.grad)
+
+
+def test_slice_within_one_tensor_stays_a_view_with_gradients():
+    # A view, as documented, even where gradients are recorded: reading it after its tensor
+    # was written (an optimizer step) works; the other tensors get no gradient from it.
+    w = torch.arange(6.0, requires_grad=True)
+    bias = torch.ones(2, requires_grad=True)
+    view = mt.bundle([bias, w])[3:6]
+    assert view.requires_grad and view.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    with torch.no_grad():
+        w[2] = 40.0
+    torch.testing.assert_close(view, torch.tensor([1.0, 40.0, 3.0]))
+    view.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
+    assert bias.grad is None

@@ -325,3 +325,68 @@ def test_one_element_operands_promote_as_on_each_flattened_tensor(op, case):
         call(mt.bundle(got), other)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def _loop_and_bundle(make, op):
+    """The tensors after `op(t, i)` in the loop over tensors i, and after `op(bundle, None)`.
+
+    (Not the concatenation: torch's vectorized and scalar kernels of pow or log round some
+    elements differently, so even the loop differs from it where a tensor ends.)
+    """
+    loop = make()
+    for i, t in enumerate(loop):
+        op(t, i)
+    ours = make()
+    op(mt.bundle(ours), None)
+    return torch.cat([t.reshape(-1) for t in loop]), torch.cat([t.reshape(-1) for t in ours])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("exponent", [torch.tensor(3), torch.tensor(2.0), torch.tensor(3, dtype=torch.int32)])
+def test_pow_by_a_zero_dim_tensor_uses_the_tensor_kernel(dtype, exponent):
+    # torch._foreach_pow_ takes a 0-d tensor as a number, whose kernel rounds otherwise than
+    # the loop's `t.pow_(tensor)` (1122 of 5000 bfloat16 elements differed).
+    def make():
+        g = torch.Generator().manual_seed(1)
+        return [(3 * torch.randn(3000, generator=g)).to(dtype), (3 * torch.randn(2000, generator=g)).to(dtype)]
+
+    loop, ours = _loop_and_bundle(make, lambda x, i: x.pow_(exponent))
+    torch.testing.assert_close(ours, loop, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["mul_", "__imul__", "add_", "sub_", "div_", "clamp_min_"])
+def test_16_bit_tensors_take_a_float_scalar_as_the_loop(dtype, op):
+    # On the CPU a foreach kernel rounds 0.7 to bfloat16 before it multiplies; the loop's
+    # `t.mul_(0.7)` and the concatenation's do not (525 of 5000 elements differed); the
+    # float32 tensor of the model may take the foreach kernel.
+    def make():
+        g = torch.Generator().manual_seed(2)
+        return [(3 * torch.randn(3000, generator=g)).to(dtype), torch.randn(2000, generator=g).to(dtype),
+                torch.randn(7, generator=g)]  # a float32 tensor: its foreach is the loop
+
+    for scalar in (0.7, 1.1, 0.999, 1e-3):
+        loop, ours = _loop_and_bundle(make, lambda x, i: getattr(x, op)(scalar))
+        torch.testing.assert_close(ours, loop, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", ["sub_", "fmod_", "remainder_", "xlogy_", "nextafter_", "mul_", "copy_", "lerp_"])
+@pytest.mark.parametrize("flat", [False, True], ids=["bundle", "flat"])
+def test_a_zero_dim_tensor_promotes_with_its_operand_piece(op, flat):
+    # A bfloat16 0-d tensor is written as its (1,) view; its float32 piece of the operand was
+    # left 0-d, so it took no part in promotion: the update was computed in bfloat16, not
+    # in float32 as in the loop and the concatenation.
+    def make():
+        return [torch.tensor(1.3).bfloat16(), torch.linspace(-2, 2, 5000).bfloat16()]
+
+    other = [torch.tensor(0.8421), torch.linspace(-1, 1.3, 5000)]
+    whole = torch.cat([o.reshape(-1) for o in other])
+
+    def call(x, i):
+        o = (whole if flat else mt.bundle(other)) if i is None else other[i]
+        if op == "lerp_":  # lerp_ takes `end` in the tensor's dtype only
+            return x.lerp_(o.bfloat16(), 0.3)
+        return getattr(x, op)(o)
+
+    loop, ours = _loop_and_bundle(make, call)
+    torch.testing.assert_close(ours, loop, rtol=0, atol=0, equal_nan=True)

@@ -1,5 +1,7 @@
 """Bundle-with-bundle reductions equal their concatenation versions, for a bundle or a flat other."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,25 @@ def test_mean_losses_of_16_bit_bundles_do_not_overflow(loss, dtype):
     (grad,) = torch.autograd.grad(got, ts[0])
     (want_grad,) = torch.autograd.grad(want, ts[0])
     torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, y: torch.dist(x, y), lambda x, y: torch.dist(x, y, 1), lambda x, y: torch.dist(y, x, 3),
+    lambda x, y: F.cosine_similarity(x.to(torch.cfloat), y.float(), dim=0),
+    lambda x, y: F.cosine_similarity(x.to(torch.cfloat), x.to(torch.cfloat), dim=0),
+    lambda x, y: F.cosine_similarity(x.long(), x.long(), dim=0),
+], ids=["dist bool", "dist bool p=1", "dist bool first", "cosine complex-real", "cosine complex",
+        "cosine long"])
+@pytest.mark.parametrize("sizes", [(5000, 10), (3, 4)], ids=["long", "tiny"])
+def test_operand_dtypes_torch_refuses_raise_its_error(call, sizes):
+    # torch.dist subtracts (bool refused), cosine_similarity takes real floats only: the
+    # bundle raises torch's error, where it used to compute a number (or a complex one).
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g) for n in sizes]
+    ys = [torch.rand(n, generator=g) > 0.5 for n in sizes]
+    cat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    with pytest.raises(RuntimeError) as want:
+        call(cat(xs), cat(ys))
+    first_line = str(want.value).splitlines()[0][:40]
+    with pytest.raises(RuntimeError, match=f"{re.escape(first_line)}.*ParameterBundle of 2 tensors"):
+        call(mt.bundle(xs), mt.bundle(ys))

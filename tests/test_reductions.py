@@ -89,3 +89,32 @@ def test_real_tensors_of_a_complex_bundle_get_real_gradients(call):
     for a, b in zip(ours, theirs):
         assert a.grad.dtype == b.grad.dtype
         torch.testing.assert_close(a.grad, b.grad)
+
+
+NORM_AND_LOGSUMEXP_ARGUMENTS = [
+    (torch.linalg.norm, ("fro",), {}), (torch.linalg.norm, ("fro",), {"dim": 0}), (torch.linalg.norm, ("nuc",), {}),
+    (torch.linalg.norm, (None,), {}), (torch.linalg.vector_norm, ("fro",), {}), (torch.norm, ("fro",), {}),
+    (torch.Tensor.norm, ("fro",), {}), (torch.norm, ("nuc",), {}),
+    (torch.logsumexp, ((),), {}), (torch.logsumexp, ([],), {}), (torch.logsumexp, ((),), {"keepdim": True}),
+    (torch.logsumexp, (0,), {}),
+]
+
+
+@pytest.mark.parametrize("f, args, kwargs", NORM_AND_LOGSUMEXP_ARGUMENTS)
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,)], [(0,)]], ids=["long", "tiny", "empty"])
+def test_norm_orders_and_logsumexp_dims_torch_refuses(f, args, kwargs, shapes):
+    # 'fro' is a vector norm for torch.norm only; torch.linalg.norm takes a string as a matrix
+    # norm (refused for the 1-D concatenation), vector_norm refuses it; torch's logsumexp
+    # refuses dim=() without keepdim. The bundle returned numbers.
+    ts = [torch.randn(s) for s in shapes]
+    cat = torch.cat([t.reshape(-1) for t in ts])
+    try:
+        want = f(cat, *args, **kwargs)
+    except Exception as e:
+        # (vector_norm's TypeError comes from torch's argument parser, before any bundle code)
+        with pytest.raises(type(e), match=None if isinstance(e, TypeError) else r"ParameterBundle of \d tensors"):
+            f(mt.bundle(ts), *args, **kwargs)
+        return
+    got = f(mt.bundle(ts), *args, **kwargs)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
