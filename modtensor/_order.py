@@ -153,12 +153,12 @@ def kthvalue(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...]
     check_dim(operator.index(dim), name, b)
     if b._numel == 0:
         return _on_empty(func, b, args, kwargs)
-    _check_dtype(name, b, lambda x: torch.kthvalue(x, 1))
-    if not 1 <= k <= b._numel:
+    if not 1 <= k <= b._numel:  # torch checks k before the dtype
         raise RuntimeError(
             f"{name}: selected number k out of range for dimension 0: k={k} for {b.describe()} "
             f"of {b._numel} elements."
         )
+    _check_dtype(name, b, lambda x: torch.kthvalue(x, 1))
     stat = _Selection(b).stats([k - 1])[0]
     return torch.return_types.kthvalue(_values_indices(b, stat, bool(keepdim)))
 

@@ -359,6 +359,8 @@ EMPTY = mt.bundle([torch.empty(0), torch.empty(2, 0)])
         (lambda b: torch.topk(b, 1, dim=1), IndexError, r"Dimension out of range \(expected to be in range of \[-1, 0\]"),
         (lambda b: torch.kthvalue(b, 0), RuntimeError, "kthvalue: selected number k out of range for dimension 0"),
         (lambda b: torch.kthvalue(b, 4), RuntimeError, "selected number k out of range"),
+        (lambda b: torch.kthvalue(b.bool(), 4), RuntimeError, "selected number k out of range"),  # k first, as torch
+        (lambda b: torch.kthvalue(b.bool(), 1), NotImplementedError, "not implemented for 'Bool'"),
         (lambda b: b.median(keepdim=True), TypeError, "missing 1 required positional arguments"),
         (lambda b: torch.quantile(b, 1.5), RuntimeError, r"quantile\(\) q must be in the range \[0, 1\] but got 1.5"),
         (lambda b: torch.quantile(b, torch.tensor([0.1, -0.1])), RuntimeError, r"q values must be in the range \[0, 1\]"),
