@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Union, cast
@@ -923,12 +924,19 @@ def bundle(
             f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
             "(`mt.bundle(inner)` keeps its names)."
         )
-    if keep is not None and not callable(include) and named and not any(keep(n, t) for n, t in named):
-        # A misspelt pattern would give an empty bundle, whose sum is a silent 0.
+    if (
+        keep is not None and not callable(include) and named and group is None
+        and not any(keep(n, t) for n, t in named)
+    ):
+        # A misspelt pattern would give an empty bundle, whose sum is a silent 0. A warning, not
+        # an error: generic code may ask for "*.bias" of a model without biases, and the ranks
+        # of a group (sharded) must all reach their collectives.
         shown = ", ".join(repr(n) for n, _ in named[:5]) + (", ..." if len(named) > 5 else "")
-        raise ValueError(
-            f"bundle: include={include!r} matches none of the {len(named)} tensors ({shown}). "
-            "Patterns are globs on these names, such as '*.weight' or 'encoder.*'."
+        warnings.warn(
+            f"bundle: include={include!r} matches none of the {len(named)} tensors ({shown}): the "
+            "bundle is empty. Patterns are globs on these names, such as '*.weight' or 'encoder.*'.",
+            UserWarning,
+            stacklevel=2,
         )
     named = [
         (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))

@@ -271,12 +271,15 @@ def _short_name(func: Callable[..., Any]) -> str:
 
 
 def _writes_in_place(func: Callable[..., Any], kwargs: Mapping[str, Any]) -> bool:
-    name = _short_name(func)
-    if name in _INPLACE_DUNDERS or name in _OBJECT_FUNCTIONS:
-        return True
-    if name.endswith("_") and not name.endswith("__"):
+    if _named_in_place(func):
         return True
     return bool(kwargs.get("inplace")) or isinstance(kwargs.get("out"), DispatchTensor)
+
+
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]  # dynamo cannot trace str.endswith here
+def _named_in_place(func: Callable[..., Any]) -> bool:
+    name = _short_name(func)
+    return name in _INPLACE_DUNDERS or name in _OBJECT_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
 
 
 class fallback:  # noqa: N801 - used like torch.no_grad, as a setter and a context manager
@@ -473,6 +476,16 @@ def _agree(
     if chosen is None:
         return args, kwargs
     name, options = chosen._strategy, dict(chosen._options)
+    weights = options.get("weights")
+    if (
+        name == "weighted" and (callable(weights) or isinstance(weights, Mapping))
+        and any(x._names != chosen._names for x in bundles)
+    ):
+        # Weights by name are the chosen operand's: the others may name their tensors otherwise,
+        # so they get its weights by position.
+        from modtensor._strategies import resolve_weights
+
+        options["weights"] = resolve_weights(chosen, weights)
     converted: dict[int, Any] = {}
 
     def convert(b: Any) -> Any:

@@ -192,7 +192,8 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         def write() -> None:
             looped = range(len(tensors)) if kwargs else _foreach_differs(foreach, tensors, other, pieces)
             if len(looped) < len(tensors):  # a scalar, or one operand per tensor
-                rest = [i for i in range(len(tensors)) if i not in set(looped)]
+                by_method = set(looped)
+                rest = [i for i in range(len(tensors)) if i not in by_method]
                 foreach([tensors[i] for i in rest], other if pieces is None else [pieces[i] for i in rest])
             for i in looped:
                 method(tensors[i], other if pieces is None else pieces[i], **kwargs)

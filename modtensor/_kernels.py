@@ -181,7 +181,9 @@ class _SumOfSquares(torch.autograd.Function):
         # No square of t. torch's norm of a tensor is off by up to 5e-5 below MIN_NUMEL, where
         # the square's pairwise sum was within 1e-8: its rows' norms are as accurate.
         by_rows = flat.device.type == "cpu" and flat.numel() >= ROW and not transformed()
-        norm = _rows_norm(flat) if by_rows else torch.linalg.vector_norm(flat)
+        # (a short 16-bit tensor's norm in float32: rounded to 16 bits, then squared, it was a
+        # 16-bit step off the concatenation's in some draws)
+        norm = _rows_norm(flat) if by_rows else torch.linalg.vector_norm(flat, dtype=_work_dtype(flat.dtype))
         return norm.to(torch.float64).square()
 
     @staticmethod
@@ -270,7 +272,9 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = _SumOfSquares.apply(t)  # type: ignore[no-untyped-call]
         return result
     if not _eligible(t):  # the square fits in cache, and torch's sum is pairwise
-        small: torch.Tensor = torch.square(t).sum()
+        # 16-bit squares summed in float32, as the concatenation's sum accumulates (a 16-bit
+        # partial would round before the combine)
+        small: torch.Tensor = torch.square(t).sum(dtype=_work_dtype(t.dtype) if t.is_floating_point() else None)
         return small
     return l2_norm(t).square()
 

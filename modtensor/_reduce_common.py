@@ -97,9 +97,10 @@ def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def sqrt0(total: torch.Tensor) -> torch.Tensor:
-    """`total.sqrt()` with a zero gradient at 0, as a norm's, not sqrt's infinite one."""
-    positive = total > 0
-    return torch.where(positive, torch.where(positive, total, torch.ones_like(total)).sqrt(), total)
+    """`total.sqrt()` with a zero gradient at 0, as a norm's, not sqrt's infinite one (NaN
+    stays NaN, with a NaN gradient)."""
+    zero = total == 0
+    return torch.where(zero, total * 0, torch.where(zero, torch.ones_like(total), total).sqrt())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -93,14 +93,14 @@ def _parse_mean(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 
 def _make_sum(reducer: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
-        if t.dtype == a.dtype:  # float16 and bfloat16 by blocks: no float32 copy
+        if t.dtype == a.dtype and t.dtype in _LOW_PRECISION:  # by blocks: no float32 copy
             by_blocks = narrow_sum(t, nan=reducer is torch.nansum)
             if by_blocks is not None:
                 return by_blocks
         dtype = _partial_dtype(a.dtype)
         if t.dtype == torch.float64 and dtype.is_floating_point:  # a widened pack: keep it exact
             dtype = t.dtype
-        return reducer(_complex_input(t, dtype), dtype=dtype)
+        return reducer(_complex_input(t, dtype) if dtype.is_complex else t, dtype=dtype)
 
     return partial
 
@@ -431,9 +431,8 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if not _is_floating(t.dtype) or (a.dtype.is_complex and not t.dtype.is_complex):
         t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
-    if a.options.get("squares"):
-        wide = _partial_dtype(a.dtype) if t.numel() < _kernels.NARROW_MIN_NUMEL else a.dtype
-        return sum_of_squares(_cast(t, wide)), None
+    if a.options.get("squares"):  # (16-bit tensors are widened inside: no copy kept for backward)
+        return sum_of_squares(_cast(t, a.dtype)), None
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
         return l2_norm(t), _kept(t)
     # A float16 partial would round to float16 before the combine (a float16 step off the

@@ -27,7 +27,7 @@ from typing import Any, Union
 import torch
 
 from modtensor._bundle import ParameterBundle
-from modtensor._reduce_common import _cast
+from modtensor._reduce_common import _cast, transformed
 
 Number = Union[int, float]
 
@@ -397,8 +397,8 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
     The concatenation's backward gives every tensor that requires grad a gradient, zeros for
     those none of whose elements were picked; optimizers skip a None one (no weight decay).
     """
-    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
-        return result
+    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point) or transformed():
+        return result  # (_ZeroGrads has no setup_context or jvp for torch.func / forward AD)
     # Held tensors are linked themselves; a bundle computed on demand through the tensors it is
     # computed from (computing its own again would cost the op twice).
     trained = _trained_sources(b) if b._tensors is None else [t for t in b._tensors if t.requires_grad]

@@ -501,6 +501,18 @@ def own_options(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _has_dim(call: ReductionCall) -> bool:
+    # A dim given by keyword, or an int (or ints) after the input: then keepdim keeps each
+    # tensor's shape, as the per-tensor results are.
+    if any(call.kwargs.get(k) is not None for k in ("dim", "axis")):
+        return True
+    return any(
+        (isinstance(a, int) and not isinstance(a, bool))
+        or (isinstance(a, (tuple, list)) and len(a) > 0 and all(isinstance(x, int) for x in a))
+        for a in call.args[1:]
+    )
+
+
 def _whole(result: Any, shape: torch.Size) -> Any:
     # A reduction of a whole tensor with keepdim=True keeps its ndim ones, (1, 1, 1, 1) for a
     # conv weight: weighted with a bias's (1,) it gives the concatenation's (1,), as concat does.
@@ -564,7 +576,8 @@ class Weighted(Strategy):
                 "by their sum; pass normalize=False for the plain weighted sum."
             )
         kept = [i for i, w in enumerate(weights) if w != 0]
-        terms = [(weights[i], _whole(call.per_tensor(i), b._shapes[i])) for i in kept]
+        full = not _has_dim(call)
+        terms = [(weights[i], _whole(call.per_tensor(i), b._shapes[i]) if full else call.per_tensor(i)) for i in kept]
         if isinstance(terms[0][1], tuple):
             parts = zip(*(r for _, r in terms))
             return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])

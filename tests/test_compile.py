@@ -286,3 +286,13 @@ def test_a_bundle_made_outside_runs_each_op_eagerly_and_exactly(size: int, passe
         torch.testing.assert_close(g, p.grad)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
         torch.compile(lambda: b.sum(), fullgraph=True, backend="eager")()
+
+
+def test_operands_of_different_strategies_compile_in_one_graph():
+    # The in-place test of the strategy check called str.endswith, which dynamo cannot trace.
+    m, r = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def f():
+        return torch.dist(mt.bundle(m).per_param(), mt.bundle(r)).materialize()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(), f())

@@ -232,6 +232,7 @@ TRANSFORMED = {
     "amax": lambda x: x.amax(), "median": lambda x: x.median(), "topk": lambda x: x.topk(3).values.sum(),
     "quantile": lambda x: torch.quantile(x, 0.3), "sum of squares": lambda x: (x**2).sum(),
     "dist": lambda x: torch.dist(x, torch.ones(x.shape)), "difference norm": lambda x: (x - x * 0.5).norm(),
+    "index": lambda x: x[5] + x[-1] + x[2:40].sum(),  # their results link every tensor (zero gradients)
 }
 
 
@@ -316,3 +317,20 @@ def test_second_derivatives_with_a_zero_tensor(request, kernels, name):
     for a, b in zip(got_grads, want_grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["norm", "dist", "difference norm"])
+def test_a_nan_element_gives_nan_gradients_as_the_concatenation(name):
+    # The root of the sums of squares passed a NaN total's gradient on as 1: finite gradients
+    # (those of the sum of squares) where the concatenation's are all NaN.
+    f = PENALIZED[name]
+    values = [torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([0.5, -1.0])]
+    reference = [torch.zeros(3), torch.ones(2)]
+
+    def grads(make):
+        leaves = [v.clone().requires_grad_() for v in values]
+        f(make(leaves), make(reference)).backward()
+        return [leaf.grad for leaf in leaves]
+
+    for a, b in zip(grads(mt.bundle), grads(lambda ts: torch.cat([t.reshape(-1) for t in ts]))):
+        torch.testing.assert_close(a, b, equal_nan=True)

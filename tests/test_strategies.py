@@ -397,3 +397,20 @@ def test_weighted_results_are_at_least_float32_whatever_the_default_dtype():
             torch.set_default_dtype(previous)
     ints = mt.bundle({"i": torch.tensor([1, 2, 3]), "j": torch.tensor([10, 20])})
     assert ints.weighted().sum().dtype == torch.float32
+
+
+def test_weights_by_name_follow_the_chosen_operand_by_position():
+    # The other operand may name its tensors otherwise: its tensors get the chosen one's
+    # weights by position, whichever side it is on (its '*' weight applied to all, or an error).
+    x = mt.bundle({"w": torch.ones(3), "b": torch.zeros(2)})
+    y = mt.bundle({"ddp.w": torch.full((3,), 2.0), "ddp.b": torch.full((2,), 3.0)}).weighted({"ddp.w": 3.0, "ddp.b": 1.0})
+    want = (3 * 1.0 + 1 * 3.0) / 4
+    assert float((y - x).abs().mean()) == pytest.approx(want)
+    assert float((x - y).abs().mean()) == pytest.approx(want)
+    assert float(torch.dist(x, y)) == pytest.approx(float(torch.dist(y, x)))
+
+
+def test_weighted_keepdim_with_a_dim_keeps_the_per_tensor_shape():
+    b = mt.bundle([torch.ones(3, 1), torch.ones(5, 1)]).weighted()
+    assert b.sum(dim=0, keepdim=True).shape == (1, 1)  # a full reduction's (1,) only without dim
+    assert b.sum(keepdim=True, dim=None).shape == (1,)
