@@ -890,7 +890,8 @@ def bundle(
     `buffers=True`), a `Mapping[str, Tensor]` such as a state_dict, an iterable of tensors
     (named `"0"`, `"1"`, ...) or of `(name, tensor)` pairs, or a `ParameterBundle`.
     `include` / `exclude` select tensors by glob pattern(s) on the name or by a predicate
-    `(name, tensor) -> bool`. Tensors may live on several devices: partials are computed
+    `(name, tensor) -> bool`; a name matches itself first (`"w[0]"`), and patterns that match
+    no tensor warn (the bundle is then empty). Tensors may live on several devices: partials are computed
     where each tensor lives and combined on the first tensor's device (meta if any is meta).
     `strategy` is `"concat"` (the default), `"per_param"`, `"weighted"` (options `weights=`,
     `normalize=`) or a registered one.
