@@ -21,6 +21,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._indexing import _locate
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter
+from modtensor._reduce_common import _LOW_PRECISION
 
 __all__ = ["INPLACE_FUNCTIONS"]
 
@@ -218,11 +219,8 @@ def _foreach_differs(
     if pieces is None and isinstance(other, torch.Tensor) and foreach is torch._foreach_pow_:
         return range(len(tensors))
     if pieces is None and isinstance(other, float):
-        return [i for i, t in enumerate(tensors) if t.dtype in _HALF and t.device.type == "cpu"]
+        return [i for i, t in enumerate(tensors) if t.dtype in _LOW_PRECISION and t.device.type == "cpu"]
     return []
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _unary(foreach: Callable[..., Any]) -> Callable[..., Any]:

@@ -24,7 +24,14 @@ import torch
 
 from modtensor import _multitensor
 from modtensor._dispatch import NOT_HANDLED
-from modtensor._reduce_common import _cast, _stack, sqrt0, transformed
+from modtensor._reduce_common import (
+    _LOW_PRECISION,
+    _cast,
+    _partial_dtype,
+    _stack,
+    sqrt0,
+    transformed,
+)
 from modtensor._strategies import Pieces
 
 if TYPE_CHECKING:
@@ -60,7 +67,6 @@ MOMENTS_ROWS_NUMEL = 1 << 17
 MOMENTS_BLOCK = 1 << 20  # ROW * k
 _SCRATCH = threading.local()
 _DTYPES = (torch.float32, torch.float64)
-_NARROW = (torch.float16, torch.bfloat16)  # read by blocks converted to float32
 # float16 and bfloat16 tensors take the row kernels from here: torch's float16 norm is off by
 # 6e-4 at 1Mi elements, over a float16 step, and its float32 sum of one copies it; below, a
 # float32 copy takes at most 256 KiB. (5e-6 at 100Ki elements.)
@@ -75,7 +81,7 @@ def rows_numel(dtype: torch.dtype) -> int:
         >>> rows_numel(torch.float32) > rows_numel(torch.bfloat16)
         True
     """
-    return NARROW_MIN_NUMEL if dtype in _NARROW else NORM_ROWS_NUMEL
+    return NARROW_MIN_NUMEL if dtype in _LOW_PRECISION else NORM_ROWS_NUMEL
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:
@@ -85,7 +91,7 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     return (
         t.numel() >= NARROW_MIN_NUMEL  # first: the cheapest test, and most tensors are smaller
         and t.device.type == "cpu"
-        and (t.dtype in _NARROW or (t.dtype in _DTYPES and t.numel() >= MIN_NUMEL))
+        and (t.dtype in _LOW_PRECISION or (t.dtype in _DTYPES and t.numel() >= MIN_NUMEL))
         and all(u.dtype == t.dtype and u.shape == t.shape and u.is_contiguous() for u in tensors)
         and all(u.device == t.device for u in tensors)
         and not transformed()
@@ -107,20 +113,16 @@ def _rows_into(
 def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
     if flat.requires_grad and torch.is_grad_enabled():  # traced by autograd (torch.compile)
         full = flat.numel() // ROW * ROW
-        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, dtype=_work_dtype(flat.dtype))]
+        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, dtype=_partial_dtype(flat.dtype))]
         if full < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[full:], dtype=_work_dtype(flat.dtype)).reshape(1))
+            parts.append(torch.linalg.vector_norm(flat[full:], dtype=_partial_dtype(flat.dtype)).reshape(1))
         rows = torch.cat(parts)
     else:  # written in place: out= has no autograd
-        rows = torch.empty(-(-flat.numel() // ROW), dtype=_work_dtype(flat.dtype), device=flat.device)
-        for start, stop, block in _blocks(flat, BLOCK if flat.dtype in _NARROW else flat.numel()):
+        rows = torch.empty(-(-flat.numel() // ROW), dtype=_partial_dtype(flat.dtype), device=flat.device)
+        for start, stop, block in _blocks(flat, BLOCK if flat.dtype in _LOW_PRECISION else flat.numel()):
             _rows_into(block, rows[start // ROW : -(-stop // ROW)])
     norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
     return norm
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _NARROW else dtype
 
 
 def _blocks(flat: torch.Tensor, size: int, slot: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -128,7 +130,7 @@ def _blocks(flat: torch.Tensor, size: int, slot: int = 0) -> Iterator[tuple[int,
     one tail row at most); float16 and bfloat16 converted into a float32 buffer, reused for
     each block (`slot` tells a second such buffer from the first)."""
     n = flat.numel()
-    buffer = _scratch(min(size, n), torch.float32, flat.device, slot) if flat.dtype in _NARROW else None
+    buffer = _scratch(min(size, n), torch.float32, flat.device, slot) if flat.dtype in _LOW_PRECISION else None
     for start in range(0, n, size):
         stop = min(start + size, n)
         if buffer is None:
@@ -183,7 +185,7 @@ class _SumOfSquares(torch.autograd.Function):
         by_rows = flat.device.type == "cpu" and flat.numel() >= ROW and not transformed()
         # (a short 16-bit tensor's norm in float32: rounded to 16 bits, then squared, it was a
         # 16-bit step off the concatenation's in some draws)
-        norm = _rows_norm(flat) if by_rows else torch.linalg.vector_norm(flat, dtype=_work_dtype(flat.dtype))
+        norm = _rows_norm(flat) if by_rows else torch.linalg.vector_norm(flat, dtype=_partial_dtype(flat.dtype))
         return norm.to(torch.float64).square()
 
     @staticmethod
@@ -216,9 +218,9 @@ class _DiffL2Norm(torch.autograd.Function):
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
         n = fa.numel()
-        dtype = _work_dtype(fa.dtype)
+        dtype = _partial_dtype(fa.dtype)
         rows = torch.empty(-(-n // ROW), dtype=dtype, device=fa.device)
-        if fa.dtype in _NARROW:  # both converted by blocks, the difference made in float32
+        if fa.dtype in _LOW_PRECISION:  # both converted by blocks, the difference made in float32
             for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
                 _rows_into(x.sub_(y), rows[start // ROW : -(-stop // ROW)])
         else:
@@ -274,7 +276,7 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     if not _eligible(t):  # the square fits in cache, and torch's sum is pairwise
         # 16-bit squares summed in float32, as the concatenation's sum accumulates (a 16-bit
         # partial would round before the combine)
-        small: torch.Tensor = torch.square(t).sum(dtype=_work_dtype(t.dtype) if t.is_floating_point() else None)
+        small: torch.Tensor = torch.square(t).sum(dtype=_partial_dtype(t.dtype) if t.is_floating_point() else None)
         return small
     return l2_norm(t).square()
 
@@ -325,7 +327,7 @@ def _moments_eligible(t: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()
         and t.numel() >= MOMENTS_MIN_NUMEL
         and t.device.type == "cpu"
-        and (t.dtype in _DTYPES or t.dtype in _NARROW)
+        and (t.dtype in _DTYPES or t.dtype in _LOW_PRECISION)
         and t.is_contiguous()
         and not (t.requires_grad and torch.is_grad_enabled())
         and not transformed()
@@ -343,7 +345,7 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
         13104.0
     """
     if not (
-        t.dtype in _NARROW
+        t.dtype in _LOW_PRECISION
         and t.numel() >= NARROW_MIN_NUMEL
         and t.device.type == "cpu"
         and t.is_contiguous()
@@ -368,7 +370,7 @@ def moments_dtype(t: torch.Tensor) -> torch.dtype:
         >>> moments_dtype(torch.ones(3)), moments_dtype(torch.ones(1 << 20, dtype=torch.half))
         (torch.float64, torch.float32)
     """
-    return torch.float64 if t.numel() < MOMENTS_ROWS_NUMEL else _work_dtype(t.dtype)
+    return torch.float64 if t.numel() < MOMENTS_ROWS_NUMEL else _partial_dtype(t.dtype)
 
 
 def _block_moments(block: torch.Tensor, rows: torch.Tensor) -> None:
@@ -381,7 +383,7 @@ def _block_moments(block: torch.Tensor, rows: torch.Tensor) -> None:
 
 def _row_moments(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = flat.numel()
-    rows = torch.empty(2, -(-n // ROW), dtype=_work_dtype(flat.dtype), device=flat.device)  # norms, sums
+    rows = torch.empty(2, -(-n // ROW), dtype=_partial_dtype(flat.dtype), device=flat.device)  # norms, sums
     for start, stop, block in _blocks(flat, MOMENTS_BLOCK):
         _block_moments(block, rows[:, start // ROW : -(-stop // ROW)])
     norms, sums = rows.to(torch.float64).unbind()
@@ -426,7 +428,7 @@ _DIFFERENCES = frozenset({torch.sub, _T.sub, _T.__sub__, torch.subtract, _T.subt
 def _uniform(x: Any, dtype: torch.dtype) -> bool:
     from modtensor._bundle import is_bundle
 
-    return is_bundle(x) and (dtype in _DTYPES or dtype in _NARROW) and all(d == dtype for d in x._dtypes)
+    return is_bundle(x) and (dtype in _DTYPES or dtype in _LOW_PRECISION) and all(d == dtype for d in x._dtypes)
 
 
 def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> Any:

@@ -20,7 +20,7 @@ from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_n
 from modtensor._kernels import diff_l2_norm, diff_squares, sum_of_squares
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept
-from modtensor._reduce_common import _acc_dtype, _bind, _cast, _real, _stack, check_dim, sqrt0
+from modtensor._reduce_common import _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -150,7 +150,7 @@ def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     values = [v for v, _ in states]
     real = _real(a.dtype)
     if a.options.get("squares"):
-        return _cast(sqrt0(_stack(values, _acc_dtype(real)).sum()), real)
+        return _cast(root_of_sum(values, real), real)
     if math.isinf(p):
         pairs = [pair for _, pair in states]
         return _extremum(values, pairs, p > 0, real, key=lambda pr: (pr[0] - pr[1]).abs())
@@ -217,7 +217,7 @@ def _combine_cosine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     eps = a.options["eps"]
     norms = []
     for j in (1, 2):
-        norm = sqrt0(_stack([s[j] for s in states], _real(acc)).sum())
+        norm = root_of_sum([s[j] for s in states], _real(a.dtype))
         # torch clamps the norms at eps outside autograd: the value is clamped, the
         # gradient is the unclamped norm's.
         norms.append(norm + (norm.clamp_min(eps) - norm).detach())
@@ -294,11 +294,10 @@ def _probe(
 def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any]) -> Callable[..., Any]:
     def partial(pair: Any, offset: int, a: ReduceArgs) -> torch.Tensor:
         x, y = pair
-        dtype = a.options["input_dtype"]
-        if dtype.is_floating_point and dtype.itemsize < 4:
-            # A float16 tensor's sum passes 65504 long before its mean does (torch's mean
-            # loss accumulates in float32): 16-bit partials are made in float32.
-            dtype = torch.float32
+        # A float16 tensor's sum passes 65504 long before its mean does (torch's mean loss
+        # accumulates in float32): 16-bit partials are made in float32.
+        dtype = _partial_dtype(a.options["input_dtype"])
+        if dtype != a.options["input_dtype"]:
             y = _cast(y, dtype)
         return loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"])
 

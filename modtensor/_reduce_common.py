@@ -103,6 +103,11 @@ def sqrt0(total: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, total * 0, torch.where(zero, torch.ones_like(total), total).sqrt())
 
 
+def root_of_sum(squares: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The L2 norm from the tensors' sums of squares, added in `dtype`'s accumulation dtype."""
+    return sqrt0(_stack(squares, _acc_dtype(dtype)).sum())
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 

@@ -47,7 +47,7 @@ from modtensor._reduce_common import (
     _stack,
     _sum_dtype,
     check_dim,
-    sqrt0,
+    root_of_sum,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
@@ -473,7 +473,7 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     if math.isinf(p):
         return _extremum(values, tensors, p > 0, real, key=torch.abs)
     if a.options.get("squares"):  # sums of squares (see _parse_norm)
-        return _cast(sqrt0(_stack(values, _acc_dtype(real)).sum()), real)
+        return _cast(root_of_sum(values, real), real)
     if len(values) == 1:
         return _cast(values[0], real)
     stacked = _stack(values, _acc_dtype(real))
