@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fnmatch
 import importlib
 import io
 import json
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modtensor as mt
+from modtensor._bundle import _as_predicate
 
 __all__ = ["main"]
 
@@ -256,14 +256,14 @@ def _demo_state_dict() -> StateDict:
 
 
 def _select(state: StateDict, args: argparse.Namespace) -> StateDict:
-    # mt.bundle's glob rule, but not mt.bundle(state, include=...) itself: a bundle promotes
-    # its tensors' dtypes on construction, and float8 promotes with nothing.
-    def matches(name: str, patterns: Sequence[str]) -> bool:  # a name matches itself first ("w[0]")
-        return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
-
+    # mt.bundle's selection rule (a name matches itself first, then as a glob), but not
+    # mt.bundle(state, include=...) itself: a bundle promotes its tensors' dtypes on
+    # construction, and float8 promotes with nothing.
+    keep = _as_predicate(args.include, "--include")
+    drop = _as_predicate(args.exclude, "--exclude")
     return {
         name: t for name, t in state.items()
-        if (args.include is None or matches(name, args.include)) and not matches(name, args.exclude or ())
+        if (keep is None or keep(name, t)) and (drop is None or not drop(name, t))
     }
 
 
