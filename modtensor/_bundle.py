@@ -925,10 +925,8 @@ def bundle(
             f"bundle: tensor {name!r} is itself a bundle; pass its tensors instead "
             "(`mt.bundle(inner)` keeps its names)."
         )
-    if (
-        keep is not None and not callable(include) and named and group is None
-        and not any(keep(n, t) for n, t in named)
-    ):
+    included = named if keep is None else [(n, t) for n, t in named if keep(n, t)]
+    if named and not included and not callable(include) and group is None:
         # A misspelt pattern would give an empty bundle, whose sum is a silent 0. A warning, not
         # an error: generic code may ask for "*.bias" of a model without biases, and the ranks
         # of a group (sharded) must all reach their collectives.
@@ -939,9 +937,7 @@ def bundle(
             UserWarning,
             stacklevel=2,
         )
-    named = [
-        (n, t) for n, t in named if (keep is None or keep(n, t)) and (drop is None or not drop(n, t))
-    ]
+    named = included if drop is None else [(n, t) for n, t in included if not drop(n, t)]
     if any(issubclass(k, _UNINITIALIZED) for k in kinds):
         lazy = [n for n, t in named if isinstance(t, _UNINITIALIZED)]
         if lazy:
