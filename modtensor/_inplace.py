@@ -213,13 +213,18 @@ def _foreach_differs(
 
     `torch._foreach_pow_` takes a tensor exponent as a number (an int 3 is computed by
     multiplications, the tensor 3 by the pow kernel, whose bfloat16 results differ); on the
-    CPU a foreach kernel rounds a float to a 16-bit tensor's dtype before it multiplies,
-    the method does not (`mul_(0.7)` of bfloat16).
+    CPU a foreach kernel rounds a number to a 16-bit tensor's dtype before it multiplies,
+    the method does not (`mul_(0.7)` or `mul_(257)` of bfloat16; an int that the dtype
+    holds exactly is safe).
     """
     if pieces is None and isinstance(other, torch.Tensor) and foreach is torch._foreach_pow_:
         return range(len(tensors))
-    if pieces is None and isinstance(other, float):
-        return [i for i, t in enumerate(tensors) if t.dtype in _LOW_PRECISION and t.device.type == "cpu"]
+    if pieces is None and isinstance(other, (int, float)) and not isinstance(other, bool):
+        return [
+            i for i, t in enumerate(tensors)
+            if t.dtype in _LOW_PRECISION and t.device.type == "cpu"
+            and (isinstance(other, float) or abs(other) > 2 / torch.finfo(t.dtype).eps)
+        ]
     return []
 
 
