@@ -552,9 +552,9 @@ class DispatchTensor(torch.Tensor):
     """
 
     HANDLERS: ClassVar[dict[tuple[Any, str], Handler]] = {}
-    # The keys registered on this class itself: a later registration on a parent reaches
-    # every subclass except under these (see implements).
-    _OWN_KEYS: ClassVar[set[tuple[Any, str]]] = set()
+    # The entries registered on this class itself, from which HANDLERS is resolved (see
+    # _set_handler): a class's own entries win over those it inherits.
+    _OWN: ClassVar[dict[Any, dict[str, Handler]]] = {}  # func -> strategy -> handler
     _strategy: str = "concat"
     _dtype: torch.dtype
     _numel: int
@@ -568,7 +568,11 @@ class DispatchTensor(torch.Tensor):
         # Its own table, a copy of the parent's: a lookup stays one dict get, and implements
         # keeps the copies up to date.
         cls.HANDLERS = dict(cls.HANDLERS)
-        cls._OWN_KEYS = set()
+        cls._OWN = {}
+        if sum(issubclass(base, DispatchTensor) for base in cls.__bases__) > 1:
+            # The copy holds the first base's entries only: resolve those of the others too.
+            for func in {f for base in cls.__mro__ for f in base.__dict__.get("_OWN", {})}:
+                _resolve(cls, func)
 
     def describe(self) -> str:
         """Return a one-line description of the bundle for error messages."""
@@ -654,7 +658,9 @@ class DispatchTensor(torch.Tensor):
         """Register the decorated handler for one torch function or several.
 
         The handler has the signature `(func, types, args, kwargs)` and serves `strategy`
-        (by default every strategy; a strategy-specific entry wins over `"*"`). It may return
+        (by default every strategy). Entries resolve as attributes do: the nearest class in
+        the MRO that registered `func` decides, and within one class a strategy-specific
+        entry wins over `"*"`. The handler may return
         `NotImplemented` to send a call it cannot do exactly to the fallback.
 
         Example:
@@ -686,9 +692,7 @@ class DispatchTensor(torch.Tensor):
                     f"cannot be called as handler(func, types, args, kwargs): {e}."
                 ) from None
             for f in func_list:
-                key = (f, strategy)
-                cls._OWN_KEYS.add(key)
-                _set_handler(cls, key, handler)
+                _set_handler(cls, (f, strategy), handler)
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name
             LANE_CALLS.clear()  # the new handler may serve one of them
             return handler
@@ -734,12 +738,32 @@ class DispatchTensor(torch.Tensor):
 
 
 def _set_handler(cls: type[DispatchTensor], key: tuple[Any, str], handler: Handler) -> None:
-    # Into cls's table and those of its subclasses that registered nothing of their own under
-    # `key` (and theirs, and so on): they inherit the parent's entries, made before or after.
-    cls.HANDLERS[key] = handler
-    for sub in cls.__subclasses__():
-        if key not in sub._OWN_KEYS:
-            _set_handler(sub, key, handler)
+    # Registered on cls, then func's entries resolved again in cls and every subclass, made
+    # before or after: each table stays one dict get at dispatch.
+    cls._OWN.setdefault(key[0], {})[key[1]] = handler
+    todo, seen = [cls], set()
+    while todo:
+        c = todo.pop()
+        if c not in seen:  # a class with two bases in the family is reached twice
+            seen.add(c)
+            _resolve(c, key[0])
+            todo.extend(c.__subclasses__())
+
+
+def _resolve(cls: type[DispatchTensor], func: Callable[..., Any]) -> None:
+    # cls's entries for func as Python resolves an attribute: the nearest class in the MRO
+    # that registered func decides. A strategy-specific entry there wins over its "*"; where
+    # it has no "*", the strategies it left open go on to its parents. So a subclass's own
+    # "*" is not overridden by a strategy-specific entry its parent registers, before or after.
+    registered = [base.__dict__.get("_OWN", {}).get(func, {}) for base in cls.__mro__]
+    for own in registered:
+        for strategy in own:
+            cls.HANDLERS.pop((func, strategy), None)
+    for own in registered:
+        for strategy, handler in own.items():
+            cls.HANDLERS.setdefault((func, strategy), handler)
+        if ANY_STRATEGY in own:
+            break
 
 
 def _as_functions(funcs: Any, where: str) -> list[Callable[..., Any]]:

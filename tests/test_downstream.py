@@ -215,6 +215,63 @@ def test_registrations_reach_subclasses_defined_before_them():
     assert (torch.cumsum, "*") not in mt.ParameterBundle.HANDLERS
 
 
+def test_a_subclass_entry_wins_over_its_parents_strategy_specific_ones():
+    # Entries resolve as attributes do: the nearest class that registered the function
+    # decides. A parent's "concat" entry, made before or after, used to win over a child's
+    # own "*" one, because the strategy-specific lookup came first in the child's table.
+    class Parent(mt.ParameterBundle):
+        pass
+
+    @Parent.implements(torch.cumprod, strategy="concat")
+    def _parent_before(func, types, args, kwargs):
+        return "parent's concat (before)"
+
+    class Child(Parent):
+        pass
+
+    class GrandChild(Child):
+        pass
+
+    class Mixed(Child, Parent):  # two bases that registered: the MRO's order decides
+        pass
+
+    class Sibling(mt.ParameterBundle):
+        pass
+
+    @Sibling.implements(torch.cummin)
+    def _sibling(func, types, args, kwargs):
+        return "sibling's"
+
+    class Both(Child, Sibling):  # made after Sibling registered: its table starts as Child's copy
+        pass
+
+    @Child.implements([torch.cumsum, torch.cumprod])
+    def _child(func, types, args, kwargs):
+        return "child's"
+
+    @Parent.implements(torch.cumsum, strategy="concat")
+    def _parent_after(func, types, args, kwargs):
+        return "parent's concat (after)"
+
+    @Child.implements(torch.cumsum, strategy="per_param")
+    def _child_per_param(func, types, args, kwargs):
+        return "child's per_param"
+
+    tensors, names = [torch.ones(2), -3 * torch.ones(3)], ["a", "b"]
+    parent = Parent(tensors, names)
+    assert torch.cumsum(parent, 0) == "parent's concat (after)"
+    assert torch.cumprod(parent, 0) == "parent's concat (before)"
+    assert torch.cummin(Both(tensors, names), 0) == "sibling's"
+    for cls in (Child, GrandChild, Mixed, Both):
+        b = cls(tensors, names)
+        assert torch.cumsum(b, 0) == "child's"
+        assert torch.cumprod(b, 0) == "child's"
+        assert torch.cumsum(b.with_strategy("per_param"), 0) == "child's per_param"
+    with mt.fallback("error"):
+        with pytest.raises(mt.UnsupportedOperationError):  # no "*" on the parent: not served
+            torch.cumsum(parent.with_strategy("per_param"), 0)
+
+
 def test_registration_refuses_misuse():
     class Mine(mt.ParameterBundle):
         pass
