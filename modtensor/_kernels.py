@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel",
-    "sum_of_squares",
+    "sum_of_squares", "wide_logsumexp",
 ]
 
 ROW = 1024
@@ -294,7 +294,8 @@ def diff_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         4.0
     """
     if torch.compiler.is_compiling() or transformed():  # traced by the compiler / torch.func
-        traced: torch.Tensor = torch.square(a - b).sum().to(torch.float64)
+        # (16-bit squares summed in 16 bits overflow from 65504: a zero gradient)
+        traced: torch.Tensor = torch.square((a - b).to(_partial_dtype(a.dtype))).sum().to(torch.float64)
         return traced
     result: torch.Tensor = _DiffSquares.apply(a, b)  # type: ignore[no-untyped-call]
     return result
@@ -312,6 +313,11 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.numel() >= rows_numel(a.dtype) and _eligible(a, b) and not torch.compiler.is_compiling():
         result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
         return result
+    if a.dtype in _LOW_PRECISION and a.dtype == b.dtype and a.shape == b.shape:
+        # A 16-bit norm would round before the combine: worse than the concatenation's in 23
+        # of 300 draws (whose float32 accumulator rounds once, at the end).
+        wide: torch.Tensor = torch.linalg.vector_norm(a - b, dtype=torch.float32)
+        return wide
     if a.numel() > DIST_MAX_NUMEL and a.dtype == b.dtype and a.shape == b.shape:
         # torch.dist's CPU kernel is slower than a difference and a norm from here (1 thread:
         # 10.7 against 8.3 ms on ResNet-50's long tensors); the difference is one tensor's.
@@ -359,6 +365,27 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
     for start, stop, block in _blocks(flat, BLOCK):
         _rows_into(block, rows[start // ROW : -(-stop // ROW)], torch.nansum if nan else torch.sum)
     return rows.to(torch.float64).sum()
+
+
+def wide_logsumexp(t: torch.Tensor) -> torch.Tensor:
+    """`torch.logsumexp(t.reshape(-1), 0)` of a float16 or bfloat16 tensor, in float32: a
+    16-bit partial would round before the combine. By blocks converted to float32 where no
+    gradient is recorded (no float32 copy of `t`); otherwise on a float32 copy.
+
+    Example:
+        >>> import torch
+        >>> wide_logsumexp(torch.zeros(1 << 17, dtype=torch.half)).dtype
+        torch.float32
+    """
+    flat = t.reshape(-1)
+    if (
+        flat.numel() < NARROW_MIN_NUMEL or (flat.requires_grad and torch.is_grad_enabled())
+        or torch.compiler.is_compiling() or transformed()
+    ):
+        return torch.logsumexp(flat.to(torch.float32), 0)
+    # (smaller blocks than BLOCK: torch's logsumexp makes a temporary of its input's size)
+    parts = [torch.logsumexp(block, 0) for _, _, block in _blocks(flat, BLOCK // 4)]
+    return torch.logsumexp(torch.stack(parts), 0)
 
 
 def moments_dtype(t: torch.Tensor) -> torch.dtype:

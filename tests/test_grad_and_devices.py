@@ -280,6 +280,29 @@ def test_torch_func_grad_and_vmap(real_sizes, name):
     torch.testing.assert_close(batched, torch.func.vmap(lambda a, b: f(_cat(a, b)))(*batch))
 
 
+HALF_CALLS = {
+    "dist": lambda x, r: torch.dist(x, r),
+    "difference norm": lambda x, r: (x - r).norm(),
+    "norm": lambda x, r: x.norm(),
+    "sum of squares": lambda x, r: (x**2).sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HALF_CALLS))
+def test_torch_func_grad_of_16_bit_bundles_does_not_overflow(name):
+    # Under torch.func the squared differences were summed in float16: past 65504 the sum was
+    # inf and torch.dist's gradient 0 everywhere.
+    f = HALF_CALLS[name]
+    g = torch.Generator().manual_seed(0)
+    primals = [torch.randn(40000, generator=g).half(), torch.randn(40000, generator=g).half()]
+    ref = [torch.randn(40000, generator=g).half(), torch.randn(40000, generator=g).half()]
+    got = torch.func.grad(lambda ts: f(mt.bundle(ts), mt.bundle(ref)).float())(primals)
+    want = torch.func.grad(lambda ts: f(_cat(*ts), _cat(*ref)).float())(primals)
+    assert want[0].abs().sum() > 0
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=2e-3, atol=1e-5)
+
+
 # -- second derivatives (gradient penalties) ---------------------------------------------------
 
 PENALIZED = {
