@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel",
-    "sum_of_squares", "wide_logsumexp",
+    "sum_of_squares", "wide_logsumexp", "wide_norm",
 ]
 
 ROW = 1024
@@ -365,6 +365,31 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
     for start, stop, block in _blocks(flat, BLOCK):
         _rows_into(block, rows[start // ROW : -(-stop // ROW)], torch.nansum if nan else torch.sum)
     return rows.to(torch.float64).sum()
+
+
+def wide_norm(t: torch.Tensor, p: float, other: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.linalg.vector_norm(t, p)` of a float16 or bfloat16 tensor (of `t - other` where
+    given), in float32: a 16-bit partial would round before the combine. By blocks converted
+    to float32 where no gradient is recorded (no float32 copy of `t`, no `t - other`);
+    otherwise torch's, whose float32 copy autograd keeps.
+
+    Example:
+        >>> import torch
+        >>> float(wide_norm(torch.ones(1 << 17, dtype=torch.half), 1))
+        131072.0
+    """
+    flat = t.reshape(-1)
+    records = torch.is_grad_enabled() and (t.requires_grad or (other is not None and other.requires_grad))
+    if flat.numel() < NARROW_MIN_NUMEL or records or torch.compiler.is_compiling() or transformed():
+        whole: torch.Tensor = torch.linalg.vector_norm(t if other is None else t - other, p, dtype=torch.float32)
+        return whole
+    if other is None:
+        parts = [torch.linalg.vector_norm(block, p) for _, _, block in _blocks(flat, BLOCK)]
+    else:
+        pairs = zip(_blocks(flat, BLOCK), _blocks(other.reshape(-1), BLOCK, slot=1))
+        parts = [torch.linalg.vector_norm(x.sub_(y), p) for (_, _, x), (_, _, y) in pairs]
+    # the blocks' norms combine as elements do: p-th powers add (counts for p = 0)
+    return torch.stack(parts).sum() if p == 0 else torch.linalg.vector_norm(torch.stack(parts), p)
 
 
 def wide_logsumexp(t: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
-from modtensor._kernels import diff_l2_norm, diff_squares, sum_of_squares
+from modtensor._kernels import diff_l2_norm, diff_squares, sum_of_squares, wide_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept
-from modtensor._reduce_common import _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum
+from modtensor._reduce_common import _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -140,9 +140,13 @@ def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
     x, y = pair
     if a.options.get("squares"):  # twice differentiable where a pair is equal (see _dist)
         return diff_squares(_cast(x, a.dtype), _cast(y, a.dtype)), None
+    x, y = _cast(x, a.dtype), _cast(y, a.dtype)
     if a.options["p"] == 2:
-        return diff_l2_norm(_cast(x, a.dtype), _cast(y, a.dtype)), _kept(pair)
-    return torch.dist(_cast(x, a.dtype), _cast(y, a.dtype), a.options["p"]), _kept(pair)
+        return diff_l2_norm(x, y), _kept(pair)
+    if x.dtype in _LOW_PRECISION and not math.isinf(a.options["p"]):
+        # a 16-bit partial would round before the combine (see diff_l2_norm)
+        return wide_norm(x, a.options["p"], y), _kept(pair)
+    return torch.dist(x, y, a.options["p"]), _kept(pair)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:

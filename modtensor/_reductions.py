@@ -438,9 +438,11 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         return sum_of_squares(_cast(t, a.dtype)), None
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
         return l2_norm(t), _kept(t)
-    # A float16 partial would round to float16 before the combine (a float16 step off the
-    # concatenation's in about 1 draw of 5); a short one's float32 copy is small.
-    dtype = _partial_dtype(a.dtype) if t.numel() < _kernels.NARROW_MIN_NUMEL else a.dtype
+    if t.dtype in _LOW_PRECISION and t.dtype == a.dtype:
+        # A float16 partial would round to float16 before the combine (a float16 step off the
+        # concatenation's in about 1 draw of 5).
+        return _kernels.wide_norm(t, a.options["p"]), _kept(t)
+    dtype = _partial_dtype(a.dtype)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
     return value, _kept(t)
 

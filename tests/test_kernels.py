@@ -256,6 +256,8 @@ NARROW_CALLS = {
     "difference_norm": lambda x, y: (x - y).norm(),
     "dist": lambda x, y: torch.dist(x, y),
     "logsumexp": lambda x, y: torch.logsumexp(x, 0),
+    "norm_1": lambda x, y: torch.linalg.vector_norm(x, 1),
+    "dist_3": lambda x, y: torch.dist(x, y, 3),
 }
 
 
@@ -301,19 +303,27 @@ def test_16_bit_reductions_are_accurate_and_copy_nothing(dtype):
         assert largest <= n * 2 // 16, (name, largest)
 
 
+UNROUNDED_CALLS = {
+    **{name: NARROW_CALLS[name] for name in ("dist", "difference_norm", "logsumexp", "norm", "sum_of_squares")},
+    **{f"norm_{p}": (lambda x, y, p=p: torch.linalg.vector_norm(x, p)) for p in (0, 1, 3.5, 0.5, -1)},
+    **{f"dist_{p}": (lambda x, y, p=p: torch.dist(x, y, p)) for p in (0, 1, 3, -2)},
+}
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("name", ["dist", "difference_norm", "logsumexp", "norm", "sum_of_squares"])
-def test_16_bit_partials_of_short_tensors_do_not_round(name, grad):
+@pytest.mark.parametrize("sizes", [(300, 5000, 7000, 3), (300, 70000, 3)], ids=["short", "long"])
+@pytest.mark.parametrize("name", sorted(UNROUNDED_CALLS))
+def test_16_bit_partials_do_not_round(name, sizes, grad):
     # A 16-bit partial rounds before the combine, where the concatenation's float32
     # accumulator rounds once: `torch.dist` was worse than the concatenation's in 23 of 300
-    # such draws, logsumexp in 38. Each draw must be at least as close to float64.
-    call = NARROW_CALLS[name]
-    for seed in range(40):
+    # such draws, logsumexp in 38, norms of order 1 of long tensors in 3 of 20. Each draw must
+    # be at least as close to float64. ("long": 64Ki elements or more, read by blocks.)
+    call = UNROUNDED_CALLS[name]
+    for seed in range(40 if len(sizes) == 4 else 10):
         g = torch.Generator().manual_seed(seed)
         for dtype in NARROW:
-            sizes = (300, 5000, 7000, 3)
-            xs = [torch.randn(n, generator=g).to(dtype).requires_grad_(grad) for n in sizes]
-            ys = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+            xs = [(torch.randn(n, generator=g) * (1 + seed % 3)).to(dtype).requires_grad_(grad) for n in sizes]
+            ys = [(torch.randn(n, generator=g) + 0.3).to(dtype) for n in sizes]
             cat_x, cat_y = (torch.cat([t.detach().reshape(-1) for t in ts]) for ts in (xs, ys))
             got = call(mt.bundle(xs), mt.bundle(ys)).detach().double()
             exact = call(cat_x.double(), cat_y.double())
