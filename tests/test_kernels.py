@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import modtensor as mt
-from generators import cases, check_against_concat, other_like, track_live
+from generators import cases, check_against_concat, largest_allocation, other_like, track_live
 from modtensor import _kernels, _reductions
 
 CALLS = {
@@ -265,13 +265,6 @@ def _narrow_case(dtype, sizes):
     return mt.bundle(tensors), mt.bundle(others)
 
 
-def _largest_allocation(call):
-    # The largest single allocation of the call, in bytes (the CPU allocator's own record).
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = call()
-    return result, max((e.self_cpu_memory_usage for e in prof.events()), default=0)
-
-
 @pytest.mark.parametrize("name", sorted(NARROW_CALLS))
 @pytest.mark.parametrize("dtype", NARROW)
 def test_16_bit_kernels_match_concat(small_kernels, dtype, name):
@@ -292,7 +285,7 @@ def test_16_bit_reductions_are_accurate_and_copy_nothing(dtype):
     cat, cat_other = b.materialize(), o.materialize()
     for name, call in NARROW_CALLS.items():
         call(b, o)  # the blocks' buffer is made once and kept
-        got, largest = _largest_allocation(lambda: call(b, o))
+        got, largest = largest_allocation(lambda: call(b, o))
         exact = call(cat.double(), cat_other.double())
         concat = call(cat, cat_other)
         assert got.dtype == concat.dtype == dtype, name
