@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from modtensor._strategies import ReduceArgs
 
 __all__ = [
-    "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_sum", "rows_numel",
-    "sum_of_squares", "wide_logsumexp", "wide_norm",
+    "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_cosine", "narrow_sum",
+    "rows_numel", "sum_of_squares", "wide_dot", "wide_logsumexp", "wide_norm",
 ]
 
 ROW = 1024
@@ -411,6 +411,125 @@ def wide_logsumexp(t: torch.Tensor) -> torch.Tensor:
     # (smaller blocks than BLOCK: torch's logsumexp makes a temporary of its input's size)
     parts = [torch.logsumexp(block, 0) for _, _, block in _blocks(flat, BLOCK // 4)]
     return torch.logsumexp(torch.stack(parts), 0)
+
+
+_Partials = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a cosine's: a . b, a . a, b . b
+
+
+class _NarrowCosine(torch.autograd.Function):
+    # Only the 16-bit operands are kept for backward.
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> _Partials:
+        ctx.save_for_backward(a, b)
+        return _rows_cosine(a.detach().reshape(-1), b.detach().reshape(-1))
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_ab: torch.Tensor, g_aa: torch.Tensor, g_bb: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # differentiated itself (create_graph): torch's ops, in 16 bits
+            # (g stays float64: torch's CPU product of a 16-bit tensor and a 0-d one rounds
+            # once, where a 16-bit g, about 1 / (|a| |b|), is a subnormal for long tensors)
+            return (
+                (b * g_ab + a * (2 * g_aa)) if needs[0] else None,
+                (a * g_ab + b * (2 * g_bb)) if needs[1] else None,
+            )
+        # Where a and b point alike a gradient's two terms nearly cancel: it is made in float32,
+        # a block at a time, and rounded once (as on float32 copies), not each term and their sum.
+        grads = [torch.empty_like(t) if need else None for t, need in zip((a, b), needs)]
+        scales = ((2 * g_aa).float(), (2 * g_bb).float())
+        pairs = zip(_blocks(a.reshape(-1), BLOCK), _blocks(b.reshape(-1), BLOCK, slot=1))
+        for (start, stop, x), (_, _, y) in pairs:
+            if grads[1] is not None:  # before x is overwritten
+                buffer = _scratch(stop - start, torch.float32, x.device, slot=2)
+                grads[1].view(-1)[start:stop].copy_(torch.mul(y, scales[1], out=buffer).addcmul_(x, g_ab))
+            if grads[0] is not None:
+                grads[0].view(-1)[start:stop].copy_(x.mul_(scales[0]).addcmul_(y, g_ab))
+        return grads[0], grads[1]
+
+
+def _rows_cosine(fa: torch.Tensor, fb: torch.Tensor) -> _Partials:
+    # A product of two float16 numbers is exact in float32, of two bfloat16 ones too (but for
+    # overflow, as in a float32 dot product): only the rows' sums and norms round.
+    rows = torch.empty(3, -(-fa.numel() // ROW), dtype=torch.float32, device=fa.device)
+    for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
+        norms_a, norms_b, dots = rows[:, start // ROW : -(-stop // ROW)].unbind()
+        _rows_into(x, norms_a)
+        _rows_into(y, norms_b)
+        _rows_into(x.mul_(y), dots, torch.sum)
+    norms_a, norms_b, dots = rows.to(torch.float64).unbind()
+    return dots.sum(), torch.dot(norms_a, norms_a), torch.dot(norms_b, norms_b)
+
+
+def narrow_cosine(a: torch.Tensor, b: torch.Tensor) -> _Partials | None:
+    """`(a * b).sum()`, `(a * a).sum()` and `(b * b).sum()` in float64, of two float16 or bfloat16
+    CPU tensors of one shape and dtype and at least `NARROW_MIN_NUMEL` elements, in one pass by
+    blocks converted to float32; None where not served.
+
+    A 16-bit dot product overflows (0.6 * 0.6 over 200k elements passes 65504), and a float32
+    one of the whole tensors makes a float32 copy of each, which autograd would keep for
+    backward. Here no copy is made, and backward keeps `a` and `b` only (twice differentiable).
+
+    Example:
+        >>> import torch
+        >>> x = torch.full((1 << 17,), 0.75, dtype=torch.half)
+        >>> [float(s) for s in narrow_cosine(x, -x)]  # 131072 * 0.5625, inf in float16
+        [-73728.0, 73728.0, 73728.0]
+    """
+    if not (a.dtype in _LOW_PRECISION and _eligible(a, b) and not torch.compiler.is_compiling()):
+        return None
+    if (a.requires_grad or b.requires_grad) and torch.is_grad_enabled():
+        result: _Partials = _NarrowCosine.apply(a, b)  # type: ignore[no-untyped-call]
+        return result
+    return _rows_cosine(a.reshape(-1), b.reshape(-1))
+
+
+class _NarrowDot(torch.autograd.Function):
+    # Only the 16-bit operands are kept for backward, whose products are torch's (twice
+    # differentiable): a 16-bit tensor times the 0-d float64 gradient rounds once on the CPU.
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return _rows_dot(a.detach().reshape(-1), b.detach().reshape(-1))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors
+        return (b * g if ctx.needs_input_grad[0] else None), (a * g if ctx.needs_input_grad[1] else None)
+
+
+def _rows_dot(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    # (products of two 16-bit numbers are exact in float32; see _rows_cosine)
+    rows = torch.empty(-(-fa.numel() // ROW), dtype=torch.float32, device=fa.device)
+    for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
+        _rows_into(x.mul_(y), rows[start // ROW : -(-stop // ROW)], torch.sum)
+    return rows.to(torch.float64).sum()
+
+
+def wide_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.dot(a, b)` of two float16 or bfloat16 tensors of one shape and dtype, unrounded
+    (float32 or float64): a 16-bit partial would round before the combine, or overflow where
+    the concatenation's float32 accumulator does not. Long CPU tensors go by blocks converted
+    to float32 (no float32 copy; backward keeps `a` and `b` only), short ones on float32
+    copies; elsewhere (a GPU, torch.compile) torch's 16-bit dot.
+
+    Example:
+        >>> import torch
+        >>> x = torch.full((1 << 17,), 0.75, dtype=torch.half)
+        >>> float(wide_dot(x, -x))  # 131072 * 0.5625, -inf in float16
+        -73728.0
+    """
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    if fa.numel() < NARROW_MIN_NUMEL:
+        return torch.dot(fa.float(), fb.float())
+    if not (_eligible(a, b) and not torch.compiler.is_compiling()):
+        return torch.dot(fa, fb)
+    if (a.requires_grad or b.requires_grad) and torch.is_grad_enabled():
+        result: torch.Tensor = _NarrowDot.apply(a, b)  # type: ignore[no-untyped-call]
+        return result
+    return _rows_dot(fa, fb)
 
 
 def moments_dtype(t: torch.Tensor) -> torch.dtype:

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
-from modtensor._kernels import diff_l2_norm, diff_squares, sum_of_squares, wide_norm
+from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, sum_of_squares, wide_dot, wide_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept
-from modtensor._reduce_common import _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum
+from modtensor._reduce_common import (
+    _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum,
+)
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -104,10 +106,16 @@ def _sig_tensor(input: Any, tensor: Any) -> Any:  # torch.dot names its second `
 _TENSOR_SECOND = (torch.dot, torch.Tensor.dot)
 
 
+def _partial_dot(product: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.dtype in _LOW_PRECISION and x.dtype == y.dtype and x.numel() == y.numel():
+        return wide_dot(x.reshape(-1), y.reshape(-1))  # a 16-bit partial would round, or overflow
+    return product(x.reshape(-1), y.reshape(-1))
+
+
 def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     reduction = Reduction(
         parse=lambda *a: None,
-        partial=lambda pair, offset, a: product(pair[0].reshape(-1), pair[1].reshape(-1)),
+        partial=lambda pair, offset, a: _partial_dot(product, *pair),
         combine=_combine_sum,
         direct=True, commutative=True,
     )
@@ -204,10 +212,15 @@ def _sig_cosine(x1: Any, x2: Any, dim: int = 1, eps: float = 1e-8) -> Any:
 def _partial_cosine(pair: Any, offset: int, a: ReduceArgs) -> Any:
     # torch divides by the norms before it sums, so its products never overflow; a tensor's
     # dot product in float16 would (0.6 * 0.6 over 200k elements passes 65504): the partials
-    # of 16-bit dtypes are made in float32. They are the norms' squares, not the norms: a
-    # tensor whose norm is 0 (a zero bias) would make a gradient penalty's second derivative
-    # NaN, where the concatenation's is finite.
-    x, y = (_cast(t, torch.promote_types(a.dtype, torch.float32)).reshape(-1) for t in pair)
+    # of 16-bit dtypes are made in float32, a long tensor's by blocks (a float32 copy of each
+    # operand would be kept by autograd: twice the concatenations' memory). They are the norms'
+    # squares, not the norms: a tensor whose norm is 0 (a zero bias) would make a gradient
+    # penalty's second derivative NaN, where the concatenation's is finite.
+    x, y = (t.reshape(-1) for t in pair)
+    partials = narrow_cosine(x, y) if a.dtype in _LOW_PRECISION else None
+    if partials is not None:
+        return partials
+    x, y = (_cast(t, torch.promote_types(a.dtype, torch.float32)) for t in (x, y))
     return torch.dot(x, y), _squares(x), _squares(y)
 
 

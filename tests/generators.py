@@ -111,6 +111,13 @@ def track_live(lazy: mt.ParameterBundle) -> list[int]:
     return peak
 
 
+
+def largest_allocation(call: Callable[[], Any]) -> tuple[Any, int]:
+    """The call's result and its largest single allocation, in bytes (the CPU allocator's own record)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = call()
+    return result, max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
 # -- comparing a bundle's result with the concatenation's ------------------------------------
 
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import modtensor as mt
-from generators import cases, check_against_concat, other_like, track_live
+from generators import cases, check_against_concat, largest_allocation, other_like, track_live
 from modtensor import _kernels, _reductions
 
 CALLS = {
@@ -258,6 +258,7 @@ NARROW_CALLS = {
     "logsumexp": lambda x, y: torch.logsumexp(x, 0),
     "norm_1": lambda x, y: torch.linalg.vector_norm(x, 1),
     "dist_3": lambda x, y: torch.dist(x, y, 3),
+    "dot": lambda x, y: torch.dot(x, y),
 }
 
 
@@ -266,13 +267,6 @@ def _narrow_case(dtype, sizes):
     tensors = [(torch.randn(n, generator=g) * 0.02 + 0.01).to(dtype) for n in sizes]
     others = [(t.float() + 0.001 * torch.randn(t.shape, generator=g)).to(dtype) for t in tensors]
     return mt.bundle(tensors), mt.bundle(others)
-
-
-def _largest_allocation(call):
-    # The largest single allocation of the call, in bytes (the CPU allocator's own record).
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = call()
-    return result, max((e.self_cpu_memory_usage for e in prof.events()), default=0)
 
 
 @pytest.mark.parametrize("name", sorted(NARROW_CALLS))
@@ -295,7 +289,7 @@ def test_16_bit_reductions_are_accurate_and_copy_nothing(dtype):
     cat, cat_other = b.materialize(), o.materialize()
     for name, call in NARROW_CALLS.items():
         call(b, o)  # the blocks' buffer is made once and kept
-        got, largest = _largest_allocation(lambda: call(b, o))
+        got, largest = largest_allocation(lambda: call(b, o))
         exact = call(cat.double(), cat_other.double())
         concat = call(cat, cat_other)
         assert got.dtype == concat.dtype == dtype, name
@@ -304,7 +298,7 @@ def test_16_bit_reductions_are_accurate_and_copy_nothing(dtype):
 
 
 UNROUNDED_CALLS = {
-    **{name: NARROW_CALLS[name] for name in ("dist", "difference_norm", "logsumexp", "norm", "sum_of_squares")},
+    **{name: NARROW_CALLS[name] for name in ("dist", "difference_norm", "dot", "logsumexp", "norm", "sum_of_squares")},
     **{f"norm_{p}": (lambda x, y, p=p: torch.linalg.vector_norm(x, p)) for p in (0, 1, 3.5, 0.5, -1)},
     **{f"dist_{p}": (lambda x, y, p=p: torch.dist(x, y, p)) for p in (0, 1, 3, -2)},
 }
@@ -328,6 +322,29 @@ def test_16_bit_partials_do_not_round(name, sizes, grad):
             got = call(mt.bundle(xs), mt.bundle(ys)).detach().double()
             exact = call(cat_x.double(), cat_y.double())
             assert abs(got - exact) <= abs(call(cat_x, cat_y).double() - exact), (seed, dtype)
+
+
+@pytest.mark.parametrize("n", [3000, 1 << 17], ids=["short", "long"])
+@pytest.mark.parametrize("dtype", NARROW)
+def test_16_bit_dot_products_do_not_overflow_and_keep_no_copies(dtype, n):
+    # Each tensor's float16 dot product passes the largest float16 (65504) where their sum,
+    # the concatenation's, does not: the partials were inf and the result NaN. (bfloat16 has
+    # float32's range: where it overflows, the concatenation's float32 accumulator does too.)
+    scale = 4 * 65504 / (3 * n) if dtype == torch.float16 else 1.0  # each dot 4x the largest
+    x = [torch.full((n,), scale, dtype=dtype, requires_grad=True), torch.full((n,), scale, dtype=dtype)]
+    y = [torch.full((n,), 3.0, dtype=dtype), torch.full((n,), -2.9375, dtype=dtype)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = torch.dot(mt.bundle(x), mt.bundle(y))
+    cat_x = torch.cat(x).detach().requires_grad_()
+    want = torch.dot(cat_x, torch.cat(y))
+    assert torch.isfinite(want) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x[0].grad, cat_x.grad[:n], rtol=0, atol=0)
+    if n >= _kernels.NARROW_MIN_NUMEL:  # by blocks: autograd keeps the 16-bit tensors themselves
+        assert all(t.dtype == dtype for t in saved), [t.dtype for t in saved]
 
 
 @pytest.mark.parametrize("dtype", NARROW)

@@ -1,5 +1,6 @@
 """Bundle-with-bundle reductions equal their concatenation versions, for a bundle or a flat other."""
 
+import functools
 import re
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 
 import modtensor as mt
-from generators import cases, check_against_concat, other_like
+from generators import cases, check_against_concat, largest_allocation, other_like
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from op_specs import PAIRWISE_CALLS
 
@@ -126,3 +127,91 @@ def test_operand_dtypes_torch_refuses_raise_its_error(call, sizes):
     first_line = str(want.value).splitlines()[0][:40]
     with pytest.raises(RuntimeError, match=f"{re.escape(first_line)}.*ParameterBundle of 2 tensors"):
         call(mt.bundle(xs), mt.bundle(ys))
+
+
+def _cosine_16_bit_case(dtype, sizes):
+    g = torch.Generator().manual_seed(2)
+    ts = [(0.6 + 0.1 * torch.randn(n, generator=g)).to(dtype) for n in sizes]
+    other = [(t.float() + 0.3 * torch.randn(t.shape, generator=g)).to(dtype) for t in ts]
+    return ts, other
+
+
+def _cosine_and_grads(make, tensors, other):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    value = F.cosine_similarity(make(leaves), make(other), dim=0)
+    return value, torch.autograd.grad(value, leaves)
+
+
+def _cat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_cosine_keeps_and_makes_no_float32_copies(dtype):
+    # The 16-bit partials were made on float32 copies of both tensors: a whole-tensor
+    # temporary without grad, and with grad kept by autograd for backward (torch.dot saves its
+    # inputs), four times the 16-bit operands' memory where the concatenations take two.
+    n = 1 << 18
+    ts, other = _cosine_16_bit_case(dtype, [n, 3000])
+    leaves = [t.clone().requires_grad_() for t in ts]
+    originals = {t.untyped_storage().data_ptr() for t in (*leaves, *other)}
+    kept = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in originals:
+            kept.append(t.untyped_storage().nbytes())
+        return t
+
+    F.cosine_similarity(mt.bundle(ts), mt.bundle(other), dim=0)  # the blocks' buffers: made once, kept
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cosine_similarity(mt.bundle(leaves), mt.bundle(other), dim=0)
+    assert sum(kept) <= n * 2 // 16, kept  # a short tensor's float32 copies at most
+    for tensors in (ts, leaves):
+        cosine = functools.partial(F.cosine_similarity, mt.bundle(tensors), mt.bundle(other), dim=0)
+        _, largest = largest_allocation(cosine)
+        assert largest <= n * 2 // 16, largest
+
+
+@pytest.mark.parametrize("kernels", ["small_kernels", "real"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_cosine_and_gradients_match_float64(request, kernels, dtype):
+    # By blocks (the small kernels: rows, tail rows, several blocks, for every tensor) or not,
+    # the value is as close to the float64 one as the concatenation's, and the gradients are
+    # the float64 ones rounded to 16 bits (the concatenation's, made in 16 bits, are further off).
+    if kernels == "small_kernels":
+        request.getfixturevalue("small_kernels")
+    sizes = [40, 7, 3, 1] if kernels == "small_kernels" else [1 << 17, 1000, 1]
+    ts, other = _cosine_16_bit_case(dtype, sizes)
+    got, grads = _cosine_and_grads(mt.bundle, ts, other)
+    want, want_grads = _cosine_and_grads(_cat, ts, other)
+    exact, exact_grads = _cosine_and_grads(_cat, [t.double() for t in ts], [t.double() for t in other])
+    assert got.dtype == want.dtype == dtype
+    assert (got.double() - exact).abs() <= (want.double() - exact).abs()
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    for grad, want_grad, exact_grad in zip(grads, want_grads, exact_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=eps, atol=tiny)
+        assert (grad.double() - exact_grad).abs().max() <= (want_grad.double() - exact_grad).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_cosine_second_derivatives(small_kernels, dtype):
+    # The blocks' backward is itself differentiable (a gradient penalty), and a zero tensor's
+    # second derivative stays finite, as the concatenation's.
+    ts, other = _cosine_16_bit_case(dtype, [40, 7, 5])
+    ts[1] = torch.zeros_like(ts[1])
+
+    def penalty_grads(make, tensors, others):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        value = F.cosine_similarity(make(leaves), make(others), dim=0)
+        grads = torch.autograd.grad(value, leaves, create_graph=True)
+        sum(gr.double().pow(2).sum() for gr in grads).backward()
+        return [leaf.grad for leaf in leaves]
+
+    got = penalty_grads(mt.bundle, ts, other)
+    want = penalty_grads(_cat, ts, other)
+    exact = penalty_grads(_cat, [t.double() for t in ts], [t.double() for t in other])
+    for a, b, e in zip(got, want, exact):
+        assert torch.isfinite(a).all()
+        concat_error = (b.double() - e).abs().max()
+        assert (a.double() - e).abs().max() <= max(concat_error, 8 * torch.finfo(dtype).eps * e.abs().max())
