@@ -90,27 +90,38 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
     """How many elements of this rank's tensors equal `value` (the extremum at `at` of each state).
 
     Only in grad mode, where `_kept` keeps the tensors: torch spreads an extremum's gradient
-    evenly over all tied elements, so the merge must know each rank's share of the ties.
+    evenly over all tied elements, so the merge must know each rank's share of the ties. A
+    NaN counts as equal to NaN, as in torch's max() / min() (see `_extrema._nan_extremum`).
     """
     kept = [s[-1] for s in states]
     if not torch.is_grad_enabled() or any(k is None for k in kept):
         return 0
     v = value.detach()
+    nan = bool(v.isnan())
     count = 0
     for s, k in zip(states, kept):
-        if bool(s[at].detach().to(v.dtype) == v.to(s[at].device)):
-            count += int((key(k).to(v.dtype) == v.to(s[at].device)).sum())
+        extremum = s[at].detach().to(v.dtype)
+        if bool(extremum.isnan() if nan else extremum == v.to(extremum.device)):
+            keyed = key(k).to(v.dtype)
+            count += int((keyed.isnan() if nan else keyed == v.to(keyed.device)).sum())
     return count
 
 
-def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The max (or min) of every rank's `(extremum, ties)`, with torch's gradient for ties."""
+def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype, nan_grad: str = "amax") -> torch.Tensor:
+    """The max (or min) of every rank's `(extremum, ties)`, with torch's gradient for ties.
+
+    `nan_grad` is the gradient of a NaN result, as `_extrema._SharedExtremum`'s mode says.
+    """
     from modtensor._extrema import tie_shared
 
+    if len(payloads) == 1:  # already its rank's gradient; an amax of it would be NaN at a NaN
+        return _cast(payloads[0][0], dtype)
     stacked = _stack([v for v, _ in payloads], dtype)
     m = stacked.amax() if largest else stacked.amin()
-    if len(payloads) == 1 or not (m.requires_grad and torch.is_grad_enabled()):
+    if not (m.requires_grad and torch.is_grad_enabled()):
         return m
+    if nan_grad != "amax" and bool(m.isnan()):
+        return _nan_merged(stacked, m, [c for _, c in payloads] if nan_grad == "spread" else None)
     tied = (stacked == m).tolist()
     total = sum(c for (_, c), t in zip(payloads, tied) if t)
     if sum(tied) <= 1 or total == 0:
@@ -118,18 +129,34 @@ def _merge_extremum(payloads: list[Any], largest: bool, dtype: torch.dtype) -> t
     return tie_shared(stacked, m, [c if t else None for (_, c), t in zip(payloads, tied)])
 
 
+def _nan_merged(stacked: torch.Tensor, m: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """`m`, which is NaN, with torch's gradient: each rank's extremum gets its share of the
+    NaN elements (`counts`, from `_ties`; the extremum spreads it over its rank's own), or
+    none where `counts` is None (the inf-norms).
+
+    The amax of `stacked` would give every entry NaN, also one whose share is zero.
+    """
+    nans = stacked.isnan().tolist()
+    held = [c if nan else 0 for c, nan in zip(counts or [0] * len(nans), nans)]
+    total = max(sum(held), 1)
+    shares = torch.tensor([c / total for c in held], dtype=stacked.dtype, device=stacked.device)
+    # NaN values, as m's; the gradient of each entry is its share
+    return m.detach() + ((stacked - stacked.detach()) * shares).sum()
+
+
 def _extremum_form(
     combine: Callable[[list[Any], ReduceArgs], Any],
     largest: Callable[[ReduceArgs], bool],
     dtype: Callable[[ReduceArgs], torch.dtype],
     key: Callable[[Any], torch.Tensor],
+    nan_grad: Callable[[ReduceArgs], str],
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def local(states: list[Any], a: ReduceArgs) -> Any:
         value = combine(states, a)  # this rank's extremum, its gradient spread over its own ties
         return value, _ties(value, states, 0, key)
 
     def merge(payloads: list[Any], a: ReduceArgs) -> torch.Tensor:
-        return _merge_extremum(payloads, largest(a), dtype(a))
+        return _merge_extremum(payloads, largest(a), dtype(a), nan_grad(a))
 
     return local, merge
 
@@ -152,7 +179,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
         return math.isinf(a.options["p"])
 
     ext_local, ext_merge = _extremum_form(
-        combine, lambda a: a.options["p"] > 0, lambda a: _real(a.dtype), key
+        combine, lambda a: a.options["p"] > 0, lambda a: _real(a.dtype), key, lambda a: "zeros"
     )
 
     def local(states: list[Any], a: ReduceArgs) -> Any:
@@ -218,9 +245,13 @@ def _cosine_form() -> _Form:
 
 @functools.cache
 def _forms() -> dict[int, _Form]:
-    from modtensor import _pairwise, _reductions
+    from modtensor import _extrema, _pairwise, _reductions
 
     r = _reductions.REDUCTIONS
+
+    def nan_grad(a: ReduceArgs) -> str:
+        return "spread" if _extrema.spreads_nan(a) else "amax"
+
     var = _Form(_reductions._combine_var, _merge_var)
     forms = {
         "sum": _sum_form(r["sum"].combine),
@@ -234,8 +265,8 @@ def _forms() -> dict[int, _Form]:
             lambda a: a.dtype.is_floating_point,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,
-        "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t)),
-        "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t)),
+        "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad)),
+        "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad)),
         "aminmax": _aminmax_form(),
         "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
     }

@@ -20,7 +20,7 @@ from modtensor._pointwise import map_elementwise
 from modtensor._reduce_common import _bind, _cast, _stack, check_dim
 from modtensor._strategies import Reduction, ReduceArgs
 
-__all__ = ["max_handler", "tie_shared"]
+__all__ = ["max_handler", "spreads_nan", "tie_shared"]
 
 
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
@@ -58,7 +58,7 @@ def _extremum(
     if not (m.requires_grad and torch.is_grad_enabled()):
         return m
     if torch.compiler.is_compiling():
-        return m if len(values) == 1 else _traced_extremum(stacked, m, tensors, dtype, key)
+        return _traced_extremum(m, tensors, dtype, key, nan_spread)
     if (key is not None or nan_spread) and bool(m.isnan()):
         return _nan_extremum(m, tensors, key is not None)
     if len(values) == 1:
@@ -122,26 +122,49 @@ def _as_share(w: Any, v: torch.Tensor) -> Any:
 
 
 def _traced_extremum(
-    stacked: torch.Tensor,
     m: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[Any],
     dtype: torch.dtype,
-    key: Callable[[torch.Tensor], torch.Tensor] | None,
+    key: Callable[[Any], torch.Tensor] | None,
+    nan_spread: bool,
 ) -> torch.Tensor:
-    # _extremum without data-dependent branches, which torch.compile cannot trace: ties are
-    # counted in every tensor (one more read of each), and torch.where picks the result.
-    tied = stacked == m
-    counts = torch.stack(
-        [(_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) for t in tensors]
-    )
-    counts = torch.where(tied, counts, torch.zeros_like(counts))
-    total = counts.sum()
-    shares = (counts / total.clamp(min=1)).to(stacked.dtype)
-    kept = torch.where(tied, stacked, torch.zeros_like(stacked))
-    finite = m.detach() + ((kept - kept.detach()) * shares).sum()
-    infinite = (kept * shares).sum()  # +-inf: the shares sum to one, so the value stays exact
-    shared = torch.where(m.isfinite(), finite, infinite)
-    return torch.where(total > 1, shared, m)
+    # _extremum without data-dependent branches, which torch.compile cannot trace. The
+    # gradient goes straight to the compared values, not through the per-tensor extrema:
+    # their amax backward is NaN at a NaN even for a zero gradient, so any path from a
+    # tensor holding a NaN poisons it.
+    keyed = [_cast(key(t) if key else t, dtype) for t in tensors]
+    mode = "zeros" if key is not None else "spread" if nan_spread else "amax"
+    result: torch.Tensor = _SharedExtremum.apply(m.detach(), mode, *keyed)  # type: ignore[no-untyped-call]
+    return result
+
+
+class _SharedExtremum(torch.autograd.Function):
+    """`m`, the extremum of `keyed`, with torch's gradient on their concatenation.
+
+    That is the gradient spread evenly over the elements equal to `m`; at a NaN `m`, over
+    the NaN elements with mode "spread" (max / min), none with "zeros" (the inf-norms), and
+    NaN everywhere with "amax" (0 / 0, as torch's amax). The value is `m` itself, exact at
+    +-inf, where `x - x.detach()` would be NaN.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, m: torch.Tensor, mode: str, *keyed: torch.Tensor) -> torch.Tensor:
+        ctx.mode = mode
+        ctx.save_for_backward(m, *keyed)
+        return m.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        m, *keyed = ctx.saved_tensors
+        masks = [k == m.to(k.device) for k in keyed]
+        if ctx.mode == "spread":
+            # a NaN element makes m NaN, so this adds none where m is a number
+            masks = [mask | k.isnan() for mask, k in zip(masks, keyed)]
+        count = torch.stack([mask.sum().to(m.device) for mask in masks]).sum()
+        if ctx.mode == "zeros":
+            count = count.clamp(min=1)
+        share = grad / count
+        return None, None, *(share.to(k.device) * mask for k, mask in zip(keyed, masks))
 
 
 def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:
@@ -162,6 +185,14 @@ def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     return [(torch.stack(torch._foreach_max(tensors)).amax(), None)]
 
 
+def spreads_nan(a: ReduceArgs) -> bool:
+    """Whether a NaN result's gradient goes to the NaN elements (see `_nan_extremum`).
+
+    max() / min() share the reduction of amax / amin; only their gradient there differs.
+    """
+    return a.name.endswith((".max", ".min"))
+
+
 def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     reducer = torch.amax if largest else torch.amin
 
@@ -170,10 +201,7 @@ def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., An
 
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
         values, tensors = zip(*states)
-        # max() / min() share the reduction of amax / amin; only their gradient at a NaN
-        # result differs (see `_nan_extremum`).
-        spread = a.name.endswith((".max", ".min"))
-        return _extremum(values, tensors, largest, a.dtype, nan_spread=spread)
+        return _extremum(values, tensors, largest, a.dtype, nan_spread=spreads_nan(a))
 
     return partial, combine
 

@@ -222,6 +222,37 @@ def group_ties_split_gradient_across_ranks(rank: int, world: int) -> None:
 
 
 @check
+def group_nan_gradients_across_ranks(rank: int, world: int) -> None:
+    # A NaN on some ranks only: torch's max() / min() give the gradient to the NaN elements
+    # (evenly, on every rank), its inf-norms zeros, its amax NaN everywhere; the merge of the
+    # ranks' extrema gave NaN to every rank's elements.
+    tests: dict[str, Callable[[Any, Any], Any]] = {
+        "max": lambda x, y: x.max(), "min": lambda x, y: torch.min(x), "amax": lambda x, y: x.amax(),
+        "norm_inf": lambda x, y: x.norm(p=float("inf")),
+        "norm_neg_inf": lambda x, y: torch.linalg.vector_norm(x, ord=float("-inf")),
+        "dist_inf": lambda x, y: torch.dist(x, y, p=float("inf")),
+    }
+    for dtype in (torch.float64, torch.float32):
+        # the last rank's only; then several tensors on several ranks (with 4 ranks)
+        for nans in ((("a", (-1, 0)),), (("a", (1, 1)), ("d", (-1, 1, 0)), ("b", (-1,)))):
+            full, other = full_tensors(dtype), full_tensors(dtype, seed=2)
+            for n, i in nans:
+                full[n][i] = float("nan")
+            for name, f in tests.items():
+                before = len(FAILURES)
+                ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+                want = f(cat(ref), cat(other))
+                want.backward()
+                mine = sharded(full, world, rank, grad=True)
+                got = f(world_bundle(mine), world_bundle(sharded(other, world, rank)))
+                got.backward()
+                close(got, want)
+                for n, t in mine.items():
+                    close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
+                FAILURES[before:] = [f"{name}, {dtype}, NaN at {nans}: {e}" for e in FAILURES[before:]]
+
+
+@check
 def group_ragged_structures(rank: int, world: int) -> None:
     # Ranks hold different numbers of tensors, rank 0 none at all: the concatenation of all.
     full = full_tensors()

@@ -125,6 +125,62 @@ def test_amax_ties_share_the_gradient_when_compiled() -> None:
     torch.testing.assert_close(torch.cat([a.grad.reshape(-1), b.grad.reshape(-1)]), reference.grad)
 
 
+# Grouped by the gradient torch gives a NaN result (one compile each): the NaN elements
+# share it for max() / min(), the inf-norms give zeros, amax NaN everywhere.
+EXTREMA: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "max, min": lambda x: x.max() + torch.min(x),
+    "inf-norms": lambda x: (
+        x.norm(math.inf) + torch.linalg.vector_norm(x, -math.inf) + torch.dist(x, torch.ones_like(x), math.inf)
+    ),
+    "amax, amin, aminmax": lambda x: x.amax() + torch.amin(x) + sum(torch.aminmax(x)),
+}
+
+
+def _extrema_inputs(case: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, generator=g, dtype=dtype) for n in (5, 3, 4))
+    top = float(torch.cat([a, b, c]).abs().max()) + 1
+    if case == "NaN in one tensor":
+        a[1] = math.nan
+    elif case == "NaN in several tensors":
+        a[1] = c[0] = c[3] = math.nan
+    elif case == "single tensor with NaN":
+        a[1] = a[3] = math.nan
+        return [a]
+    elif case == "ties across tensors":  # of the max, the min and the largest magnitude
+        a[0] = c[2] = c[3] = top
+        b[1] = c[0] = -top
+    elif case == "inf":
+        a[0] = c[1] = math.inf
+        b[2] = -math.inf
+    return [a, b, c]
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [
+        ("NaN in one tensor", torch.float32), ("NaN in several tensors", torch.float64),
+        ("NaN in several tensors", torch.float32), ("single tensor with NaN", torch.float64),
+        ("ties across tensors", torch.float32), ("inf", torch.float64),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("ops", list(EXTREMA))
+def test_compiled_extrema_have_the_concatenations_gradient(ops: str, case: str, dtype: torch.dtype) -> None:
+    # The traced combine gave NaN gradients at a NaN result: each tensor's amax backward is
+    # NaN at a NaN even for a zero incoming gradient.
+    ours = [t.requires_grad_() for t in _extrema_inputs(case, dtype)]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    torch._dynamo.reset()
+    got = torch.compile(lambda *ts: EXTREMA[ops](mt.bundle(list(ts))), fullgraph=True, backend="aot_eager")(*ours)
+    want = EXTREMA[ops](torch.cat(theirs))
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    for g, w in zip(ours, theirs):
+        torch.testing.assert_close(g.grad, w.grad, equal_nan=True)
+
+
 def test_fallback_is_an_error_inside_fullgraph() -> None:
     model, _ = _models()
 
