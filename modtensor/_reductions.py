@@ -374,6 +374,8 @@ def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Ten
     t = _cast(t, a.dtype)
     if t.dtype in _LOW_PRECISION:  # a 16-bit partial was worse than the concatenation's in 1 draw of 8
         return _kernels.wide_logsumexp(t)
+    if t.dtype == torch.float32 and t.numel() < _kernels.MOMENTS_MIN_NUMEL and t.device.type == "cpu":
+        t = t.to(torch.float64)  # a short tensor's copy: a float32 partial would round too (see _partial_var)
     return torch.logsumexp(t.reshape(-1), 0)
 
 
