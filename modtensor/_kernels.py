@@ -156,7 +156,14 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0
 
 def _scale(g: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # torch's norm backward is x * g / norm, and 0 where the norm is 0
-    return torch.where(norm == 0, torch.zeros_like(norm), g / norm).to(dtype)
+    return _as_factor(torch.where(norm == 0, torch.zeros_like(norm), g / norm), dtype)
+
+
+def _as_factor(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A 0-d factor for a tensor of `dtype`. Left wide for 16-bit tensors: a 16-bit tensor times
+    # a 0-d float64 one rounds once, where the factor rounded to 16 bits first (g / norm of a
+    # long tensor is a float16 subnormal from a norm of about 8000) lost its precision.
+    return scale if dtype in _LOW_PRECISION else scale.to(dtype)
 
 
 class _L2Norm(torch.autograd.Function):
@@ -191,7 +198,7 @@ class _SumOfSquares(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (t,) = ctx.saved_tensors
-        grad: torch.Tensor = t * (2 * g).to(t.dtype)
+        grad: torch.Tensor = t * _as_factor(2 * g, t.dtype)
         return grad
 
 
@@ -207,7 +214,7 @@ class _DiffSquares(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a, b = ctx.saved_tensors
-        scale = (2 * g).to(a.dtype)
+        scale = _as_factor(2 * g, a.dtype)
         # out of place where the backward is differentiated itself (create_graph)
         grad = (a - b) * scale if torch.is_grad_enabled() else (a - b).mul_(scale)
         return (grad if ctx.needs_input_grad[0] else None), (-grad if ctx.needs_input_grad[1] else None)
