@@ -91,7 +91,7 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
 
     Only in grad mode, where `_kept` keeps the tensors: torch spreads an extremum's gradient
     evenly over all tied elements, so the merge must know each rank's share of the ties. A
-    NaN counts as equal to NaN, as in torch's max() / min() (see `_extrema._nan_extremum`).
+    NaN counts as equal to NaN, as in torch's max() / min() (see `_extrema._SharedExtremum`).
     """
     kept = [s[-1] for s in states]
     if not torch.is_grad_enabled() or any(k is None for k in kept):

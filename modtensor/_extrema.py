@@ -50,17 +50,16 @@ def _extremum(
     several tensors tie and a gradient is wanted, weigh each by its share of the ties.
     `key` maps a tensor to the values that were compared (`abs` for the inf-norms).
 
-    A NaN result (see `_nan_extremum`) gets amax's gradient (NaN everywhere), or with
+    A NaN result (see `_SharedExtremum`) gets amax's gradient (NaN everywhere), or with
     `nan_spread` that of max() (shared by the NaN elements); with `key`, the inf-norms' (zeros).
     """
     stacked = _stack(values, dtype)
     m = stacked.amax() if largest else stacked.amin()
     if not (m.requires_grad and torch.is_grad_enabled()):
         return m
-    if torch.compiler.is_compiling():
-        return _traced_extremum(m, tensors, dtype, key, nan_spread)
-    if (key is not None or nan_spread) and bool(m.isnan()):
-        return _nan_extremum(m, tensors, key is not None)
+    if torch.compiler.is_compiling() or ((key is not None or nan_spread) and bool(m.isnan())):
+        # (at a NaN, the stacked extrema's amax would send NaN into every tensor)
+        return _shared_extremum(m, tensors, dtype, key, nan_spread)
     if len(values) == 1:
         return m
     tied = (stacked == m).tolist()
@@ -71,30 +70,6 @@ def _extremum(
         for t, is_tied in zip(tensors, tied)
     ]
     return tie_shared(stacked, m, counts)
-
-
-def _nan_extremum(m: torch.Tensor, tensors: Sequence[Any], zeros: bool) -> torch.Tensor:
-    """`m`, which is NaN, with the gradient torch's concatenation gives it.
-
-    The stacked extrema's amax would send NaN into every tensor (as torch's amax does).
-    torch's max() / min() instead spread the gradient evenly over the elements equal to the
-    result, NaN counting as equal to NaN; its inf-norms give every element zero (`zeros`).
-    `tensors` are the kept tensors, or pairs of them for a distance.
-    """
-    flat = [x for t in tensors for x in (t if isinstance(t, tuple) else (t,)) if isinstance(x, torch.Tensor)]
-    flat = [x for x in flat if x.requires_grad]
-    masks = [None if zeros else x.isnan() for x in flat]
-    counts = [0 if mask is None else int(mask.sum()) for mask in masks]
-    total = sum(counts)
-    links = [
-        # an empty slice links a tensor with no NaN with a zero gradient, as the concatenation's
-        torch.where(mask, x, 0).sum() / total if mask is not None and count else x.reshape(-1)[:0].sum()
-        for x, mask, count in zip(flat, masks, counts)
-    ]
-    result = m.detach()
-    for link in links:  # NaN values, but the gradient of each is the link's
-        result = result + (link - link.detach()).to(device=m.device, dtype=m.dtype)
-    return result
 
 
 def tie_shared(stacked: torch.Tensor, m: torch.Tensor, counts: Sequence[Any]) -> torch.Tensor:
@@ -121,15 +96,16 @@ def _as_share(w: Any, v: torch.Tensor) -> Any:
     return w.to(v.dtype) if isinstance(w, torch.Tensor) else w
 
 
-def _traced_extremum(
+def _shared_extremum(
     m: torch.Tensor,
     tensors: Sequence[Any],
     dtype: torch.dtype,
     key: Callable[[Any], torch.Tensor] | None,
     nan_spread: bool,
 ) -> torch.Tensor:
-    # _extremum without data-dependent branches, which torch.compile cannot trace. The
-    # gradient goes straight to the compared values, not through the per-tensor extrema:
+    # _extremum without data-dependent branches, which torch.compile cannot trace; eagerly,
+    # its NaN results. The gradient goes straight to the compared values (the kept tensors,
+    # or pairs of them for a distance, through `key`), not through the per-tensor extrema:
     # their amax backward is NaN at a NaN even for a zero gradient, so any path from a
     # tensor holding a NaN poisons it.
     keyed = [_cast(key(t) if key else t, dtype) for t in tensors]
@@ -186,7 +162,7 @@ def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
 
 
 def spreads_nan(a: ReduceArgs) -> bool:
-    """Whether a NaN result's gradient goes to the NaN elements (see `_nan_extremum`).
+    """Whether a NaN result's gradient goes to the NaN elements (see `_SharedExtremum`).
 
     max() / min() share the reduction of amax / amin; only their gradient there differs.
     """
