@@ -98,6 +98,15 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _by_blocks(*tensors: torch.Tensor) -> bool:
+    # Whether a 16-bit reduction without autograd of its own (out=, buffers) may read these
+    # by blocks: where they are eligible and autograd records nothing, outside torch.compile.
+    return (
+        _eligible(*tensors) and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
 def _rows_into(
     flat: torch.Tensor, rows: torch.Tensor, reduce: Callable[..., Any] = torch.linalg.vector_norm
 ) -> None:
@@ -323,8 +332,7 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype in _LOW_PRECISION and a.dtype == b.dtype and a.shape == b.shape:
         # A 16-bit norm would round before the combine: worse than the concatenation's in 23
         # of 300 draws (whose float32 accumulator rounds once, at the end).
-        wide: torch.Tensor = torch.linalg.vector_norm(a - b, dtype=torch.float32)
-        return wide
+        return wide_norm(a, 2, b)
     if a.numel() > DIST_MAX_NUMEL and a.dtype == b.dtype and a.shape == b.shape:
         # torch.dist's CPU kernel is slower than a difference and a norm from here (1 thread:
         # 10.7 against 8.3 ms on ResNet-50's long tensors); the difference is one tensor's.
@@ -357,15 +365,7 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
         >>> float(narrow_sum(torch.full((1 << 17,), 0.1, dtype=torch.half)))  # 131072 * 0.0999755859375
         13104.0
     """
-    if not (
-        t.dtype in _LOW_PRECISION
-        and t.numel() >= NARROW_MIN_NUMEL
-        and t.device.type == "cpu"
-        and t.is_contiguous()
-        and not (t.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
-        and not transformed()
-    ):
+    if not (t.dtype in _LOW_PRECISION and _by_blocks(t)):
         return None
     flat = t.reshape(-1)
     rows = torch.empty(-(-flat.numel() // ROW), dtype=torch.float32, device=flat.device)
@@ -377,19 +377,18 @@ def narrow_sum(t: torch.Tensor, nan: bool = False) -> torch.Tensor | None:
 def wide_norm(t: torch.Tensor, p: float, other: torch.Tensor | None = None) -> torch.Tensor:
     """`torch.linalg.vector_norm(t, p)` of a float16 or bfloat16 tensor (of `t - other` where
     given), in float32: a 16-bit partial would round before the combine. By blocks converted
-    to float32 where no gradient is recorded (no float32 copy of `t`, no `t - other`);
-    otherwise torch's, whose float32 copy autograd keeps.
+    to float32 where `_eligible` and no gradient is recorded (no float32 copy of `t`, no
+    `t - other`); otherwise torch's, whose float32 copy autograd keeps.
 
     Example:
         >>> import torch
         >>> float(wide_norm(torch.ones(1 << 17, dtype=torch.half), 1))
         131072.0
     """
-    flat = t.reshape(-1)
-    records = torch.is_grad_enabled() and (t.requires_grad or (other is not None and other.requires_grad))
-    if flat.numel() < NARROW_MIN_NUMEL or records or torch.compiler.is_compiling() or transformed():
+    if not _by_blocks(t, *(() if other is None else (other,))):
         whole: torch.Tensor = torch.linalg.vector_norm(t if other is None else t - other, p, dtype=torch.float32)
         return whole
+    flat = t.reshape(-1)
     if other is None:
         parts = [torch.linalg.vector_norm(block, p) for _, _, block in _blocks(flat, BLOCK)]
     else:
@@ -401,8 +400,9 @@ def wide_norm(t: torch.Tensor, p: float, other: torch.Tensor | None = None) -> t
 
 def wide_logsumexp(t: torch.Tensor) -> torch.Tensor:
     """`torch.logsumexp(t.reshape(-1), 0)` of a float16 or bfloat16 tensor, in float32: a
-    16-bit partial would round before the combine. By blocks converted to float32 where no
-    gradient is recorded (no float32 copy of `t`); otherwise on a float32 copy.
+    16-bit partial would round before the combine. By blocks converted to float32 where
+    `_eligible` and no gradient is recorded (no float32 copy of `t`); otherwise on a float32
+    copy.
 
     Example:
         >>> import torch
@@ -410,10 +410,7 @@ def wide_logsumexp(t: torch.Tensor) -> torch.Tensor:
         torch.float32
     """
     flat = t.reshape(-1)
-    if (
-        flat.numel() < NARROW_MIN_NUMEL or (flat.requires_grad and torch.is_grad_enabled())
-        or torch.compiler.is_compiling() or transformed()
-    ):
+    if not _by_blocks(t):
         return torch.logsumexp(flat.to(torch.float32), 0)
     # (smaller blocks than BLOCK: torch's logsumexp makes a temporary of its input's size)
     parts = [torch.logsumexp(block, 0) for _, _, block in _blocks(flat, BLOCK // 4)]
