@@ -260,6 +260,14 @@ def _var_by_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] |
     return n, torch.scalar_tensor(m2 / n, dtype=torch.float64), torch.scalar_tensor(mean, dtype=torch.float64)
 
 
+def _short_in_float64(x: torch.Tensor) -> torch.Tensor:
+    # torch's CPU reductions of float32 (var, logsumexp) accumulate in float64 and round once:
+    # a short tensor's float32 partial would round before the combine. Its copy is small.
+    if x.dtype == torch.float32 and x.numel() < _kernels.MOMENTS_MIN_NUMEL and x.device.type == "cpu":
+        return x.to(torch.float64)
+    return x
+
+
 def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     # float16 and bfloat16 go to the moments as they are (read by blocks: no float32 copy)
     narrow = t.dtype == a.dtype and a.dtype in _LOW_PRECISION
@@ -268,11 +276,8 @@ def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         fast = _var_by_moments(x)
         if fast is not None:
             return fast
-    x = _cast(x, _partial_dtype(a.dtype))
-    if x.dtype == torch.float32 and x.numel() < _kernels.MOMENTS_MIN_NUMEL and x.device.type == "cpu":
-        # torch's CPU var of float32 accumulates in float64 and rounds once: float32 partials
-        # would round before the combine (worse than the concatenation's in 3-4 of 20 draws).
-        x = x.to(torch.float64)  # a short tensor's copy
+    # (a float32 partial was worse than the concatenation's in 3-4 of 20 draws)
+    x = _short_in_float64(_cast(x, _partial_dtype(a.dtype)))
     # Two calls, not torch.var_mean: on the CPU its fused kernel is about 5x slower than var's.
     return t.numel(), x.var(correction=0), x.mean()
 
@@ -374,9 +379,7 @@ def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Ten
     t = _cast(t, a.dtype)
     if t.dtype in _LOW_PRECISION:  # a 16-bit partial was worse than the concatenation's in 1 draw of 8
         return _kernels.wide_logsumexp(t)
-    if t.dtype == torch.float32 and t.numel() < _kernels.MOMENTS_MIN_NUMEL and t.device.type == "cpu":
-        t = t.to(torch.float64)  # a short tensor's copy: a float32 partial would round too (see _partial_var)
-    return torch.logsumexp(t.reshape(-1), 0)
+    return torch.logsumexp(_short_in_float64(t).reshape(-1), 0)
 
 
 def _combine_logsumexp(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
