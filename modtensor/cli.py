@@ -62,6 +62,8 @@ from torch import nn
 
 import modtensor as mt
 from modtensor._bundle import _as_predicate
+from modtensor._reduce_common import _LOW_PRECISION
+from modtensor.recipes import _changed
 
 __all__ = ["main"]
 
@@ -73,7 +75,6 @@ PROGRESS_MIN_TENSORS = 1000
 CHUNK_BYTES = 64 * 2**20
 
 _NATIVE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-_HALF = frozenset({torch.float16, torch.bfloat16})
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _STRATEGIES = ("concat", "weighted", "per_param")
 _STATS_COLUMNS = ("name", "dtype", "shape", "numel", "mean", "std", "min", "max", "l2", "zero_fraction", "nan", "inf")
@@ -289,7 +290,7 @@ def _for_stats(t: torch.Tensor) -> torch.Tensor | None:
     """`t` in a dtype that torch's reductions take, or None where its statistics are undefined."""
     if not _has_values(t):
         return None
-    if t.dtype in _HALF:  # see _widened
+    if t.dtype in _LOW_PRECISION:  # see _widened
         return t.float()
     if t.dtype in _NATIVE:
         return t
@@ -309,7 +310,7 @@ def _widened(b: mt.ParameterBundle) -> mt.ParameterBundle:
     Times a float32 `(1,)` one, which is exact and computed on demand, one tensor at a time
     (`b.float()` would convert the whole checkpoint at once).
     """
-    if b.dtype not in _HALF:
+    if b.dtype not in _LOW_PRECISION:
         return b
     widened = b * torch.ones(1, dtype=torch.float32)
     assert isinstance(widened, mt.ParameterBundle)
@@ -356,8 +357,7 @@ _DISTANCES: Figures = {
     "l2": lambda a, b: torch.dist(a, b),
     "max_abs": lambda a, b: (a - b).abs().amax(),
     "cosine": lambda a, b: _cosine(a, b),
-    # NaN != NaN: a NaN left as it was is not a change
-    "changed": lambda a, b: torch.count_nonzero((a != b) & ~(torch.isnan(a) & torch.isnan(b))),
+    "changed": lambda a, b: torch.count_nonzero(_changed(a, b)),  # a NaN left as it was is no change
 }
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
