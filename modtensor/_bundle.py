@@ -411,6 +411,15 @@ class _BundleAPI:
             >>> mt.bundle([torch.ones(2)]).with_strategy("concat").strategy
             'concat'
         """
+        same = self._as_strategy(name, options)
+        if name == "weighted":
+            _strategies.check_weights(cast(ParameterBundle, same))
+        return same
+
+    def _as_strategy(self, name: str, options: Mapping[str, Any]) -> Self:
+        # with_strategy without its check of the weights, for operands dispatch converts to
+        # another operand's strategy (whose weights were checked when it was made): resolving
+        # weights by pattern costs about 1 us a tensor.
         if self._tensors is None:  # stay on demand (or flat: _compute is None then)
             same = self._derived_class()._on_demand(
                 self._compute, cast(ParameterBundle, self), self._dtypes, self._lazy_requires_grad, name, options, self._compute_range
@@ -947,8 +956,11 @@ def bundle(
                 f"out with exclude={lazy[0]!r}."
             )
     if group is not None or _distributed.involved(source, named):
-        return _distributed.bundle(source, named, strategy, options, group)
-    made = ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)
-    if isinstance(source, nn.Module) and isinstance(made, ParameterBundle):  # not while compiling
-        made._source = _source.ModuleSource(source, recurse, buffers)
+        made = _distributed.bundle(source, named, strategy, options, group)
+    else:
+        made = ParameterBundle([t for _, t in named], [n for n, _ in named], strategy, options)
+        if isinstance(source, nn.Module) and isinstance(made, ParameterBundle):  # not while compiling
+            made._source = _source.ModuleSource(source, recurse, buffers)
+    if strategy == "weighted" and isinstance(made, ParameterBundle):
+        _strategies.check_weights(made)
     return made

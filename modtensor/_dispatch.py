@@ -492,7 +492,7 @@ def _agree(
         if b._strategy == name and _same_options(b._options, chosen._options):
             return b
         if id(b) not in converted:
-            converted[id(b)] = b.with_strategy(name, **options)
+            converted[id(b)] = b._as_strategy(name, options)
         return converted[id(b)]
 
     return _replace_bundles(args, convert), _replace_bundles(kwargs, convert)

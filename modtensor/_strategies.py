@@ -492,6 +492,15 @@ def resolve_weights(b: ParameterBundle, weights: Weights) -> list[float]:
     return resolved
 
 
+def check_weights(b: ParameterBundle) -> None:
+    """Resolve a weighted bundle's weights once where it is made, so that a list of the wrong
+    length, a name no pattern matches or a weight that is not a number raises there, not at
+    its first reduction. A callable is left to the reductions: it may read on-demand tensors."""
+    weights = b._options.get("weights")
+    if weights is not None and not callable(weights):
+        resolve_weights(b, weights)
+
+
 def own_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """The options a bundle keeps: its own copies of the dicts and lists in them (weights),
     so that the caller changing theirs later does not change the bundle's."""

@@ -181,6 +181,24 @@ def test_per_param_dim_applies_to_each_tensor():
     torch.testing.assert_close(out.to_dict()["v"], v.sum(dim=1))
 
 
+def test_weights_are_checked_when_the_bundle_is_made():
+    # Not at the first reduction, which may come many steps later (or, for an unmatched
+    # name, only on the ranks that reach it).
+    b = mt.bundle({"w": torch.ones(2, 3), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match="3 weights for 2 tensors"):
+        b.weighted([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"no weight for \['b'\]"):
+        b.with_strategy("weighted", weights={"w": 1.0})
+    with pytest.raises(ValueError, match="2 weights for 1 tensors"):
+        mt.bundle({"w": torch.ones(2)}, strategy="weighted", weights=[1.0, 2.0])
+    with pytest.raises(TypeError, match="weight 1 is 'x'"):
+        b.weighted([1.0, "x"])
+    # a callable is called at the reductions only
+    calls = []
+    b.weighted(lambda name, t: calls.append(name) or 1.0)
+    assert calls == []
+
+
 def test_weighted_errors():
     b = mt.bundle({"w": torch.ones(2, 3), "b": torch.ones(2)})
     with pytest.raises(ValueError, match=r"no weight for \['b'\].*'\*'"):
