@@ -37,7 +37,15 @@ class _Patch:
             try:
                 return below(module, name)
             except AttributeError:
-                if not patch.active or name.startswith("_") or not hasattr(torch.Tensor, name):
+                # A name the class defines lands here too when its property raises
+                # AttributeError (HF-style `dtype` or `device`): that error is the module's, and
+                # the bundle's attribute in its place would be a silently different answer.
+                if (
+                    not patch.active
+                    or name.startswith("_")
+                    or not hasattr(torch.Tensor, name)
+                    or hasattr(type(module), name)
+                ):
                     raise
             return getattr(bundle(module), name)
 

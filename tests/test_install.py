@@ -49,6 +49,24 @@ def test_module_attributes_always_win():
         m._private_tensor_like  # private names never resolve to the bundle
 
 
+class WithBrokenDevice(nn.Linear):
+    @property
+    def device(self):
+        return self.backbone.weight.device  # no `backbone`: AttributeError inside the property
+
+
+def test_a_property_that_raises_attribute_error_is_not_replaced_by_the_bundle():
+    # Python retries a property that raised AttributeError through __getattr__, and the patch
+    # answered with the bundle's device: the module's own attribute silently lost.
+    m = WithBrokenDevice(2, 2)
+    with pytest.raises(AttributeError):
+        m.device
+    mt.install(tensor_methods=True)
+    with pytest.raises(AttributeError, match="device"):
+        m.device
+    assert m.numel() == 6  # names the class does not define still resolve to the bundle
+
+
 def test_install_is_idempotent_and_reversible():
     mt.install(tensor_methods=True)
     mt.install(tensor_methods=True)
