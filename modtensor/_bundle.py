@@ -941,10 +941,14 @@ def bundle(
     if any(issubclass(k, _UNINITIALIZED) for k in kinds):
         lazy = [n for n, t in named if isinstance(t, _UNINITIALIZED)]
         if lazy:
+            # Following the advice must work at once: name them all (the first alone was named),
+            # and keep the caller's own exclude, which a new one would replace.
+            shown = repr(lazy[0]) if len(lazy) == 1 else repr(lazy)
+            how = f"with exclude={shown}" if exclude is None else f"by adding {shown} to exclude"
             raise ValueError(
                 f"bundle: {lazy[0]!r} is an uninitialized parameter (of a Lazy module, before its "
-                "first forward pass): it has no shape yet. Run a forward pass first, or leave it "
-                f"out with exclude={lazy[0]!r}."
+                f"first forward pass){_more(len(lazy) - 1, 'too')}: it has no shape yet. Run a "
+                f"forward pass first, or leave {'it' if len(lazy) == 1 else 'them'} out {how}."
             )
     if group is not None or _distributed.involved(source, named):
         return _distributed.bundle(source, named, strategy, options, group)
