@@ -250,6 +250,14 @@ class _BundleAPI:
         self._check_held("ParameterBundle.data")
         return self.derive([t.data for t in self.tensors])
 
+    @data.setter
+    def data(self, value: Any) -> None:
+        raise UnsupportedOperationError(
+            f"Setting .data on {self.describe()} would replace its tensors' data; copy the values "
+            "in with `with torch.no_grad(): b.copy_(value)` (a flat tensor or a bundle of the same "
+            "structure), or set `.data` on the tensors themselves."
+        )
+
     def _tensor(self, i: int) -> torch.Tensor:
         # Tensor i alone. Ops that walk a bundle one tensor at a time use this rather than
         # `tensors`, so a bundle computed on demand never holds all its tensors at once.
