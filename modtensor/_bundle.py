@@ -570,7 +570,15 @@ class _BundleAPI:
     __str__ = __repr__
 
     def __format__(self, format_spec: str) -> str:
-        return repr(self) if not format_spec else format(self.materialize(), format_spec)
+        if not format_spec:
+            return repr(self)
+        # torch formats 0-d tensors only, and a bundle is 1-D: its concatenation would be
+        # copied only for torch to raise this, without naming the bundle.
+        raise TypeError(
+            f"unsupported format string {format_spec!r} passed to {self.describe()} (a 1-D "
+            "tensor, as its concatenation: torch formats 0-d tensors only). Format a number: "
+            "`f'{b.item():.3f}'` for one element, or a reduction such as `b.mean().item()`."
+        )
 
     def __copy__(self) -> Self:
         # copy.copy: a bundle of the same tensors, as a copy of a list of them holds them.

@@ -200,6 +200,16 @@ def test_the_lazy_error_names_every_uninitialized_tensor_to_exclude():
         mt.bundle(lazy, exclude="weight")  # theirs kept: exclude=['weight', 'bias'] works
 
 
+def test_a_format_spec_raises_as_on_the_concatenation_naming_the_bundle():
+    # It copied the whole concatenation for torch to raise a TypeError about `Tensor`.
+    b = mt.bundle({"w": torch.tensor([0.25])})
+    with pytest.raises(TypeError):
+        f"{b.materialize():.3f}"
+    with pytest.raises(TypeError, match=r"'\.3f' passed to ParameterBundle of 1 tensors \[w \(1,\)\].*b\.item\(\)"):
+        f"{b:.3f}"
+    assert f"{b.item():.3f}" == "0.250" and f"{b}" == repr(b)
+
+
 def test_copy_pickle_and_torch_save_give_bundles():
     # They used to give the concatenation (a full copy), with a MaterializationWarning.
     model = nn.Linear(3, 2)
