@@ -250,6 +250,14 @@ class _BundleAPI:
         self._check_held("ParameterBundle.data")
         return self.derive([t.data for t in self.tensors])
 
+    @data.setter
+    def data(self, value: Any) -> None:
+        raise UnsupportedOperationError(
+            f"Setting .data on {self.describe()} would replace its tensors' data; copy the values "
+            "in with `with torch.no_grad(): b.copy_(value)` (a flat tensor or a bundle of the same "
+            "structure), or set `.data` on the tensors themselves."
+        )
+
     def _tensor(self, i: int) -> torch.Tensor:
         # Tensor i alone. Ops that walk a bundle one tensor at a time use this rather than
         # `tensors`, so a bundle computed on demand never holds all its tensors at once.
@@ -571,7 +579,15 @@ class _BundleAPI:
     __str__ = __repr__
 
     def __format__(self, format_spec: str) -> str:
-        return repr(self) if not format_spec else format(self.materialize(), format_spec)
+        if not format_spec:
+            return repr(self)
+        # torch formats 0-d tensors only, and a bundle is 1-D: its concatenation would be
+        # copied only for torch to raise this, without naming the bundle.
+        raise TypeError(
+            f"unsupported format string {format_spec!r} passed to {self.describe()} (a 1-D "
+            "tensor, as its concatenation: torch formats 0-d tensors only). Format a number: "
+            "`f'{b.item():.3f}'` for one element, or a reduction such as `b.mean().item()`."
+        )
 
     def __copy__(self) -> Self:
         # copy.copy: a bundle of the same tensors, as a copy of a list of them holds them.
@@ -950,10 +966,14 @@ def bundle(
     if any(issubclass(k, _UNINITIALIZED) for k in kinds):
         lazy = [n for n, t in named if isinstance(t, _UNINITIALIZED)]
         if lazy:
+            # Following the advice must work at once: name them all (the first alone was named),
+            # and keep the caller's own exclude, which a new one would replace.
+            shown = repr(lazy[0]) if len(lazy) == 1 else repr(lazy)
+            how = f"with exclude={shown}" if exclude is None else f"by adding {shown} to exclude"
             raise ValueError(
                 f"bundle: {lazy[0]!r} is an uninitialized parameter (of a Lazy module, before its "
-                "first forward pass): it has no shape yet. Run a forward pass first, or leave it "
-                f"out with exclude={lazy[0]!r}."
+                f"first forward pass){_more(len(lazy) - 1, 'too')}: it has no shape yet. Run a "
+                f"forward pass first, or leave {'it' if len(lazy) == 1 else 'them'} out {how}."
             )
     if group is not None or _distributed.involved(source, named):
         made = _distributed.bundle(source, named, strategy, options, group)

@@ -17,7 +17,7 @@ from modtensor._distributed import refuse
 from modtensor._pointwise import _piece_getter
 from modtensor._selection import _connect
 
-__all__ = ["READOUT_FUNCTIONS", "getitem"]
+__all__ = ["READOUT_FUNCTIONS", "as_position", "getitem"]
 
 
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,6 +88,19 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     return torch.cat([b._tensor(i).to(b._dtype)[getter(i)].to(b._device) for i in range(len(b._names))])
 
 
+def as_position(index: Any) -> Any:
+    """A 0-d integer tensor as the int it holds (torch indexes by it as by the int); any
+    other index unchanged."""
+    if (
+        isinstance(index, torch.Tensor)
+        and not is_bundle(index)
+        and index.dim() == 0
+        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+    ):
+        return int(index)
+    return index
+
+
 @ParameterBundle.implements(torch.Tensor.__getitem__)
 def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`b[index]` for an int, a slice or a boolean mask, as on the concatenation."""
@@ -95,13 +108,7 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if not is_bundle(b):
         return NOT_HANDLED
     _local_only("ParameterBundle.__getitem__", b)
-    if (
-        isinstance(index, torch.Tensor)
-        and not is_bundle(index)
-        and index.dim() == 0
-        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
-    ):
-        index = int(index)
+    index = as_position(index)
     if isinstance(index, int) and not isinstance(index, bool):
         result = _int_index(b, index)
     elif isinstance(index, slice):

@@ -19,7 +19,7 @@ import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
-from modtensor._indexing import _locate
+from modtensor._indexing import _locate, as_position
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter
 from modtensor._reduce_common import _LOW_PRECISION
 
@@ -327,20 +327,25 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
     if not is_bundle(b):
         return NOT_HANDLED
     name = "ParameterBundle.__setitem__"
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
-        raise ValueError(f"{name}: assign a scalar or a one-element tensor into {b.describe()}.")
-    if isinstance(index, int) and not isinstance(index, bool):
-        i, coords = _locate(b, index)
-        _check_writable(name, b, [value])  # the leaf rule: one tensor is written, or none
-        b._tensor(i)[coords] = value
-        return None
+    index = as_position(index)  # `b[i] = v` reads its index as `b[i]` does
+    is_position = isinstance(index, int) and not isinstance(index, bool)
     is_mask = (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool
-    if not is_mask or not (is_bundle(index) or (index.dim() == 1 and index.shape[0] == b._numel)):
+    # The index first: for a slice, advice about the value would lead to this error next.
+    if not is_position and (
+        not is_mask or not (is_bundle(index) or (index.dim() == 1 and index.shape[0] == b._numel))
+    ):
         raise TypeError(
             f"{name}: write-through assignment takes an int or a boolean mask (a bundle of the "
             f"same structure or a flat ({b._numel},) bool tensor), got {type(index).__name__}. "
             "Write into the tensors themselves for other indices."
         )
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name}: assign a scalar or a one-element tensor into {b.describe()}.")
+    if is_position:
+        i, coords = _locate(b, index)
+        _check_writable(name, b, [value])  # the leaf rule: one tensor is written, or none
+        b._tensor(i)[coords] = value
+        return None
     _masked_fill(func, types, (b, index, value), {})
     return None
 

@@ -37,9 +37,27 @@ class _Patch:
             try:
                 return below(module, name)
             except AttributeError:
-                if not patch.active or name.startswith("_") or not hasattr(torch.Tensor, name):
+                # A name the class defines lands here too when its property raises
+                # AttributeError (HF-style `dtype` or `device`): that error is the module's, and
+                # the bundle's attribute in its place would be a silently different answer.
+                if (
+                    not patch.active
+                    or name.startswith("_")
+                    or not hasattr(torch.Tensor, name)
+                    or hasattr(type(module), name)
+                ):
                     raise
-            return getattr(bundle(module), name)
+            try:
+                made = bundle(module)
+            except (TypeError, ValueError) as e:
+                # A module with no bundle (a Lazy one before its first forward) has no tensor
+                # attributes: `hasattr(m, "dtype")` and `getattr(m, "shape", None)` must still
+                # answer False and None, as in plain PyTorch.
+                raise AttributeError(
+                    f"{type(module).__name__!r} object has no attribute {name!r}: it resolves to "
+                    f"the module's bundle, and {e}"
+                ) from e
+            return getattr(made, name)
 
         self.getattr = __getattr__
 
@@ -67,11 +85,12 @@ def install(tensor_methods: bool | None = None) -> None:
     """Add `nn.Module.as_tensor(**bundle_kwargs)`; with `tensor_methods=True`, tensor methods too.
 
     With `tensor_methods=True` any tensor method or attribute a module does not itself have
-    resolves to its bundle, so `model.conv1.mean()` works. Plain PyTorch is untouched until
-    this is called; `uninstall()` reverts it. Calling it again is harmless: without
-    `tensor_methods` it keeps what is installed (tensor methods stay on after
-    `install(tensor_methods=True)`); `tensor_methods=False` turns them off. Note that modules
-    then answer `hasattr(module, "dtype")` and the like with True.
+    resolves to its bundle, so `model.conv1.mean()` works (a module that cannot be bundled, such
+    as a Lazy one before its first forward, has none: AttributeError, so `hasattr` stays False).
+    Plain PyTorch is untouched until this is called; `uninstall()` reverts it. Calling it
+    again is harmless: without `tensor_methods` it keeps what is installed (tensor methods stay
+    on after `install(tensor_methods=True)`); `tensor_methods=False` turns them off. Note that
+    modules then answer `hasattr(module, "dtype")` and the like with True.
 
     It patches `nn.Module.__getattr__` as found at this call (another library's patch made
     earlier keeps working, and `uninstall()` puts it back). The install state is

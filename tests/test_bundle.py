@@ -1,9 +1,11 @@
 """Construction, structure, views and errors of ParameterBundle."""
 
+import ast
 import copy
 import gc
 import io
 import pickle
+import re
 import warnings
 import weakref
 
@@ -184,6 +186,28 @@ def test_a_lazy_module_before_its_first_forward_is_refused_clearly():
     assert mt.bundle(model, exclude="1.*").names == ("0.weight", "0.bias")
     model(torch.ones(1, 2))
     assert mt.bundle(model).numel() == 9 + 16
+
+
+def test_the_lazy_error_names_every_uninitialized_tensor_to_exclude():
+    # It named the first alone: `exclude='weight'` as advised then failed on 'bias', and
+    # `exclude='bias'` as advised next brought 'weight' back.
+    lazy = nn.LazyLinear(3)
+    with pytest.raises(ValueError, match=re.escape("out with exclude=['weight', 'bias'].")) as info:
+        mt.bundle(lazy)
+    advised = ast.literal_eval(str(info.value).rsplit("exclude=", 1)[1].rstrip("."))
+    assert mt.bundle(lazy, exclude=advised).names == ()
+    with pytest.raises(ValueError, match=re.escape("by adding 'bias' to exclude.")):
+        mt.bundle(lazy, exclude="weight")  # theirs kept: exclude=['weight', 'bias'] works
+
+
+def test_a_format_spec_raises_as_on_the_concatenation_naming_the_bundle():
+    # It copied the whole concatenation for torch to raise a TypeError about `Tensor`.
+    b = mt.bundle({"w": torch.tensor([0.25])})
+    with pytest.raises(TypeError):
+        f"{b.materialize():.3f}"
+    with pytest.raises(TypeError, match=r"'\.3f' passed to ParameterBundle of 1 tensors \[w \(1,\)\].*b\.item\(\)"):
+        f"{b:.3f}"
+    assert f"{b.item():.3f}" == "0.250" and f"{b}" == repr(b)
 
 
 def test_copy_pickle_and_torch_save_give_bundles():

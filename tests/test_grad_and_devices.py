@@ -47,6 +47,16 @@ def test_no_gradient_at_all_is_none_and_grad_cannot_be_set():
         b.grad = None
 
 
+def test_data_cannot_be_set():
+    # It raised Python's bare "property 'data' ... has no setter", naming neither the bundle
+    # nor what works, where .grad and .requires_grad say both.
+    lin = nn.Linear(2, 2)
+    b = mt.bundle(lin)
+    with pytest.raises(mt.UnsupportedOperationError, match=r"Setting .data on ParameterBundle of 2 tensors .*copy_"):
+        b.data = torch.zeros(6)
+    assert lin.weight.abs().sum() > 0
+
+
 def test_grad_keeps_the_strategy():
     g = mt.bundle(_trained_model()).per_param().grad
     assert g.strategy == "per_param"

@@ -251,6 +251,21 @@ def test_int_and_mask_assignment():
         b[10] = 1.0
 
 
+def test_assignment_by_a_0d_integer_tensor_and_to_a_slice():
+    # `b[torch.tensor(i)]` read element i but `b[torch.tensor(i)] = v` was refused; and
+    # `b[1:3] = t` was told to assign a scalar, which then failed on the slice.
+    w, v = torch.zeros(2, 3), torch.zeros(4)
+    b = mt.bundle({"w": w, "v": v})
+    flat = torch.zeros(10)
+    for index, value in [(torch.tensor(4), 7.0), (torch.tensor(-1, dtype=torch.int32), 9.0)]:
+        b[index] = value
+        flat[index] = value
+    assert torch.equal(b.materialize(), flat)
+    with pytest.raises(TypeError, match="takes an int or a boolean mask .* got slice"):
+        b[1:3] = torch.tensor([1.0, 2.0])
+    assert torch.equal(b.materialize(), flat)
+
+
 def test_in_place_on_a_leaf_slice_of_the_bundle_view():
     w = torch.zeros(3)
     b = mt.bundle([w])

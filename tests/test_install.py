@@ -49,6 +49,37 @@ def test_module_attributes_always_win():
         m._private_tensor_like  # private names never resolve to the bundle
 
 
+class WithBrokenDevice(nn.Linear):
+    @property
+    def device(self):
+        return self.backbone.weight.device  # no `backbone`: AttributeError inside the property
+
+
+def test_a_property_that_raises_attribute_error_is_not_replaced_by_the_bundle():
+    # Python retries a property that raised AttributeError through __getattr__, and the patch
+    # answered with the bundle's device: the module's own attribute silently lost.
+    m = WithBrokenDevice(2, 2)
+    with pytest.raises(AttributeError):
+        m.device
+    mt.install(tensor_methods=True)
+    with pytest.raises(AttributeError, match="device"):
+        m.device
+    assert m.numel() == 6  # names the class does not define still resolve to the bundle
+
+
+def test_a_module_without_a_bundle_has_no_tensor_attributes():
+    # A Lazy module before its first forward cannot be bundled: hasattr and getattr with a
+    # default raised the bundle's ValueError instead of answering False and None.
+    lazy = nn.LazyLinear(3)
+    mt.install(tensor_methods=True)
+    assert not hasattr(lazy, "dtype")
+    assert getattr(lazy, "shape", None) is None
+    with pytest.raises(AttributeError, match=r"'LazyLinear' object has no attribute 'mean'.*uninitialized"):
+        lazy.mean()
+    lazy(torch.ones(1, 2))
+    torch.testing.assert_close(lazy.mean(), torch.cat([lazy.weight.reshape(-1), lazy.bias]).mean())
+
+
 def test_install_is_idempotent_and_reversible():
     mt.install(tensor_methods=True)
     mt.install(tensor_methods=True)
