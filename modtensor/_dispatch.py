@@ -61,20 +61,29 @@ PASSTHROUGH: frozenset[Any] = frozenset(
         _T.is_signed,
         _T.is_contiguous,
         _T.__len__,
+        _T.dim_order,
+        _T.is_conj,
+        _T.is_neg,
+        _T.is_same_size,
         torch.numel,
         torch.is_floating_point,
         torch.is_complex,
+        torch.result_type,
+        torch.is_same_size,
     }
     | {
         getattr(_T, name).__get__
         for name in (
             "shape", "dtype", "device", "layout", "ndim", "is_leaf", "is_cuda", "is_cpu",
             "is_meta", "is_mps", "is_xpu", "is_sparse", "is_quantized", "is_mkldnn",
-            "is_nested", "itemsize", "output_nr", "_version", "grad_fn", "_base",
+            "is_nested", "itemsize", "nbytes", "output_nr", "_version", "grad_fn", "_base",
         )
         if hasattr(_T, name)
     }
 )
+# Of those, the ones that reach torch's dispatcher, below the wrapper: asked of a meta stand-in
+# of the concatenation (same shape and dtype, no data).
+_ON_STAND_IN = frozenset({_T.is_same_size, torch.is_same_size})
 
 # Functions whose materialized result would be silently wrong: they act on the tensor
 # object itself, so running them on a temporary copy would leave the parameters untouched.
@@ -498,6 +507,10 @@ def _agree(
     return _replace_bundles(args, convert), _replace_bundles(kwargs, convert)
 
 
+def _stand_in(b: Any) -> torch.Tensor:
+    return torch.empty((b._numel,), dtype=b._dtype, device="meta")
+
+
 def dispatch(
     owner: type[DispatchTensor], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -528,6 +541,8 @@ def dispatch(
         traced = next((a for a in args if isinstance(a, TracedDispatch)), None)
         if traced is not None:  # no wrapper to ask: a meta tensor of the same metadata answers
             args = tuple(traced._meta() if a is traced else a for a in args)
+        if func in _ON_STAND_IN:
+            args = tuple(_stand_in(a) if isinstance(a, BUNDLE_TYPES) else a for a in args)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
     return _materialize_call(func, args, kwargs, stacklevel=4)
@@ -833,7 +848,7 @@ class TracedDispatch:
         return dispatch(owner, func, args, kwargs)
 
     def _meta(self) -> torch.Tensor:
-        return torch.empty((self._numel,), dtype=self._dtype, device="meta")
+        return _stand_in(self)
 
     @property
     def shape(self) -> torch.Size:

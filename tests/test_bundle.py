@@ -69,6 +69,22 @@ def test_metadata_follows_torch_cat():
     assert mt.bundle([torch.ones(2, requires_grad=True), torch.ones(1)]).requires_grad
 
 
+@given(case=cases(dtypes=(torch.float32, torch.float64, torch.int64, torch.int32)))
+def test_metadata_queries_answer_as_the_concatenation_without_copying_it(case):
+    b, cat = case.bundle(), case.concat()
+    other = torch.ones((), dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mt.MaterializationWarning)
+        assert torch.result_type(b, 1.5) == torch.result_type(cat, 1.5)
+        assert torch.result_type(b, other) == torch.result_type(cat, other)
+        assert torch.result_type(other, b) == torch.result_type(other, cat)
+        assert torch.result_type(b, b) == torch.result_type(cat, cat)
+        assert b.nbytes == cat.nbytes and b.dim_order() == cat.dim_order()
+        assert (b.is_conj(), b.is_neg()) == (cat.is_conj(), cat.is_neg())
+        assert torch.is_same_size(b, cat) and b.is_same_size(b) and cat.is_same_size(b)
+        assert not torch.is_same_size(b, torch.ones(b.numel() + 1))
+
+
 def test_empty_bundle_is_like_torch_empty():
     b = mt.bundle(nn.ReLU())
     assert b.shape == (0,) and b.dtype == torch.get_default_dtype()
