@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -898,6 +899,25 @@ def _named_tensors(source: Any, recurse: bool, buffers: bool) -> list[tuple[str,
     raise TypeError(f"bundle: unsupported source {type(source).__name__}. Expect {_SOURCES}.")
 
 
+_BUNDLE_KEYWORDS = ("strategy", "include", "exclude", "recurse", "buffers", "group")
+
+
+def _check_options(strategy: str, options: Mapping[str, Any]) -> None:
+    # bundle()'s other keywords go to the strategy, so a misspelt one (`buffer=True`) would be
+    # refused as an option of the strategy, and `buffers=` never mentioned.
+    try:
+        _strategies.get(strategy).check_options(options)
+    except TypeError as e:
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)"
+            for key in options
+            if (close := difflib.get_close_matches(key, _BUNDLE_KEYWORDS, 1))
+        ]
+        if not hints:
+            raise
+        raise TypeError(f"{e} bundle() keywords: {', '.join(hints)}") from None
+
+
 def bundle(
     source: Source,
     *,
@@ -940,6 +960,8 @@ def bundle(
         >>> mt.bundle(conv, exclude="bias").names
         ('weight',)
     """
+    if options:
+        _check_options(strategy, options)
     keep = _as_predicate(include, "include")
     drop = _as_predicate(exclude, "exclude")
     named = _named_tensors(source, recurse, buffers)

@@ -146,6 +146,9 @@ def test_with_strategy_and_unknown_strategy():
         mt.bundle([torch.ones(2)], strategy="nope")
     with pytest.raises(TypeError, match="takes no options"):
         mt.bundle([torch.ones(2)], weights=[1.0])
+    # a misspelt keyword of bundle() itself, which reaches the strategy as an option
+    with pytest.raises(TypeError, match=r"'buffer' \(did you mean 'buffers'\?\)"):
+        mt.bundle(nn.BatchNorm1d(2), buffer=True)
 
 
 @pytest.mark.parametrize(
