@@ -168,6 +168,17 @@ def test_nothing_is_half_written_when_a_later_tensor_fails(op, error, message):
     assert torch.equal(f, torch.ones(3)) and torch.equal(i, torch.ones(2, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fill_that_overflows_a_later_tensor_writes_nothing(dtype):
+    # torch fills a one-element CPU tensor without checking that the value fits its dtype, a
+    # longer one with the check: a dry run on one element passed, so the float64 tensor was
+    # filled before the 16-bit one refused 1e40.
+    f, h = torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"fill_: value cannot be converted .*overflow \(tensor '1' .*nothing was written"):
+        mt.bundle([f, h]).fill_(1e40)
+    assert not f.any() and not h.any()
+
+
 def test_integer_tensors_take_what_torch_casts_for_them():
     # fill_, masked_fill_, comparisons and item assignment cast their value: torch takes 2.5
     # for an integer tensor, and so does a bundle holding one (it refused, before 2026-11-27)
