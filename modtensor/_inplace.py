@@ -344,6 +344,9 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
             f"same structure or a flat ({b._numel},) bool tensor), got {type(index).__name__}. "
             "Write into the tensors themselves for other indices."
         )
+    if isinstance(value, torch.Tensor):
+        # masked_fill_ takes a 0-d value only; torch's `c[mask] = v` takes any one-element v
+        value = value.reshape(())
     _masked_fill(func, types, (b, index, value), {})
     return None
 

@@ -262,6 +262,20 @@ def test_int_and_mask_assignment():
         b[10] = 1.0
 
 
+def test_mask_assignment_takes_a_one_element_tensor():
+    # `c[mask] = torch.tensor([v])` works on the concatenation; masked_fill_, which the
+    # bundle writes with, refuses a value that is not 0-d (a (1,) value raised before)
+    w, i = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    b = mt.bundle({"w": w, "i": i})
+    mask = torch.tensor([True, False, True, False, False, False, True, False])
+    for value in (torch.tensor([2.5]), torch.tensor([[7.0]], dtype=torch.float64)):
+        want = torch.cat([w.reshape(-1), i.to(w.dtype)])
+        want[mask] = value
+        b[mask] = value
+        assert w.reshape(-1).tolist() == want[:6].tolist() and i.tolist() == want[6:].to(torch.int64).tolist()
+    assert w.reshape(-1).tolist() == [7.0, 0.0, 7.0, 0.0, 0.0, 0.0] and i.tolist() == [7, 0]
+
+
 def test_in_place_on_a_leaf_slice_of_the_bundle_view():
     w = torch.zeros(3)
     b = mt.bundle([w])
