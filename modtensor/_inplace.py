@@ -275,16 +275,20 @@ def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`b.copy_(src)`: src a bundle of the same structure, or a flat (N,) tensor."""
+    """`b.copy_(src)`: src a bundle of the same structure, a flat (N,) tensor, or a 0-d or
+    one-element tensor, which fills every element (torch's copy_ broadcasts it)."""
     b, src = args[0], args[1]
     name = func_name(func)
     if not is_bundle(b):
         return NOT_HANDLED
-    if not (is_bundle(src) or (isinstance(src, torch.Tensor) and src.dim() == 1)):
+    if not (is_bundle(src) or (isinstance(src, torch.Tensor) and src.dim() <= 1)):
         raise TypeError(
-            f"{name}: copy from a bundle of the same structure or a flat ({b._numel},) tensor "
-            f"into {b.describe()}; got {type(src).__name__} of shape {tuple(getattr(src, 'shape', ()))}."
+            f"{name}: copy from a bundle of the same structure, a flat ({b._numel},) tensor or a "
+            f"one-element tensor into {b.describe()}; got {type(src).__name__} of shape "
+            f"{tuple(getattr(src, 'shape', ()))}."
         )
+    if not is_bundle(src) and src.dim() == 0:
+        src = src.reshape(1)  # split as a one-element operand: the same (1,) for every tensor
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
     _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other

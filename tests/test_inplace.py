@@ -248,6 +248,19 @@ def test_copy_and_split_round_trip_with_torch_utils(case):
     torch.testing.assert_close(b.split(nn.utils.parameters_to_vector(tensors)).materialize(), vector)
 
 
+@pytest.mark.parametrize("value", [torch.tensor(2.5), torch.tensor(3, dtype=torch.int64), torch.tensor(1e-3, dtype=torch.float64)])
+def test_copy_from_a_zero_dim_tensor_fills_every_tensor(value):
+    # torch's copy_ broadcasts a 0-d or (1,) source over the concatenation; the bundle took
+    # only a (1,) one and refused a 0-d one with a TypeError
+    tensors = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float16), torch.zeros(()), torch.zeros(2, dtype=torch.int32)]
+    want = [t.clone() for t in tensors]
+    for t in want:
+        (t if t.dim() else t.view(1)).copy_(value)
+    mt.bundle(tensors).copy_(value)
+    for got, w in zip(tensors, want):
+        assert got.dtype == w.dtype and torch.equal(got, w)
+
+
 def test_int_and_mask_assignment():
     w, v = torch.zeros(2, 3), torch.zeros(4)
     b = mt.bundle({"w": w, "v": v})
