@@ -292,7 +292,12 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
     _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
-    if b.tensors:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in pieces):
+        # torch._foreach_copy_ has no derivative: it would give each tensor a grad_fn that
+        # fails in backward (and an integer tensor requires_grad). The loop's copy_ records one.
+        for t, p in zip(_targets(b), pieces):
+            t.copy_(p, **kwargs)
+    elif b.tensors:
         torch._foreach_copy_(_targets(b), pieces, **kwargs)
     return b
 

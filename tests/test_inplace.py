@@ -261,6 +261,23 @@ def test_copy_from_a_zero_dim_tensor_fills_every_tensor(value):
         assert got.dtype == w.dtype and torch.equal(got, w)
 
 
+@pytest.mark.parametrize("kind", ["bundle", "flat"])
+def test_copy_from_a_source_that_requires_grad_is_differentiable(kind):
+    # As the loop `t.copy_(s)` (and the concatenation's copy_), the copy records a graph to
+    # the source. torch._foreach_copy_ has no derivative: backward raised, and the integer
+    # tensor was marked as requiring grad.
+    sources = [torch.randn(2, 3, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True),
+               torch.randn(2, requires_grad=True)]
+    targets = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float16), torch.zeros(2, dtype=torch.int64)]
+    source = mt.bundle(sources) if kind == "bundle" else torch.cat([s.reshape(-1) for s in sources[:2]] + [sources[2]])
+    mt.bundle(targets).copy_(source)
+    assert [t.requires_grad for t in targets] == [True, True, False] and targets[2].grad_fn is None
+    (targets[0] * 2).sum().add((targets[1].float() * 3).sum()).backward()
+    assert torch.equal(sources[0].grad, torch.full((2, 3), 2.0))
+    assert torch.equal(sources[1].grad, torch.full((4,), 3.0, dtype=torch.float64))
+    assert sources[2].grad is None or not sources[2].grad.any()  # the flat source's cat gives zeros
+
+
 def test_int_and_mask_assignment():
     w, v = torch.zeros(2, 3), torch.zeros(4)
     b = mt.bundle({"w": w, "v": v})
