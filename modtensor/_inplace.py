@@ -344,7 +344,10 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
     if isinstance(index, int) and not isinstance(index, bool):
         i, coords = _locate(b, index)
         _check_writable(name, b, [value])  # the leaf rule: one tensor is written, or none
-        b._tensor(i)[coords] = value
+        try:
+            b._tensor(i)[coords] = value
+        except Exception as e:  # torch's message alone names neither the bundle nor the tensor
+            raise _in_context(e, name, _unwritten(b, i)) from None
         return None
     is_mask = (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool
     if not is_mask or not (is_bundle(index) or (index.dim() == 1 and index.shape[0] == b._numel)):

@@ -306,6 +306,17 @@ def test_mask_assignment_takes_a_one_element_tensor():
     assert w.reshape(-1).tolist() == [7.0, 0.0, 7.0, 0.0, 0.0, 0.0] and i.tolist() == [7, 0]
 
 
+def test_a_refused_int_assignment_names_the_bundle_and_the_tensor():
+    # torch's own exception class and words, with the bundle's context (it had none)
+    f, i = torch.zeros(2), torch.zeros(3, dtype=torch.int8)
+    b = mt.bundle({"f": f, "i": i})
+    with pytest.raises(RuntimeError, match=r"__setitem__: value cannot be converted .*int8.*\(tensor 'i' of .*nothing was written\)"):
+        b[3] = 300
+    with pytest.raises(TypeError, match=r"__setitem__: can't assign a str .*\(tensor 'f' of "):
+        b[0] = "x"
+    assert not f.any() and not i.any()
+
+
 def test_in_place_on_a_leaf_slice_of_the_bundle_view():
     w = torch.zeros(3)
     b = mt.bundle([w])
