@@ -105,6 +105,9 @@ class _BundleAPI:
     _flat: torch.Tensor | None
     _flat_attrs: dict[str, Any] | None = None  # what _over_flat's results share
     _source: _source.ModuleSource | None = None  # the module it was made from, if any
+    # The version counters of tensors computed on demand when `tensors` kept them: a bundle
+    # computed from this one before then sees from them whether they were written since.
+    _kept_versions: tuple[int, ...] = ()
 
     # -- structure -------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class _BundleAPI:
         """
         if self._tensors is None:  # computed on demand until now: compute and keep them
             self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
+            self._kept_versions = tuple(t._version for t in self._tensors)
             self._compute = self._compute_range = None
             self._flat = None  # the kept tensors may now be given other data (`t.data = ...`)
             self._expr = None  # a snapshot now: fused chains must not read its inputs again

@@ -3,7 +3,7 @@
 Each tensor is updated in its own dtype, exactly as the loop `for t in b.tensors: t.op_(...)`
 would, with one `torch._foreach_*` call where torch has the kernel. Everything that could
 fail for a dtype is checked before the first write (a dry run on each kind of tensor's first
-element, and on meta tensors for the shapes, see `_check_writable`), so a failing op leaves
+two elements, and on meta tensors for the shapes, see `_check_writable`), so a failing op leaves
 every tensor as it was; only failures that depend on other values (an integer division by
 zero) can come after earlier tensors were written.
 Autograd's rules are torch's: an in-place op on a leaf that requires grad needs
@@ -61,12 +61,14 @@ def _on_meta(x: Any) -> Any:
 
 
 def _sample(x: Any) -> Any:
-    # A copy of x's first element (x itself where empty), keeping whether x is 0-d: the kind
-    # of operand torch promotes types by. Its value is one the op really meets.
+    # A copy of x's first two elements (fewer where x has fewer), keeping whether x is 0-d:
+    # the kind of operand torch promotes types by. Its values are ones the op really meets.
+    # Two, not one: torch fills a one-element CPU tensor without its overflow check
+    # (`fill_(1e6)` of float16), so a one-element sample would pass where the tensor fails.
     if not isinstance(x, torch.Tensor):
         return x
     x = x.detach()
-    return x.clone() if x.dim() == 0 else x.reshape(-1)[: min(1, x.numel())].clone()
+    return x.clone() if x.dim() == 0 else x.reshape(-1)[: min(2, x.numel())].clone()
 
 
 def _in_context(e: BaseException, name: str, where: str) -> BaseException:
@@ -99,7 +101,7 @@ def _write(
         write()
     except Exception as e:
         # Every kind of tensor but the first passed its dry run: the write failed on the first
-        # tensor, before writing anything, or on a value other than a first element.
+        # tensor, before writing anything, or on a value other than its first two.
         first = dry_run is not None and _first_failure(dry_run, b, operands)
         where = _unwritten(b, 0) if first else (
             f"in {b.describe()}; the tensors before the one it failed on, if any, were written"
@@ -114,11 +116,12 @@ def _check_writable(
 
     `dry_run(tensor, *operands)`, where given, is the op on one tensor. It runs, for one
     tensor of each kind (dtype, and whether it or an operand is 0-d) but the first tensor's,
-    on a copy of that tensor's first element, so that torch itself says whether the op exists
-    for those dtypes and casts (`lerp_` or `frac_` of integers, shifts of floats, `mul_(0.5)`
-    of integers) and raises its own exception; then on meta stand-ins of the whole tensors,
-    for the shapes. So a failing op has written nothing, except where a value other than a
-    tensor's first element makes it fail (an integer division by zero).
+    on a copy of that tensor's first two elements, so that torch itself says whether the op
+    exists for those dtypes and casts (`lerp_` or `frac_` of integers, shifts of floats,
+    `mul_(0.5)` of integers, `fill_(1e6)` of float16) and raises its own exception; then on
+    meta stand-ins of the whole tensors, for the shapes. So a failing op has written nothing,
+    except where a value other than a tensor's first two makes it fail (an integer division
+    by zero).
     """
     if torch.is_grad_enabled():
         # a bundle of DTensor parameters holds views of them: the parameters are the leaves
@@ -163,7 +166,7 @@ def _first_failure(dry_run: Callable[..., Any], b: ParameterBundle, operands: li
 
 
 def _dry_run_failure(dry_run: Callable[..., Any], t: torch.Tensor, operands: list[Any]) -> Exception | None:
-    """What `dry_run` on t raises: on a copy of its first element, then on meta stand-ins."""
+    """What `dry_run` on t raises: on a copy of its first two elements, then on meta stand-ins."""
     try:
         with torch.no_grad():
             dry_run(_sample(t), *[_sample(o) for o in operands])
@@ -272,20 +275,29 @@ def _per_tensor(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """`b.copy_(src)`: src a bundle of the same structure, or a flat (N,) tensor."""
+    """`b.copy_(src)`: src a bundle of the same structure, a flat (N,) tensor, or a 0-d or
+    one-element tensor, which fills every element (torch's copy_ broadcasts it)."""
     b, src = args[0], args[1]
     name = func_name(func)
     if not is_bundle(b):
         return NOT_HANDLED
-    if not (is_bundle(src) or (isinstance(src, torch.Tensor) and src.dim() == 1)):
+    if not (is_bundle(src) or (isinstance(src, torch.Tensor) and src.dim() <= 1)):
         raise TypeError(
-            f"{name}: copy from a bundle of the same structure or a flat ({b._numel},) tensor "
-            f"into {b.describe()}; got {type(src).__name__} of shape {tuple(getattr(src, 'shape', ()))}."
+            f"{name}: copy from a bundle of the same structure, a flat ({b._numel},) tensor or a "
+            f"one-element tensor into {b.describe()}; got {type(src).__name__} of shape "
+            f"{tuple(getattr(src, 'shape', ()))}."
         )
+    if not is_bundle(src) and src.dim() == 0:
+        src = src.reshape(1)  # split as a one-element operand: the same (1,) for every tensor
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
     _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
-    if b.tensors:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in pieces):
+        # torch._foreach_copy_ has no derivative: it would give each tensor a grad_fn that
+        # fails in backward (and an integer tensor requires_grad). The loop's copy_ records one.
+        for t, p in zip(_targets(b), pieces):
+            t.copy_(p, **kwargs)
+    elif b.tensors:
         torch._foreach_copy_(_targets(b), pieces, **kwargs)
     return b
 
@@ -344,8 +356,14 @@ def _setitem(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs
     if is_position:
         i, coords = _locate(b, index)
         _check_writable(name, b, [value])  # the leaf rule: one tensor is written, or none
-        b._tensor(i)[coords] = value
+        try:
+            b._tensor(i)[coords] = value
+        except Exception as e:  # torch's message alone names neither the bundle nor the tensor
+            raise _in_context(e, name, _unwritten(b, i)) from None
         return None
+    if isinstance(value, torch.Tensor):
+        # masked_fill_ takes a 0-d value only; torch's `c[mask] = v` takes any one-element v
+        value = value.reshape(())
     _masked_fill(func, types, (b, index, value), {})
     return None
 

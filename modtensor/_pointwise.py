@@ -401,12 +401,21 @@ class _Guard:
         self.bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
         self.plain_versions = [t._version for t in self.plain]
         self.bundle_versions = [[t._version for t in b.tensors] for b in self.bundles]
+        # Operands computed on demand themselves hold no tensors yet: if they keep them later
+        # (`tensors`, or an in-place op on them), a write after that shows in their versions.
+        self.on_demand = [a for a in operands if is_bundle(a) and a._tensors is None]
 
     def check(self, i: int | None = None) -> None:
         """Raise if tensor i's inputs (every tensor's, for None) changed in place."""
         changed = [t for t, v in zip(self.plain, self.plain_versions) if t._version != v] + [
             b for b, vs in zip(self.bundles, self.bundle_versions)
             if (b.tensors[i]._version != vs[i] if i is not None else [t._version for t in b.tensors] != vs)
+        ] + [
+            b for b in self.on_demand
+            if b._tensors is not None and (
+                b._tensors[i]._version != b._kept_versions[i] if i is not None
+                else tuple(t._version for t in b._tensors) != b._kept_versions
+            )
         ]
         if changed:
             raise RuntimeError(

@@ -123,6 +123,8 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
     Same as the update of `torch.optim.swa_utils.get_ema_multi_avg_fn(decay)` (a `lerp_` with
     weight `1 - decay`), so an `AveragedModel` and `ema_` stay equal step after step once both
     start from the same weights (`AveragedModel`'s first `update_parameters` copies them).
+    Integer tensors (a BatchNorm's step count, in `mt.bundle(model, buffers=True)`), which
+    have no `lerp_`, take `target * decay + source * (1 - decay)` truncated, as there.
 
     Example:
         >>> import torch, modtensor as mt
@@ -131,8 +133,21 @@ def ema_(target: BundleLike, source: BundleLike, decay: float) -> ParameterBundl
         tensor([0.1000, 0.1000])
     """
     t, s = _as_bundle(target, "ema_"), _as_bundle(source, "ema_")
+    check_same_structure("recipes.ema_", t, s)
+    floating = [i for i, d in enumerate(t._dtypes) if d.is_floating_point or d.is_complex]
     with torch.no_grad():  # one torch._foreach_lerp_ (no detach: nothing is recorded)
-        t.lerp_(s, 1.0 - decay)
+        if len(floating) == len(t.names):
+            t.lerp_(s, 1.0 - decay)
+            return target if is_bundle(target) else t
+        # torch has no lerp_ for integers; get_ema_multi_avg_fn blends them (a BatchNorm's
+        # step count, with buffers=True) as `copy_(ema * decay + model * (1 - decay))`. The
+        # floating tensors go first: a lerp_ that fails writes nothing, the copies cannot fail.
+        if floating:
+            ends = bundle({t.names[i]: s.tensors[i] for i in floating})
+            bundle({t.names[i]: t.tensors[i] for i in floating}).lerp_(ends, 1.0 - decay)
+        for i in sorted(set(range(len(t.names))) - set(floating)):
+            x, y = t.tensors[i], s.tensors[i]
+            x.copy_(x * decay + y * (1.0 - decay))
     return target if is_bundle(target) else t
 
 

@@ -168,6 +168,17 @@ def test_nothing_is_half_written_when_a_later_tensor_fails(op, error, message):
     assert torch.equal(f, torch.ones(3)) and torch.equal(i, torch.ones(2, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fill_that_overflows_a_later_tensor_writes_nothing(dtype):
+    # torch fills a one-element CPU tensor without checking that the value fits its dtype, a
+    # longer one with the check: a dry run on one element passed, so the float64 tensor was
+    # filled before the 16-bit one refused 1e40.
+    f, h = torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"fill_: value cannot be converted .*overflow \(tensor '1' .*nothing was written"):
+        mt.bundle([f, h]).fill_(1e40)
+    assert not f.any() and not h.any()
+
+
 def test_integer_tensors_take_what_torch_casts_for_them():
     # fill_, masked_fill_, comparisons and item assignment cast their value: torch takes 2.5
     # for an integer tensor, and so does a bundle holding one (it refused, before 2026-11-27)
@@ -237,6 +248,36 @@ def test_copy_and_split_round_trip_with_torch_utils(case):
     torch.testing.assert_close(b.split(nn.utils.parameters_to_vector(tensors)).materialize(), vector)
 
 
+@pytest.mark.parametrize("value", [torch.tensor(2.5), torch.tensor(3, dtype=torch.int64), torch.tensor(1e-3, dtype=torch.float64)])
+def test_copy_from_a_zero_dim_tensor_fills_every_tensor(value):
+    # torch's copy_ broadcasts a 0-d or (1,) source over the concatenation; the bundle took
+    # only a (1,) one and refused a 0-d one with a TypeError
+    tensors = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float16), torch.zeros(()), torch.zeros(2, dtype=torch.int32)]
+    want = [t.clone() for t in tensors]
+    for t in want:
+        (t if t.dim() else t.view(1)).copy_(value)
+    mt.bundle(tensors).copy_(value)
+    for got, w in zip(tensors, want):
+        assert got.dtype == w.dtype and torch.equal(got, w)
+
+
+@pytest.mark.parametrize("kind", ["bundle", "flat"])
+def test_copy_from_a_source_that_requires_grad_is_differentiable(kind):
+    # As the loop `t.copy_(s)` (and the concatenation's copy_), the copy records a graph to
+    # the source. torch._foreach_copy_ has no derivative: backward raised, and the integer
+    # tensor was marked as requiring grad.
+    sources = [torch.randn(2, 3, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True),
+               torch.randn(2, requires_grad=True)]
+    targets = [torch.zeros(2, 3), torch.zeros(4, dtype=torch.float16), torch.zeros(2, dtype=torch.int64)]
+    source = mt.bundle(sources) if kind == "bundle" else torch.cat([s.reshape(-1) for s in sources[:2]] + [sources[2]])
+    mt.bundle(targets).copy_(source)
+    assert [t.requires_grad for t in targets] == [True, True, False] and targets[2].grad_fn is None
+    (targets[0] * 2).sum().add((targets[1].float() * 3).sum()).backward()
+    assert torch.equal(sources[0].grad, torch.full((2, 3), 2.0))
+    assert torch.equal(sources[1].grad, torch.full((4,), 3.0, dtype=torch.float64))
+    assert sources[2].grad is None or not sources[2].grad.any()  # the flat source's cat gives zeros
+
+
 def test_int_and_mask_assignment():
     w, v = torch.zeros(2, 3), torch.zeros(4)
     b = mt.bundle({"w": w, "v": v})
@@ -264,6 +305,31 @@ def test_assignment_by_a_0d_integer_tensor_and_to_a_slice():
     with pytest.raises(TypeError, match="takes an int or a boolean mask .* got slice"):
         b[1:3] = torch.tensor([1.0, 2.0])
     assert torch.equal(b.materialize(), flat)
+
+
+def test_mask_assignment_takes_a_one_element_tensor():
+    # `c[mask] = torch.tensor([v])` works on the concatenation; masked_fill_, which the
+    # bundle writes with, refuses a value that is not 0-d (a (1,) value raised before)
+    w, i = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    b = mt.bundle({"w": w, "i": i})
+    mask = torch.tensor([True, False, True, False, False, False, True, False])
+    for value in (torch.tensor([2.5]), torch.tensor([[7.0]], dtype=torch.float64)):
+        want = torch.cat([w.reshape(-1), i.to(w.dtype)])
+        want[mask] = value
+        b[mask] = value
+        assert w.reshape(-1).tolist() == want[:6].tolist() and i.tolist() == want[6:].to(torch.int64).tolist()
+    assert w.reshape(-1).tolist() == [7.0, 0.0, 7.0, 0.0, 0.0, 0.0] and i.tolist() == [7, 0]
+
+
+def test_a_refused_int_assignment_names_the_bundle_and_the_tensor():
+    # torch's own exception class and words, with the bundle's context (it had none)
+    f, i = torch.zeros(2), torch.zeros(3, dtype=torch.int8)
+    b = mt.bundle({"f": f, "i": i})
+    with pytest.raises(RuntimeError, match=r"__setitem__: value cannot be converted .*int8.*\(tensor 'i' of .*nothing was written\)"):
+        b[3] = 300
+    with pytest.raises(TypeError, match=r"__setitem__: can't assign a str .*\(tensor 'f' of "):
+        b[0] = "x"
+    assert not f.any() and not i.any()
 
 
 def test_in_place_on_a_leaf_slice_of_the_bundle_view():

@@ -63,6 +63,26 @@ def test_inputs_modified_in_place_afterwards_are_refused():
     assert float(kept.norm()) == float(torch.full((3,), 3.0).norm())
 
 
+def test_an_on_demand_operand_written_in_place_afterwards_is_refused():
+    # `z = y + 1` reads y's tensors when z is used. An in-place op on y (which computes and
+    # keeps y's tensors, then writes them) went unseen: z gave 3 * 2 + 1 where plain torch's
+    # z, computed before the write, is 2 + 1.
+    a = torch.ones(3)
+    y = mt.bundle([a]) * 2
+    z = y + 1
+    y.mul_(3)
+    with pytest.raises(RuntimeError, match="modified in place after the bundle was made"):
+        z.sum()
+    y = mt.bundle([a]) * 2
+    z, w = y + 1, y - 1
+    y.tensors  # kept, not written: z still reads them
+    assert float(z.sum()) == 9.0
+    y.tensors[0].add_(1)
+    for use in (lambda: z.sum(), lambda: z.tensors, lambda: w.norm(), lambda: (z ** 2).sum()):
+        with pytest.raises(RuntimeError, match="modified in place after the bundle was made"):
+            use()
+
+
 def test_grad_mode_of_creation_is_kept():
     p = torch.ones(3, requires_grad=True)
     with torch.no_grad():

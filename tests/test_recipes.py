@@ -81,6 +81,28 @@ def test_ema_matches_averaged_model_step_after_step():
         torch.testing.assert_close(a, b)
 
 
+def test_ema_with_buffers_blends_integer_buffers_as_averaged_model():
+    # With buffers=True a BatchNorm's step count (int64) is in the bundle. torch has no lerp_
+    # for integers, and ema_ raised; torch's EMA copies `ema * decay + model * (1 - decay)`
+    # into them, truncated.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    averaged.update_parameters(model)  # the first update copies
+    ema = copy.deepcopy(model)
+    for _ in range(4):
+        model(torch.randn(5, 3))  # a step for the running statistics and the step count
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        averaged.update_parameters(model)
+        recipes.ema_(mt.bundle(ema, buffers=True), mt.bundle(model, buffers=True), decay=0.5)
+    assert ema[1].num_batches_tracked.item() == 3  # 0 -> 0.5 * 0 + 0.5 * 1 = 0, 1, 2, 3
+    for (name, a), b in zip(ema.state_dict().items(), averaged.module.state_dict().values()):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b)
+
+
 def test_merge_takes_one_weight_as_any_number():
     base, ft1, ft2 = _model(0), _model(1), _model(2)
     tvs = [recipes.task_vector(ft1, base), recipes.task_vector(ft2, base)]
