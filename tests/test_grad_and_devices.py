@@ -258,6 +258,15 @@ def test_a_bundle_as_the_output_of_autograd(size, call):
 
 # -- forward-mode AD and torch.func transforms ------------------------------------------------
 
+
+def test_a_bundle_given_to_a_transform_as_its_input_is_refused_by_name():
+    # The transform wraps the bundle, so its ops reach the storage-less wrapper below
+    # __torch_function__: the error names the bundle and says to build it inside the function.
+    b = mt.bundle([torch.randn(3), torch.randn(2, 2)])
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(mt.UnsupportedOperationError, match=r"ParameterBundle of 2 tensors.*functional_call"):
+            transform(lambda x: x.norm())(b)
+
 TRANSFORMED = {
     "sum": lambda x: x.sum(), "var": lambda x: x.var(), "std": lambda x: x.std(), "norm": lambda x: x.norm(),
     "amax": lambda x: x.amax(), "median": lambda x: x.median(), "topk": lambda x: x.topk(3).values.sum(),
