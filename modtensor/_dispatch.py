@@ -744,11 +744,17 @@ class DispatchTensor(torch.Tensor):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        # Only reached by code that bypasses __torch_function__ (for instance a C++ kernel
-        # given the wrapper directly). The wrapper holds no data, so say so in Python.
+        # Only reached by code that bypasses __torch_function__: a C++ kernel given the wrapper
+        # directly, or a torch.func transform given it as an input (it wraps the bundle, and
+        # its ops then reach the wrapper here). The wrapper holds no data, so say so in Python.
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        b = next((x for x in leaves if isinstance(x, DispatchTensor)), None)
         raise UnsupportedOperationError(
-            f"{func} reached a {cls.__name__} below __torch_function__; the bundle has no "
-            "storage of its own. Call it on `b.materialize()` or on `b.tensors`."
+            f"{func} reached {'a ' + cls.__name__ if b is None else b.describe()} below "
+            "__torch_function__ (a C++ kernel, or a torch.func transform such as grad or vmap given "
+            "the bundle as an input); the bundle has no storage of its own. Call it on "
+            "`b.materialize()` or on `b.tensors`, or build the bundle inside the transformed "
+            "function (`mt.bundle(params)` over what `torch.func.functional_call` is given)."
         )
 
 

@@ -57,11 +57,13 @@ def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
     return element if element.dtype == b._dtype else element.to(b._dtype)
 
 
-def _slice_index(b: ParameterBundle, index: slice) -> torch.Tensor:
+def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
+    """The slice, and whether it is a view of one of the tensors."""
     start, stop, step = index.indices(b._numel)
     if step <= 0:
         raise ValueError(f"step must be greater than zero (indexing {b.describe()}).")
     parts = []
+    within = False
     for i, (begin, end) in enumerate(zip(b._offsets, b._offsets[1:])):
         if end <= start or begin >= stop or begin == end:
             continue
@@ -71,11 +73,14 @@ def _slice_index(b: ParameterBundle, index: slice) -> torch.Tensor:
         if first >= min(end, stop):
             continue
         parts.append(_flat(t, b._dtype)[first - begin : min(end, stop) - begin : step])
+        # Told by the tensor, not by `_is_view()` of the result, which torch.compile cannot
+        # trace and which is also true of a slice of a non-contiguous or cast tensor's copy.
+        within = t.is_contiguous() and t.dtype == b._dtype
     if len(parts) == 1:
-        return parts[0]
+        return parts[0], within
     if not parts:
-        return torch.empty(0, dtype=b._dtype, device=b._device)
-    return torch.cat(parts)
+        return torch.empty(0, dtype=b._dtype, device=b._device), False
+    return torch.cat(parts), False
 
 
 def _mask_index(b: ParameterBundle, mask: Any) -> Any:
@@ -112,18 +117,18 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if isinstance(index, int) and not isinstance(index, bool):
         result = _int_index(b, index)
     elif isinstance(index, slice):
-        result = _slice_index(b, index)
+        result, is_view = _slice_index(b, index)
+        if is_view:
+            # A slice within one tensor is a view of it, as documented; linking the other
+            # tensors would take an autograd Function, whose views raise once their base is
+            # written (an optimizer step), so they get no gradient from it.
+            return result
     elif (is_bundle(index) or isinstance(index, torch.Tensor)) and index.dtype == torch.bool:
         result = _mask_index(b, index)
         if result is NOT_HANDLED:
             return result
     else:
         return NOT_HANDLED
-    if isinstance(index, slice) and result._is_view():
-        # A slice within one tensor is a view of it, as documented; linking the other tensors
-        # would take an autograd Function, whose views raise once their base is written
-        # (an optimizer step), so they get no gradient from it.
-        return result
     # The concatenation's backward gives the tensors an index misses zero gradients, not
     # None (which optimizers skip).
     return _connect(result, b)

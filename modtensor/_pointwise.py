@@ -284,8 +284,8 @@ def map_elementwise(
     tiny = all(is_tiny(b) for b in bundles)
     if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
-        if dtypes is not None:
-            guard = _Guard(args, kwargs)
+        guard = None if dtypes is None else _Guard.watch(args, kwargs)
+        if dtypes is not None and guard is not None:
             lazy = owner._on_demand(
                 lambda i: guard(i, call, i),
                 ref,
@@ -404,6 +404,20 @@ class _Guard:
         # Operands computed on demand themselves hold no tensors yet: if they keep them later
         # (`tensors`, or an in-place op on them), a write after that shows in their versions.
         self.on_demand = [a for a in operands if is_bundle(a) and a._tensors is None]
+
+    @classmethod
+    def watch(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Guard | None:
+        """A guard of these operands, or None where one is an inference tensor: those have no
+        version counter to watch, so the op must be computed at once."""
+        try:
+            return cls(args, kwargs)
+        except RuntimeError:
+            operands = (*args, *kwargs.values())
+            tensors = [t for a in operands if is_bundle(a) and a._tensors is not None for t in a._tensors]
+            tensors += [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
+            if any(t.is_inference() for t in tensors):
+                return None
+            raise
 
     def check(self, i: int | None = None) -> None:
         """Raise if tensor i's inputs (every tensor's, for None) changed in place."""

@@ -397,11 +397,18 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
     The concatenation's backward gives every tensor that requires grad a gradient, zeros for
     those none of whose elements were picked; optimizers skip a None one (no weight decay).
     """
-    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point) or transformed():
+    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
+        return result
+    compiling = torch.compiler.is_compiling()  # (where transformed() is True as well)
+    if transformed() and not compiling:
         return result  # (_ZeroGrads has no setup_context or jvp for torch.func / forward AD)
     # Held tensors are linked themselves; a bundle computed on demand through the tensors it is
     # computed from (computing its own again would cost the op twice).
     trained = _trained_sources(b) if b._tensors is None else [t for t in b._tensors if t.requires_grad]
+    if trained and compiling:
+        # The compiled graph drops the gradients a Function gives inputs its forward does not
+        # read; an empty slice of each tensor, subtracted as 0, gives it its zeros.
+        return result - sum(_empty_part(t).sum().to(result.device, result.dtype) for t in trained)
     if trained:
         linked: torch.Tensor = _ZeroGrads.apply(result, *trained)  # type: ignore[no-untyped-call]
         return linked
@@ -449,6 +456,11 @@ def _no_elements(b: ParameterBundle, i: int) -> torch.Tensor | None:
     t = b._tensor(i) if b._shapes[i].numel() else None
     if t is None or not t.requires_grad:
         return None
+    return _empty_part(t)
+
+
+def _empty_part(t: torch.Tensor) -> torch.Tensor:
+    # its backward gives t a zero gradient
     return t.reshape(1)[:0] if t.dim() == 0 else t.narrow(0, 0, 0)
 
 

@@ -233,6 +233,16 @@ def test_int_index_compiles() -> None:
     torch.testing.assert_close(got.detach(), flat[37] - flat[-1])
 
 
+@pytest.mark.parametrize(
+    "index", [37, slice(3, 9), slice(30, 40, 3), slice(60, 70)], ids=["int", "in one", "across", "empty"]
+)
+def test_indexing_compiles_with_eagers_gradients(index: int | slice) -> None:
+    # README: int and slice indexing work under fullgraph; the tensors the index misses get
+    # zero gradients, as in eager and from the concatenation (not None).
+    loss: Loss = lambda m, r, x, y: (mt.bundle(m)[index] ** 2).sum() + mt.bundle(m)[index].sum()
+    _check_compiled(loss, "eager")
+
+
 def test_a_returned_bundle_is_the_stand_in() -> None:
     model, _ = _models()
     torch._dynamo.reset()

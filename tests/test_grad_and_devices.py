@@ -235,7 +235,47 @@ def test_autograd_grad_of_unused_tensors():
         torch.autograd.grad(w.sum(), b * 2)
 
 
+@pytest.mark.parametrize("size", [10, 5000], ids=["tiny", "long"])
+@pytest.mark.parametrize("call", ["grad", "grad wrt bundle", "autograd.backward", "Tensor.backward"])
+def test_a_bundle_as_the_output_of_autograd(size, call):
+    # The output's gradient is given for the concatenation: a flat tensor or a bundle of the
+    # same structure. The fallback differentiated a fresh concatenation of the inputs too,
+    # so grad raised and backward(inputs=[b]) left every .grad None, silently.
+    ws = [torch.randn(size, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    b, cat = mt.bundle(ws), torch.cat([w.reshape(-1) for w in ws])
+    g = torch.randn(cat.numel())
+    want = [torch.autograd.grad(cat.exp(), w, g)[0] for w in ws]
+    for grad_output in (g, mt.bundle([g[:size], g[size:].reshape(3, 4)])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mt.MaterializationWarning)
+            if call == "grad":
+                got = list(torch.autograd.grad(b.exp(), ws, grad_output))
+            elif call == "grad wrt bundle":
+                got = list(torch.autograd.grad(b.exp(), b, grad_outputs=grad_output)[0].tensors)
+            else:
+                for w in ws:
+                    w.grad = None
+                if call == "autograd.backward":
+                    torch.autograd.backward(b.exp(), grad_output, inputs=[b])
+                else:
+                    b.exp().backward(grad_output, inputs=[b])
+                got = [w.grad for w in ws]
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)
+    with pytest.raises(RuntimeError, match=r"mismatch in shape.*ParameterBundle of 2 tensors"):
+        torch.autograd.grad(b.exp(), ws, torch.ones(3))
+
+
 # -- forward-mode AD and torch.func transforms ------------------------------------------------
+
+
+def test_a_bundle_given_to_a_transform_as_its_input_is_refused_by_name():
+    # The transform wraps the bundle, so its ops reach the storage-less wrapper below
+    # __torch_function__: the error names the bundle and says to build it inside the function.
+    b = mt.bundle([torch.randn(3), torch.randn(2, 2)])
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(mt.UnsupportedOperationError, match=r"ParameterBundle of 2 tensors.*functional_call"):
+            transform(lambda x: x.norm())(b)
 
 TRANSFORMED = {
     "sum": lambda x: x.sum(), "var": lambda x: x.var(), "std": lambda x: x.std(), "norm": lambda x: x.norm(),

@@ -108,3 +108,18 @@ def test_slice_within_one_tensor_stays_a_view_with_gradients():
     view.sum().backward()
     torch.testing.assert_close(w.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
     assert bias.grad is None
+
+
+@pytest.mark.parametrize("kind", ["non-contiguous", "cast"])
+def test_slice_within_a_tensor_that_is_no_view_gives_the_others_zeros(kind):
+    # Only a contiguous tensor of the bundle's dtype gives a view; a slice of any other is a
+    # copy, and the tensors it misses get zero gradients, as from the concatenation.
+    w = torch.arange(6.0, dtype=torch.float64).reshape(2, 3).t().requires_grad_()
+    if kind == "cast":
+        w = torch.arange(6.0, dtype=torch.float32).requires_grad_()
+    bias = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    mt.bundle([bias, w])[3:6].sum().backward()
+    want_w = torch.zeros(6, dtype=w.dtype)
+    want_w[1:4] = 1.0
+    torch.testing.assert_close(w.grad.reshape(-1), want_w)
+    torch.testing.assert_close(bias.grad, torch.zeros(2, dtype=torch.float64))

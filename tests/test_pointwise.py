@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 
+import modtensor as mt
 from generators import INTS, cases, check_against_concat, other_like
 from modtensor._pointwise import POINTWISE_FUNCTIONS
 from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE, is_binary, pointwise_calls
@@ -44,3 +45,22 @@ def test_zero_dim_and_one_element_operands_broadcast(case):
             check_against_concat(case, lambda x, y: x * other + other)
             check_against_concat(case, lambda x, y: torch.where(x > 0, x, other))
             check_against_concat(case, lambda x, y: torch.clamp(x, min=other))
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["in inference_mode", "after it"])
+def test_elementwise_ops_with_inference_tensors(inside):
+    # Inference tensors have no version counter, so a bundle computed on demand cannot watch
+    # them: the op is computed at once, as on the concatenation, instead of raising.
+    with torch.inference_mode():
+        t = torch.randn(5100)  # long enough not to be computed on the concatenation
+        held = mt.bundle([torch.randn(100), torch.randn(5000)])
+    params = [torch.randn(100), torch.randn(5000)]
+    flat = torch.cat(params)
+    with torch.inference_mode(inside):
+        for got, want in [
+            (mt.bundle(params) * t, flat * t),
+            (t - (mt.bundle(params) * 0.5), t - flat * 0.5),
+            (held * 2 + 1, torch.cat(held.tensors) * 2 + 1),
+        ]:
+            torch.testing.assert_close(got.materialize(), want, rtol=0, atol=0)
+            torch.testing.assert_close(got.sum(), want.sum())
