@@ -334,6 +334,10 @@ def _parse_all(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
     name = func_name(func)
     dim, keepdim = _bind(_sig_all, name, args, kwargs)
     check_dim(dim, name, b)
+    if dim is not None and not isinstance(dim, int) and not len(dim):
+        # torch's all / any over no dim (dim=()) test each element, keeping the input's shape:
+        # no reduction, so the concatenation's answer (the fallback) is the exact one.
+        return NOT_HANDLED
     return ReduceArgs(name, torch.uint8 if b._dtype == torch.uint8 else torch.bool, b._numel, bool(keepdim))
 
 

@@ -118,3 +118,20 @@ def test_norm_orders_and_logsumexp_dims_torch_refuses(f, args, kwargs, shapes):
     got = f(mt.bundle(ts), *args, **kwargs)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("f", [torch.all, torch.any, torch.Tensor.all, torch.Tensor.any])
+@pytest.mark.parametrize("dim", [(), []])
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
+def test_all_and_any_over_no_dim_test_each_element(f, dim, keepdim, dtype):
+    # torch's all / any with dim=() reduce over no dim: the result is the input's shape. A
+    # bundle past the tiny size returned one 0-d answer for the whole bundle.
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randint(0, 3, s, generator=g).to(dtype) for s in [(3000, 2), (100,)]]
+    b = mt.bundle(ts)
+    want = f(b.materialize(), dim=dim, keepdim=keepdim)
+    with pytest.warns(mt.MaterializationWarning):
+        got = f(b, dim=dim, keepdim=keepdim)
+    assert got.shape == want.shape == (6100,) and got.dtype == want.dtype
+    assert torch.equal(got, want)
