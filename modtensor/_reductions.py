@@ -47,6 +47,7 @@ from modtensor._reduce_common import (
     _stack,
     _sum_dtype,
     check_dim,
+    check_dtype,
     root_of_sum,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
@@ -74,6 +75,7 @@ def _parse_sum_like(
 ) -> ReduceArgs:
     name = func_name(func)
     dim, keepdim, dtype = _bind(_sig_sum, name, args, kwargs)
+    check_dtype(dtype, name, b)
     check_dim(dim, name, b)
     if mean:
         if func in REDUCTION_FUNCTIONS["nanmean"]:  # torch.mean takes integers given dtype=; nanmean does not
@@ -416,6 +418,7 @@ _NORM_SIGNATURES: dict[Any, Callable[..., Any]] = {
 def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
+    check_dtype(dtype, name, b)
     if out is not None:
         return NOT_HANDLED
     # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any

@@ -135,3 +135,24 @@ def test_all_and_any_over_no_dim_test_each_element(f, dim, keepdim, dtype):
         got = f(b, dim=dim, keepdim=keepdim)
     assert got.shape == want.shape == (6100,) and got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+# (torch.sum and the other C functions check dtype= before the bundle sees the call; the
+# bundle's methods and torch.norm, a Python function, do not)
+@pytest.mark.parametrize(
+    "f", [
+        *(lambda x, name=name, **kwargs: getattr(x, name)(**kwargs) for name in ("sum", "mean", "norm")),
+        torch.norm,
+    ],
+    ids=["sum", "mean", "norm", "torch.norm"],
+)
+@pytest.mark.parametrize("dtype", ["float64", 3])
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_dtype_that_is_not_a_torch_dtype_is_a_type_error(f, dtype, shapes):
+    # torch's parser raises TypeError; the bundle read `dtype.is_floating_point` and raised
+    # AttributeError, naming nothing.
+    ts = [torch.randn(s) for s in shapes]
+    with pytest.raises(TypeError):
+        f(torch.cat([t.reshape(-1) for t in ts]), dtype=dtype)
+    with pytest.raises(TypeError, match=r"must be torch\.dtype, not .*ParameterBundle of 2 tensors"):
+        f(mt.bundle(ts), dtype=dtype)
