@@ -78,10 +78,16 @@ def _parse_sum_like(
     check_dtype(dtype, name, b)
     check_dim(dim, name, b)
     if mean:
+        if dtype is not None and not _is_floating(dtype):
+            raise RuntimeError(
+                f"{name}: dtype={dtype} cannot hold a mean: it must be a floating point or complex "
+                f"dtype (torch raises the same on the concatenation of {b.describe()}). Pass e.g. "
+                "dtype=torch.float64, or leave it out."
+            )
         if func in REDUCTION_FUNCTIONS["nanmean"]:  # torch.mean takes integers given dtype=; nanmean does not
             _require_floating(b._dtype, name, b, "the mean", dtype_helps=False)
-        else:
-            _require_floating(dtype or b._dtype, name, b, "the mean")
+        elif dtype is None:
+            _require_floating(b._dtype, name, b, "the mean")
     return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
 
 

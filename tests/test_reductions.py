@@ -156,3 +156,19 @@ def test_a_dtype_that_is_not_a_torch_dtype_is_a_type_error(f, dtype, shapes):
         f(torch.cat([t.reshape(-1) for t in ts]), dtype=dtype)
     with pytest.raises(TypeError, match=r"must be torch\.dtype, not .*ParameterBundle of 2 tensors"):
         f(mt.bundle(ts), dtype=dtype)
+
+
+@pytest.mark.parametrize("f", [torch.mean, torch.nanmean, torch.Tensor.mean, torch.Tensor.nanmean])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+@pytest.mark.parametrize("bundle_dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_mean_with_an_integer_dtype_is_refused(f, dtype, bundle_dtype, shapes):
+    # torch refuses dtype= other than floating or complex for mean and nanmean. nanmean of a
+    # long float bundle returned an integer, and mean's message said the bundle concatenates to
+    # the dtype= given.
+    g = torch.Generator().manual_seed(0)
+    b = mt.bundle([(torch.randn(s, generator=g) * 3).to(bundle_dtype) for s in shapes])
+    with pytest.raises(RuntimeError):
+        f(b.materialize(), dtype=dtype)
+    with pytest.raises(RuntimeError, match=rf"dtype={dtype} cannot hold a mean.*ParameterBundle of 2 tensors"):
+        f(b, dtype=dtype)
