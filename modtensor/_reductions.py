@@ -445,6 +445,12 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             f"{name}: dtype should be {kind} for {kind} inputs, but got {dtype}: {b.describe()} "
             f"concatenates to {b._dtype} (torch raises the same on the concatenation)."
         )
+    if dtype is not None and torch.promote_types(b._dtype, dtype) != dtype:
+        raise RuntimeError(
+            f"{name}: dtype={dtype} would narrow {b._dtype}, the dtype {b.describe()} concatenates "
+            "to (torch raises the same on the concatenation: the input should be convertible "
+            f"without narrowing to dtype=). Use dtype={torch.promote_types(b._dtype, dtype)}, or leave it out."
+        )
     dtype = dtype or b._dtype
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
     # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second

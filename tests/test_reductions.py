@@ -172,3 +172,23 @@ def test_a_mean_with_an_integer_dtype_is_refused(f, dtype, bundle_dtype, shapes)
         f(b.materialize(), dtype=dtype)
     with pytest.raises(RuntimeError, match=rf"dtype={dtype} cannot hold a mean.*ParameterBundle of 2 tensors"):
         f(b, dtype=dtype)
+
+
+@pytest.mark.parametrize("f", [torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm])
+@pytest.mark.parametrize(
+    "bundle_dtype, dtype",
+    [(torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+     (torch.float64, torch.float32), (torch.complex128, torch.complex64)],
+)
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_norm_with_a_narrower_dtype_is_refused(f, bundle_dtype, dtype, shapes):
+    # torch's vector_norm refuses a dtype= the input's dtype would narrow to; the bundle
+    # returned a number (float32 weights with dtype=torch.float16, for one).
+    g = torch.Generator().manual_seed(0)
+    b = mt.bundle([torch.randn(s, generator=g).to(bundle_dtype) for s in shapes])
+    with pytest.raises(RuntimeError, match="without narrowing"):
+        f(b.materialize(), dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"would narrow.*ParameterBundle of 2 tensors"):
+        f(b, dtype=dtype)
+    wide = torch.promote_types(bundle_dtype, torch.float32 if not dtype.is_complex else torch.complex64)
+    torch.testing.assert_close(f(b, dtype=wide), f(b.materialize(), dtype=wide))
