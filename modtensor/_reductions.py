@@ -9,6 +9,7 @@ the norms, and the table of every reduction (the extrema's parts are in `_extrem
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -429,13 +430,23 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
         return NOT_HANDLED
     # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any
     # string as a matrix norm, which the 1-D concatenation is refused.
+    if isinstance(p, torch.Tensor) and p.ndim == 0:
+        p = p.item()  # torch takes a 0-d tensor as a number
     if p is None or (p == "fro" and func in (torch.norm, _T.norm)):
         p = 2.0
-    if isinstance(p, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, str):
         raise RuntimeError(
             f"{name}: ord {p!r} is a matrix norm, but {b.describe()} behaves as a vector "
             "(torch raises on the 1-D concatenation: linalg.matrix_norm: The input tensor A must "
             "have at least 2 dimensions). Use a number (0, 1, 2, any p, inf, -inf)."
+        )
+    # Any real number, as torch's: True is 1, NumPy scalars are numbers.
+    if not isinstance(p, numbers.Real):
+        error = RuntimeError if isinstance(p, numbers.Complex) else TypeError
+        raise error(
+            f"{name}: ord must be a real number, not {type(p).__name__} ({p!r}) (torch raises "
+            f"{error.__name__} on the concatenation); {b.describe()} behaves as a vector. Use 0, "
+            "1, 2, any p, inf or -inf."
         )
     check_dim(dim, name, b)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says

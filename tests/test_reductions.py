@@ -1,5 +1,6 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -97,6 +98,9 @@ NORM_AND_LOGSUMEXP_ARGUMENTS = [
     (torch.Tensor.norm, ("fro",), {}), (torch.norm, ("nuc",), {}),
     (torch.logsumexp, ((),), {}), (torch.logsumexp, ([],), {}), (torch.logsumexp, ((),), {"keepdim": True}),
     (torch.logsumexp, (0,), {}),
+    # not numbers: torch.norm passes ord on to vector_norm, whose parser raises TypeError
+    (torch.norm, ((1,),), {}), (torch.Tensor.norm, ([2],), {}), (torch.norm, (torch.tensor([2.0]),), {}),
+    (torch.linalg.vector_norm, (1j,), {}), (torch.norm, (1j,), {}),
 ]
 
 
@@ -192,3 +196,20 @@ def test_a_norm_with_a_narrower_dtype_is_refused(f, bundle_dtype, dtype, shapes)
         f(b, dtype=dtype)
     wide = torch.promote_types(bundle_dtype, torch.float32 if not dtype.is_complex else torch.complex64)
     torch.testing.assert_close(f(b, dtype=wide), f(b.materialize(), dtype=wide))
+
+
+@pytest.mark.parametrize("f", [torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm])
+@pytest.mark.parametrize(
+    "ord", [True, False, np.int64(1), np.float32(3.0), torch.tensor(2), torch.tensor(0.5, dtype=torch.float64)],
+    ids=["True", "False", "np.int64", "np.float32", "int tensor", "float64 tensor"],
+)
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_norm_orders_torch_takes_as_numbers(f, ord, shapes):
+    # torch takes any real number as ord (True as 1, NumPy scalars, 0-d tensors); the bundle
+    # refused them as matrix norms.
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in shapes]
+    want = f(torch.cat([t.reshape(-1) for t in ts]), ord)
+    got = f(mt.bundle(ts), ord)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
