@@ -257,7 +257,7 @@ def _fin_values_indices(return_type: Any) -> Callable[[Any, ReduceArgs], Any]:
 # -- max / min: full (like amax), with dim (values and indices), or elementwise with `other` ---
 
 
-def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any = None) -> Any:
+def _sig_max(input: Any, dim: Any = None, keepdim: bool = False, *, other: Any = None, out: Any = None) -> Any:
     return dim, keepdim, other
 
 

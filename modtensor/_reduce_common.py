@@ -53,6 +53,19 @@ def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
         raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
 
 
+def check_dtype(dtype: Any, name: str, b: ParameterBundle) -> Any:
+    """`dtype` itself where it is None or a torch.dtype; TypeError otherwise, as torch's parser.
+
+    The partials read its attributes (`is_floating_point`), which gave an AttributeError.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    raise TypeError(
+        f"{name}: argument 'dtype' must be torch.dtype, not {type(dtype).__name__} ({dtype!r}), "
+        f"for {b.describe()}; e.g. dtype=torch.float64 (torch raises the same on the concatenation)."
+    )
+
+
 def _bind(stub: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # Python's own argument binding mirrors torch's signature at the cost of one call.
     kwargs = dict(kwargs)

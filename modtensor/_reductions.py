@@ -9,6 +9,7 @@ the norms, and the table of every reduction (the extrema's parts are in `_extrem
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from modtensor._reduce_common import (
     _stack,
     _sum_dtype,
     check_dim,
+    check_dtype,
     root_of_sum,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
@@ -74,12 +76,19 @@ def _parse_sum_like(
 ) -> ReduceArgs:
     name = func_name(func)
     dim, keepdim, dtype = _bind(_sig_sum, name, args, kwargs)
+    check_dtype(dtype, name, b)
     check_dim(dim, name, b)
     if mean:
+        if dtype is not None and not _is_floating(dtype):
+            raise RuntimeError(
+                f"{name}: dtype={dtype} cannot hold a mean: it must be a floating point or complex "
+                f"dtype (torch raises the same on the concatenation of {b.describe()}). Pass e.g. "
+                "dtype=torch.float64, or leave it out."
+            )
         if func in REDUCTION_FUNCTIONS["nanmean"]:  # torch.mean takes integers given dtype=; nanmean does not
             _require_floating(b._dtype, name, b, "the mean", dtype_helps=False)
-        else:
-            _require_floating(dtype or b._dtype, name, b, "the mean")
+        elif dtype is None:
+            _require_floating(b._dtype, name, b, "the mean")
     return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
 
 
@@ -334,6 +343,10 @@ def _parse_all(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
     name = func_name(func)
     dim, keepdim = _bind(_sig_all, name, args, kwargs)
     check_dim(dim, name, b)
+    if dim is not None and not isinstance(dim, int) and not len(dim):
+        # torch's all / any over no dim (dim=()) test each element, keeping the input's shape:
+        # no reduction, so the concatenation's answer (the fallback) is the exact one.
+        return NOT_HANDLED
     return ReduceArgs(name, torch.uint8 if b._dtype == torch.uint8 else torch.bool, b._numel, bool(keepdim))
 
 
@@ -412,17 +425,28 @@ _NORM_SIGNATURES: dict[Any, Callable[..., Any]] = {
 def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
+    check_dtype(dtype, name, b)
     if out is not None:
         return NOT_HANDLED
     # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any
     # string as a matrix norm, which the 1-D concatenation is refused.
+    if isinstance(p, torch.Tensor) and p.ndim == 0:
+        p = p.item()  # torch takes a 0-d tensor as a number
     if p is None or (p == "fro" and func in (torch.norm, _T.norm)):
         p = 2.0
-    if isinstance(p, str) or isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, str):
         raise RuntimeError(
             f"{name}: ord {p!r} is a matrix norm, but {b.describe()} behaves as a vector "
             "(torch raises on the 1-D concatenation: linalg.matrix_norm: The input tensor A must "
             "have at least 2 dimensions). Use a number (0, 1, 2, any p, inf, -inf)."
+        )
+    # Any real number, as torch's: True is 1, NumPy scalars are numbers.
+    if not isinstance(p, numbers.Real):
+        error = RuntimeError if isinstance(p, numbers.Complex) else TypeError
+        raise error(
+            f"{name}: ord must be a real number, not {type(p).__name__} ({p!r}) (torch raises "
+            f"{error.__name__} on the concatenation); {b.describe()} behaves as a vector. Use 0, "
+            "1, 2, any p, inf or -inf."
         )
     check_dim(dim, name, b)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says
@@ -431,6 +455,12 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
         raise RuntimeError(
             f"{name}: dtype should be {kind} for {kind} inputs, but got {dtype}: {b.describe()} "
             f"concatenates to {b._dtype} (torch raises the same on the concatenation)."
+        )
+    if dtype is not None and torch.promote_types(b._dtype, dtype) != dtype:
+        raise RuntimeError(
+            f"{name}: dtype={dtype} would narrow {b._dtype}, the dtype {b.describe()} concatenates "
+            "to (torch raises the same on the concatenation: the input should be convertible "
+            f"without narrowing to dtype=). Use dtype={torch.promote_types(b._dtype, dtype)}, or leave it out."
         )
     dtype = dtype or b._dtype
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the

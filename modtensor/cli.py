@@ -310,7 +310,10 @@ def _widened(b: mt.ParameterBundle) -> mt.ParameterBundle:
     Times a float32 `(1,)` one, which is exact and computed on demand, one tensor at a time
     (`b.float()` would convert the whole checkpoint at once).
     """
-    if b.dtype not in _LOW_PRECISION:
+    # Under concat a bundle computes in its own dtype, float32 where 16-bit tensors sit beside
+    # float32 ones (or float16 beside bfloat16); under weighted, each tensor in the tensor's.
+    sixteen = b.strategy != "concat" and any(t.dtype in _LOW_PRECISION for t in b.tensors)
+    if b.dtype not in _LOW_PRECISION and not sixteen:
         return b
     widened = b * torch.ones(1, dtype=torch.float32)
     assert isinstance(widened, mt.ParameterBundle)

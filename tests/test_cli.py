@@ -487,6 +487,14 @@ def test_16_bit_figures_are_computed_in_float32(capsys, tmp_path, strategy):
         assert report["tensors"][name]["dtype"] == str(t.dtype).replace("torch.", "")
     if strategy == "concat":
         _assert_figures(report["global"], _reference(list(state.values())))
+    else:
+        # float16 beside bfloat16 makes a float32 bundle, whose weighted figures were each
+        # tensor's in its own dtype: the float16 L2 norm of "big" (1e5) was inf, the global one too.
+        refs = [_reference([t]) for t in state.values()]
+        numel = sum(r["numel"] for r in refs)
+        for key in ("mean", "std", "min", "max", "l2"):
+            want = sum(float(r[key]) * r["numel"] for r in refs) / numel
+            assert report["global"][key] == pytest.approx(want, rel=1e-5), key
     big = tmp_path / "big.pt"
     torch.save({"big": state["big"]}, big)
     report = json.loads(_run(capsys, "stats", big, "--format", "json", "--strategy", strategy)[1])

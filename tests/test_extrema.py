@@ -41,3 +41,21 @@ def test_ties_without_nan_still_share_the_gradient():
     ours = [torch.tensor([1.0, 5.0], requires_grad=True), torch.tensor([5.0, 5.0, 2.0], requires_grad=True)]
     mt.bundle(ours).max().backward()
     torch.testing.assert_close(torch.cat([t.grad for t in ours]), torch.tensor([0.0, 1, 1, 1, 0]) / 3)
+
+
+@pytest.mark.parametrize("n", [3000, 3], ids=["long", "tiny"])
+def test_max_and_min_with_out_write_the_concatenations_result(n):
+    # torch.max(x, out=t) and torch.min(x, 0, out=(values, indices)) are valid calls; the
+    # bundle raised TypeError (its signature had no `out`) instead of the documented fallback.
+    g = torch.Generator().manual_seed(0)
+    b = mt.bundle([torch.randn(n, 2, generator=g), torch.randn(5, generator=g)])
+    cat = b.materialize()
+    out = torch.empty(0)
+    with pytest.warns(mt.MaterializationWarning):
+        torch.max(b, out=out)
+    torch.testing.assert_close(out, cat.max())
+    values, indices = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    with pytest.warns(mt.MaterializationWarning):
+        torch.min(b, 0, keepdim=True, out=(values, indices))
+    want = torch.min(cat, 0, keepdim=True)
+    torch.testing.assert_close((values, indices), (want.values, want.indices))

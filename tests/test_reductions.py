@@ -1,5 +1,6 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -97,6 +98,9 @@ NORM_AND_LOGSUMEXP_ARGUMENTS = [
     (torch.Tensor.norm, ("fro",), {}), (torch.norm, ("nuc",), {}),
     (torch.logsumexp, ((),), {}), (torch.logsumexp, ([],), {}), (torch.logsumexp, ((),), {"keepdim": True}),
     (torch.logsumexp, (0,), {}),
+    # not numbers: torch.norm passes ord on to vector_norm, whose parser raises TypeError
+    (torch.norm, ((1,),), {}), (torch.Tensor.norm, ([2],), {}), (torch.norm, (torch.tensor([2.0]),), {}),
+    (torch.linalg.vector_norm, (1j,), {}), (torch.norm, (1j,), {}),
 ]
 
 
@@ -117,4 +121,95 @@ def test_norm_orders_and_logsumexp_dims_torch_refuses(f, args, kwargs, shapes):
         return
     got = f(mt.bundle(ts), *args, **kwargs)
     assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("f", [torch.all, torch.any, torch.Tensor.all, torch.Tensor.any])
+@pytest.mark.parametrize("dim", [(), []])
+@pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8])
+def test_all_and_any_over_no_dim_test_each_element(f, dim, keepdim, dtype):
+    # torch's all / any with dim=() reduce over no dim: the result is the input's shape. A
+    # bundle past the tiny size returned one 0-d answer for the whole bundle.
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randint(0, 3, s, generator=g).to(dtype) for s in [(3000, 2), (100,)]]
+    b = mt.bundle(ts)
+    want = f(b.materialize(), dim=dim, keepdim=keepdim)
+    with pytest.warns(mt.MaterializationWarning):
+        got = f(b, dim=dim, keepdim=keepdim)
+    assert got.shape == want.shape == (6100,) and got.dtype == want.dtype
+    assert torch.equal(got, want)
+
+
+# (torch.sum and the other C functions check dtype= before the bundle sees the call; the
+# bundle's methods and torch.norm, a Python function, do not)
+@pytest.mark.parametrize(
+    "f", [
+        *(lambda x, name=name, **kwargs: getattr(x, name)(**kwargs) for name in ("sum", "mean", "norm")),
+        torch.norm,
+    ],
+    ids=["sum", "mean", "norm", "torch.norm"],
+)
+@pytest.mark.parametrize("dtype", ["float64", 3])
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_dtype_that_is_not_a_torch_dtype_is_a_type_error(f, dtype, shapes):
+    # torch's parser raises TypeError; the bundle read `dtype.is_floating_point` and raised
+    # AttributeError, naming nothing.
+    ts = [torch.randn(s) for s in shapes]
+    with pytest.raises(TypeError):
+        f(torch.cat([t.reshape(-1) for t in ts]), dtype=dtype)
+    with pytest.raises(TypeError, match=r"must be torch\.dtype, not .*ParameterBundle of 2 tensors"):
+        f(mt.bundle(ts), dtype=dtype)
+
+
+@pytest.mark.parametrize("f", [torch.mean, torch.nanmean, torch.Tensor.mean, torch.Tensor.nanmean])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+@pytest.mark.parametrize("bundle_dtype", [torch.float32, torch.float16, torch.int64])
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_mean_with_an_integer_dtype_is_refused(f, dtype, bundle_dtype, shapes):
+    # torch refuses dtype= other than floating or complex for mean and nanmean. nanmean of a
+    # long float bundle returned an integer, and mean's message said the bundle concatenates to
+    # the dtype= given.
+    g = torch.Generator().manual_seed(0)
+    b = mt.bundle([(torch.randn(s, generator=g) * 3).to(bundle_dtype) for s in shapes])
+    with pytest.raises(RuntimeError):
+        f(b.materialize(), dtype=dtype)
+    with pytest.raises(RuntimeError, match=rf"dtype={dtype} cannot hold a mean.*ParameterBundle of 2 tensors"):
+        f(b, dtype=dtype)
+
+
+@pytest.mark.parametrize("f", [torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm])
+@pytest.mark.parametrize(
+    "bundle_dtype, dtype",
+    [(torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+     (torch.float64, torch.float32), (torch.complex128, torch.complex64)],
+)
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_a_norm_with_a_narrower_dtype_is_refused(f, bundle_dtype, dtype, shapes):
+    # torch's vector_norm refuses a dtype= the input's dtype would narrow to; the bundle
+    # returned a number (float32 weights with dtype=torch.float16, for one).
+    g = torch.Generator().manual_seed(0)
+    b = mt.bundle([torch.randn(s, generator=g).to(bundle_dtype) for s in shapes])
+    with pytest.raises(RuntimeError, match="without narrowing"):
+        f(b.materialize(), dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"would narrow.*ParameterBundle of 2 tensors"):
+        f(b, dtype=dtype)
+    wide = torch.promote_types(bundle_dtype, torch.float32 if not dtype.is_complex else torch.complex64)
+    torch.testing.assert_close(f(b, dtype=wide), f(b.materialize(), dtype=wide))
+
+
+@pytest.mark.parametrize("f", [torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm])
+@pytest.mark.parametrize(
+    "ord", [True, False, np.int64(1), np.float32(3.0), torch.tensor(2), torch.tensor(0.5, dtype=torch.float64)],
+    ids=["True", "False", "np.int64", "np.float32", "int tensor", "float64 tensor"],
+)
+@pytest.mark.parametrize("shapes", [[(3000, 2), (100,)], [(3,), (2, 2)]], ids=["long", "tiny"])
+def test_norm_orders_torch_takes_as_numbers(f, ord, shapes):
+    # torch takes any real number as ord (True as 1, NumPy scalars, 0-d tensors); the bundle
+    # refused them as matrix norms.
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in shapes]
+    want = f(torch.cat([t.reshape(-1) for t in ts]), ord)
+    got = f(mt.bundle(ts), ord)
+    assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want)
