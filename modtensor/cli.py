@@ -638,7 +638,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `modtensor` command line; return the exit status (0 ran, 2 usage or file error).
+    """Run the `modtensor` command line; return the exit status (0 ran, 2 usage or file
+    error, 1 the output could not be written).
 
     `modtensor stats [PATH]` prints per-tensor and global statistics of a checkpoint (a
     `torch.save`d state_dict, or a `.safetensors` file); `modtensor diff A B` the distance
@@ -663,15 +664,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits on --help and on bad usage: return its status
         return e.code if isinstance(e.code, int) else 2
     try:
-        sys.stdout.write(args.run(args))
-        sys.stdout.flush()
+        text = args.run(args)
     except CliError as e:
         print(f"modtensor: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
     except BrokenPipeError:  # `modtensor stats big.pt | head`: the reader left, nothing is wrong
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         return 0
+    except OSError as e:  # a full disk (`> /dev/full`): the report was lost, so say so
+        print(f"modtensor: error: cannot write the output: {e}", file=sys.stderr)
+        _drop_stdout()
+        return 1
     return 0
+
+
+def _drop_stdout() -> None:
+    # What stdout still buffers would fail again when Python flushes it at exit, with a
+    # traceback: it goes to /dev/null instead.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

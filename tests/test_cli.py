@@ -513,3 +513,18 @@ def test_a_name_with_glob_characters_selects_itself(capsys, tmp_path):
     torch.save({"w[0]": torch.ones(2), "w0": torch.zeros(3)}, path)
     _, out, _ = _run(capsys, "stats", path, "--format", "json", "--include", "w[0]")
     assert set(json.loads(out)["tensors"]) == {"w[0]", "w0"}
+
+
+class _FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_status_1(monkeypatch, capsys):
+    # (`modtensor stats > /dev/full` printed an OSError traceback)
+    monkeypatch.setattr(sys, "stdout", _FullDisk())
+    code = cli.main(["stats"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines()[-1] == "modtensor: error: cannot write the output: [Errno 28] No space left on device"
+    assert "Traceback" not in err
