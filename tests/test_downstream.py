@@ -321,3 +321,32 @@ def test_a_declining_handler_leaves_metadata_to_the_bundle():
     b = Declines([torch.ones(2, 3), torch.ones(4)], ["w", "b"])
     with mt.fallback("error"):
         assert torch.numel(b) == 10 and b.dim() == 1
+
+
+@pytest.mark.parametrize("width", [3, 5000], ids=["tiny", "large"])
+def test_a_handler_that_calls_the_inherited_one_sees_every_call(width, real_sizes):
+    # A library's handler may do its own work and then call the entry it overrides. On tiny
+    # bundles, the inherited handler used to record the call for the fast lane, which then
+    # skipped the library's handler from the second call on.
+    class Logged(mt.ParameterBundle):
+        pass
+
+    log = []
+    inherited_sum = mt.ParameterBundle.HANDLERS[(torch.Tensor.sum, "*")]
+    inherited_mul = mt.ParameterBundle.HANDLERS[(torch.Tensor.mul, "*")]
+
+    @Logged.implements(torch.Tensor.sum)
+    def _sum(func, types, args, kwargs):
+        log.append("sum")
+        return inherited_sum(func, types, args, kwargs)
+
+    @Logged.implements(torch.Tensor.mul)
+    def _mul(func, types, args, kwargs):
+        log.append("mul")
+        return inherited_mul(func, types, args, kwargs)
+
+    b = Logged([torch.ones(width), torch.ones(2)], ["a", "b"])
+    for _ in range(3):
+        assert float(b.sum()) == width + 2
+        assert float((b * 2).sum()) == 2 * (width + 2)
+    assert log == ["sum", "mul", "sum"] * 3
