@@ -9,6 +9,7 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -641,7 +642,8 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
     A name already registered is refused unless `replace=True` (registering an instance of
     the same class again, as a reloaded module does, replaces it too). The built-in
     strategies (`concat`, `per_param`, `weighted`) cannot be replaced: parts of the library
-    (tiny bundles, the fused kernels) implement them directly.
+    (tiny bundles, the fused kernels) implement them directly. A strategy whose class does not
+    define `reduce(self, call)` is refused.
 
     Example:
         >>> import modtensor as mt
@@ -659,6 +661,22 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
             f"{strategy!r}" + (f" named {strategy.name!r}." if isinstance(strategy, Strategy) else ".")
         )
     name = strategy.name
+    # Checked here, not at the first reduction, which would raise a bare NotImplementedError
+    # or TypeError from inside the strategy.
+    if type(strategy).reduce is Strategy.reduce:
+        raise TypeError(
+            f"register_strategy: {type(strategy).__qualname__} ({name!r}) does not define "
+            "reduce(self, call), which computes a reduction under it (see mt.Strategy)."
+        )
+    try:
+        inspect.signature(strategy.reduce).bind(None)
+    except ValueError:  # no signature to read (a C function): trust it
+        pass
+    except TypeError as e:
+        raise TypeError(
+            f"register_strategy: {type(strategy).__qualname__}.reduce cannot be called as "
+            f"reduce(call): {e}."
+        ) from None
     if name in _BUILTIN_STRATEGIES:
         raise ValueError(
             f"register_strategy: {name!r} is a built-in strategy, which modtensor implements in "

@@ -391,3 +391,22 @@ def test_register_reduction_checks_its_parts_when_registering():
         commutative=True, pack_dtype=lambda dtype, device, *rest: dtype, bundle_type=Mine,
     )
     assert float(torch.cumsum(Mine([torch.ones(2), torch.ones(3)], ["a", "b"]), 0)) == 5.0
+
+
+def test_register_strategy_refuses_a_strategy_it_cannot_call():
+    # Both used to be registered, and failed at the first reduction: with a bare
+    # NotImplementedError, or a TypeError from inside the strategy.
+    class NoReduce(mt.Strategy):
+        name = "no_reduce"
+
+    class NoCall(mt.Strategy):
+        name = "no_call"
+
+        def reduce(self):
+            return 0
+
+    with pytest.raises(TypeError, match=r"NoReduce \('no_reduce'\) does not define reduce\(self, call\)"):
+        mt.register_strategy(NoReduce())
+    with pytest.raises(TypeError, match=r"NoCall.reduce cannot be called as reduce\(call\)"):
+        mt.register_strategy(NoCall())
+    assert "no_reduce" not in mt.strategies() and "no_call" not in mt.strategies()
