@@ -212,7 +212,7 @@ def register_reduction(
     direct: bool = False,
     commutative: bool = False,
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
-    fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None,
+    fused: Callable[[Any, ReduceArgs], Any] | None = None,  # Any: bundle_type's bundles (see Reduction)
     pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
     bundle_type: type[ParameterBundle] = ParameterBundle,
 ) -> Reduction:

@@ -96,7 +96,9 @@ class Reduction:
         tensor(7)
     """
 
-    parse: Callable[[ParameterBundle, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+    # The bundle parse and fused get is typed Any: a reduction registered for a subclass
+    # (register_reduction's bundle_type=) gets that subclass's bundles, and may say so.
+    parse: Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
     partial: Callable[[Any, int, ReduceArgs], Any]
     combine: Callable[[list[Any], ReduceArgs], Any]
     finalize: Callable[[Any, ReduceArgs], Any] = lambda state, args: state
@@ -113,7 +115,7 @@ class Reduction:
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
     # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
-    fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None
+    fused: Callable[[Any, ReduceArgs], Any] | None = None
     # `pack_dtype(dtype, device)`: the dtype that small tensors of `dtype` on `device`, packed
     # together, reach `partial` in (default: their own). The sums widen float32 packs to float64,
     # which makes them exact: a pack of norm-layer scales near 1 adds up to thousands, where one
