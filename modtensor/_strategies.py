@@ -319,7 +319,8 @@ class ReductionCall:
 
     @property
     def parsed(self) -> Any:
-        """The parsed `ReduceArgs`, or NOT_HANDLED where only the fallback is exact."""
+        """The parsed `ReduceArgs`, or `NotImplemented` where only the fallback is exact: `reduce`
+        then returns `NotImplemented` to send the call there."""
         if self._parsed is None:
             self._parsed = self._parse()
         return self._parsed
