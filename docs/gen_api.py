@@ -30,6 +30,26 @@ DATA_MEMBERS = {
     ),
 }
 
+# The public type aliases of the signatures: a Union or Callable carries no docstring of its own.
+ALIASES = {
+    "Handler": "What `implements` registers: `handler(func, types, args, kwargs) -> result`, or\n"
+    "`NotImplemented` to send the call to the fallback.\n",
+    "Selector": "What `mt.bundle(include=, exclude=)` takes: a glob pattern, a list of them, a predicate\n"
+    "`(name, tensor) -> bool`, or None.\n",
+    "Source": "What `mt.bundle` bundles: an `nn.Module`, a `Mapping[str, Tensor]`, an iterable of tensors\n"
+    "or of `(name, tensor)` pairs, or a `ParameterBundle`.\n",
+    "Weights": "What `ParameterBundle.weighted` takes: None (each tensor's numel), a mapping of names or\n"
+    "glob patterns to floats, a callable `(name, tensor) -> float`, or one float per tensor.\n",
+}
+
+
+def _alias(name: str, obj: Any) -> str:
+    spelled = repr(obj)
+    for long, short in (("collections.abc.", ""), ("typing.", ""), ("torch.nn.modules.module.", "nn."),
+                        ("ForwardRef('ParameterBundle')", "ParameterBundle")):
+        spelled = spelled.replace(long, short)
+    return f"### `mt.{name}`\n\n{ALIASES[name]}\nA type alias: `{spelled}`.\n"
+
 
 def _signature(obj: Any) -> str:
     try:
@@ -62,6 +82,9 @@ def render() -> str:
     for name in mt.__all__:
         obj = getattr(mt, name)
         if inspect.ismodule(obj):
+            continue
+        if name in ALIASES:
+            parts.append(_alias(name, obj))
             continue
         parts.append(_entry(f"mt.{name}", obj))
         if obj is mt.ParameterBundle:

@@ -22,13 +22,17 @@ from modtensor._install import install, installed, uninstall
 __version__ = "0.1.0"
 
 __all__ = [
+    "Handler",
     "MaterializationWarning",
     "ParameterBundle",
     "Reduction",
     "ReduceArgs",
     "ReductionCall",
+    "Selector",
+    "Source",
     "Strategy",
     "UnsupportedOperationError",
+    "Weights",
     "bundle",
     "fallback",
     "implements",

@@ -110,7 +110,8 @@ TINY_NUMEL = 1 << 12
 # class, function, dtype and the other arguments: plain values as they are, a second bundle
 # by its kind (a tuple that starts with _BUNDLED), and for elementwise ops a scalar by its type
 # only; the value says whether the call is elementwise (its result a bundle over the flat
-# result). Registering any handler empties it.
+# result). Registering any handler empties it; a call that a library's handler takes (one that
+# calls modtensor's in turn) is never in it.
 LANE_CALLS: dict[tuple[Any, ...], bool] = {}
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 _SCALARS = (bool, int, float)
@@ -143,11 +144,20 @@ def _remember(key: tuple[Any, ...], elementwise: bool) -> None:
     LANE_CALLS[key] = elementwise
 
 
+def _served_by_modtensor(b: Any, func: Callable[..., Any]) -> bool:
+    # The lane skips the table, so it may only take a call that b's class's table gives to one
+    # of modtensor's own handlers (the one recording it): a library's handler that does its own
+    # work and then calls the inherited one (to log every sum, say) must see every call.
+    table = type(b).HANDLERS
+    handler = table.get((func, "concat")) or table.get((func, ANY_STRATEGY))
+    return str(getattr(handler, "__module__", "")).startswith("modtensor.")
+
+
 def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     """Record that `func(b, *args[1:], **kwargs)` is a valid direct reduction for b's dtype
     (and, where args[1] is a bundle, for any tiny one of b's shapes and args[1]'s dtype)."""
     rest = _lane_rest(b, args)
-    if rest is None or args[0] is not b:
+    if rest is None or args[0] is not b or not _served_by_modtensor(b, func):
         return
     values = (*rest[1:], *kwargs.values()) if rest and _is_bundled(rest[0]) else (*rest, *kwargs.values())
     if all(type(v) in _PLAIN or (type(v) is tuple and all(type(x) is int for x in v)) for v in values):
@@ -157,7 +167,7 @@ def remember_direct(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwa
 def remember_elementwise(b: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     """Record that `func(b, *args[1:])` may be computed on the concatenations for b's dtype."""
     rest = None if kwargs or args[0] is not b else _lane_rest(b, args)
-    if rest is not None and len(rest) <= 1:
+    if rest is not None and len(rest) <= 1 and _served_by_modtensor(b, func):
         if rest and type(rest[0]) in _SCALARS:
             _remember((type(b), func, b._dtype, (type(rest[0]),)), True)
         elif not rest or _is_bundled(rest[0]):

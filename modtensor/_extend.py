@@ -7,6 +7,7 @@ Everything built in is registered through these same functions: every reduction 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -170,6 +171,36 @@ def run_reduction(
     return _strategies.reduce(call)
 
 
+# How register_reduction calls each part: the parameters it is checked against.
+_PART_PARAMETERS = {
+    "partial": ("segment", "offset", "args"), "combine": ("states", "args"), "finalize": ("state", "args"),
+    "parse": ("bundle", "func", "args", "kwargs"), "needs_elements": ("args",), "partials": ("tensors", "args"),
+    "fused": ("bundle", "args"), "pack_dtype": ("dtype", "device"),
+}
+
+
+def _check_part(what: str, part: Any) -> None:
+    # At registration, not at the first reduction, where a wrong signature would surface as
+    # a bare TypeError from inside the library's own function.
+    required = what in ("partial", "combine")
+    if part is None and not required:
+        return
+    if not callable(part):
+        raise TypeError(
+            f"register_reduction: {what} must be a callable{'' if required else ' or None'}, got {part!r}."
+        )
+    parameters = _PART_PARAMETERS[what]
+    try:
+        inspect.signature(part).bind(*parameters)
+    except ValueError:  # no signature to read (a C function): trust it
+        pass
+    except TypeError as e:
+        raise TypeError(
+            f"register_reduction: {what} {getattr(part, '__name__', part)!r} cannot be called as "
+            f"{what}({', '.join(parameters)}): {e}."
+        ) from None
+
+
 def register_reduction(
     funcs: Callable[..., Any] | Iterable[Callable[..., Any]],
     partial: Callable[[Any, int, ReduceArgs], Any],
@@ -181,7 +212,7 @@ def register_reduction(
     direct: bool = False,
     commutative: bool = False,
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
-    fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None,
+    fused: Callable[[Any, ReduceArgs], Any] | None = None,  # Any: bundle_type's bundles (see Reduction)
     pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
     bundle_type: type[ParameterBundle] = ParameterBundle,
 ) -> Reduction:
@@ -206,7 +237,8 @@ def register_reduction(
     and weighted strategies come for free: they call `func` on each tensor. The reduction is
     registered in `bundle_type`'s table (by default ParameterBundle's, which its subclasses
     inherit; name your subclass to keep it out of everyone else's) and replaces what was there
-    for `funcs`, as `implements` does.
+    for `funcs`, as `implements` does. A part that cannot be called as above, and `partials` or
+    `pack_dtype` without `commutative=True` (they would never be used), are refused here.
 
     Example:
         >>> import torch, modtensor as mt
@@ -227,16 +259,23 @@ def register_reduction(
     funcs = _as_functions(funcs, "register_reduction")
     if not (isinstance(bundle_type, type) and issubclass(bundle_type, ParameterBundle)):
         raise TypeError(f"register_reduction: bundle_type must be ParameterBundle or a subclass, got {bundle_type!r}.")
-    parts = dict(
+    for what, part in dict(
         partial=partial, combine=combine, finalize=finalize, parse=parse, needs_elements=needs_elements,
         partials=partials, fused=fused, pack_dtype=pack_dtype,
-    )
-    for what, part in parts.items():
-        if not callable(part) and (part is not None or what in ("partial", "combine")):
-            raise TypeError(
-                f"register_reduction: {what} must be a callable"
-                f"{'' if what in ('partial', 'combine') else ' or None'}, got {part!r}."
-            )
+    ).items():
+        _check_part(what, part)
+    for what, flag in (("direct", direct), ("commutative", commutative)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"register_reduction: {what} must be True or False, got {flag!r}.")
+    if not commutative and (partials is not None or pack_dtype is not None):
+        # Both serve packed or grouped tensors, which only a commutative reduction gets:
+        # without it they would be silently left unused.
+        given = "partials" if partials is not None else "pack_dtype"
+        raise ValueError(
+            f"register_reduction: {given} is used only by a commutative reduction (small tensors "
+            "from anywhere in the bundle reduced together); pass commutative=True if the order "
+            f"of the elements does not matter, or leave {given} out."
+        )
     reduction = Reduction(
         parse=parse or parse_dim_keepdim,
         partial=partial,

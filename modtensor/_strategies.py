@@ -9,6 +9,7 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,9 @@ class Reduction:
         tensor(7)
     """
 
-    parse: Callable[[ParameterBundle, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+    # The bundle parse and fused get is typed Any: a reduction registered for a subclass
+    # (register_reduction's bundle_type=) gets that subclass's bundles, and may say so.
+    parse: Callable[[Any, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
     partial: Callable[[Any, int, ReduceArgs], Any]
     combine: Callable[[list[Any], ReduceArgs], Any]
     finalize: Callable[[Any, ReduceArgs], Any] = lambda state, args: state
@@ -112,7 +115,7 @@ class Reduction:
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
     # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
-    fused: Callable[[ParameterBundle, ReduceArgs], Any] | None = None
+    fused: Callable[[Any, ReduceArgs], Any] | None = None
     # `pack_dtype(dtype, device)`: the dtype that small tensors of `dtype` on `device`, packed
     # together, reach `partial` in (default: their own). The sums widen float32 packs to float64,
     # which makes them exact: a pack of norm-layer scales near 1 adds up to thousands, where one
@@ -316,7 +319,8 @@ class ReductionCall:
 
     @property
     def parsed(self) -> Any:
-        """The parsed `ReduceArgs`, or NOT_HANDLED where only the fallback is exact."""
+        """The parsed `ReduceArgs`, or `NotImplemented` where only the fallback is exact: `reduce`
+        then returns `NotImplemented` to send the call there."""
         if self._parsed is None:
             self._parsed = self._parse()
         return self._parsed
@@ -641,7 +645,8 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
     A name already registered is refused unless `replace=True` (registering an instance of
     the same class again, as a reloaded module does, replaces it too). The built-in
     strategies (`concat`, `per_param`, `weighted`) cannot be replaced: parts of the library
-    (tiny bundles, the fused kernels) implement them directly.
+    (tiny bundles, the fused kernels) implement them directly. A strategy whose class does not
+    define `reduce(self, call)` is refused.
 
     Example:
         >>> import modtensor as mt
@@ -659,6 +664,22 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
             f"{strategy!r}" + (f" named {strategy.name!r}." if isinstance(strategy, Strategy) else ".")
         )
     name = strategy.name
+    # Checked here, not at the first reduction, which would raise a bare NotImplementedError
+    # or TypeError from inside the strategy.
+    if type(strategy).reduce is Strategy.reduce:
+        raise TypeError(
+            f"register_strategy: {type(strategy).__qualname__} ({name!r}) does not define "
+            "reduce(self, call), which computes a reduction under it (see mt.Strategy)."
+        )
+    try:
+        inspect.signature(strategy.reduce).bind(None)
+    except ValueError:  # no signature to read (a C function): trust it
+        pass
+    except TypeError as e:
+        raise TypeError(
+            f"register_strategy: {type(strategy).__qualname__}.reduce cannot be called as "
+            f"reduce(call): {e}."
+        ) from None
     if name in _BUILTIN_STRATEGIES:
         raise ValueError(
             f"register_strategy: {name!r} is a built-in strategy, which modtensor implements in "

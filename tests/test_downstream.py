@@ -321,3 +321,92 @@ def test_a_declining_handler_leaves_metadata_to_the_bundle():
     b = Declines([torch.ones(2, 3), torch.ones(4)], ["w", "b"])
     with mt.fallback("error"):
         assert torch.numel(b) == 10 and b.dim() == 1
+
+
+@pytest.mark.parametrize("width", [3, 5000], ids=["tiny", "large"])
+def test_a_handler_that_calls_the_inherited_one_sees_every_call(width, real_sizes):
+    # A library's handler may do its own work and then call the entry it overrides. On tiny
+    # bundles, the inherited handler used to record the call for the fast lane, which then
+    # skipped the library's handler from the second call on.
+    class Logged(mt.ParameterBundle):
+        pass
+
+    log = []
+    inherited_sum = mt.ParameterBundle.HANDLERS[(torch.Tensor.sum, "*")]
+    inherited_mul = mt.ParameterBundle.HANDLERS[(torch.Tensor.mul, "*")]
+
+    @Logged.implements(torch.Tensor.sum)
+    def _sum(func, types, args, kwargs):
+        log.append("sum")
+        return inherited_sum(func, types, args, kwargs)
+
+    @Logged.implements(torch.Tensor.mul)
+    def _mul(func, types, args, kwargs):
+        log.append("mul")
+        return inherited_mul(func, types, args, kwargs)
+
+    b = Logged([torch.ones(width), torch.ones(2)], ["a", "b"])
+    for _ in range(3):
+        assert float(b.sum()) == width + 2
+        assert float((b * 2).sum()) == 2 * (width + 2)
+    assert log == ["sum", "mul", "sum"] * 3
+
+
+def test_register_reduction_checks_its_parts_when_registering():
+    # A part of the wrong signature used to be taken, and failed at the first reduction with
+    # a bare TypeError from inside it; partials and pack_dtype without commutative=True were
+    # silently never called.
+    class Mine(mt.ParameterBundle):
+        pass
+
+    def add(t, offset, args):
+        return t.sum()
+
+    def combine(states, args):
+        return torch.stack(states).sum()
+
+    before = dict(Mine.HANDLERS)
+    refused = [
+        (dict(partial=lambda t: t.sum()), TypeError, r"partial '<lambda>' cannot be called as partial\(segment, offset, args\)"),
+        (dict(combine=lambda states: states[0]), TypeError, r"cannot be called as combine\(states, args\)"),
+        (dict(finalize=lambda s, a, extra: s), TypeError, r"cannot be called as finalize\(state, args\)"),
+        (dict(parse=lambda b, func: None), TypeError, r"cannot be called as parse\(bundle, func, args, kwargs\)"),
+        (dict(needs_elements=lambda: True), TypeError, r"cannot be called as needs_elements\(args\)"),
+        (dict(fused=lambda b: None), TypeError, r"cannot be called as fused\(bundle, args\)"),
+        (dict(commutative=True, partials=lambda ts: []), TypeError, r"cannot be called as partials\(tensors, args\)"),
+        (dict(commutative=True, pack_dtype=lambda d: d), TypeError, r"cannot be called as pack_dtype\(dtype, device\)"),
+        (dict(partials=lambda ts, a: [t.sum() for t in ts]), ValueError, "partials is used only by a commutative reduction.*commutative=True"),
+        (dict(pack_dtype=lambda d, device: torch.float64), ValueError, "pack_dtype is used only by a commutative reduction"),
+        (dict(direct="yes"), TypeError, "direct must be True or False, got 'yes'"),
+        (dict(commutative=1), TypeError, "commutative must be True or False, got 1"),
+    ]
+    for given, error, message in refused:
+        parts = {"partial": add, "combine": combine, "bundle_type": Mine, **given}
+        with pytest.raises(error, match=message):
+            mt.register_reduction(torch.cumsum, **parts)
+    assert Mine.HANDLERS == before  # nothing half-registered
+    # Defaults, keyword-only and variadic parameters bind as the calls do: accepted.
+    mt.register_reduction(
+        torch.cumsum, partial=lambda *a: a[0].sum(), combine=lambda states, args, extra=0: torch.stack(states).sum(),
+        commutative=True, pack_dtype=lambda dtype, device, *rest: dtype, bundle_type=Mine,
+    )
+    assert float(torch.cumsum(Mine([torch.ones(2), torch.ones(3)], ["a", "b"]), 0)) == 5.0
+
+
+def test_register_strategy_refuses_a_strategy_it_cannot_call():
+    # Both used to be registered, and failed at the first reduction: with a bare
+    # NotImplementedError, or a TypeError from inside the strategy.
+    class NoReduce(mt.Strategy):
+        name = "no_reduce"
+
+    class NoCall(mt.Strategy):
+        name = "no_call"
+
+        def reduce(self):
+            return 0
+
+    with pytest.raises(TypeError, match=r"NoReduce \('no_reduce'\) does not define reduce\(self, call\)"):
+        mt.register_strategy(NoReduce())
+    with pytest.raises(TypeError, match=r"NoCall.reduce cannot be called as reduce\(call\)"):
+        mt.register_strategy(NoCall())
+    assert "no_reduce" not in mt.strategies() and "no_call" not in mt.strategies()

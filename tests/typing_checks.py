@@ -4,6 +4,9 @@ A subclass of ParameterBundle gets its own class back from what derives a bundle
 does at run time (tests/test_downstream.py).
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from typing_extensions import assert_type
 
@@ -29,3 +32,20 @@ def derived_bundles_keep_the_subclass(b: Mine, plain: mt.ParameterBundle) -> Non
 def the_signatures_type_aliases_are_public(source: mt.Source, include: mt.Selector, weights: mt.Weights, handler: mt.Handler) -> None:
     mt.bundle(source, include=include).weighted(weights)
     mt.implements(torch.cumsum)(handler)
+
+
+def mine_fused(b: Mine, args: mt.ReduceArgs) -> torch.Tensor:
+    return b.derive(b.tensors).materialize().sum()
+
+
+def mine_parse(b: Mine, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> mt.ReduceArgs:
+    return mt.ReduceArgs("mine", b.dtype, b.numel())
+
+
+def a_subclass_reduction_takes_the_subclass() -> None:
+    # A reduction registered for a subclass gets that subclass's bundles, and may say so.
+    mt.register_reduction(
+        torch.cumsum, partial=lambda t, offset, a: t.sum(), combine=lambda s, a: torch.stack(s).sum(),
+        parse=mine_parse, fused=mine_fused, bundle_type=Mine,
+    )
+    mt.Reduction(parse=mine_parse, partial=lambda t, offset, a: t.sum(), combine=lambda s, a: s[0], fused=mine_fused)
