@@ -367,14 +367,18 @@ def find_bundles(args: Iterable[Any], kwargs: Mapping[str, Any]) -> list[Any]:
 
 
 def _materialize_call(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], stacklevel: int
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], stacklevel: int,
+    declined: bool = False,
 ) -> Any:
+    # `declined`: the table has a handler for func, which does not compute this call itself
+    # (`torch.all(b, dim=())`, a strategy that returned NotImplemented).
     name = func_name(func)
     bundles = find_bundles(args, kwargs)
     structure = bundles[0].describe() if bundles else "a bundle"
+    where = "the dispatch table" if not declined else "the dispatch table with these arguments"
     if torch.compiler.is_compiling():  # a compiled graph cannot warn, and a copy must not be silent
         raise UnsupportedOperationError(
-            f"{name} is not in the dispatch table of {structure}, and inside torch.compile the "
+            f"{name} is not in {where} (for {structure}), and inside torch.compile the "
             "materializing fallback cannot warn, so it is an error there. Call it on "
             f"`b.materialize()` explicitly, or register a handler with @mt.implements({name})."
         )
@@ -391,12 +395,12 @@ def _materialize_call(
         refuse_fallback(name, bundles)  # on this rank's shards alone, the answer would be wrong
     if _FALLBACK.get() == "error":
         raise UnsupportedOperationError(
-            f"{name} is not in the dispatch table of {structure}. Call it on "
+            f"{name} is not in {where} (for {structure}). Call it on "
             f"`b.materialize()` (the explicit concatenation, a full copy), or register a "
             f"handler with @mt.implements({name})."
         )
     warnings.warn(
-        f"{name} is not in modtensor's dispatch table: computed on the explicit "
+        f"{name} is not in modtensor's {where.removeprefix('the ')}: computed on the explicit "
         f"concatenation of {structure} (a full copy). Register a handler with "
         f"@mt.implements({name}), or use mt.fallback('error') to make this an error.",
         MaterializationWarning,
@@ -555,7 +559,7 @@ def dispatch(
             args = tuple(_stand_in(a) if isinstance(a, BUNDLE_TYPES) else a for a in args)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
-    return _materialize_call(func, args, kwargs, stacklevel=4)
+    return _materialize_call(func, args, kwargs, stacklevel=4, declined=handler is not None)
 
 
 def _only_ours(b: Any, *others: Any) -> bool:

@@ -30,6 +30,15 @@ def test_fallback_error_mode_names_function_structure_and_remedy():
         torch.cumsum(b, 0)  # the previous mode is back
 
 
+def test_a_call_the_table_declines_is_told_apart_from_a_function_outside_it():
+    # torch.all is in the table, but over no dim (each element tested) it is the fallback's
+    b = mt.bundle([torch.ones(2), torch.zeros(3)])
+    with pytest.warns(mt.MaterializationWarning, match="torch.all is not in modtensor's dispatch table with these arguments"):
+        torch.testing.assert_close(torch.all(b, dim=()), torch.all(b.materialize(), dim=()))
+    with pytest.warns(mt.MaterializationWarning, match=r"torch.cumsum is not in modtensor's dispatch table: computed"):
+        torch.cumsum(b, 0)
+
+
 def test_fallback_setter_form_and_bad_mode():
     mt.fallback("error")
     with pytest.raises(mt.UnsupportedOperationError):
