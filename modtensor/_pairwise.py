@@ -19,7 +19,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
 from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, sum_of_squares, wide_dot, wide_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
-from modtensor._extrema import _extremum, _kept
+from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
     _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum,
 )
@@ -150,11 +150,11 @@ def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
         return diff_squares(_cast(x, a.dtype), _cast(y, a.dtype)), None
     x, y = _cast(x, a.dtype), _cast(y, a.dtype)
     if a.options["p"] == 2:
-        return diff_l2_norm(x, y), _kept(pair)
+        return diff_l2_norm(x, y), _kept(pair, a)
     if x.dtype in _LOW_PRECISION and not math.isinf(a.options["p"]):
         # a 16-bit partial would round before the combine (see diff_l2_norm)
-        return wide_norm(x, a.options["p"], y), _kept(pair)
-    return torch.dist(x, y, a.options["p"]), _kept(pair)
+        return wide_norm(x, a.options["p"], y), _kept(pair, a)
+    return torch.dist(x, y, a.options["p"]), _kept(pair, a)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
@@ -198,7 +198,8 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
         and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
     )
-    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p), "squares": squares})
+    options = {"p": float(p), "squares": squares, "records": records(first, second)}
+    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
     return _run(func, args, kwargs, _DIST, parsed, operands)
 
 
