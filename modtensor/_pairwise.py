@@ -7,6 +7,7 @@ one-bundle reductions, so every strategy applies to it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -73,7 +74,9 @@ def _run(
     reduction: Reduction,
     parsed: ReduceArgs,
     operands: Any,
+    tensor_op: Callable[..., Any] | None = None,
 ) -> Any:
+    """`tensor_op`, where given, stands for `func` on each pair of tensors."""
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
@@ -83,7 +86,7 @@ def _run(
             remember_direct(args[0], func, args, kwargs)  # valid for any tiny pair of these kinds
         return func(*concatenated(args), **concatenated(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
-    per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)
+    per_tensor = per_tensor_caller(tensor_op or func, args, kwargs, ref, cast=False, flatten=True)
     call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
     return _strategies.reduce(call)
 
@@ -317,7 +320,11 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         dtype = _partial_dtype(a.options["input_dtype"])
         if dtype != a.options["input_dtype"]:
             y = _cast(y, dtype)
-        return loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"])
+        return _unpinned(loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"]))
+
+    @functools.wraps(loss)  # its name is the one errors give
+    def tensor_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return _unpinned(loss(*args, **kwargs))
 
     def combine(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
         return _stack(states, _acc_dtype(a.dtype)).sum()  # cast after the division, in finalize
@@ -353,9 +360,25 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         dtype = _probe(loss, name, ref, dtypes, reduction=reduction, **loss_kwargs)
         options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
         parsed = ReduceArgs(name, dtype, ref._numel, options=options)
-        return _run(func, args, kwargs, reduction_of, parsed, operands)
+        return _run(func, args, kwargs, reduction_of, parsed, operands, tensor_loss)
 
     return handler
+
+
+def _unpinned(result: torch.Tensor) -> torch.Tensor:
+    """The loss, without the whole-tensor buffer its storage may hold.
+
+    torch's CPU mse_loss and smooth_l1_loss reduce into their elementwise buffer, so their
+    0-d result keeps a tensor's size of storage alive; kept for every tensor until the
+    combine, or in a per_param result, that is the model's size.
+    """
+    if torch.compiler.is_compiling():  # the compiler plans the graph's memory itself
+        return result
+    try:
+        pinned = result.untyped_storage().nbytes() > result.numel() * result.element_size()
+    except NotImplementedError:  # a torch.func transform's wrapper has no storage
+        return result
+    return result.clone() if pinned else result
 
 
 # -- allclose and equal: Python bools, true only if every pair is ------------------------------
