@@ -20,19 +20,27 @@ from modtensor._pointwise import map_elementwise
 from modtensor._reduce_common import _bind, _cast, _stack, check_dim
 from modtensor._strategies import Reduction, ReduceArgs
 
-__all__ = ["max_handler", "spreads_nan", "tie_shared"]
+__all__ = ["max_handler", "records", "spreads_nan", "tie_shared"]
 
 
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
 
 
-def _kept(t: Any) -> Any:
-    """The tensor, kept for `_extremum`'s tie counting only where a gradient may be wanted.
+def records(*operands: Any) -> bool:
+    """Whether autograd records a reduction of `operands`: only then are ties counted."""
+    # getattr: inside torch.compile a bundle is a stand-in, not a torch.Tensor
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in operands)
 
-    Without grad mode no gradient is taken, and an on-demand tensor is dropped as soon as
-    its partial is computed.
+
+def _kept(t: Any, a: ReduceArgs) -> Any:
+    """The tensor, kept for `_extremum`'s tie counting only where a gradient is recorded.
+
+    Otherwise it is dropped as soon as its partial is computed: a tensor computed on demand
+    (`(a - b).abs().amax()`) or cast to the concatenation's dtype is a new one, and keeping
+    them all would hold the model's size. Decided per call, not per tensor: where one tensor
+    requires grad, a frozen one's ties still take their share.
     """
-    return t if torch.is_grad_enabled() else None
+    return t if a.options.get("records", torch.is_grad_enabled()) else None
 
 
 def _extremum(
@@ -151,7 +159,7 @@ def _parse_amax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     name = func_name(func)
     dim, keepdim = _bind(_sig_amax, name, args, kwargs)
     check_dim(dim, name, b)
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"records": records(b)})
 
 
 def _partials_amax(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
@@ -173,7 +181,7 @@ def _extremum_parts(largest: bool) -> tuple[Callable[..., Any], Callable[..., An
     reducer = torch.amax if largest else torch.amin
 
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-        return reducer(t), _kept(t)
+        return reducer(t), _kept(t, a)
 
     def combine(states: list[Any], a: ReduceArgs) -> torch.Tensor:
         values, tensors = zip(*states)
@@ -190,11 +198,11 @@ def _parse_aminmax(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any
     name = func_name(func)
     dim, keepdim = _bind(_sig_aminmax, name, args, kwargs)
     check_dim(dim, name, b)
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"records": records(b)})
 
 
 def _partial_aminmax(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
-    return torch.amin(t), torch.amax(t), _kept(t)
+    return torch.amin(t), torch.amax(t), _kept(t, a)
 
 
 def _combine_aminmax(states: list[Any], a: ReduceArgs) -> Any:

@@ -72,10 +72,14 @@ def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
         first = start if start >= begin else start + -(-(begin - start) // step) * step
         if first >= min(end, stop):
             continue
-        parts.append(_flat(t, b._dtype)[first - begin : min(end, stop) - begin : step])
         # Told by the tensor, not by `_is_view()` of the result, which torch.compile cannot
         # trace and which is also true of a slice of a non-contiguous or cast tensor's copy.
         within = t.is_contiguous() and t.dtype == b._dtype
+        part = t.reshape(-1)[first - begin : min(end, stop) - begin : step]
+        # Cast after slicing, and copied out of a non-contiguous tensor's flat copy: a view of
+        # a whole tensor's copy would keep it alive (every tensor's, until the cat, or for as
+        # long as the result lives), for a slice that may hold a few elements.
+        parts.append(part if within else part.to(b._dtype, copy=True))
     if len(parts) == 1:
         return parts[0], within
     if not parts:

@@ -1,7 +1,8 @@
 """In-place ops: write through the bundle into its real tensors.
 
 Each tensor is updated in its own dtype, exactly as the loop `for t in b.tensors: t.op_(...)`
-would, with one `torch._foreach_*` call where torch has the kernel. Everything that could
+would, with one `torch._foreach_*` call where torch has the kernel (not for an operand computed
+on demand, which is made a tensor at a time, see `_OnDemand`). Everything that could
 fail for a dtype is checked before the first write (a dry run on each kind of tensor's first
 two elements, and on meta tensors for the shapes, see `_check_writable`), so a failing op leaves
 every tensor as it was; only failures that depend on other values (an integer division by
@@ -13,14 +14,14 @@ Autograd's rules are torch's: an in-place op on a leaf that requires grad needs
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._indexing import _locate, as_position
-from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter
+from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter, check_same_structure
 from modtensor._reduce_common import _LOW_PRECISION
 
 __all__ = ["INPLACE_FUNCTIONS"]
@@ -37,9 +38,67 @@ def _targets(b: ParameterBundle) -> list[torch.Tensor]:
     return [t if t.dim() else t.view(1) for t in b.tensors] if has_0d else list(b.tensors)
 
 
-def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> list[Any] | None:
+class _OnDemand:
+    """Tensor i's operand from a bundle computed on demand, made when it is written: made all
+    before the writes (as a foreach kernel takes them), they would hold the model's size."""
+
+    def __init__(self, value: ParameterBundle) -> None:
+        self.value = value
+        self.dtypes = value._dtypes
+
+    def __len__(self) -> int:
+        return len(self.dtypes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        piece = self.value._tensor(i)
+        return piece if piece.dim() else piece.reshape(1)  # as _operand_pieces gives it
+
+
+Pieces = Union[list[Any], _OnDemand]
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    return t.untyped_storage().data_ptr() if t.numel() else None
+
+
+def _written_apart(b: ParameterBundle, operand: ParameterBundle) -> bool:
+    """Whether writing tensor i of `b` leaves every other tensor's operand as it was, so that
+    the on-demand `operand` may be computed tensor by tensor between the writes, with the
+    values it has before any. Told by storages: tensor i of a bundle the operand reads may
+    share one with tensor i of `b` alone, a plain tensor with none of them."""
+    targets = [_storage(t) for t in b.tensors]
+    where = {s: i for i, s in enumerate(targets) if s is not None}
+    if len(where) < sum(s is not None for s in targets):  # views of one another
+        return False
+
+    def apart(x: ParameterBundle) -> bool:
+        if x._expr is None:  # no record of what it reads
+            return False
+        _, args, kwargs, _ = x._expr
+        for a in (*args, *kwargs.values()):
+            for item in a if isinstance(a, (list, tuple)) else (a,):
+                if is_bundle(item):
+                    if item._tensors is None:
+                        if not apart(item):
+                            return False
+                    elif any(
+                        where.get(s, i) != i for i, s in enumerate(map(_storage, item._tensors)) if s is not None
+                    ):
+                        return False
+                elif isinstance(item, torch.Tensor) and _storage(item) in where:
+                    return False
+        return True
+
+    return apart(operand)
+
+
+def _operand_pieces(name: str, b: ParameterBundle, value: Any) -> Pieces | None:
     """Tensor i's operand for each i: numbers and 0-d tensors as they are (None), bundles and
     flat tensors split, a `(1,)` tensor repeated (a foreach kernel takes 0-d tensors only)."""
+    if is_bundle(value) and value._tensors is None and value._compute is not None:
+        check_same_structure(name, b, value)
+        if _written_apart(b, value):
+            return _OnDemand(value)
     getter = _piece_getter(value, b, name, cast=False)
     if getter is NOT_HANDLED:
         raise ValueError(
@@ -84,14 +143,14 @@ def _unwritten(b: ParameterBundle, i: int) -> str:
     return f"tensor {b.names[i]!r} of {b.describe()}; nothing was written"
 
 
-def _operands_of(operands: list[list[Any] | Any], i: int) -> list[Any]:
-    return [operand[i] if isinstance(operand, list) else operand for operand in operands]
+def _operands_of(operands: list[Pieces | Any], i: int) -> list[Any]:
+    return [operand[i] if isinstance(operand, (list, _OnDemand)) else operand for operand in operands]
 
 
 def _write(
     name: str,
     b: ParameterBundle,
-    operands: list[list[Any] | Any],
+    operands: list[Pieces | Any],
     dry_run: Callable[..., Any] | None,
     write: Callable[[], Any],
 ) -> None:
@@ -110,7 +169,7 @@ def _write(
 
 
 def _check_writable(
-    name: str, b: ParameterBundle, operands: list[list[Any] | Any], dry_run: Callable[..., Any] | None = None
+    name: str, b: ParameterBundle, operands: list[Pieces | Any], dry_run: Callable[..., Any] | None = None
 ) -> None:
     """Raise before any write: torch's autograd rule for leaves, and the op's own checks.
 
@@ -144,7 +203,9 @@ def _check_writable(
     if not b._on_one_device:
         kinds = list(zip(kinds, [t.device for t in tensors]))
     for operand in operands:
-        if isinstance(operand, list):  # a scalar or a single tensor is the same for every tensor
+        if isinstance(operand, _OnDemand):  # its pieces are never 0-d (see _operand_pieces)
+            kinds = list(zip(kinds, operand.dtypes, [False] * len(operand)))
+        elif isinstance(operand, list):  # a scalar or a single tensor is the same for every tensor
             kinds = list(zip(kinds, [o.dtype for o in operand], [o.dim() == 0 for o in operand]))
     for i in (kinds.index(kind) for kind in dict.fromkeys(kinds)):
         # The first tensor's kind needs no dry run: if the op fails for it, it fails on the
@@ -160,7 +221,7 @@ def _check_writable(
             raise _in_context(first or failure, name, _unwritten(b, at)) from None
 
 
-def _first_failure(dry_run: Callable[..., Any], b: ParameterBundle, operands: list[list[Any] | Any]) -> Exception | None:
+def _first_failure(dry_run: Callable[..., Any], b: ParameterBundle, operands: list[Pieces | Any]) -> Exception | None:
     """What the dry run raises on the bundle's first tensor (None without tensors)."""
     return _dry_run_failure(dry_run, _targets(b)[0], _operands_of(operands, 0)) if b.tensors else None
 
@@ -194,7 +255,8 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
         tensors = _targets(b)
 
         def write() -> None:
-            looped = range(len(tensors)) if kwargs else _foreach_differs(foreach, tensors, other, pieces)
+            each = kwargs or isinstance(pieces, _OnDemand)
+            looped = range(len(tensors)) if each else _foreach_differs(foreach, tensors, other, pieces)
             if len(looped) < len(tensors):  # a scalar, or one operand per tensor
                 by_method = set(looped)
                 rest = [i for i in range(len(tensors)) if i not in by_method]
@@ -209,7 +271,7 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
 
 
 def _foreach_differs(
-    foreach: Callable[..., Any], tensors: list[torch.Tensor], other: Any, pieces: list[Any] | None
+    foreach: Callable[..., Any], tensors: list[torch.Tensor], other: Any, pieces: Pieces | None
 ) -> range | list[int]:
     """The tensors on which `foreach(tensors, other)` would write other values than the loop
     of the method: those take the method.
@@ -292,11 +354,11 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
     _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
-    if torch.is_grad_enabled() and any(p.requires_grad for p in pieces):
+    if isinstance(pieces, _OnDemand) or (torch.is_grad_enabled() and any(p.requires_grad for p in pieces)):
         # torch._foreach_copy_ has no derivative: it would give each tensor a grad_fn that
         # fails in backward (and an integer tensor requires_grad). The loop's copy_ records one.
-        for t, p in zip(_targets(b), pieces):
-            t.copy_(p, **kwargs)
+        for i, t in enumerate(_targets(b)):
+            t.copy_(pieces[i], **kwargs)
     elif b.tensors:
         torch._foreach_copy_(_targets(b), pieces, **kwargs)
     return b
@@ -329,7 +391,15 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
             "bundles from models of one dtype)."
         )
     tensors = _targets(b)
-    _write(name, b, [pieces, weight], _T.lerp_, lambda: tensors and torch._foreach_lerp_(tensors, pieces, weight))
+
+    def write() -> None:
+        if isinstance(pieces, _OnDemand):
+            for i, t in enumerate(tensors):
+                t.lerp_(pieces[i], weight)
+        elif tensors:
+            torch._foreach_lerp_(tensors, pieces, weight)
+
+    _write(name, b, [pieces, weight], _T.lerp_, write)
     return b
 
 

@@ -7,6 +7,7 @@ one-bundle reductions, so every strategy applies to it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
 from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, sum_of_squares, wide_dot, wide_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
-from modtensor._extrema import _extremum, _kept
+from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
     _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum,
 )
@@ -73,7 +74,9 @@ def _run(
     reduction: Reduction,
     parsed: ReduceArgs,
     operands: Any,
+    tensor_op: Callable[..., Any] | None = None,
 ) -> Any:
+    """`tensor_op`, where given, stands for `func` on each pair of tensors."""
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
@@ -83,7 +86,7 @@ def _run(
             remember_direct(args[0], func, args, kwargs)  # valid for any tiny pair of these kinds
         return func(*concatenated(args), **concatenated(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
-    per_tensor = per_tensor_caller(func, args, kwargs, ref, cast=False, flatten=True)
+    per_tensor = per_tensor_caller(tensor_op or func, args, kwargs, ref, cast=False, flatten=True)
     call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
     return _strategies.reduce(call)
 
@@ -150,11 +153,11 @@ def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
         return diff_squares(_cast(x, a.dtype), _cast(y, a.dtype)), None
     x, y = _cast(x, a.dtype), _cast(y, a.dtype)
     if a.options["p"] == 2:
-        return diff_l2_norm(x, y), _kept(pair)
+        return diff_l2_norm(x, y), _kept(pair, a)
     if x.dtype in _LOW_PRECISION and not math.isinf(a.options["p"]):
         # a 16-bit partial would round before the combine (see diff_l2_norm)
-        return wide_norm(x, a.options["p"], y), _kept(pair)
-    return torch.dist(x, y, a.options["p"]), _kept(pair)
+        return wide_norm(x, a.options["p"], y), _kept(pair, a)
+    return torch.dist(x, y, a.options["p"]), _kept(pair, a)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
@@ -198,7 +201,8 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
         and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
     )
-    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options={"p": float(p), "squares": squares})
+    options = {"p": float(p), "squares": squares, "records": records(first, second)}
+    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
     return _run(func, args, kwargs, _DIST, parsed, operands)
 
 
@@ -316,7 +320,11 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         dtype = _partial_dtype(a.options["input_dtype"])
         if dtype != a.options["input_dtype"]:
             y = _cast(y, dtype)
-        return loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"])
+        return _unpinned(loss(_cast(x, dtype), y, reduction="sum", **a.options["loss_kwargs"]))
+
+    @functools.wraps(loss)  # its name is the one errors give
+    def tensor_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return _unpinned(loss(*args, **kwargs))
 
     def combine(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
         return _stack(states, _acc_dtype(a.dtype)).sum()  # cast after the division, in finalize
@@ -352,9 +360,25 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         dtype = _probe(loss, name, ref, dtypes, reduction=reduction, **loss_kwargs)
         options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
         parsed = ReduceArgs(name, dtype, ref._numel, options=options)
-        return _run(func, args, kwargs, reduction_of, parsed, operands)
+        return _run(func, args, kwargs, reduction_of, parsed, operands, tensor_loss)
 
     return handler
+
+
+def _unpinned(result: torch.Tensor) -> torch.Tensor:
+    """The loss, without the whole-tensor buffer its storage may hold.
+
+    torch's CPU mse_loss and smooth_l1_loss reduce into their elementwise buffer, so their
+    0-d result keeps a tensor's size of storage alive; kept for every tensor until the
+    combine, or in a per_param result, that is the model's size.
+    """
+    if torch.compiler.is_compiling():  # the compiler plans the graph's memory itself
+        return result
+    try:
+        pinned = result.untyped_storage().nbytes() > result.numel() * result.element_size()
+    except NotImplementedError:  # a torch.func transform's wrapper has no storage
+        return result
+    return result.clone() if pinned else result
 
 
 # -- allclose and equal: Python bools, true only if every pair is ------------------------------

@@ -34,6 +34,7 @@ from modtensor._extrema import (
     _partial_aminmax,
     _partials_amax,
     max_handler,
+    records,
 )
 from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel, sum_of_squares
 from modtensor._reduce_common import (
@@ -466,8 +467,8 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
     # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second
     # derivative NaN, where the concatenation's is finite (gradient penalties).
-    squares = p == 2 and not dtype.is_complex and torch.is_grad_enabled() and b.requires_grad
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p), "squares": squares})
+    squares = p == 2 and not dtype.is_complex and records(b)
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p), "squares": squares, "records": records(b)})
 
 
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -476,14 +477,14 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if a.options.get("squares"):  # (16-bit tensors are widened inside: no copy kept for backward)
         return sum_of_squares(_cast(t, a.dtype)), None
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
-        return l2_norm(t), _kept(t)
+        return l2_norm(t), _kept(t, a)
     if t.dtype in _LOW_PRECISION and t.dtype == a.dtype:
         # A float16 partial would round to float16 before the combine (a float16 step off the
         # concatenation's in about 1 draw of 5).
-        return _kernels.wide_norm(t, a.options["p"]), _kept(t)
+        return _kernels.wide_norm(t, a.options["p"]), _kept(t, a)
     dtype = _partial_dtype(a.dtype)
     value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
-    return value, _kept(t)
+    return value, _kept(t, a)
 
 
 def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
@@ -502,7 +503,7 @@ def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
         if isinstance(tensors, TensorGroup):
             tensors.derived[key] = split
     long, short = split
-    states = [(l2_norm(t), _kept(t)) for t in long]
+    states = [(l2_norm(t), _kept(t, a)) for t in long]
     if short:  # one state for them all, as for amax: their norms' norm
         dtype = _partial_dtype(a.dtype)  # float16 norms would round before the combine
         norms = torch.stack(torch._foreach_norm(short, 2, dtype=dtype if dtype != a.dtype else None))

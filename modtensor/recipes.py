@@ -53,6 +53,12 @@ def _as_bundle(x: BundleLike, what: str) -> ParameterBundle:
     raise TypeError(f"{what}: expected a ParameterBundle or an nn.Module, got {type(x).__name__}.")
 
 
+# _read_only: the recipes that read models compute under torch.no_grad() rather than on
+# `b.detach()`. A detached bundle is made at once, in the concatenation's dtype: a model that
+# mixes dtypes (float16 weights, float32 norms) would have every tensor cast, all held together,
+# and an on-demand bundle (`ft - base` as a task vector) computed whole.
+
+
 def _new(result: ParameterBundle, like: BundleLike) -> ParameterBundle:
     """`result` as a bundle of new tensors, computed now, under the strategy of `like`.
 
@@ -163,8 +169,9 @@ def task_vector(finetuned: BundleLike, base: BundleLike) -> ParameterBundle:
         (tensor([1., 1.]),)
     """
     ft, b = _as_bundle(finetuned, "task_vector"), _as_bundle(base, "task_vector")
+    # No detach under no_grad (see _read_only): it would cast a mixed-dtype model whole.
     with torch.no_grad():
-        return _new(_b(ft.detach() - b.detach()), finetuned)
+        return _new(_b(ft - b), finetuned)
 
 
 def _kth_smallest_magnitude(b: ParameterBundle, k: int) -> torch.Tensor:
@@ -208,8 +215,8 @@ def merge(
         >>> mt.recipes.merge(base, [tv1, tv2], trim=0.5, elect_sign=True).tensors[0]
         tensor([1., 0., 0., 3.])
     """
-    b = _b(_as_bundle(base, "merge").detach())
-    tvs = [_b(_as_bundle(tv, "merge").detach()) for tv in task_vectors]
+    b = _as_bundle(base, "merge")  # read under no_grad below, not detached (see _read_only)
+    tvs = [_as_bundle(tv, "merge") for tv in task_vectors]
     if not tvs:
         raise ValueError("merge: no task vectors given.")
     for tv in tvs:  # elect_sign pairs the tensors one by one: it would drop extra ones silently
@@ -330,7 +337,7 @@ def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
         >>> r.l2, r.max_abs, r.changed_fraction, r.per_param["w"]["l2"]
         (3.0, 3.0, 0.5, 3.0)
     """
-    x, y = _b(_as_bundle(a, "distance").detach()), _b(_as_bundle(b, "distance").detach())
+    x, y = _as_bundle(a, "distance"), _as_bundle(b, "distance")  # read under no_grad (see _read_only)
     if x.group is not None or y.group is not None:
         raise UnsupportedOperationError(
             f"recipes.distance of {x.describe()}: its per-parameter figures and changed fraction "
@@ -340,8 +347,8 @@ def distance(a: BundleLike, b: BundleLike) -> DistanceReport:
     with torch.no_grad():
         figures = _distance_figures(x, y)
         report = DistanceReport(figures["l2"], figures["max_abs"], figures["cosine"], figures["changed_fraction"])
-        for name, tx, ty in zip(x.names, x.tensors, y.tensors):
-            report.per_param[name] = _distance_figures(tx, ty)
+        for i, name in enumerate(x.names):  # in the concatenations' dtypes, one tensor at a time
+            report.per_param[name] = _distance_figures(x._tensor(i).to(x.dtype), y._tensor(i).to(y.dtype))
     return report
 
 

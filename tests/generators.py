@@ -118,6 +118,24 @@ def largest_allocation(call: Callable[[], Any]) -> tuple[Any, int]:
         result = call()
     return result, max((e.self_cpu_memory_usage for e in prof.events()), default=0)
 
+
+def peak_allocation(call: Callable[[], Any]) -> tuple[Any, int]:
+    """The call's result and the most bytes it held allocated at once, in bytes, over what was
+    allocated before it (the CPU allocator's running total): temporaries alive together add up."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = call()
+    events, allocations = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while events:
+        e = events.pop()
+        events.extend(e.children)
+        if e.typed[0].name == "Allocation" and e.extra_fields.device.type == "cpu":
+            allocations.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+    if not allocations:
+        return result, 0
+    allocations.sort()
+    before = allocations[0][2] - allocations[0][1]
+    return result, max(total for _, _, total in allocations) - before
+
 # -- comparing a bundle's result with the concatenation's ------------------------------------
 
 

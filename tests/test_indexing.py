@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import modtensor as mt
-from generators import cases, check_against_concat
+from generators import cases, check_against_concat, peak_allocation
 
 
 @given(case=cases(min_tensors=1), data=st.data())
@@ -123,3 +123,17 @@ def test_slice_within_a_tensor_that_is_no_view_gives_the_others_zeros(kind):
     want_w[1:4] = 1.0
     torch.testing.assert_close(w.grad.reshape(-1), want_w)
     torch.testing.assert_close(bias.grad, torch.zeros(2, dtype=torch.float64))
+
+
+def test_slices_of_cast_or_non_contiguous_tensors_keep_no_whole_copy():
+    # A slice was taken of each tensor's whole flat copy (cast to the concatenation's dtype,
+    # or out of a non-contiguous layout): ten elements kept a tensor's size alive, and a
+    # strided slice every such tensor's at once until the cat.
+    n = 1 << 20
+    b = mt.bundle([torch.randn(n).half(), torch.randn(1024, 2048)[:, ::2], torch.randn(n)])
+    cat = b.materialize()
+    for index in (slice(10, 20), slice(n + 10, n + 20), slice(None, None, 1000)):
+        got, peak = peak_allocation(lambda: b[index])
+        assert torch.equal(got, cat[index])
+        assert got.untyped_storage().nbytes() == got.numel() * 4, index
+        assert peak < n * 4, (index, peak)  # less than one tensor's copy

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modtensor as mt
-from generators import FLOATS, INTS, Case, cases, other_like
+from generators import FLOATS, INTS, Case, cases, other_like, track_live
 from modtensor._inplace import INPLACE_FUNCTIONS
 from op_specs import INTEGER_OPS, is_binary, pointwise_calls
 
@@ -473,3 +473,41 @@ def test_a_zero_dim_tensor_promotes_with_its_operand_piece(op, flat):
 
     loop, ours = _loop_and_bundle(make, call)
     torch.testing.assert_close(ours, loop, rtol=0, atol=0, equal_nan=True)
+
+
+
+@pytest.mark.parametrize(
+    "op, made",
+    [
+        (lambda b, o: b.sub_(o), 1), (lambda b, o: b.div_(o), 1), (lambda b, o: b.lerp_(o, 0.3), 1),
+        (lambda b, o: b.copy_(o), 1), (lambda b, o: b.__iadd__(o), 1),
+        (lambda b, o: b.addcmul_(o, o, value=0.5), 2),  # o twice: tensor i's, once each
+    ],
+)
+def test_on_demand_operands_are_made_one_tensor_at_a_time(op, made):
+    # All of an on-demand operand's tensors were made before the first write (a foreach
+    # kernel takes them all): `b.sub_(lr * g)` held the model's size.
+    ws = [torch.randn(3000), torch.randn(40, 50), torch.randn(2000)]
+    gs = [torch.randn_like(w) for w in ws]
+    want = [w.clone() for w in ws]
+    op(mt.bundle(want), (mt.bundle(gs).abs() + 1).clone())
+    lazy = mt.bundle(gs).abs() + 1
+    peak = track_live(lazy)
+    with torch.no_grad():
+        op(mt.bundle(ws), lazy)
+    assert peak[0] == made
+    for w, v in zip(ws, want):
+        torch.testing.assert_close(w, v, rtol=0, atol=0)
+    # Where writing one tensor changes another's operand (views of one flat tensor, or the
+    # same tensors in another order), computing it per write would read written values (or
+    # be refused as modified): those operands are all made first.
+    flat = torch.randn(8000)
+    views = mt.bundle([torch.randn(3000), torch.randn(5000)]).split(flat)
+    want_flat = flat * 3
+    views.add_(views * 2)
+    torch.testing.assert_close(flat, want_flat, rtol=0, atol=0)
+    x, y = torch.randn(5000), torch.randn(5000)
+    want_x, want_y = x + y, y + x
+    mt.bundle([x, y]).add_(mt.bundle([y, x]) * 1)
+    torch.testing.assert_close(x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)

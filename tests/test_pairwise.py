@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given
 
 import modtensor as mt
-from generators import cases, check_against_concat, largest_allocation, other_like
+from generators import cases, check_against_concat, largest_allocation, other_like, peak_allocation
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from op_specs import PAIRWISE_CALLS
 
@@ -45,6 +45,21 @@ def test_a_zero_dim_other_operand_gives_the_concatenations_result(dtype):
         want = f(b.materialize(), other)
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("loss", [F.mse_loss, F.smooth_l1_loss])
+def test_losses_hold_one_tensors_buffer_at_a_time(loss):
+    # torch's CPU mse_loss and smooth_l1_loss sum into their elementwise buffer, and their 0-d
+    # result kept it: every tensor's until the combine, and in a per_param result for good.
+    n = 1 << 20
+    a, b = (mt.bundle([torch.randn(n) for _ in range(4)]) for _ in range(2))
+    cat_a, cat_b = a.materialize(), b.materialize()
+    got, peak = peak_allocation(lambda: loss(a, b))
+    torch.testing.assert_close(got, loss(cat_a, cat_b))
+    assert peak < 3 * n * 4, peak  # torch's buffer and the sum's, for one tensor: not 4 of them
+    per_param = loss(a.per_param(), b, reduction="sum")
+    assert [t.untyped_storage().nbytes() for t in per_param.tensors] == [4] * 4
+    torch.testing.assert_close(per_param.tensors[0], loss(a.tensors[0], b.tensors[0], reduction="sum"))
 
 
 def test_losses_take_torchs_result_dtype_and_refusals():

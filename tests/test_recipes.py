@@ -10,6 +10,7 @@ from torch.nn.utils import prune
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import modtensor as mt
+from generators import peak_allocation
 from modtensor import recipes
 
 
@@ -324,3 +325,27 @@ def test_magnitude_prune_amount_errors():
     for amount in (True, torch.tensor(0.5), "0.5"):
         with pytest.raises(TypeError, match="a fraction .a float. or a count .an int."):
             recipes.magnitude_prune_(_model(3), amount)
+
+
+def test_recipes_on_a_model_mixing_dtypes_cast_one_tensor_at_a_time():
+    # They read the models through `.detach()`, which casts every float16 tensor to the
+    # concatenation's float32 at once: the casts of both models were held with the result.
+    n = 1 << 20
+
+    def model(seed):
+        g = torch.Generator().manual_seed(seed)
+        return mt.bundle([torch.randn(n, generator=g).to(d) for d in (torch.float16, torch.float32) * 2])
+
+    ft, base, other = model(0), model(1), model(2)
+    result = 4 * n * 4  # float32, as the concatenation
+    tv, peak = peak_allocation(lambda: recipes.task_vector(ft, base))
+    assert tv.dtype == torch.float32 and torch.equal(tv.materialize(), ft.materialize() - base.materialize())
+    assert peak <= result + 2 * n * 4, peak  # one float16 tensor's casts at a time: 1.25x, not 2x
+    merged, peak = peak_allocation(lambda: recipes.merge(base, [ft, other]))
+    want = base.materialize() + (ft.materialize() + other.materialize())
+    assert torch.equal(merged.materialize(), want)
+    assert peak <= result + 3 * n * 4, peak  # a float16 tensor's cast, two sums: 1.5x, not 3x
+    report = recipes.distance(ft, base)
+    x, y = ft.materialize(), base.materialize()
+    assert report.per_param["0"]["l2"] == float(torch.dist(x[:n], y[:n]))
+    assert report.l2 == float(torch.dist(ft, base))
