@@ -521,6 +521,20 @@ def _agree(
     return _replace_bundles(args, convert), _replace_bundles(kwargs, convert)
 
 
+def check_signature(fn: Callable[..., Any], parameters: tuple[str, ...], who: str, call: str) -> None:
+    """Raise TypeError, naming `who`, unless `fn` can be called with len(parameters) arguments.
+
+    Used where a library registers a function, so that a wrong signature is refused there and
+    not at its first use, as a bare TypeError from inside it.
+    """
+    try:
+        inspect.signature(fn).bind(*parameters)
+    except ValueError:  # no signature to read (a C function): trust it
+        pass
+    except TypeError as e:
+        raise TypeError(f"{who} cannot be called as {call}({', '.join(parameters)}): {e}.") from None
+
+
 def _stand_in(b: Any) -> torch.Tensor:
     return torch.empty((b._numel,), dtype=b._dtype, device="meta")
 
@@ -711,15 +725,10 @@ class DispatchTensor(torch.Tensor):
                     f"{cls.__name__}.implements: the handler must be a callable "
                     f"(func, types, args, kwargs) -> result; got {handler!r}."
                 )
-            try:
-                inspect.signature(handler).bind(None, None, None, None)
-            except ValueError:  # no signature to read (a C function): trust it
-                pass
-            except TypeError as e:
-                raise TypeError(
-                    f"{cls.__name__}.implements: the handler {getattr(handler, '__name__', handler)!r} "
-                    f"cannot be called as handler(func, types, args, kwargs): {e}."
-                ) from None
+            check_signature(
+                handler, ("func", "types", "args", "kwargs"),
+                f"{cls.__name__}.implements: the handler {getattr(handler, '__name__', handler)!r}", "handler",
+            )
             for f in func_list:
                 _set_handler(cls, (f, strategy), handler)
                 func_name(f)  # named now, so that traced code (torch.compile) finds the name

@@ -7,7 +7,6 @@ Everything built in is registered through these same functions: every reduction 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -17,7 +16,7 @@ from modtensor import _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._kernels import fuse
 from modtensor._dispatch import (
-    ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, copy_is_cheap, func_name, remember_direct,
+    ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, check_signature, copy_is_cheap, func_name, remember_direct,
 )
 from modtensor._pointwise import per_tensor_caller
 from modtensor._reduce_common import _bind, _is_floating, check_dim
@@ -189,16 +188,8 @@ def _check_part(what: str, part: Any) -> None:
         raise TypeError(
             f"register_reduction: {what} must be a callable{'' if required else ' or None'}, got {part!r}."
         )
-    parameters = _PART_PARAMETERS[what]
-    try:
-        inspect.signature(part).bind(*parameters)
-    except ValueError:  # no signature to read (a C function): trust it
-        pass
-    except TypeError as e:
-        raise TypeError(
-            f"register_reduction: {what} {getattr(part, '__name__', part)!r} cannot be called as "
-            f"{what}({', '.join(parameters)}): {e}."
-        ) from None
+    who = f"register_reduction: {what} {getattr(part, '__name__', part)!r}"
+    check_signature(part, _PART_PARAMETERS[what], who, what)
 
 
 def register_reduction(

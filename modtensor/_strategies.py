@@ -9,7 +9,6 @@ the per-tensor results. Adding an op never touches a strategy and vice versa.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
+from modtensor._dispatch import NOT_HANDLED, check_signature, find_bundles, materialized
 from modtensor._reduce_common import transformed
 
 if TYPE_CHECKING:
@@ -671,15 +670,8 @@ def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:
             f"register_strategy: {type(strategy).__qualname__} ({name!r}) does not define "
             "reduce(self, call), which computes a reduction under it (see mt.Strategy)."
         )
-    try:
-        inspect.signature(strategy.reduce).bind(None)
-    except ValueError:  # no signature to read (a C function): trust it
-        pass
-    except TypeError as e:
-        raise TypeError(
-            f"register_strategy: {type(strategy).__qualname__}.reduce cannot be called as "
-            f"reduce(call): {e}."
-        ) from None
+    who = f"register_strategy: {type(strategy).__qualname__}.reduce"
+    check_signature(strategy.reduce, ("call",), who, "reduce")
     if name in _BUILTIN_STRATEGIES:
         raise ValueError(
             f"register_strategy: {name!r} is a built-in strategy, which modtensor implements in "
