@@ -230,9 +230,12 @@ def _ranks(q: torch.Tensor, count: int, has_nan: bool, ignore_nan: bool) -> torc
     """The fractional ranks torch.quantile reads, computed in the same dtype as torch does."""
     if count > 2**24:  # beyond torch's limit: float64 keeps the rank exact
         q = q.double()
+    ranks = q * (count - 1)
     if ignore_nan:
-        return (q * (count - 1)).clamp(min=0)
-    return torch.full_like(q, count - 1) if has_nan else q * (count - 1)
+        return ranks.clamp(min=0)
+    # NaN sorts last; filled rather than made anew, so that a q requiring grad gets its zero
+    # gradient, as from torch's masked_fill
+    return ranks.masked_fill(torch.tensor(has_nan), count - 1)
 
 
 def _quantile(

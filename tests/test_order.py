@@ -190,6 +190,25 @@ def test_results_require_grad_like_the_concatenation():
     assert not trained.grad.any()
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("values", [[[3.0, math.nan], [2.0, 5.0]], [[math.nan], [math.nan, math.nan]]], ids=["nan", "all nan"])
+def test_quantile_gradients_reach_q_past_nan(request, sizes, values):
+    # A NaN input fixes torch's ranks at the last one, yet q still gets a (zero) gradient: the
+    # bundle's result used to lose q's graph there, and q.grad stayed None.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    results = []
+    for make in (mt.bundle, torch.cat):
+        q = torch.tensor([0.3, 0.8], requires_grad=True)
+        out = torch.quantile(make([torch.tensor(v) for v in values]), q)
+        assert out.requires_grad
+        out.sum().backward()
+        results.append((out, q.grad))
+    (got, got_grad), (want, want_grad) = results
+    exact(got, want)
+    exact(got_grad, want_grad)
+
+
 def test_on_demand_bundles_are_read_one_tensor_at_a_time():
     params = [torch.randn(40, requires_grad=True) for _ in range(5)]
     lazy = (mt.bundle(params) - 0.5).abs()
