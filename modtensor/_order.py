@@ -245,15 +245,18 @@ def _quantile(
     q, dim, keepdim, interpolation = _bind(_sig_quantile, name, args, kwargs)
     if is_bundle(q):
         return NOT_HANDLED
-    check_dim(dim, name, b)
-    # torch's own checks of q, interpolation and dtype, on one element; and the result's shape
+    if b._numel == 0:  # torch's verdict, whose order of checks depends on the size
+        return _on_empty(func, b, args, kwargs)
+    # torch's own checks of q, interpolation and dtype, on one element; and the result's shape.
+    # They come before the dim's, so the same bad call raises the same type of error.
     try:
         probe = torch.zeros(1, dtype=b._dtype, device=b._device)
         shape = func(probe, q, dim, keepdim, interpolation=interpolation).shape
     except RuntimeError as e:
         raise RuntimeError(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
-    if b._numel == 0:
-        return _on_empty(func, b, args, kwargs)
+    except IndexError:  # the dim, said with the bundle's structure
+        check_dim(dim, name, b)
+        raise
     sel = _Selection(b)
     qs = torch.as_tensor(q, dtype=b._dtype).reshape(-1).cpu()
     ranks = _ranks(qs, sel.n_valid if ignore_nan else b._numel, sel.n_valid < b._numel, ignore_nan)

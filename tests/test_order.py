@@ -404,6 +404,22 @@ def test_errors_name_the_function_and_the_bundle(call, error, match):
         call(b)
 
 
+def test_quantile_checks_its_arguments_before_the_dim():
+    # torch checks the size, q, interpolation and dtype before the dim: the bundle checked the
+    # dim first, so these raised IndexError where the concatenation raises RuntimeError.
+    b = mt.bundle([torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
+    with pytest.raises(RuntimeError, match=r"torch.quantile: quantile\(\) q must be in the range \[0, 1\] but got 1.5"):
+        torch.quantile(b, 1.5, dim=1)
+    with pytest.raises(RuntimeError, match="interpolation must be one of"):
+        b.nanquantile(0.5, dim=1, interpolation="cubic")
+    with pytest.raises(RuntimeError, match="float or double dtype.*concatenates to torch.int64"):
+        torch.quantile(b.long(), 0.5, dim=1)
+    with pytest.raises(RuntimeError, match=r"ParameterBundle of 2 tensors .* has no elements .*non-empty"):
+        torch.quantile(EMPTY, 0.5, dim=-2)
+    with pytest.raises(IndexError, match=r"torch.quantile: Dimension out of range .*ParameterBundle of 2 tensors"):
+        torch.quantile(b, 0.5, dim=1)  # a bad dim alone still names the bundle
+
+
 def test_empty_bundles_answer_as_torch_does_where_torch_does():
     assert torch.isnan(torch.median(EMPTY)) and torch.isnan(EMPTY.nanmedian())
     out = torch.topk(EMPTY, 0)
