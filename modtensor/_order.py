@@ -93,9 +93,9 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     k, dim, largest, _ = _bind(_sig_topk, name, args, kwargs)
     k = operator.index(k)  # torch's parser has already refused floats and bools
     check_dim(operator.index(dim), name, b)
-    _check_dtype(name, b, lambda x: torch.topk(x, 1))
-    if not 0 <= k <= b._numel:
+    if not 0 <= k <= b._numel:  # torch checks k before the dtype
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
+    _check_dtype(name, b, lambda x: torch.topk(x, 1))
     if k == 0:
         return _on_empty(func, b, args, kwargs)
     sel = _Selection(b)

@@ -387,6 +387,7 @@ EMPTY = mt.bundle([torch.empty(0), torch.empty(2, 0)])
         (lambda b: torch.quantile(b, 0.5, interpolation="cubic"), RuntimeError, "interpolation must be one of linear"),
         (lambda b: b.long().quantile(0.5), RuntimeError, "input tensor must be either float or double dtype.*ParameterBundle"),
         (lambda b: b.bool().topk(1), RuntimeError, "topk does not support bool dtypes.*concatenates to torch.bool"),
+        (lambda b: b.bool().topk(4), RuntimeError, "selected index k out of range: k=4"),  # k first, as torch
         (lambda b: torch.median(b.bool(), 0), NotImplementedError, "not implemented for 'Bool'"),
         (
             lambda b: torch.quantile(EMPTY, 0.5),
