@@ -95,12 +95,12 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
 
 def as_position(index: Any) -> Any:
     """A 0-d integer tensor as the int it holds (torch indexes by it as by the int); any
-    other index unchanged."""
+    other index unchanged. A uint8 tensor stays: torch reads it as a boolean mask (deprecated)."""
     if (
         isinstance(index, torch.Tensor)
         and not is_bundle(index)
         and index.dim() == 0
-        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype in (torch.bool, torch.uint8))
     ):
         return int(index)
     return index

@@ -47,6 +47,23 @@ def test_index_errors():
         b[::-1]
 
 
+def test_a_uint8_index_is_a_mask_as_in_torch():
+    # torch reads a 0-d uint8 tensor as a (deprecated) byte mask: b[tensor(1, uint8)] is the
+    # whole concatenation with a new dim, not element 1, which the bundle used to give.
+    b = mt.bundle([torch.arange(2.0), torch.arange(3.0).reshape(1, 3)])
+    cat = b.materialize()
+    for value in (0, 1):
+        index = torch.tensor(value, dtype=torch.uint8)
+        with pytest.warns(mt.MaterializationWarning, match="__getitem__"):
+            got = b[index]
+        want = cat[index]
+        assert got.shape == want.shape == (value, 5)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="takes an int or a boolean mask"):  # not element 1 silently
+        b[torch.tensor(1, dtype=torch.uint8)] = 7.0
+    assert torch.equal(b.materialize(), cat)
+
+
 def test_other_indices_fall_back_with_a_warning():
     b = mt.bundle([torch.arange(2.0), torch.arange(3.0)])
     with pytest.warns(mt.MaterializationWarning, match="__getitem__"):
