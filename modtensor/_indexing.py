@@ -85,6 +85,12 @@ def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
 
 def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     flat_mask = mask.dim() == 1 and mask.shape[0] == b._numel
+    if not is_bundle(mask) and mask.dim() == 1 and not flat_mask:
+        # torch's error, without first building the concatenation it would be raised on
+        raise IndexError(
+            f"ParameterBundle.__getitem__: The shape of the mask [{mask.shape[0]}] at index 0 does not "
+            f"match the shape of the indexed tensor [{b._numel}] at index 0 ({b.describe()})."
+        )
     if not (is_bundle(mask) or flat_mask):
         return NOT_HANDLED  # a 0-d mask adds a dimension: only the concatenation can do it
     getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")

@@ -1,5 +1,7 @@
 """Indexing a bundle follows the concatenation."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -45,6 +47,15 @@ def test_index_errors():
         b[5]
     with pytest.raises(ValueError, match="step must be greater than zero"):
         b[::-1]
+
+
+def test_a_mask_of_another_length_is_refused_naming_the_bundle():
+    # It used to build the concatenation (with a MaterializationWarning) for torch to refuse it.
+    b = mt.bundle([torch.ones(2), torch.ones(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IndexError, match=r"mask \[4\] at index 0 does not match .* \[5\] .*ParameterBundle of 2"):
+            b[torch.ones(4, dtype=torch.bool)]
 
 
 def test_a_uint8_index_is_a_mask_as_in_torch():
