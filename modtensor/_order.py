@@ -340,6 +340,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
         b = args[0] if args else None
         if not is_bundle(b) or kwargs.get("out") is not None:
             return NOT_HANDLED
+        if "out" in kwargs:  # out=None is torch's default, which the signatures below leave out
+            kwargs = {key: value for key, value in kwargs.items() if key != "out"}
         if b._dist is not None:
             refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":

@@ -345,6 +345,28 @@ def test_other_strategies_take_each_tensor_on_its_own():
     assert float(weighted) == pytest.approx((3.0 + 5.0) / 2)
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("call", [
+    lambda x: torch.topk(x, 2, out=None), lambda x: torch.kthvalue(x, 2, out=None), lambda x: torch.median(x, 0, out=None),
+    lambda x: torch.nanmedian(x, -1, out=None), lambda x: torch.quantile(x, 0.5, out=None),
+    lambda x: torch.nanquantile(x, torch.tensor([0.2, 0.9]), out=None),
+], ids=["topk", "kthvalue", "median", "nanmedian", "quantile", "nanquantile"])
+def test_out_none_is_the_default(request, sizes, call):
+    # torch takes an explicit out=None as no out; the bundle raised TypeError (unexpected 'out').
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    tensors = [torch.tensor([3.0, 1.0, 4.0]), torch.tensor([2.0, 5.0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not by the fallback either
+        got = call(mt.bundle(tensors))
+    want = call(torch.cat(tensors))
+    if isinstance(want, tuple):  # no ties: torch's indices are the stable ones
+        exact(got.values, want.values)
+        assert torch.equal(got.indices, want.indices)
+    else:
+        exact(got, want)
+
+
 @pytest.mark.parametrize("call", [lambda b: torch.sort(b), lambda b: b.argsort(), lambda b: torch.msort(b)])
 def test_sorts_fall_back_with_a_warning(call):
     b = mt.bundle([torch.tensor([3.0, 1.0]), torch.tensor([2.0])])
