@@ -7,6 +7,7 @@ contiguous tensor), a mask the selected elements. Other indices fall back. `toli
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -100,8 +101,11 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
 
 
 def as_position(index: Any) -> Any:
-    """A 0-d integer tensor as the int it holds (torch indexes by it as by the int); any
-    other index unchanged. A uint8 tensor stays: torch reads it as a boolean mask (deprecated)."""
+    """A 0-d integer tensor or a NumPy integer as the int it holds (torch indexes by it as by
+    the int); any other index unchanged. A uint8 tensor stays: torch reads it as a boolean mask
+    (deprecated)."""
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        return int(index)
     if (
         isinstance(index, torch.Tensor)
         and not is_bundle(index)

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -73,6 +74,19 @@ def test_a_uint8_index_is_a_mask_as_in_torch():
     with pytest.raises(TypeError, match="takes an int or a boolean mask"):  # not element 1 silently
         b[torch.tensor(1, dtype=torch.uint8)] = 7.0
     assert torch.equal(b.materialize(), cat)
+
+
+def test_numpy_integers_index_as_ints():
+    # They fell back to the concatenation (a copy of the whole model, with a warning) to read
+    # one element, and `b[np.int64(i)] = v` was refused; torch takes them as ints.
+    tensors = [torch.arange(2.0), torch.arange(3.0).reshape(1, 3)]
+    b = mt.bundle(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in (0, 3, -1):
+            assert torch.equal(b[np.int64(i)], b.materialize()[i])
+        b[np.int32(-2)] = 7.0
+    assert tensors[1][0, 1] == 7.0
 
 
 def test_other_indices_fall_back_with_a_warning():
