@@ -209,6 +209,20 @@ def test_quantile_gradients_reach_q_past_nan(request, sizes, values):
     exact(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("name", ["median", "nanmedian"])
+def test_full_median_requires_grad_when_only_an_empty_tensor_does(request, sizes, name):
+    # The concatenation of a frozen tensor and an empty trained one requires grad, so its
+    # median does, and backward() works; the bundle's median did not require grad.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    tensors = [torch.tensor([3.0, 1.0, 2.0]), torch.empty(0, requires_grad=True)]
+    for x in (mt.bundle(tensors), torch.cat(tensors)):
+        result = getattr(torch, name)(x)
+        assert result.requires_grad and result == 2.0
+        result.backward()
+
+
 def test_on_demand_bundles_are_read_one_tensor_at_a_time():
     params = [torch.randn(40, requires_grad=True) for _ in range(5)]
     lazy = (mt.bundle(params) - 0.5).abs()
