@@ -96,11 +96,11 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     if not 0 <= k <= b._numel:  # torch checks k before the dtype
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
     _check_dtype(name, b, lambda x: torch.topk(x, 1))
-    if k == 0:
-        return _on_empty(func, b, args, kwargs)
-    sel = _Selection(b)
-    threshold = sel.stats([b._numel - k if largest else k - 1])[0]
-    indices = _members(b, threshold, k, bool(largest))
+    if k == 0:  # nothing to count; the empty values still require grad as the concatenation's
+        indices = torch.empty(0, dtype=torch.int64)
+    else:
+        threshold = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
+        indices = _members(b, threshold, k, bool(largest))
     return torch.return_types.topk((_elements(b, indices), indices.to(b._device)))
 
 

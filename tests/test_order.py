@@ -223,6 +223,21 @@ def test_full_median_requires_grad_when_only_an_empty_tensor_does(request, sizes
         result.backward()
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_of_nothing_requires_grad_like_the_concatenation(request, sizes, largest):
+    # topk(b, 0) answered with torch's topk of an empty tensor, cut off from the bundle's
+    # tensors: its values did not require grad, and backward through them raised.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    frozen, trained = torch.tensor([3.0, 1.0]), torch.tensor([2.0], requires_grad=True)
+    got, want = torch.topk(mt.bundle([frozen, trained]), 0, largest=largest), torch.topk(torch.cat([frozen, trained]), 0)
+    assert got.values.shape == want.values.shape == got.indices.shape == (0,) and got.indices.dtype == torch.int64
+    assert got.values.requires_grad and want.values.requires_grad
+    got.values.sum().backward()
+    assert torch.equal(trained.grad, torch.zeros(1))
+
+
 def test_on_demand_bundles_are_read_one_tensor_at_a_time():
     params = [torch.randn(40, requires_grad=True) for _ in range(5)]
     lazy = (mt.bundle(params) - 0.5).abs()
