@@ -7,6 +7,7 @@ contiguous tensor), a mask the selected elements. Other indices fall back. `toli
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -89,6 +90,12 @@ def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
 
 def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     flat_mask = mask.dim() == 1 and mask.shape[0] == b._numel
+    if not is_bundle(mask) and mask.dim() == 1 and not flat_mask:
+        # torch's error, without first building the concatenation it would be raised on
+        raise IndexError(
+            f"ParameterBundle.__getitem__: The shape of the mask [{mask.shape[0]}] at index 0 does not "
+            f"match the shape of the indexed tensor [{b._numel}] at index 0 ({b.describe()})."
+        )
     if not (is_bundle(mask) or flat_mask):
         return NOT_HANDLED  # a 0-d mask adds a dimension: only the concatenation can do it
     getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")
@@ -98,13 +105,16 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
 
 
 def as_position(index: Any) -> Any:
-    """A 0-d integer tensor as the int it holds (torch indexes by it as by the int); any
-    other index unchanged."""
+    """A 0-d integer tensor or a NumPy integer as the int it holds (torch indexes by it as by
+    the int); any other index unchanged. A uint8 tensor stays: torch reads it as a boolean mask
+    (deprecated)."""
+    if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        return int(index)
     if (
         isinstance(index, torch.Tensor)
         and not is_bundle(index)
         and index.dim() == 0
-        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool)
+        and not (index.dtype.is_floating_point or index.dtype.is_complex or index.dtype in (torch.bool, torch.uint8))
     ):
         return int(index)
     return index

@@ -93,14 +93,14 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     k, dim, largest, _ = _bind(_sig_topk, name, args, kwargs)
     k = operator.index(k)  # torch's parser has already refused floats and bools
     check_dim(operator.index(dim), name, b)
-    _check_dtype(name, b, lambda x: torch.topk(x, 1))
-    if not 0 <= k <= b._numel:
+    if not 0 <= k <= b._numel:  # torch checks k before the dtype
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
-    if k == 0:
-        return _on_empty(func, b, args, kwargs)
-    sel = _Selection(b)
-    threshold = sel.stats([b._numel - k if largest else k - 1])[0]
-    indices = _members(b, threshold, k, bool(largest))
+    _check_dtype(name, b, lambda x: torch.topk(x, 1))
+    if k == 0:  # nothing to count; the empty values still require grad as the concatenation's
+        indices = torch.empty(0, dtype=torch.int64)
+    else:
+        threshold = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
+        indices = _members(b, threshold, k, bool(largest))
     return torch.return_types.topk((_elements(b, indices), indices.to(b._device)))
 
 
@@ -230,9 +230,12 @@ def _ranks(q: torch.Tensor, count: int, has_nan: bool, ignore_nan: bool) -> torc
     """The fractional ranks torch.quantile reads, computed in the same dtype as torch does."""
     if count > 2**24:  # beyond torch's limit: float64 keeps the rank exact
         q = q.double()
+    ranks = q * (count - 1)
     if ignore_nan:
-        return (q * (count - 1)).clamp(min=0)
-    return torch.full_like(q, count - 1) if has_nan else q * (count - 1)
+        return ranks.clamp(min=0)
+    # NaN sorts last; filled rather than made anew, so that a q requiring grad gets its zero
+    # gradient, as from torch's masked_fill
+    return ranks.masked_fill(torch.tensor(has_nan), count - 1)
 
 
 def _quantile(
@@ -242,15 +245,18 @@ def _quantile(
     q, dim, keepdim, interpolation = _bind(_sig_quantile, name, args, kwargs)
     if is_bundle(q):
         return NOT_HANDLED
-    check_dim(dim, name, b)
-    # torch's own checks of q, interpolation and dtype, on one element; and the result's shape
+    if b._numel == 0:  # torch's verdict, whose order of checks depends on the size
+        return _on_empty(func, b, args, kwargs)
+    # torch's own checks of q, interpolation and dtype, on one element; and the result's shape.
+    # They come before the dim's, so the same bad call raises the same type of error.
     try:
         probe = torch.zeros(1, dtype=b._dtype, device=b._device)
         shape = func(probe, q, dim, keepdim, interpolation=interpolation).shape
     except RuntimeError as e:
         raise RuntimeError(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
-    if b._numel == 0:
-        return _on_empty(func, b, args, kwargs)
+    except IndexError:  # the dim, said with the bundle's structure
+        check_dim(dim, name, b)
+        raise
     sel = _Selection(b)
     qs = torch.as_tensor(q, dtype=b._dtype).reshape(-1).cpu()
     ranks = _ranks(qs, sel.n_valid if ignore_nan else b._numel, sel.n_valid < b._numel, ignore_nan)
@@ -334,6 +340,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
         b = args[0] if args else None
         if not is_bundle(b) or kwargs.get("out") is not None:
             return NOT_HANDLED
+        if "out" in kwargs:  # out=None is torch's default, which the signatures below leave out
+            kwargs = {key: value for key, value in kwargs.items() if key != "out"}
         if b._dist is not None:
             refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":

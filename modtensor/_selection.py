@@ -517,7 +517,8 @@ def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
         share = _share(b, i, value, stat.upto - stat.below)
         if share is not None:
             result = result + share.to(b._device)
-    return result
+    # Only empty tensors require grad: linked all the same, as the concatenation's result is
+    return result if result.requires_grad else _connect(value, b)
 
 
 def _share(b: ParameterBundle, i: int, value: torch.Tensor, ties: int) -> torch.Tensor | None:

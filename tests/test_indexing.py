@@ -1,5 +1,8 @@
 """Indexing a bundle follows the concatenation."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -45,6 +48,45 @@ def test_index_errors():
         b[5]
     with pytest.raises(ValueError, match="step must be greater than zero"):
         b[::-1]
+
+
+def test_a_mask_of_another_length_is_refused_naming_the_bundle():
+    # It used to build the concatenation (with a MaterializationWarning) for torch to refuse it.
+    b = mt.bundle([torch.ones(2), torch.ones(3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IndexError, match=r"mask \[4\] at index 0 does not match .* \[5\] .*ParameterBundle of 2"):
+            b[torch.ones(4, dtype=torch.bool)]
+
+
+def test_a_uint8_index_is_a_mask_as_in_torch():
+    # torch reads a 0-d uint8 tensor as a (deprecated) byte mask: b[tensor(1, uint8)] is the
+    # whole concatenation with a new dim, not element 1, which the bundle used to give.
+    b = mt.bundle([torch.arange(2.0), torch.arange(3.0).reshape(1, 3)])
+    cat = b.materialize()
+    for value in (0, 1):
+        index = torch.tensor(value, dtype=torch.uint8)
+        with pytest.warns(mt.MaterializationWarning, match="__getitem__"):
+            got = b[index]
+        want = cat[index]
+        assert got.shape == want.shape == (value, 5)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="takes an int or a boolean mask"):  # not element 1 silently
+        b[torch.tensor(1, dtype=torch.uint8)] = 7.0
+    assert torch.equal(b.materialize(), cat)
+
+
+def test_numpy_integers_index_as_ints():
+    # They fell back to the concatenation (a copy of the whole model, with a warning) to read
+    # one element, and `b[np.int64(i)] = v` was refused; torch takes them as ints.
+    tensors = [torch.arange(2.0), torch.arange(3.0).reshape(1, 3)]
+    b = mt.bundle(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in (0, 3, -1):
+            assert torch.equal(b[np.int64(i)], b.materialize()[i])
+        b[np.int32(-2)] = 7.0
+    assert tensors[1][0, 1] == 7.0
 
 
 def test_other_indices_fall_back_with_a_warning():

@@ -190,6 +190,54 @@ def test_results_require_grad_like_the_concatenation():
     assert not trained.grad.any()
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("values", [[[3.0, math.nan], [2.0, 5.0]], [[math.nan], [math.nan, math.nan]]], ids=["nan", "all nan"])
+def test_quantile_gradients_reach_q_past_nan(request, sizes, values):
+    # A NaN input fixes torch's ranks at the last one, yet q still gets a (zero) gradient: the
+    # bundle's result used to lose q's graph there, and q.grad stayed None.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    results = []
+    for make in (mt.bundle, torch.cat):
+        q = torch.tensor([0.3, 0.8], requires_grad=True)
+        out = torch.quantile(make([torch.tensor(v) for v in values]), q)
+        assert out.requires_grad
+        out.sum().backward()
+        results.append((out, q.grad))
+    (got, got_grad), (want, want_grad) = results
+    exact(got, want)
+    exact(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("name", ["median", "nanmedian"])
+def test_full_median_requires_grad_when_only_an_empty_tensor_does(request, sizes, name):
+    # The concatenation of a frozen tensor and an empty trained one requires grad, so its
+    # median does, and backward() works; the bundle's median did not require grad.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    tensors = [torch.tensor([3.0, 1.0, 2.0]), torch.empty(0, requires_grad=True)]
+    for x in (mt.bundle(tensors), torch.cat(tensors)):
+        result = getattr(torch, name)(x)
+        assert result.requires_grad and result == 2.0
+        result.backward()
+
+
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_of_nothing_requires_grad_like_the_concatenation(request, sizes, largest):
+    # topk(b, 0) answered with torch's topk of an empty tensor, cut off from the bundle's
+    # tensors: its values did not require grad, and backward through them raised.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    frozen, trained = torch.tensor([3.0, 1.0]), torch.tensor([2.0], requires_grad=True)
+    got, want = torch.topk(mt.bundle([frozen, trained]), 0, largest=largest), torch.topk(torch.cat([frozen, trained]), 0)
+    assert got.values.shape == want.values.shape == got.indices.shape == (0,) and got.indices.dtype == torch.int64
+    assert got.values.requires_grad and want.values.requires_grad
+    got.values.sum().backward()
+    assert torch.equal(trained.grad, torch.zeros(1))
+
+
 def test_on_demand_bundles_are_read_one_tensor_at_a_time():
     params = [torch.randn(40, requires_grad=True) for _ in range(5)]
     lazy = (mt.bundle(params) - 0.5).abs()
@@ -326,6 +374,28 @@ def test_other_strategies_take_each_tensor_on_its_own():
     assert float(weighted) == pytest.approx((3.0 + 5.0) / 2)
 
 
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("call", [
+    lambda x: torch.topk(x, 2, out=None), lambda x: torch.kthvalue(x, 2, out=None), lambda x: torch.median(x, 0, out=None),
+    lambda x: torch.nanmedian(x, -1, out=None), lambda x: torch.quantile(x, 0.5, out=None),
+    lambda x: torch.nanquantile(x, torch.tensor([0.2, 0.9]), out=None),
+], ids=["topk", "kthvalue", "median", "nanmedian", "quantile", "nanquantile"])
+def test_out_none_is_the_default(request, sizes, call):
+    # torch takes an explicit out=None as no out; the bundle raised TypeError (unexpected 'out').
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    tensors = [torch.tensor([3.0, 1.0, 4.0]), torch.tensor([2.0, 5.0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not by the fallback either
+        got = call(mt.bundle(tensors))
+    want = call(torch.cat(tensors))
+    if isinstance(want, tuple):  # no ties: torch's indices are the stable ones
+        exact(got.values, want.values)
+        assert torch.equal(got.indices, want.indices)
+    else:
+        exact(got, want)
+
+
 @pytest.mark.parametrize("call", [lambda b: torch.sort(b), lambda b: b.argsort(), lambda b: torch.msort(b)])
 def test_sorts_fall_back_with_a_warning(call):
     b = mt.bundle([torch.tensor([3.0, 1.0]), torch.tensor([2.0])])
@@ -368,6 +438,7 @@ EMPTY = mt.bundle([torch.empty(0), torch.empty(2, 0)])
         (lambda b: torch.quantile(b, 0.5, interpolation="cubic"), RuntimeError, "interpolation must be one of linear"),
         (lambda b: b.long().quantile(0.5), RuntimeError, "input tensor must be either float or double dtype.*ParameterBundle"),
         (lambda b: b.bool().topk(1), RuntimeError, "topk does not support bool dtypes.*concatenates to torch.bool"),
+        (lambda b: b.bool().topk(4), RuntimeError, "selected index k out of range: k=4"),  # k first, as torch
         (lambda b: torch.median(b.bool(), 0), NotImplementedError, "not implemented for 'Bool'"),
         (
             lambda b: torch.quantile(EMPTY, 0.5),
@@ -383,6 +454,22 @@ def test_errors_name_the_function_and_the_bundle(call, error, match):
     b = mt.bundle([torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
     with pytest.raises(error, match=match):
         call(b)
+
+
+def test_quantile_checks_its_arguments_before_the_dim():
+    # torch checks the size, q, interpolation and dtype before the dim: the bundle checked the
+    # dim first, so these raised IndexError where the concatenation raises RuntimeError.
+    b = mt.bundle([torch.tensor([1.0, 2.0]), torch.tensor([3.0])])
+    with pytest.raises(RuntimeError, match=r"torch.quantile: quantile\(\) q must be in the range \[0, 1\] but got 1.5"):
+        torch.quantile(b, 1.5, dim=1)
+    with pytest.raises(RuntimeError, match="interpolation must be one of"):
+        b.nanquantile(0.5, dim=1, interpolation="cubic")
+    with pytest.raises(RuntimeError, match="float or double dtype.*concatenates to torch.int64"):
+        torch.quantile(b.long(), 0.5, dim=1)
+    with pytest.raises(RuntimeError, match=r"ParameterBundle of 2 tensors .* has no elements .*non-empty"):
+        torch.quantile(EMPTY, 0.5, dim=-2)
+    with pytest.raises(IndexError, match=r"torch.quantile: Dimension out of range .*ParameterBundle of 2 tensors"):
+        torch.quantile(b, 0.5, dim=1)  # a bad dim alone still names the bundle
 
 
 def test_empty_bundles_answer_as_torch_does_where_torch_does():
