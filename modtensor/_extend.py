@@ -283,6 +283,8 @@ def register_reduction(
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not args or not is_bundle(args[0]) or kwargs.get("out") is not None:
             return NOT_HANDLED
+        if "out" in kwargs:  # out=None is torch's default, which the parsers' signatures leave out
+            kwargs = {key: value for key, value in kwargs.items() if key != "out"}
         return run_reduction(func, args, kwargs, args[0], reduction)
 
     bundle_type.implements(funcs)(handler)

@@ -213,3 +213,22 @@ def test_norm_orders_torch_takes_as_numbers(f, ord, shapes):
     got = f(mt.bundle(ts), ord)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: torch.amax(x, out=None), lambda x: torch.amin(x, 0, out=None),
+        lambda x: torch.argmax(x, out=None), lambda x: torch.std(x, out=None),
+        lambda x: torch.var(x, 0, out=None), lambda x: torch.mean(x, out=None),
+        lambda x: torch.nansum(x, out=None), lambda x: torch.logsumexp(x, 0, out=None),
+        lambda x: torch.all(x, out=None), lambda x: torch.linalg.vector_norm(x, out=None),
+    ],
+)
+def test_an_explicit_out_none_is_torchs_default(call):
+    # (it raised "unexpected keyword argument 'out'", as the order statistics did)
+    b = mt.bundle([torch.randn(3, 4), torch.randn(5)])
+    want = call(b.materialize())
+    got = call(b)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want)
