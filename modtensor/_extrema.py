@@ -278,7 +278,8 @@ def max_handler(full: Reduction, with_dim: Reduction) -> Callable[..., Any]:
             return map_elementwise(func, types, args, kwargs)
         b = args[0]
         dim, keepdim, other = _bind(_sig_max, func_name(func), args, kwargs)
-        if isinstance(dim, torch.Tensor) or other is not None:
+        # a tensor second argument is torch's `other` (elementwise), a tensor `dim=` a dim
+        if (isinstance(dim, torch.Tensor) and "dim" not in kwargs) or other is not None:
             return map_elementwise(func, types, args, kwargs)
         if kwargs.get("out") is not None:
             return NOT_HANDLED
@@ -294,7 +295,7 @@ def max_handler(full: Reduction, with_dim: Reduction) -> Callable[..., Any]:
 def _parse_max_dim(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     dim, keepdim, _ = _bind(_sig_max, name, args, kwargs)
-    if not isinstance(dim, int):
+    if isinstance(dim, (tuple, list)):  # torch takes one int here (a NumPy integer too)
         raise TypeError(f"{name}: dim must be an int, got {dim!r}.")
     check_dim(dim, name, b)
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim))

@@ -7,6 +7,7 @@ the result is floating, so a combine adds no rounding of its own.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +36,22 @@ def transformed() -> bool:
 # -- argument helpers ------------------------------------------------------------------------
 
 
-def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
-    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ())."""
+def check_dim(dim: Any, name: str, b: ParameterBundle) -> tuple[int, ...] | None:
+    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ());
+    return it as a tuple of ints (None for None)."""
     if dim is None:
-        return
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        return None
+    if isinstance(dim, torch.Tensor):  # torch takes an integer tensor's values as the dims
+        dim = dim.tolist()
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    ints = []
     for d in dims:
-        if not isinstance(d, int) or isinstance(d, bool):
+        # an int, or what torch takes as one (a NumPy integer, a one-element integer tensor)
+        if isinstance(d, torch.Tensor) and d.numel() == 1 and not d.is_floating_point():
+            d = d.item()
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"{name}: dim must be an int or a tuple of ints, got {dim!r}.")
+        ints.append(int(d))
         if d not in (0, -1):
             raise IndexError(
                 f"{name}: Dimension out of range (expected to be in range of [-1, 0], but got "
@@ -51,6 +60,7 @@ def check_dim(dim: Any, name: str, b: ParameterBundle) -> None:
             )
     if len(dims) > 1:
         raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
+    return tuple(ints)
 
 
 def check_dtype(dtype: Any, name: str, b: ParameterBundle) -> Any:

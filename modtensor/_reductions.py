@@ -343,8 +343,7 @@ def _sig_all(input: Any, dim: Any = None, keepdim: bool = False) -> Any:
 def _parse_all(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     dim, keepdim = _bind(_sig_all, name, args, kwargs)
-    check_dim(dim, name, b)
-    if dim is not None and not isinstance(dim, int) and not len(dim):
+    if check_dim(dim, name, b) == ():
         # torch's all / any over no dim (dim=()) test each element, keeping the input's shape:
         # no reduction, so the concatenation's answer (the fallback) is the exact one.
         return NOT_HANDLED
@@ -378,8 +377,7 @@ def _sig_logsumexp(input: Any, dim: Any, keepdim: bool = False) -> Any:
 def _parse_logsumexp(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     dim, keepdim = _bind(_sig_logsumexp, name, args, kwargs)
-    check_dim(dim, name, b)
-    if not isinstance(dim, int) and not len(dim) and not keepdim and b._numel:
+    if check_dim(dim, name, b) == () and not keepdim and b._numel:
         # torch reduces over every dim for dim=(), then cannot write into the 0-d result
         raise RuntimeError(
             f"{name}: output with shape [] doesn't match the broadcast shape [1] (torch raises "

@@ -232,3 +232,32 @@ def test_an_explicit_out_none_is_torchs_default(call):
     got = call(b)
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dim", [torch.tensor(0), torch.tensor([-1]), np.int64(0), (torch.tensor(0),)], ids=repr)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, d: torch.sum(x, dim=d), lambda x, d: x.mean(d), lambda x, d: torch.amax(x, d, keepdim=True),
+        lambda x, d: torch.std(x, d), lambda x, d: torch.linalg.vector_norm(x, dim=d),
+        lambda x, d: torch.logsumexp(x, d),
+    ],
+)
+def test_dims_torch_takes_as_ints(call, dim):
+    # an integer tensor or a NumPy integer: torch reads them as the int (a TypeError before)
+    b = mt.bundle([torch.randn(3, 4), torch.randn(5)])
+    want = call(b.materialize(), dim)
+    got = call(b, dim)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("func", [torch.max, torch.min])
+def test_max_with_a_tensor_dim_keyword_reduces(func):
+    # `torch.max(b, dim=torch.tensor(0))` is a reduction over dim 0; it was taken for torch.max(b,
+    # other) and gave an elementwise bundle of the tensor's size
+    b = mt.bundle([torch.randn(3, 4), torch.randn(5)])
+    for dim, keepdim in ((torch.tensor(0), False), (np.int64(-1), True)):
+        got, want = func(b, dim=dim, keepdim=keepdim), func(b.materialize(), dim=dim, keepdim=keepdim)
+        torch.testing.assert_close(got.values, want.values)
+        assert torch.equal(got.indices, want.indices)
