@@ -19,7 +19,7 @@ from modtensor._dispatch import (
     ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, check_signature, copy_is_cheap, func_name, remember_direct,
 )
 from modtensor._pointwise import per_tensor_caller
-from modtensor._reduce_common import _bind, _is_floating, check_dim
+from modtensor._reduce_common import _bind, _is_floating, check_dim, without_none_out
 from modtensor._strategies import (
     Pieces,
     Reduction,
@@ -283,9 +283,7 @@ def register_reduction(
     def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not args or not is_bundle(args[0]) or kwargs.get("out") is not None:
             return NOT_HANDLED
-        if "out" in kwargs:  # out=None is torch's default, which the parsers' signatures leave out
-            kwargs = {key: value for key, value in kwargs.items() if key != "out"}
-        return run_reduction(func, args, kwargs, args[0], reduction)
+        return run_reduction(func, args, without_none_out(kwargs), args[0], reduction)
 
     bundle_type.implements(funcs)(handler)
     return reduction

@@ -33,7 +33,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
-from modtensor._reduce_common import _bind, check_dim, transformed
+from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
 from modtensor._selection import _elements, _equal, _evenly, _scan, _Selection, _Stat
 from modtensor._strategies import Reduction
 
@@ -340,8 +340,7 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
         b = args[0] if args else None
         if not is_bundle(b) or kwargs.get("out") is not None:
             return NOT_HANDLED
-        if "out" in kwargs:  # out=None is torch's default, which the signatures below leave out
-            kwargs = {key: value for key, value in kwargs.items() if key != "out"}
+        kwargs = without_none_out(kwargs)
         if b._dist is not None:
             refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":

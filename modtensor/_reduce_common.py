@@ -76,6 +76,14 @@ def check_dtype(dtype: Any, name: str, b: ParameterBundle) -> Any:
     )
 
 
+def without_none_out(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` less an explicit `out=None`, torch's default, which the reductions' signatures
+    (torch's own, written as stubs, or a library's `parse`) leave out."""
+    if "out" in kwargs and kwargs["out"] is None:
+        return {key: value for key, value in kwargs.items() if key != "out"}
+    return kwargs
+
+
 def _bind(stub: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     # Python's own argument binding mirrors torch's signature at the cost of one call.
     kwargs = dict(kwargs)
