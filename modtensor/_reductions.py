@@ -101,8 +101,20 @@ def _parse_mean(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     return _parse_sum_like(b, func, args, kwargs, mean=True)
 
 
-def _make_sum(reducer: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
+def _narrowed(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+    # torch's sum, nansum and nanmean with dtype=float16 (or bfloat16) convert each element
+    # first: in float16 a float32 element past 65504 is inf. Their partials are then added in
+    # float32 (see _partial_dtype), which would otherwise see the unrounded elements. (torch's
+    # mean converts only its result.)
+    return t.to(a.dtype) if a.dtype in _LOW_PRECISION and t.dtype != a.dtype else t
+
+
+def _make_sum(
+    reducer: Callable[..., torch.Tensor], converts: bool = True
+) -> Callable[[torch.Tensor, int, ReduceArgs], Any]:
     def partial(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+        if converts:
+            t = _narrowed(t, a)
         if t.dtype == a.dtype and t.dtype in _LOW_PRECISION:  # by blocks: no float32 copy
             by_blocks = narrow_sum(t, nan=reducer is torch.nansum)
             if by_blocks is not None:
@@ -148,6 +160,7 @@ def _finalize_mean(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
 
 
 def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    t = _narrowed(t, a)
     by_blocks = narrow_sum(t, nan=True) if t.dtype == a.dtype else None
     total = torch.nansum(t, dtype=_partial_dtype(a.dtype)) if by_blocks is None else by_blocks
     return total, t.numel() - _count_nan(t)
@@ -596,7 +609,7 @@ REDUCTIONS: dict[str, Reduction] = {
         pack_dtype=_wide_pack,
     ),
     "mean": _register(
-        REDUCTION_FUNCTIONS["mean"], _make_sum(torch.sum), _combine_sum, _finalize_mean, parse=_parse_mean,
+        REDUCTION_FUNCTIONS["mean"], _make_sum(torch.sum, converts=False), _combine_sum, _finalize_mean, parse=_parse_mean,
         pack_dtype=_wide_pack,
     ),
     "nanmean": _register(

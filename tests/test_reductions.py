@@ -261,3 +261,26 @@ def test_max_with_a_tensor_dim_keyword_reduces(func):
         got, want = func(b, dim=dim, keepdim=keepdim), func(b.materialize(), dim=dim, keepdim=keepdim)
         torch.testing.assert_close(got.values, want.values)
         assert torch.equal(got.indices, want.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "call",
+    [torch.sum, torch.nansum, torch.mean, torch.nanmean],
+    ids=["sum", "nansum", "mean", "nanmean"],
+)
+@pytest.mark.parametrize("sizes", ["per_tensor", "real"])
+def test_a_16_bit_dtype_converts_each_element_before_adding(request, call, dtype, sizes):
+    # torch converts the input to dtype= first: 7e4 is inf in float16 (inf - inf is NaN), and
+    # 1 + 3 * 2**-9 rounds up in bfloat16 (1000 of them add to 1008). The partials were added
+    # in float32 from the unrounded elements (NaN became 0, 1008 became 1004).
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")  # small tensors packed, in float64
+    big = [torch.zeros(20000)] if sizes == "real" else []
+    floats = big + [torch.full((600,), 1 + 3 * 2**-9), torch.full((400,), 1 + 3 * 2**-9), torch.tensor([7e4, -7e4])]
+    bundles = [mt.bundle(floats), mt.bundle([torch.full((30,), 1.25).half(), torch.tensor([1.0 + 2**-9]).half()])]
+    if call is not torch.nanmean:  # which refuses integers whatever dtype= says
+        bundles.append(mt.bundle(big + [torch.tensor([70000, -70000]), torch.arange(10)]))
+    for b in bundles:
+        expected = call(b.materialize(), dtype=dtype)
+        torch.testing.assert_close(call(b, dtype=dtype), expected, rtol=0, atol=0, equal_nan=True)
