@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -316,7 +317,19 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     return total, m2, mean
 
 
+def _warn_without_dof(a: ReduceArgs) -> None:
+    # torch's warning where the concatenation leaves no degrees of freedom (its var is inf or
+    # NaN); per tensor (per_param, weighted, tiny bundles) torch gives it itself.
+    if a.numel - a.options["correction"] <= 0:
+        warnings.warn(
+            f"{a.name.rsplit('.', 1)[-1]}(): degrees of freedom is <= 0. Correction should be strictly "
+            "less than the reduction factor (input numel divided by output numel).",
+            UserWarning,
+        )
+
+
 def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
+    _warn_without_dof(a)
     m2: torch.Tensor = state[1]
     dof = a.numel - a.options["correction"]
     var: torch.Tensor = m2 / dof
@@ -555,7 +568,11 @@ def _fused(op: str) -> Callable[[ParameterBundle, ReduceArgs], Any]:
         result = _multitensor.reduce(
             op, b._tensors, a.dtype, b._plans, numel=b._numel, correction=a.options.get("correction", 1)
         )
-        return NOT_HANDLED if result is None else result
+        if result is None:
+            return NOT_HANDLED
+        if "correction" in a.options:  # var and std
+            _warn_without_dof(a)
+        return result
 
     return fused
 

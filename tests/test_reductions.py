@@ -1,5 +1,7 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +286,24 @@ def test_a_16_bit_dtype_converts_each_element_before_adding(request, call, dtype
     for b in bundles:
         expected = call(b.materialize(), dtype=dtype)
         torch.testing.assert_close(call(b, dtype=dtype), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: x.var(), lambda x: torch.std(x), lambda x: torch.var_mean(x, correction=3),
+    lambda x: torch.std_mean(x, correction=5000), lambda x: x.var(correction=6000),
+], ids=["var", "std", "var_mean", "std_mean", "var-correction"])
+@pytest.mark.parametrize("sizes", ["per_tensor", "real"])
+def test_var_without_degrees_of_freedom_warns_as_torch_does(request, call, sizes):
+    # torch warns where the correction leaves no degrees of freedom (the result is inf or NaN);
+    # the bundle's combined var gave the value silently.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    bundles = [mt.bundle([torch.tensor([2.0]), torch.empty(0)]), mt.bundle([torch.randn(3000), torch.randn(2000)])]
+    for b in bundles:
+        caught = []
+        for x in (b.materialize(), b):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                call(x)
+            caught.append([str(m.message).split(" (Triggered")[0] for m in w])
+        assert caught[1] == caught[0]
