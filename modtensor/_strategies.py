@@ -513,6 +513,14 @@ def own_options(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# torch functions whose first argument after the input is a number (an order, a quantile),
+# not a dim: `torch.linalg.vector_norm(b, 3, keepdim=True)` reduces every element.
+_NUMBER_FIRST = frozenset({
+    torch.linalg.vector_norm, torch.linalg.norm, torch.quantile, torch.nanquantile,
+    torch.Tensor.quantile, torch.Tensor.nanquantile,
+})
+
+
 def _has_dim(call: ReductionCall) -> bool:
     # A dim given by keyword, or an int (or ints) after the input: then keepdim keeps each
     # tensor's shape, as the per-tensor results are.
@@ -521,7 +529,7 @@ def _has_dim(call: ReductionCall) -> bool:
     return any(
         (isinstance(a, int) and not isinstance(a, bool))
         or (isinstance(a, (tuple, list)) and len(a) > 0 and all(isinstance(x, int) for x in a))
-        for a in call.args[1:]
+        for a in call.args[2 if call.func in _NUMBER_FIRST else 1:]
     )
 
 

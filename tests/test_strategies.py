@@ -432,3 +432,19 @@ def test_weighted_keepdim_with_a_dim_keeps_the_per_tensor_shape():
     b = mt.bundle([torch.ones(3, 1), torch.ones(5, 1)]).weighted()
     assert b.sum(dim=0, keepdim=True).shape == (1, 1)  # a full reduction's (1,) only without dim
     assert b.sum(keepdim=True, dim=None).shape == (1,)
+
+
+def test_weighted_keepdim_with_a_positional_order_or_quantile_is_a_full_reduction():
+    # The order of a norm and the q of a quantile, given by position, were taken for a dim:
+    # the per-tensor results kept their ndim ((1, 1) and (1,)) and could not be weighed.
+    tensors = [torch.randn(3, 4), torch.randn(5)]
+    weights = [2.0, 1.0]
+    b = mt.bundle(tensors)
+    for call in (
+        lambda x: torch.linalg.vector_norm(x, 3, None, True), lambda x: torch.linalg.norm(x, 1, keepdim=True),
+        lambda x: torch.quantile(x, 1, keepdim=True), lambda x: torch.nanquantile(x, 0, keepdim=True),
+        lambda x: x.quantile(1, keepdim=True),
+    ):
+        expected = sum(w * call(t).reshape(1) for w, t in zip(weights, tensors)) / sum(weights)
+        assert call(b).shape == (1,)
+        torch.testing.assert_close(call(b.weighted(weights)), expected)
