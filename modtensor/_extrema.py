@@ -73,10 +73,9 @@ def _extremum(
     tied = (stacked == m).tolist()
     if sum(tied) <= 1:
         return m
-    counts = [
-        (_cast(key(t) if key else t, dtype) == m.to(t.device)).sum().to(m.device) if is_tied else None
-        for t, is_tied in zip(tensors, tied)
-    ]
+    compared = [_cast(key(t) if key else t, dtype) if is_tied else None for t, is_tied in zip(tensors, tied)]
+    # (each where its tensor lives: a pair of tensors for a distance has no device of its own)
+    counts = [None if c is None else (c == m.to(c.device)).sum().to(m.device) for c in compared]
     return tie_shared(stacked, m, counts)
 
 

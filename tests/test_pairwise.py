@@ -230,3 +230,21 @@ def test_16_bit_cosine_second_derivatives(small_kernels, dtype):
         assert torch.isfinite(a).all()
         concat_error = (b.double() - e).abs().max()
         assert (a.double() - e).abs().max() <= max(concat_error, 8 * torch.finfo(dtype).eps * e.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("p", [float("inf"), -float("inf")], ids=["inf", "-inf"])
+def test_inf_distance_tied_across_tensors_shares_its_gradient(dtype, p):
+    # The largest (smallest) difference is in two tensors: counting the ties read the device
+    # of a pair of tensors, and raised AttributeError where torch splits the gradient.
+    def leaves():
+        return [
+            torch.tensor([1.0, 3.0], dtype=dtype, requires_grad=True), torch.tensor([-5.0, 0.0], dtype=dtype, requires_grad=True),
+            torch.tensor([2.0, 0.0], dtype=dtype), torch.tensor([-2.0, 1.0], dtype=dtype, requires_grad=True),
+        ]
+    got, want = leaves(), leaves()
+    value = torch.dist(mt.bundle(got[:2]), mt.bundle(got[2:]), p)
+    expected = torch.dist(torch.cat(want[:2]), torch.cat(want[2:]), p)
+    torch.testing.assert_close(value, expected)
+    for g, w in zip(torch.autograd.grad(value, got[:2] + got[3:]), torch.autograd.grad(expected, want[:2] + want[3:])):
+        torch.testing.assert_close(g, w)
