@@ -140,9 +140,13 @@ def run_reduction(
     packs = reduction.commutative and may_pack(b)
     get: Callable[[int], torch.Tensor] = b._tensor
     keys: tuple[Any, ...] = b._keys
+    views = b._tensors is not None
     if b._strategy == "concat" and _has_integers_in_floats(b):
         get, keys = _as_in_concatenation(b)
-    pieces = Pieces(get, b._offsets, keys if packs else None, b._tensors is not None, b._plans, reduction.pack_dtype)
+        # Its integer tensors' converted copies are made at each call: kept with the bundle's
+        # plans (as its own tensors are), they would miss later in-place updates of the buffers.
+        views = False
+    pieces = Pieces(get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype)
 
     callers: list[Any] = []
 
