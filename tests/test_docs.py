@@ -49,3 +49,37 @@ def test_api_reference_is_in_sync():
     # docs/API.md is generated from the docstrings; regenerate it with `python docs/gen_api.py`.
     gen_api = _gen_api()
     assert gen_api.OUT.read_text() == gen_api.render(), "docs/API.md is stale: run `python docs/gen_api.py`"
+
+
+def _readme_block(heading: str) -> str:
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S)[1]
+
+
+def test_readme_quickstart_runs_top_to_bottom():
+    # A reader runs the quickstart as written, given the names it takes as known (data and
+    # models of the same structure). It once wrote into the parameters between the loss's
+    # forward and its backward(), which then raised torch's "modified by an inplace operation".
+    import copy
+
+    torch = pytest.importorskip("torch")
+    code = _readme_block("## Quickstart")
+    first, rest = code.split("\nb = mt.bundle(model)", 1)
+    namespace: dict = {}
+    exec(first, namespace)
+    model = namespace["model"]
+    torch.manual_seed(0)
+    namespace.update(
+        x=torch.randn(2, 3, 8, 8), y=torch.randn(2, 8, 6, 6), reference=copy.deepcopy(model),
+        ema=copy.deepcopy(model), base=copy.deepcopy(model), finetuned=[copy.deepcopy(model) for _ in range(2)],
+    )
+    try:
+        exec("b = mt.bundle(model)" + rest, namespace)
+    finally:
+        mt.uninstall()
+    assert namespace["b"].names == ("0.weight", "0.bias", "2.weight", "2.bias")  # as its comment says
+    assert mt.is_bundle(namespace["merged"])
