@@ -108,8 +108,8 @@ def test_docstring_examples_are_run_by_pytest():
     # The `>>>` examples checked above are executed by pytest's doctest collection of the
     # package: `python -m pytest` (as the README runs it) must collect modtensor/ with doctests.
     import pathlib
-    import tomllib
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
     config = tomllib.loads((pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     options = config["tool"]["pytest"]["ini_options"]
     assert "modtensor" in options["testpaths"] and "--doctest-modules" in options["addopts"].split()
