@@ -113,3 +113,34 @@ def test_docstring_examples_are_run_by_pytest():
     config = tomllib.loads((pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     options = config["tool"]["pytest"]["ini_options"]
     assert "modtensor" in options["testpaths"] and "--doctest-modules" in options["addopts"].split()
+
+
+def _readme() -> str:
+    import pathlib
+
+    return (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_readme_register_reduction_signature_is_the_real_one():
+    # The README spelled the first parameter `func` (it is `funcs`) and the options after
+    # `finalize` as positional (they are keyword-only).
+    import re
+
+    line = re.search(r"`mt\.register_reduction\((.*?)\)`", _readme())[1]
+    documented = [p.strip().split("=")[0] for p in line.split(",")]
+    signature = inspect.signature(mt.register_reduction)
+    real = []
+    for p in signature.parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and "*" not in real:
+            real.append("*")
+        real.append(p.name)
+    assert documented == real
+
+
+def test_readme_layout_names_every_module():
+    import pathlib
+
+    layout = _readme().split("## Layout", 1)[1]
+    package = pathlib.Path(mt.__file__).parent
+    modules = [p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert [m for m in modules if f"`{m}`" not in layout and f"/{m}`" not in layout] == []
