@@ -144,3 +144,32 @@ def test_readme_layout_names_every_module():
     package = pathlib.Path(mt.__file__).parent
     modules = [p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert [m for m in modules if f"`{m}`" not in layout and f"/{m}`" not in layout] == []
+
+
+def _semantics_row_names(start: str) -> set[str]:
+    """The op names in the examples column of the README's Semantics table row `start`."""
+    import re
+
+    line = next(line for line in _readme().splitlines() if line.startswith(f"| {start}"))
+    cell = re.sub(r"\([^)]*\)", "", line.split("|")[2]).replace("`", "")
+    names = {part.strip().split(".")[-1] for part in re.split(r"[,/]", cell) if part.strip()}
+    return {"matmul" if n == "@" else n for n in names}
+
+
+def test_readme_op_lists_are_the_dispatch_table():
+    from modtensor._like import LIKE_FUNCTIONS
+    from modtensor._order import ORDER_FUNCTIONS
+    from modtensor._pairwise import PAIRWISE_FUNCTIONS
+    from modtensor._reductions import REDUCTION_FUNCTIONS
+
+    import torch
+
+    from modtensor._inplace import INPLACE_FUNCTIONS
+
+    assert _semantics_row_names("reductions") == set(REDUCTION_FUNCTIONS) | {"vector_norm"}
+    assert {torch.linalg.vector_norm, torch.linalg.norm} <= set(REDUCTION_FUNCTIONS["norm"])
+    in_place = {n for n in _semantics_row_names("in place") if n.endswith("_") and " " not in n}
+    assert len(in_place) > 10 and in_place <= set(INPLACE_FUNCTIONS)
+    assert _semantics_row_names("bundle with bundle") == set(PAIRWISE_FUNCTIONS)
+    assert _semantics_row_names("order statistics") == {f.__name__ for f in ORDER_FUNCTIONS}
+    assert _semantics_row_names("new bundles like it") == {f.__name__ for f in LIKE_FUNCTIONS}
