@@ -113,7 +113,13 @@ class _BundleAPI:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The tensors' names, in order (`"0"`, `"1"`, ... for an iterable source)."""
+        """The tensors' names, in order (`"0"`, `"1"`, ... for an iterable source).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> mt.bundle(torch.nn.Linear(2, 2)).names, mt.bundle([torch.ones(2), torch.ones(1)]).names
+            (('weight', 'bias'), ('0', '1'))
+        """
         return self._names
 
     @property
@@ -137,12 +143,25 @@ class _BundleAPI:
 
     @property
     def strategy(self) -> str:
-        """The name of the strategy reductions use (`"concat"` by default)."""
+        """The name of the strategy reductions use (`"concat"` by default).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> b = mt.bundle([torch.ones(2)])
+            >>> b.strategy, b.per_param().strategy
+            ('concat', 'per_param')
+        """
         return self._strategy
 
     @property
     def options(self) -> Mapping[str, Any]:
-        """The strategy's options (read-only)."""
+        """The strategy's options (read-only).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> dict(mt.bundle({"w": torch.ones(2)}).weighted({"*": 1.0}, normalize=False).options)
+            {'weights': {'*': 1.0}, 'normalize': False}
+        """
         return self._options
 
     @property
@@ -205,7 +224,15 @@ class _BundleAPI:
 
     @property
     def left_out(self) -> tuple[str, ...]:
-        """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`)."""
+        """Names a derived bundle had to leave out (e.g. tensors without a gradient in `b.grad`).
+
+        Example:
+            >>> import torch, modtensor as mt
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> lin.bias.sum().backward()
+            >>> mt.bundle(lin).grad.left_out
+            ('weight',)
+        """
         return self._left_out
 
     @property

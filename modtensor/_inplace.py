@@ -496,5 +496,12 @@ for _name in UNARY_OPS + BINARY_OPS:
     if _inplace_method is not None and _name + "_" not in INPLACE_FUNCTIONS:
         INPLACE_FUNCTIONS[_name + "_"] = ((_inplace_method,), _per_tensor(_inplace_method))
 
+# torch's function spelling of each (`torch.exp_(b)`, `torch.clamp_(b, 0, 1)`): the same op,
+# with the bundle as its first argument, so the same handler.
+for _name, (_funcs, _handler) in list(INPLACE_FUNCTIONS.items()):
+    _function = None if _name.startswith("__") else getattr(torch, _name, None)
+    if _function is not None:
+        INPLACE_FUNCTIONS[_name] = ((*_funcs, _function), _handler)
+
 for _funcs, _handler in INPLACE_FUNCTIONS.values():
     ParameterBundle.implements(_funcs)(_handler)

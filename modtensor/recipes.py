@@ -317,7 +317,18 @@ def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBu
 
 @dataclass
 class DistanceReport:
-    """How far two models are: global figures and the same per parameter."""
+    """How far two models are: global figures and the same per parameter.
+
+    What `distance(a, b)` returns: `l2` (the L2 distance), `max_abs` (the largest
+    `|a - b|`), `cosine` (the cosine similarity) and `changed_fraction` (the fraction of
+    entries that differ), and `per_param`, the same four figures for each parameter name.
+
+    Example:
+        >>> import torch, modtensor as mt
+        >>> r = mt.recipes.distance(torch.nn.Linear(2, 1), torch.nn.Linear(2, 1))
+        >>> sorted(r.per_param), sorted(r.per_param["bias"])
+        (['bias', 'weight'], ['changed_fraction', 'cosine', 'l2', 'max_abs'])
+    """
 
     l2: float
     max_abs: float

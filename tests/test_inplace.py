@@ -511,3 +511,35 @@ def test_on_demand_operands_are_made_one_tensor_at_a_time(op, made):
     mt.bundle([x, y]).add_(mt.bundle([y, x]) * 1)
     torch.testing.assert_close(x, want_x, rtol=0, atol=0)
     torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+
+
+def test_torch_function_spellings_of_in_place_ops_are_in_the_table():
+    # `torch.exp_(b)` is `b.exp_()` spelled as a function (README: every elementwise op's X_);
+    # it was refused as an in-place op outside the table.
+    names = [n for n in INPLACE_FUNCTIONS if not n.startswith("__") and hasattr(torch, n)]
+    assert len(names) > 50
+    missing = [n for n in names if getattr(torch, n) not in INPLACE_FUNCTIONS[n][0]]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: torch.exp_(x),
+        lambda x, y: torch.relu_(x),
+        lambda x, y: torch.clamp_(x, 0.2, 0.6),
+        lambda x, y: torch.clamp_min_(x, y),
+        lambda x, y: torch.fill_(x, 2.5),
+        lambda x, y: torch.xlogy_(x, y),
+    ],
+)
+def test_torch_function_spellings_of_in_place_ops_write_through(call):
+    tensors = [torch.rand(3, 4) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1, torch.tensor(0.7)]
+    others = [t + 0.3 for t in tensors]
+    loop = [t.clone() for t in tensors]
+    for t, o in zip(loop, others):
+        call(t, o)
+    b = mt.bundle(tensors)
+    assert call(b, mt.bundle(others)) is b
+    for got, want in zip(tensors, loop):
+        torch.testing.assert_close(got, want)
