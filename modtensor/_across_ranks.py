@@ -362,6 +362,22 @@ def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], f
     return out
 
 
+class _LiveSlot(torch.autograd.Function):
+    """`total`, the sum of every rank's payload, differentiable as its term `own`.
+
+    `total + (own - own.detach())` would make the value NaN where `own` is infinite (a shard
+    holding inf): inf - inf.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, total: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return None, grad
+
+
 def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, a: Any) -> tuple[Any, int]:
     """Exchange one segment by all_reduce; return the merged state and the global count."""
     assert form.encode is not None and form.decode is not None
@@ -379,7 +395,7 @@ def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, 
         _failure(call.name, mine.error, [])
     total = vector[2:]
     if own is not None:  # this rank's slot, live: gradients reach its shards
-        total = total + (own - own.detach())
+        total = _LiveSlot.apply(total, own)  # type: ignore[no-untyped-call]
     if mine.replicated[0] is not None:
         total = total + form.encode(mine.replicated[0], a)
     count = int(total_numel) + mine.replicated_numels[0]

@@ -177,6 +177,26 @@ def group_shards_nan(rank: int, world: int) -> None:
 
 
 @check
+def group_shards_inf(rank: int, world: int) -> None:
+    # An inf on one rank, or -inf everywhere: the ranks holding one got NaN sums and norms
+    # (their own payload re-added for autograd as inf - inf).
+    for case in ("inf on the last rank", "-inf everywhere"):
+        full = full_tensors()
+        if case == "-inf everywhere":
+            for t in full.values():
+                t.fill_(float("-inf"))
+        else:
+            full["d"][-1, 0, 0] = float("inf")
+        b = world_bundle(sharded(full, world, rank, grad=True))
+        for name in ("sum", "mean", "norm1", "norm2", "norm0", "vector_norm", "amax", "var"):
+            before = len(FAILURES)
+            close(REDUCTIONS[name](b), REDUCTIONS[name](cat(full)))
+            close(torch.nansum(b), torch.nansum(cat(full)))
+            close(torch.nanmean(b), torch.nanmean(cat(full)))
+            FAILURES[before:] = [f"{case}, {name}: {e}" for e in FAILURES[before:]]
+
+
+@check
 def group_shards_gradients(rank: int, world: int) -> None:
     for name in DIFFERENTIABLE:
         f = REDUCTIONS[name]
