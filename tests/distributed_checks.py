@@ -197,6 +197,27 @@ def group_shards_inf(rank: int, world: int) -> None:
 
 
 @check
+def group_l2_norm_gradients_at_inf(rank: int, world: int) -> None:
+    # torch's gradient of the L2 norm at an inf element: NaN there, x / inf = 0 elsewhere; each
+    # rank's norm squared again for the all_reduce gave NaN to all of that rank's elements.
+    full = full_tensors()
+    full["d"][-1, 0, 0] = float("inf")
+    tests: dict[str, Callable[[Any], Any]] = {
+        "norm2": REDUCTIONS["norm2"], "dist": lambda x: torch.dist(x, x.detach() * 0.5),
+        "diff_norm": lambda x: (x - 1).norm(),
+    }
+    for name, f in tests.items():
+        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+        f(cat(ref)).backward()
+        mine = sharded(full, world, rank, grad=True)
+        f(world_bundle(mine)).backward()
+        for n, t in mine.items():
+            before = len(FAILURES)
+            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
+            FAILURES[before:] = [f"{name}, gradient of {n}: {e}" for e in FAILURES[before:]]
+
+
+@check
 def group_shards_gradients(rank: int, world: int) -> None:
     for name in DIFFERENTIABLE:
         f = REDUCTIONS[name]
