@@ -510,6 +510,11 @@ def group_mismatched_groups(rank: int, world: int) -> None:
     _raises(ValueError, "different process groups", lambda: a + c)
     _raises(ValueError, "group= has ranks", lambda: mt.bundle(a, group=sub))
     _raises(TypeError, "ProcessGroup", lambda: mt.bundle(mine, group="world"))
+    last = dist.new_group([world - 1])  # every rank makes it; the others are not members
+    if rank == world - 1:
+        close(mt.bundle(mine, group=last).sum(), cat(mine).sum())
+    else:
+        _raises(ValueError, "not a member of the given group", lambda: mt.bundle(mine, group=last))
     close(c.sum(), cat(mine).sum())  # a group of one: this rank's own
     _raises(mt.UnsupportedOperationError, "recipes.distance", lambda: mt.recipes.distance(a, a * 2))
     close(mt.bundle(a, include="a").sum(), full_tensors()["a"].sum())  # a bundle as source keeps the group
