@@ -169,8 +169,10 @@ def _acc_args(a: ReduceArgs) -> ReduceArgs:
 def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[Any], torch.Tensor]) -> _Form:
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
-    The payload of a finite p is this rank's norm in float64. For p in (0, 1, 2) norms merge
-    by adding (their p-th powers), which one all_reduce does.
+    The payload of a finite p is this rank's norm in float64, or where autograd records an L2
+    norm (the "squares" option) its sum of squares: the root of that, squared again, would
+    have a NaN gradient at inf and lose the second derivative where a rank's norm is 0. For
+    p in (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does.
     """
     import math
 
@@ -183,17 +185,18 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     )
 
     def local(states: list[Any], a: ReduceArgs) -> Any:
-        return ext_local(states, a) if is_inf(a) else combine(states, _acc_args(a))
+        if is_inf(a):
+            return ext_local(states, a)
+        if a.options.get("squares"):
+            return _stack([v for v, _ in states], _acc_dtype(_real(a.dtype))).sum()
+        return combine(states, _acc_args(a))
 
     def merge(payloads: list[Any], a: ReduceArgs) -> Any:
-        if is_inf(a):
-            return ext_merge(payloads, a)
-        # the payloads are ranks' norms, whatever the partials were (see _reductions._combine_norm)
-        plain = dataclasses.replace(a, options={**a.options, "squares": False})
-        return combine([(p, None) for p in payloads], plain)
+        # as the partials are: sums of squares, else norms (see _reductions._combine_norm)
+        return ext_merge(payloads, a) if is_inf(a) else combine([(p, None) for p in payloads], a)
 
     def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-        return _f64(p.square() if a.options["p"] == 2 else p)
+        return _f64(p.square() if a.options["p"] == 2 and not a.options.get("squares") else p)
 
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         total = s[0]
@@ -362,6 +365,22 @@ def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], f
     return out
 
 
+class _LiveSlot(torch.autograd.Function):
+    """`total`, the sum of every rank's payload, differentiable as its term `own`.
+
+    `total + (own - own.detach())` would make the value NaN where `own` is infinite (a shard
+    holding inf): inf - inf.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, total: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        return None, grad
+
+
 def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, a: Any) -> tuple[Any, int]:
     """Exchange one segment by all_reduce; return the merged state and the global count."""
     assert form.encode is not None and form.decode is not None
@@ -379,7 +398,7 @@ def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, 
         _failure(call.name, mine.error, [])
     total = vector[2:]
     if own is not None:  # this rank's slot, live: gradients reach its shards
-        total = total + (own - own.detach())
+        total = _LiveSlot.apply(total, own)  # type: ignore[no-untyped-call]
     if mine.replicated[0] is not None:
         total = total + form.encode(mine.replicated[0], a)
     count = int(total_numel) + mine.replicated_numels[0]

@@ -76,6 +76,13 @@ def _group_sharding(group: Any) -> Sharding:
             "bundle: group= needs an initialized default process group; call "
             "torch.distributed.init_process_group(...) first."
         )
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        # what dist.new_group(ranks) returns on the processes it leaves out
+        raise ValueError(
+            "bundle: this process is not a member of the given group (dist.new_group(ranks) "
+            "gives GroupMember.NON_GROUP_MEMBER to the processes outside ranks); make the bundle "
+            "on the group's ranks only, or pass a group this process belongs to."
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"bundle: group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "

@@ -177,6 +177,47 @@ def group_shards_nan(rank: int, world: int) -> None:
 
 
 @check
+def group_shards_inf(rank: int, world: int) -> None:
+    # An inf on one rank, or -inf everywhere: the ranks holding one got NaN sums and norms
+    # (their own payload re-added for autograd as inf - inf).
+    for case in ("inf on the last rank", "-inf everywhere"):
+        full = full_tensors()
+        if case == "-inf everywhere":
+            for t in full.values():
+                t.fill_(float("-inf"))
+        else:
+            full["d"][-1, 0, 0] = float("inf")
+        b = world_bundle(sharded(full, world, rank, grad=True))
+        for name in ("sum", "mean", "norm1", "norm2", "norm0", "vector_norm", "amax", "var"):
+            before = len(FAILURES)
+            close(REDUCTIONS[name](b), REDUCTIONS[name](cat(full)))
+            close(torch.nansum(b), torch.nansum(cat(full)))
+            close(torch.nanmean(b), torch.nanmean(cat(full)))
+            FAILURES[before:] = [f"{case}, {name}: {e}" for e in FAILURES[before:]]
+
+
+@check
+def group_l2_norm_gradients_at_inf(rank: int, world: int) -> None:
+    # torch's gradient of the L2 norm at an inf element: NaN there, x / inf = 0 elsewhere; each
+    # rank's norm squared again for the all_reduce gave NaN to all of that rank's elements.
+    full = full_tensors()
+    full["d"][-1, 0, 0] = float("inf")
+    tests: dict[str, Callable[[Any], Any]] = {
+        "norm2": REDUCTIONS["norm2"], "dist": lambda x: torch.dist(x, x.detach() * 0.5),
+        "diff_norm": lambda x: (x - 1).norm(),
+    }
+    for name, f in tests.items():
+        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+        f(cat(ref)).backward()
+        mine = sharded(full, world, rank, grad=True)
+        f(world_bundle(mine)).backward()
+        for n, t in mine.items():
+            before = len(FAILURES)
+            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
+            FAILURES[before:] = [f"{name}, gradient of {n}: {e}" for e in FAILURES[before:]]
+
+
+@check
 def group_shards_gradients(rank: int, world: int) -> None:
     for name in DIFFERENTIABLE:
         f = REDUCTIONS[name]
@@ -469,6 +510,11 @@ def group_mismatched_groups(rank: int, world: int) -> None:
     _raises(ValueError, "different process groups", lambda: a + c)
     _raises(ValueError, "group= has ranks", lambda: mt.bundle(a, group=sub))
     _raises(TypeError, "ProcessGroup", lambda: mt.bundle(mine, group="world"))
+    last = dist.new_group([world - 1])  # every rank makes it; the others are not members
+    if rank == world - 1:
+        close(mt.bundle(mine, group=last).sum(), cat(mine).sum())
+    else:
+        _raises(ValueError, "not a member of the given group", lambda: mt.bundle(mine, group=last))
     close(c.sum(), cat(mine).sum())  # a group of one: this rank's own
     _raises(mt.UnsupportedOperationError, "recipes.distance", lambda: mt.recipes.distance(a, a * 2))
     close(mt.bundle(a, include="a").sum(), full_tensors()["a"].sum())  # a bundle as source keeps the group
