@@ -20,6 +20,7 @@ from modtensor import _distributed, _source, _strategies
 from modtensor._dispatch import DispatchTensor, TracedDispatch, func_name
 from modtensor._errors import UnsupportedOperationError
 from modtensor._strategies import Weights
+from modtensor._typed_methods import TypedMethods
 
 __all__ = ["ParameterBundle", "bundle", "is_bundle", "Selector", "Source"]
 
@@ -654,7 +655,8 @@ class _BundleAPI:
 
 
 # The shared methods stand in for torch.Tensor's (grad, data, split, __repr__) on purpose.
-class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
+# TypedMethods is DispatchTensor, with the Tensor methods' results typed as bundles for mypy.
+class ParameterBundle(_BundleAPI, TypedMethods):  # type: ignore[misc]
     """A bundle of tensors that behaves like `torch.cat([t.reshape(-1) for t in tensors])`.
 
     It is a `torch.Tensor` of shape `(N,)` (N the total number of elements) whose torch calls
