@@ -481,8 +481,18 @@ def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
     return map_elementwise(func, types, args, kwargs)
 
 
+def _type(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # `b.type()` (no dtype) is a name, that of the concatenation's tensor type: the bundle's
+    # recorded dtype and device give it, with no copy of the model.
+    if len(args) == 1 and kwargs.get("dtype") is None and set(kwargs) <= {"dtype", "non_blocking"}:
+        b = args[0]
+        return torch.empty(0, dtype=b.dtype, device=b.device).type()
+    return map_elementwise(func, types, args, kwargs)
+
+
+_OWN_HANDLERS = {"where": _where, "type": _type}
 for _name, _funcs in POINTWISE_FUNCTIONS.items():
-    ParameterBundle.implements(_funcs)(_where if _name == "where" else map_elementwise)
+    ParameterBundle.implements(_funcs)(_OWN_HANDLERS.get(_name, map_elementwise))
 
 ON_DEMAND = frozenset(
     f

@@ -83,6 +83,8 @@ def test_metadata_queries_answer_as_the_concatenation_without_copying_it(case):
         assert (b.is_conj(), b.is_neg()) == (cat.is_conj(), cat.is_neg())
         assert torch.is_same_size(b, cat) and b.is_same_size(b) and cat.is_same_size(b)
         assert not torch.is_same_size(b, torch.ones(b.numel() + 1))
+        assert b.type() == cat.type() and b.type(dtype=None, non_blocking=True) == cat.type()
+    assert b.type(torch.float64).dtype == torch.float64  # a conversion still converts
 
 
 def test_empty_bundle_is_like_torch_empty():
