@@ -28,6 +28,7 @@ import torch
 
 from modtensor._bundle import ParameterBundle
 from modtensor._reduce_common import _cast, transformed
+from modtensor._strategies import with_empty_grads
 
 Number = Union[int, float]
 
@@ -517,8 +518,7 @@ def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
         share = _share(b, i, value, stat.upto - stat.below)
         if share is not None:
             result = result + share.to(b._device)
-    # Only empty tensors require grad: linked all the same, as the concatenation's result is
-    return result if result.requires_grad else _connect(value, b)
+    return with_empty_grads(result, [b])  # (_share skips them)
 
 
 def _share(b: ParameterBundle, i: int, value: torch.Tensor, ties: int) -> torch.Tensor | None:

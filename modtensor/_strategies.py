@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from modtensor._dispatch import NOT_HANDLED, check_signature, find_bundles, materialized
+from modtensor._dispatch import BUNDLE_TYPES, NOT_HANDLED, check_signature, find_bundles, materialized
 from modtensor._reduce_common import transformed
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall",
     "Strategy", "STRATEGIES", "Weights", "get", "may_pack", "own_options", "register_strategy", "strategies",
-    "resolve_weights", "reduce",
+    "resolve_weights", "reduce", "with_empty_grads",
 ]
 
 # A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
@@ -631,11 +631,48 @@ def get(name: str) -> Strategy:
 
 def reduce(call: ReductionCall) -> Any:
     """Run `call` under its bundle's strategy; with a distributed operand, across its group."""
-    if any(getattr(x, "_dist", None) is not None for x in find_bundles(call.args, call.kwargs)):
+    bundles = find_bundles(call.args, call.kwargs)
+    if any(getattr(x, "_dist", None) is not None for x in bundles):
         from modtensor._across_ranks import reduce as reduce_across_ranks
 
         return reduce_across_ranks(call)
-    return get(call.bundle.strategy).reduce(call)
+    return with_empty_grads(get(call.bundle.strategy).reduce(call), bundles)
+
+
+def with_empty_grads(result: Any, bundles: Sequence[Any]) -> Any:
+    """`result` (a tensor, or a tuple of them), linked to the bundles' tensors that have no
+    elements and require grad, as the concatenation's result is: each gets an empty gradient
+    from it, not None. Bundles (per_param's results) and non-floating results are left as
+    they are. The partials skip empty tensors, so nothing else links them.
+    """
+    if not torch.is_grad_enabled():
+        return result
+    empty = [t for x in bundles for t in _empty_and_trained(x)]
+    if not empty:
+        return result
+
+    def link(r: Any) -> Any:
+        if not isinstance(r, torch.Tensor) or isinstance(r, BUNDLE_TYPES) or not (r.is_floating_point() or r.is_complex()):
+            return r
+        # Subtracting 0 changes no value (-0.0 stays -0.0); its backward reaches the tensors.
+        return r - sum(t.sum().to(device=r.device, dtype=r.dtype) for t in empty)
+
+    if isinstance(result, tuple):
+        return type(result)([link(r) for r in result])
+    return link(result)
+
+
+def _empty_and_trained(b: Any) -> list[torch.Tensor]:
+    # Which tensors have no elements is structure, kept with the bundle's plans: the walk
+    # over the offsets is paid once, not at every reduction.
+    plans = getattr(b, "_plans", None)
+    if plans is None or getattr(b, "_dist", None) is not None:
+        return []  # (a distributed bundle's combine across ranks links its own)
+    empty = plans.get("empty")
+    if empty is None:
+        offsets = b._offsets
+        empty = plans["empty"] = tuple(i for i in range(len(offsets) - 1) if offsets[i] == offsets[i + 1])
+    return [t for t in map(b._tensor, empty) if t.requires_grad]
 
 
 def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:

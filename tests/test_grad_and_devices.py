@@ -217,8 +217,9 @@ def test_autograd_grad_with_respect_to_a_bundle_is_the_concatenations(case):
     for t in case.tensors:
         t.grad = None
     _loss(b).backward(inputs=[b])  # accumulates into the tensors' .grad, as inputs= does for a tensor
-    if all(t.numel() for t in case.tensors):  # a 0-numel tensor gets no gradient from backward
-        torch.testing.assert_close(b.grad.materialize(), want, equal_nan=True)
+    # every tensor gets its gradient, an empty one for a 0-numel tensor, as from the concatenation
+    assert not b.grad.left_out
+    torch.testing.assert_close(b.grad.materialize(), want, equal_nan=True)
 
 
 def test_autograd_grad_of_unused_tensors():
