@@ -518,7 +518,8 @@ def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
         share = _share(b, i, value, stat.upto - stat.below)
         if share is not None:
             result = result + share.to(b._device)
-    return with_empty_grads(result, [b])  # (_share skips them)
+    linked: torch.Tensor = with_empty_grads(result, [b])  # (_share skips empty tensors)
+    return linked
 
 
 def _share(b: ParameterBundle, i: int, value: torch.Tensor, ties: int) -> torch.Tensor | None:
