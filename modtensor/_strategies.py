@@ -525,17 +525,24 @@ def _has_dim(call: ReductionCall) -> bool:
     )
 
 
-def _whole(result: Any, shape: torch.Size) -> Any:
-    # A reduction of a whole tensor with keepdim=True keeps its ndim ones, (1, 1, 1, 1) for a
-    # conv weight: weighted with a bias's (1,) it gives the concatenation's (1,), as concat does.
-    parts = result if isinstance(result, tuple) else (result,)
-    if not len(shape) or not all(
-        isinstance(r, torch.Tensor) and r.dim() == len(shape) and r.numel() == 1 for r in parts
-    ):
-        return result
+def _whole(result: Any, shape: torch.Size, keepdim: bool) -> Any:
+    """A tensor's full reduction shaped as the concatenation's, so that tensors of any ndim weigh together.
+
+    With keepdim=True torch keeps the tensor's ndim of ones after the dims of the result's
+    own (quantile's q): (2, 1, 1) for two quantiles of a (3, 4) weight, (2, 1) for a bias; the
+    concatenation's is (2, 1). A 0-d tensor keeps none: its (2,) becomes (2, 1) too.
+    """
     if isinstance(result, tuple):
-        return type(result)([r.reshape(1) for r in result])
-    return result.reshape(1)
+        return type(result)([_whole(r, shape, keepdim) for r in result])
+    if not isinstance(result, torch.Tensor):
+        return result
+    ndim = len(shape)
+    if not ndim:
+        return result.unsqueeze(-1) if keepdim else result
+    lead = result.dim() - ndim
+    if lead < 0 or any(d != 1 for d in result.shape[lead:]):
+        return result
+    return result.reshape(*result.shape[:lead], 1)
 
 
 class Weighted(Strategy):
@@ -589,7 +596,12 @@ class Weighted(Strategy):
             )
         kept = [i for i, w in enumerate(weights) if w != 0]
         full = not _has_dim(call)
-        terms = [(weights[i], _whole(call.per_tensor(i), b._shapes[i]) if full else call.per_tensor(i)) for i in kept]
+        # (keepdim given by keyword; given by position it follows a dim, so the call is no full reduction)
+        keepdim = bool(call.kwargs.get("keepdim", call.kwargs.get("keepdims", False)))
+        terms = [
+            (weights[i], _whole(call.per_tensor(i), b._shapes[i], keepdim) if full else call.per_tensor(i))
+            for i in kept
+        ]
         if isinstance(terms[0][1], tuple):
             parts = zip(*(r for _, r in terms))
             return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])
@@ -601,8 +613,10 @@ class Weighted(Strategy):
         if any(v.shape != values[0].shape for v in values):
             raise ValueError(
                 f"{call.name}: under the weighted strategy each tensor's result must have one "
-                f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}. "
-                "Use a full reduction, or the per_param strategy."
+                f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}: a dim "
+                "applies to each tensor's own shape (kthvalue, topk and median with a dim, whose "
+                "default is -1 for the first two). Use a full reduction, the per_param strategy, "
+                "or the concatenation's: `b.with_strategy('concat')`."
             )
         # At least float32, whatever the default dtype: the weights are Python floats, and a
         # float16 sum of weighted terms would overflow where the per-tensor results do not.
