@@ -119,6 +119,12 @@ _INT_KEYS = {
 }
 
 
+def has_keys(dtype: torch.dtype) -> bool:
+    """Whether the order-preserving keys cover `dtype`: not bool, complex, nor the unsigned
+    16-, 32- and 64-bit integers (torch's CPU kernels order none of those)."""
+    return _FLOAT_BITS.get(dtype, dtype) in _INT_KEYS
+
+
 class _Keys:
     """Integer keys with the order of a dtype's values, spanning `width` bits (16, 32 or 64)."""
 
