@@ -135,7 +135,7 @@ def run_reduction(
                 # library registered in their place for the same function.
                 result = fuse(func, parsed, b)
             if result is not NOT_HANDLED:
-                return result
+                return _strategies.with_empty_grads(result, [b])
         parse = lambda: parsed  # noqa: E731 - parsed once, for the strategy too
     packs = reduction.commutative and may_pack(b)
     get: Callable[[int], torch.Tensor] = b._tensor

@@ -17,7 +17,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import run_reduction
 from modtensor._pointwise import map_elementwise
-from modtensor._reduce_common import _bind, _cast, _stack, check_dim
+from modtensor._reduce_common import _bind, _cast, _stack, check_dim, transformed
 from modtensor._strategies import Reduction, ReduceArgs
 
 __all__ = ["max_handler", "records", "spreads_nan", "tie_shared"]
@@ -40,7 +40,13 @@ def _kept(t: Any, a: ReduceArgs) -> Any:
     them all would hold the model's size. Decided per call, not per tensor: where one tensor
     requires grad, a frozen one's ties still take their share.
     """
-    return t if a.options.get("records", torch.is_grad_enabled()) else None
+    # Under forward AD and torch.func, tangents and batches need the ties too (see _extremum).
+    return t if a.options.get("records", torch.is_grad_enabled()) or _functional() else None
+
+
+def _functional() -> bool:
+    # Under forward AD or torch.func, not inside torch.compile (where transformed() is true too)
+    return transformed() and not torch.compiler.is_compiling()
 
 
 def _extremum(
@@ -63,10 +69,13 @@ def _extremum(
     """
     stacked = _stack(values, dtype)
     m = stacked.amax() if largest else stacked.amin()
-    if not (m.requires_grad and torch.is_grad_enabled()):
+    functional = _functional()
+    if not (m.requires_grad and torch.is_grad_enabled()) and not functional:
         return m
-    if torch.compiler.is_compiling() or ((key is not None or nan_spread) and bool(m.isnan())):
-        # (at a NaN, the stacked extrema's amax would send NaN into every tensor)
+    if torch.compiler.is_compiling() or functional or ((key is not None or nan_spread) and bool(m.isnan())):
+        # (at a NaN, the stacked extrema's amax would send NaN into every tensor; under
+        # torch.func the branches below would read values, which vmap cannot, and the stacked
+        # extrema's tangent would average tensors' ties, not elements')
         return _shared_extremum(m, tensors, dtype, key, nan_spread)
     if len(values) == 1:
         return m
@@ -117,7 +126,8 @@ def _shared_extremum(
     # tensor holding a NaN poisons it.
     keyed = [_cast(key(t) if key else t, dtype) for t in tensors]
     mode = "zeros" if key is not None else "spread" if nan_spread else "amax"
-    result: torch.Tensor = _SharedExtremum.apply(m.detach(), mode, *keyed)  # type: ignore[no-untyped-call]
+    function = _SharedExtremum if torch.compiler.is_compiling() else _SharedExtremumWithTangent
+    result: torch.Tensor = function.apply(m.detach(), mode, *keyed)  # type: ignore[no-untyped-call]
     return result
 
 
@@ -130,24 +140,57 @@ class _SharedExtremum(torch.autograd.Function):
     +-inf, where `x - x.detach()` would be NaN.
     """
 
+    # Written with torch ops alone, no value read in Python: torch.func batches it (vmap)
+    # by running them on batched tensors.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, m: torch.Tensor, mode: str, *keyed: torch.Tensor) -> torch.Tensor:
+    def forward(m: torch.Tensor, mode: str, *keyed: torch.Tensor) -> torch.Tensor:
+        return m.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        m, mode, *keyed = inputs
         ctx.mode = mode
         ctx.save_for_backward(m, *keyed)
-        return m.clone()
+        ctx.save_for_forward(m, *keyed)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         m, *keyed = ctx.saved_tensors
+        masks, count = _SharedExtremum.tied(m, ctx.mode, keyed)
+        share = grad / count
+        return None, None, *(share.to(k.device) * mask for k, mask in zip(keyed, masks))
+
+    @staticmethod
+    def tied(m: torch.Tensor, mode: str, keyed: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The masks of the elements sharing the gradient, and how many they are."""
         masks = [k == m.to(k.device) for k in keyed]
-        if ctx.mode == "spread":
+        if mode == "spread":
             # a NaN element makes m NaN, so this adds none where m is a number
             masks = [mask | k.isnan() for mask, k in zip(masks, keyed)]
         count = torch.stack([mask.sum().to(m.device) for mask in masks]).sum()
-        if ctx.mode == "zeros":
+        if mode == "zeros":
             count = count.clamp(min=1)
-        share = grad / count
-        return None, None, *(share.to(k.device) * mask for k, mask in zip(keyed, masks))
+        return masks, count
+
+
+class _SharedExtremumWithTangent(_SharedExtremum):
+    """_SharedExtremum with its tangent, for forward AD and torch.func.jvp (torch.compile
+    does not trace a Function that defines jvp, so the compiled graph takes the one above)."""
+
+    @staticmethod
+    def jvp(ctx: Any, m_tangent: Any, mode_tangent: Any, *tangents: torch.Tensor | None) -> torch.Tensor:
+        # The mean of the tied elements' tangents, as torch's: at a NaN, NaN for amax and max
+        # (whose backward spreads there, but whose tangent counts the elements equal to it:
+        # none), 0 for the inf-norms.
+        m, *keyed = ctx.saved_tensors
+        masks, count = _SharedExtremum.tied(m, "amax" if ctx.mode == "spread" else ctx.mode, keyed)
+        total = torch.zeros_like(m)
+        for tangent, mask in zip(tangents, masks):
+            if tangent is not None:
+                total = total + (tangent * mask).sum().to(device=m.device, dtype=m.dtype)
+        return total / count
 
 
 def _sig_amax(input: Any, dim: Any = (), keepdim: bool = False) -> Any:

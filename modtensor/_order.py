@@ -34,7 +34,7 @@ from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
-from modtensor._selection import _elements, _equal, _evenly, _scan, _Selection, _Stat
+from modtensor._selection import _elements, _equal, _evenly, _scan, _Selection, _Stat, has_keys
 from modtensor._strategies import Reduction
 
 __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]
@@ -47,12 +47,19 @@ _INTERPOLATIONS = ("linear", "lower", "higher", "midpoint", "nearest")
 # -- argument checks ------------------------------------------------------------------------------
 
 
-def _check_dtype(name: str, b: ParameterBundle, probe: Callable[[torch.Tensor], Any]) -> None:
-    # torch's own verdict on the dtype, from a one-element tensor of it
+def _check_dtype(name: str, b: ParameterBundle, probe: Callable[[torch.Tensor], Any]) -> bool:
+    """Raise torch's own error where it has no kernel for the bundle's dtype (from a
+    one-element tensor of it); return whether the counting's keys cover the dtype.
+
+    Where torch has a kernel the keys do not cover (unsigned 16-, 32- and 64-bit integers or
+    bool, on a device whose torch orders them), the call goes to the concatenation, with the
+    fallback's warning, rather than giving another answer.
+    """
     try:
         probe(torch.zeros(1, dtype=b._dtype, device=b._device))
     except (RuntimeError, NotImplementedError) as e:
         raise type(e)(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
+    return has_keys(b._dtype)
 
 
 def _on_empty(func: Callable[..., Any], b: ParameterBundle, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -95,7 +102,8 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     check_dim(operator.index(dim), name, b)
     if not 0 <= k <= b._numel:  # torch checks k before the dtype
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
-    _check_dtype(name, b, lambda x: torch.topk(x, 1))
+    if not _check_dtype(name, b, lambda x: torch.topk(x, 1)):
+        return NOT_HANDLED
     if k == 0:  # nothing to count; the empty values still require grad as the concatenation's
         indices = torch.empty(0, dtype=torch.int64)
     else:
@@ -158,7 +166,8 @@ def kthvalue(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...]
             f"{name}: selected number k out of range for dimension 0: k={k} for {b.describe()} "
             f"of {b._numel} elements."
         )
-    _check_dtype(name, b, lambda x: torch.kthvalue(x, 1))
+    if not _check_dtype(name, b, lambda x: torch.kthvalue(x, 1)):
+        return NOT_HANDLED
     stat = _Selection(b).stats([k - 1])[0]
     return torch.return_types.kthvalue(_values_indices(b, stat, bool(keepdim)))
 
@@ -186,7 +195,8 @@ def _median(
         check_dim(operator.index(dim), name, b)
     if b._numel == 0:
         return _on_empty(func, b, args, kwargs)
-    _check_dtype(name, b, lambda x: torch.median(x, 0))
+    if not _check_dtype(name, b, lambda x: torch.median(x, 0)):
+        return NOT_HANDLED
     sel = _Selection(b)
     stat = sel.stats([_median_rank(sel, ignore_nan)])[0]
     if dim is _NO_DIM:

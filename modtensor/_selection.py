@@ -28,6 +28,7 @@ import torch
 
 from modtensor._bundle import ParameterBundle
 from modtensor._reduce_common import _cast, transformed
+from modtensor._strategies import with_empty_grads
 
 Number = Union[int, float]
 
@@ -116,6 +117,12 @@ _INT_KEYS = {
     torch.uint8: torch.int32, torch.int8: torch.int32, torch.int16: torch.int32, torch.int32: torch.int32,
     torch.int64: torch.int64,
 }
+
+
+def has_keys(dtype: torch.dtype) -> bool:
+    """Whether the order-preserving keys cover `dtype`: not bool, complex, nor the unsigned
+    16-, 32- and 64-bit integers (torch's CPU kernels order none of those)."""
+    return _FLOAT_BITS.get(dtype, dtype) in _INT_KEYS
 
 
 class _Keys:
@@ -517,8 +524,8 @@ def _evenly(b: ParameterBundle, stat: _Stat) -> torch.Tensor:
         share = _share(b, i, value, stat.upto - stat.below)
         if share is not None:
             result = result + share.to(b._device)
-    # Only empty tensors require grad: linked all the same, as the concatenation's result is
-    return result if result.requires_grad else _connect(value, b)
+    linked: torch.Tensor = with_empty_grads(result, [b])  # (_share skips empty tensors)
+    return linked
 
 
 def _share(b: ParameterBundle, i: int, value: torch.Tensor, ties: int) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from modtensor._dispatch import NOT_HANDLED, check_signature, find_bundles, materialized
+from modtensor._dispatch import BUNDLE_TYPES, NOT_HANDLED, check_signature, find_bundles, materialized
 from modtensor._reduce_common import transformed
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PACK_LIMIT", "PACK_NUMEL", "PACK_SHARE", "Pieces", "Reduction", "ReduceArgs", "ReductionCall",
     "Strategy", "STRATEGIES", "Weights", "get", "may_pack", "own_options", "register_strategy", "strategies",
-    "resolve_weights", "reduce",
+    "resolve_weights", "reduce", "with_empty_grads",
 ]
 
 # A commutative reduction over the concatenation (a sum, not an argmax) is a monoid over any
@@ -533,17 +533,24 @@ def _has_dim(call: ReductionCall) -> bool:
     )
 
 
-def _whole(result: Any, shape: torch.Size) -> Any:
-    # A reduction of a whole tensor with keepdim=True keeps its ndim ones, (1, 1, 1, 1) for a
-    # conv weight: weighted with a bias's (1,) it gives the concatenation's (1,), as concat does.
-    parts = result if isinstance(result, tuple) else (result,)
-    if not len(shape) or not all(
-        isinstance(r, torch.Tensor) and r.dim() == len(shape) and r.numel() == 1 for r in parts
-    ):
-        return result
+def _whole(result: Any, shape: torch.Size, keepdim: bool) -> Any:
+    """A tensor's full reduction shaped as the concatenation's, so that tensors of any ndim weigh together.
+
+    With keepdim=True torch keeps the tensor's ndim of ones after the dims of the result's
+    own (quantile's q): (2, 1, 1) for two quantiles of a (3, 4) weight, (2, 1) for a bias; the
+    concatenation's is (2, 1). A 0-d tensor keeps none: its (2,) becomes (2, 1) too.
+    """
     if isinstance(result, tuple):
-        return type(result)([r.reshape(1) for r in result])
-    return result.reshape(1)
+        return type(result)([_whole(r, shape, keepdim) for r in result])
+    if not isinstance(result, torch.Tensor):
+        return result
+    ndim = len(shape)
+    if not ndim:
+        return result.unsqueeze(-1) if keepdim else result
+    lead = result.dim() - ndim
+    if lead < 0 or any(d != 1 for d in result.shape[lead:]):
+        return result
+    return result.reshape(*result.shape[:lead], 1)
 
 
 class Weighted(Strategy):
@@ -597,7 +604,12 @@ class Weighted(Strategy):
             )
         kept = [i for i, w in enumerate(weights) if w != 0]
         full = not _has_dim(call)
-        terms = [(weights[i], _whole(call.per_tensor(i), b._shapes[i]) if full else call.per_tensor(i)) for i in kept]
+        # (keepdim given by keyword; given by position it follows a dim, so the call is no full reduction)
+        keepdim = bool(call.kwargs.get("keepdim", call.kwargs.get("keepdims", False)))
+        terms = [
+            (weights[i], _whole(call.per_tensor(i), b._shapes[i], keepdim) if full else call.per_tensor(i))
+            for i in kept
+        ]
         if isinstance(terms[0][1], tuple):
             parts = zip(*(r for _, r in terms))
             return type(terms[0][1])([self._combine(call, [w for w, _ in terms], list(p)) for p in parts])
@@ -609,8 +621,10 @@ class Weighted(Strategy):
         if any(v.shape != values[0].shape for v in values):
             raise ValueError(
                 f"{call.name}: under the weighted strategy each tensor's result must have one "
-                f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}. "
-                "Use a full reduction, or the per_param strategy."
+                f"shape, got {sorted({tuple(v.shape) for v in values})} for {b.describe()}: a dim "
+                "applies to each tensor's own shape (kthvalue, topk and median with a dim, whose "
+                "default is -1 for the first two). Use a full reduction, the per_param strategy, "
+                "or the concatenation's: `b.with_strategy('concat')`."
             )
         # At least float32, whatever the default dtype: the weights are Python floats, and a
         # float16 sum of weighted terms would overflow where the per-tensor results do not.
@@ -639,11 +653,48 @@ def get(name: str) -> Strategy:
 
 def reduce(call: ReductionCall) -> Any:
     """Run `call` under its bundle's strategy; with a distributed operand, across its group."""
-    if any(getattr(x, "_dist", None) is not None for x in find_bundles(call.args, call.kwargs)):
+    bundles = find_bundles(call.args, call.kwargs)
+    if any(getattr(x, "_dist", None) is not None for x in bundles):
         from modtensor._across_ranks import reduce as reduce_across_ranks
 
         return reduce_across_ranks(call)
-    return get(call.bundle.strategy).reduce(call)
+    return with_empty_grads(get(call.bundle.strategy).reduce(call), bundles)
+
+
+def with_empty_grads(result: Any, bundles: Sequence[Any]) -> Any:
+    """`result` (a tensor, or a tuple of them), linked to the bundles' tensors that have no
+    elements and require grad, as the concatenation's result is: each gets an empty gradient
+    from it, not None. Bundles (per_param's results) and non-floating results are left as
+    they are. The partials skip empty tensors, so nothing else links them.
+    """
+    if not torch.is_grad_enabled():
+        return result
+    empty = [t for x in bundles for t in _empty_and_trained(x)]
+    if not empty:
+        return result
+
+    def link(r: Any) -> Any:
+        if not isinstance(r, torch.Tensor) or isinstance(r, BUNDLE_TYPES) or not (r.is_floating_point() or r.is_complex()):
+            return r
+        # Subtracting 0 changes no value (-0.0 stays -0.0); its backward reaches the tensors.
+        return r - sum(t.sum().to(device=r.device, dtype=r.dtype) for t in empty)
+
+    if isinstance(result, tuple):
+        return type(result)([link(r) for r in result])
+    return link(result)
+
+
+def _empty_and_trained(b: Any) -> list[torch.Tensor]:
+    # Which tensors have no elements is structure, kept with the bundle's plans: the walk
+    # over the offsets is paid once, not at every reduction.
+    plans = getattr(b, "_plans", None)
+    if plans is None or getattr(b, "_dist", None) is not None:
+        return []  # (a distributed bundle's combine across ranks links its own)
+    empty = plans.get("empty")
+    if empty is None:
+        offsets = b._offsets
+        empty = plans["empty"] = tuple(i for i in range(len(offsets) - 1) if offsets[i] == offsets[i + 1])
+    return [t for t in map(b._tensor, empty) if t.requires_grad]
 
 
 def register_strategy(strategy: Strategy, *, replace: bool = False) -> None:

@@ -152,6 +152,11 @@ def _float_outputs(result: Any) -> list[torch.Tensor]:
     return [r for r in flat if isinstance(r, torch.Tensor) and r.requires_grad]
 
 
+def _results(result: Any) -> list[torch.Tensor]:
+    flat = list(result) if isinstance(result, tuple) else [result]
+    return [r for r in flat if isinstance(r, torch.Tensor)]
+
+
 def _scalarize(result: Any, reference: Any) -> torch.Tensor | None:
     """A weighted sum of the differentiable outputs, over the elements finite in `reference`.
 
@@ -201,6 +206,7 @@ def check_against_concat(
     *,
     flat_other: bool = False,
     grads: bool = True,
+    same_requires_grad: bool = True,
 ) -> None:
     """`call(x, y)` on bundles must equal `call` on the concatenations, values and gradients.
 
@@ -230,7 +236,11 @@ def check_against_concat(
     assert_same(got, want)
     if not grads:
         return
-    # A 0-numel tensor's gradient is empty either way: the bundle skips such tensors.
+    # The result requires grad where the concatenation's does, also where only a 0-numel
+    # tensor requires grad (the bundle's partials skip it; the result is linked to it).
+    for g, w in zip(_results(got), _results(want)) if same_requires_grad else ():
+        assert g.requires_grad == w.requires_grad, ("requires_grad", g.requires_grad, w.requires_grad)
+    # A 0-numel tensor's gradient is empty either way (compared in tests of their own).
     leaves = [t for t in case.leaves + (other.leaves if other else []) if t.requires_grad and t.numel()]
     if not leaves:
         return

@@ -217,8 +217,9 @@ def test_autograd_grad_with_respect_to_a_bundle_is_the_concatenations(case):
     for t in case.tensors:
         t.grad = None
     _loss(b).backward(inputs=[b])  # accumulates into the tensors' .grad, as inputs= does for a tensor
-    if all(t.numel() for t in case.tensors):  # a 0-numel tensor gets no gradient from backward
-        torch.testing.assert_close(b.grad.materialize(), want, equal_nan=True)
+    # every tensor gets its gradient, an empty one for a 0-numel tensor, as from the concatenation
+    assert not b.grad.left_out
+    torch.testing.assert_close(b.grad.materialize(), want, equal_nan=True)
 
 
 def test_autograd_grad_of_unused_tensors():
@@ -328,6 +329,58 @@ def test_torch_func_grad_and_vmap(real_sizes, name):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(batched, torch.func.vmap(lambda a, b: f(_cat(a, b)))(*batch))
+
+
+_NAN = float("nan")
+# Extrema whose gradient is shared (_extrema._SharedExtremum): at a NaN, and among ties that
+# lie in several tensors, unevenly (two in one tensor, one in another).
+EXTREMA_UNDER_TRANSFORMS = {
+    "max at a NaN": (torch.max, [[1.0, _NAN, 3.0], [5.0, 2.0]]),
+    "min at NaNs": (lambda x: x.min(), [[1.0, _NAN, 3.0], [5.0, _NAN]]),
+    "amax at a NaN": (torch.amax, [[1.0, _NAN, 3.0], [5.0, 2.0]]),
+    "amax of uneven ties": (torch.amax, [[5.0, 5.0, 1.0], [5.0, 2.0]]),
+    "max of uneven ties": (torch.max, [[5.0, 5.0, 1.0], [5.0, 2.0]]),
+    "aminmax": (lambda x: torch.aminmax(x).min, [[1.0, 1.0, 3.0], [1.0, 2.0]]),
+    "inf-norm at a NaN": (lambda x: x.norm(float("inf")), [[1.0, _NAN, 3.0], [5.0, 2.0]]),
+    "-inf-norm of ties": (lambda x: torch.linalg.vector_norm(x, float("-inf")), [[1.0, -1.0, 3.0], [5.0, 1.0]]),
+    "inf-dist at a NaN": (lambda x: torch.dist(x, torch.ones(5), float("inf")), [[1.0, _NAN, 3.0], [5.0, 2.0]]),
+}
+
+
+@pytest.mark.parametrize("sizes", ["per-tensor", "real"])
+@pytest.mark.parametrize("form", ["jvp", "forward_ad", "forward_ad of leaves", "grad", "vmap", "vmap of grad", "jacfwd"])
+@pytest.mark.parametrize("name", sorted(EXTREMA_UNDER_TRANSFORMS))
+def test_extrema_under_torch_func_and_forward_ad_are_the_concatenations(request, sizes, form, name):
+    # _SharedExtremum had no setup_context, jvp or vmap rule: torch.func.grad and forward AD of
+    # leaves that require grad raised, vmap of grad read values; and a jvp averaged each
+    # tensor's ties' tangents, then the tensors', not the elements'.
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    f, values = EXTREMA_UNDER_TRANSFORMS[name]
+    primals = [torch.tensor(v) for v in values]
+    tangents = [torch.arange(1.0, 1.0 + len(v)) for v in values]
+
+    def run(make):
+        g = lambda *ts: f(make(ts))  # noqa: E731
+        if form == "jvp":
+            return torch.func.jvp(g, tuple(primals), tuple(tangents))
+        if form.startswith("forward_ad"):
+            leaves = [p.clone().requires_grad_(form.endswith("leaves")) for p in primals]
+            with fwAD.dual_level():
+                out = fwAD.unpack_dual(g(*[fwAD.make_dual(p, t) for p, t in zip(leaves, tangents)]))
+                return out.primal, out.tangent
+        if form == "grad":
+            return torch.func.grad(g, argnums=(0, 1))(*primals)
+        batch = [torch.stack([p, p * 2, -p]) for p in primals]
+        if form == "vmap":
+            return torch.func.vmap(g)(*batch)
+        if form == "vmap of grad":
+            return torch.func.vmap(torch.func.grad(g, argnums=(0, 1)))(*batch)
+        return torch.func.jacfwd(g, argnums=(0, 1))(*primals)
+
+    want = run(lambda ts: torch.cat(ts))
+    got = run(lambda ts: mt.bundle(list(ts)))
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 HALF_CALLS = {

@@ -535,3 +535,54 @@ def test_on_demand_bundles_give_their_sources_zero_gradients(call):
         assert (a.grad is None) == (t.grad is None)
         if t.grad is not None:
             assert torch.equal(a.grad, t.grad)
+
+
+_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+_ORDER_CALLS = {
+    "topk": lambda x: torch.topk(x, 2), "smallest": lambda x: torch.topk(x, 2, largest=False),
+    "kthvalue": lambda x: torch.kthvalue(x, 3), "median": torch.median, "nanmedian": torch.nanmedian,
+    "median dim": lambda x: torch.median(x, 0),
+}
+
+
+def _unsigned_case(dtype):
+    return [torch.tensor([5, 1, 7, 3]).to(dtype), torch.tensor([[4, 6], [0, 2]]).to(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [*_UNSIGNED, torch.bool], ids=str)
+@pytest.mark.parametrize("name", list(_ORDER_CALLS))
+def test_dtypes_torch_cannot_order_on_the_cpu_raise_torchs_error(dtype, name):
+    # torch 2.13's CPU kernels order no uint16/32/64 or bool tensor: the bundle raises torch's
+    # exception, naming the bundle, as the concatenation does.
+    f, tensors = _ORDER_CALLS[name], _unsigned_case(dtype)
+    with pytest.raises(Exception) as want:
+        f(torch.cat([t.reshape(-1) for t in tensors]))
+    with pytest.raises(type(want.value), match=r"ParameterBundle of 2 tensors"):
+        f(mt.bundle(tensors))
+
+
+class _OrderingUnsigned:
+    """torch, with kernels that order unsigned integers, as torch has on some devices."""
+
+    def __init__(self):
+        for name in ("topk", "kthvalue", "median"):
+            real = getattr(torch, name)
+            setattr(self, name, lambda x, *a, real=real, **k: real(x.to(torch.int64) if x.dtype in _UNSIGNED else x, *a, **k))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("dtype", _UNSIGNED, ids=str)
+@pytest.mark.parametrize("name", list(_ORDER_CALLS))
+def test_dtypes_the_counting_has_no_keys_for_go_to_the_concatenation(monkeypatch, dtype, name):
+    # Where torch has a kernel for an unsigned 16/32/64-bit dtype, the radix counting has no
+    # order-preserving keys for it: the call raised a bare KeyError; it goes to the fallback
+    # (the concatenation's own answer, with its warning; an error naming the call under "error").
+    monkeypatch.setattr(_order, "torch", _OrderingUnsigned())  # the dtype check's probe passes
+    f, b = _ORDER_CALLS[name], mt.bundle(_unsigned_case(dtype))
+    with mt.fallback("error"), pytest.raises(mt.UnsupportedOperationError, match=r"torch\.(topk|kthvalue|median|nanmedian)"):
+        f(b)
+    # (torch's CPU kernel on the concatenation then refuses the dtype: no answer to compare)
+    with pytest.warns(mt.MaterializationWarning), pytest.raises(NotImplementedError, match="not implemented for 'UInt"):
+        f(b)

@@ -307,3 +307,76 @@ def test_var_without_degrees_of_freedom_warns_as_torch_does(request, call, sizes
                 call(x)
             caught.append([str(m.message).split(" (Triggered")[0] for m in w])
         assert caught[1] == caught[0]
+
+
+def _ones(x):
+    return x.detach() * 0 + 1
+
+
+# One call per family: the sums, moments, norms of every order, extrema, logsumexp, order
+# statistics, bundle-with-bundle reductions and losses, and the fused chains.
+_EMPTY_GRAD_CALLS = {
+    "sum": torch.sum, "mean": torch.mean, "nansum": torch.nansum, "nanmean": torch.nanmean,
+    "prod": torch.prod, "std": torch.std, "var_mean": torch.var_mean, "std_mean": torch.std_mean,
+    "norm": torch.norm, "norm 1": lambda x: x.norm(1), "norm 3": lambda x: x.norm(3),
+    "norm inf": lambda x: torch.linalg.vector_norm(x, float("inf")), "norm 0": lambda x: torch.linalg.vector_norm(x, 0),
+    "linalg.norm": torch.linalg.norm, "amax": torch.amax, "amin": torch.amin, "max": torch.max,
+    "aminmax": torch.aminmax, "min dim": lambda x: torch.min(x, 0), "logsumexp": lambda x: torch.logsumexp(x, 0),
+    "mean keepdim": lambda x: x.mean(0, keepdim=True), "quantile": lambda x: torch.quantile(x, 0.3),
+    "kthvalue": lambda x: torch.kthvalue(x, 2), "topk": lambda x: torch.topk(x, 2), "median": torch.median,
+    "dot": lambda x: torch.dot(x, _ones(x)), "dist": lambda x: torch.dist(x, _ones(x)),
+    "cosine": lambda x: torch.nn.functional.cosine_similarity(x, _ones(x), dim=0),
+    "mse": lambda x: torch.nn.functional.mse_loss(x, _ones(x)),
+    "smooth l1": lambda x: torch.nn.functional.smooth_l1_loss(x, _ones(x)),
+    "square sum": lambda x: (x**2).sum(), "difference norm": lambda x: (x - _ones(x)).norm(),
+}
+
+
+@pytest.mark.parametrize("sizes", ["per-tensor", "tiny", "long"])
+@pytest.mark.parametrize("trained", ["only empty", "also a long one"])
+@pytest.mark.parametrize("name", list(_EMPTY_GRAD_CALLS))
+def test_empty_tensors_that_require_grad_are_in_the_graph(request, sizes, trained, name):
+    # The concatenation of frozen tensors and an empty one that requires grad requires grad, so
+    # its reductions do, and backward gives the empty tensor an empty gradient. The bundle's
+    # partials skip empty tensors: its result did not require grad, or the empty tensor got None.
+    if sizes != "per-tensor":
+        request.getfixturevalue("real_sizes")
+    f = _EMPTY_GRAD_CALLS[name]
+    n = 5 if sizes == "tiny" else 5000  # tiny: reduced on its concatenation (real sizes)
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        long = torch.randn(n, generator=gen).requires_grad_(trained != "only empty")
+        return [long, torch.empty(0, requires_grad=True), torch.randn(3, generator=gen), torch.empty(2, 0, requires_grad=True)]
+
+    def first(result):
+        return result[0] if isinstance(result, tuple) else result
+
+    ref, ours = make(), make()
+    want, got = first(f(torch.cat([t.reshape(-1) for t in ref]))), first(f(mt.bundle(ours)))
+    assert want.requires_grad and got.requires_grad
+    torch.testing.assert_close(got, want, check_dtype=False)
+    want.sum().backward()
+    got.sum().backward()
+    for r, o in zip(ref, ours):
+        if r.grad is None:  # (torch's order-0 norm has no gradient at all)
+            assert o.grad is None or (o.numel() == 0 and o.grad.shape == o.shape)
+        else:
+            assert o.grad is not None and o.grad.shape == r.grad.shape
+            torch.testing.assert_close(o.grad, r.grad)
+
+
+@pytest.mark.parametrize("strategy", ["per_param", "weighted"])
+@pytest.mark.parametrize("name", ["sum", "std", "norm 3", "logsumexp", "dot", "mse"])
+def test_empty_tensors_that_require_grad_under_strategies(strategy, name):
+    # per_param: the empty tensor's own result requires grad, as torch's on it does. weighted:
+    # its default weight (numel) is 0, so it is skipped, but it is linked all the same, as under
+    # concat (the default weighted mean is the concatenation's mean).
+    f = _EMPTY_GRAD_CALLS[name]
+    empty = torch.empty(0, requires_grad=True)
+    b = mt.bundle([torch.randn(4), empty])
+    got = f(b.per_param() if strategy == "per_param" else b.weighted())
+    total = got.materialize().sum() if strategy == "per_param" else got
+    assert total.requires_grad
+    total.backward()
+    assert empty.grad is not None and empty.grad.shape == (0,)

@@ -448,3 +448,67 @@ def test_weighted_keepdim_with_a_positional_order_or_quantile_is_a_full_reductio
         expected = sum(w * call(t).reshape(1) for w, t in zip(weights, tensors)) / sum(weights)
         assert call(b).shape == (1,)
         torch.testing.assert_close(call(b.weighted(weights)), expected)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: torch.quantile(x, torch.tensor([0.2, 0.5, 0.9]), keepdim=True),
+        lambda x: torch.nanquantile(x, torch.tensor([0.25, 0.75]), keepdim=True, interpolation="lower"),
+        lambda x: torch.quantile(x, 0.3, keepdim=True),
+        lambda x: torch.amax(x, keepdim=True),
+        lambda x: torch.var_mean(x, keepdim=True),
+        lambda x: torch.quantile(x, torch.tensor([0.2, 0.5])),
+    ],
+)
+def test_weighted_full_reductions_with_keepdim_over_tensors_of_any_ndim(call):
+    # Each tensor's result keeps its own ndim of ones after quantile's q dim: a (3, 4) weight's
+    # two quantiles are (2, 1, 1), a bias's (2, 1), a 0-d scale's (2,). Weighted, they are the
+    # concatenation's (2, 1); they raised (one shape needed).
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen), "s": torch.tensor(0.5)}
+    weights = [1.0, 2.0, 0.5]
+
+    def parts(result):
+        return result if isinstance(result, tuple) else (result,)
+
+    got = parts(call(mt.bundle(tensors).weighted(weights)))
+    concatenation = parts(call(torch.cat([t.reshape(-1) for t in tensors.values()])))
+    per_tensor = [parts(call(t)) for t in tensors.values()]
+    for k, (g, c) in enumerate(zip(got, concatenation)):
+        assert g.shape == c.shape
+        want = sum(w * r[k].reshape(c.shape) for w, r in zip(weights, per_tensor)) / sum(weights)
+        torch.testing.assert_close(g, want, equal_nan=True)  # (the 0-d tensor's var is NaN)
+    # per_param: each tensor's own result, as torch gives on it
+    per_param = parts(call(mt.bundle(tensors).per_param()))
+    for name, r in zip(tensors, per_tensor):
+        for g, w in zip(per_param, r):
+            torch.testing.assert_close(g.to_dict()[name], w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: torch.kthvalue(x, 2, keepdim=True), lambda x: torch.kthvalue(x, 2),
+        lambda x: torch.topk(x, 2), lambda x: torch.median(x, 0, keepdim=True),
+        lambda x: torch.nanmedian(x, -1), lambda x: torch.quantile(x, torch.tensor([0.2, 0.5]), dim=0, keepdim=True),
+    ],
+)
+def test_weighted_order_statistics_along_each_tensors_dim_need_one_shape(call):
+    # A dim (kthvalue's and topk's default -1 too) applies to each tensor's own shape: a (3, 4)
+    # weight's and a bias's results differ in shape, and nothing weighs them together.
+    b = mt.bundle({"w": torch.randn(3, 4), "b": torch.randn(4)})
+    with pytest.raises(ValueError, match=r"one shape.*\[w \(3, 4\), b \(4,\)\].*own shape.*per_param.*with_strategy"):
+        call(b.weighted())
+    per_param = call(b.per_param())
+    values = per_param[0] if isinstance(per_param, tuple) else per_param
+    for name, t in b.to_dict().items():
+        want = call(t)
+        assert torch.equal(values.to_dict()[name], want[0] if isinstance(want, tuple) else want)
+    # tensors of one shape weigh together
+    same = mt.bundle({"w": torch.randn(3, 4), "v": torch.randn(3, 4)})
+    got = call(same.weighted([1.0, 3.0]))
+    got = got[0] if isinstance(got, tuple) else got
+    parts = [call(t) for t in same.to_dict().values()]
+    parts = [p[0] if isinstance(p, tuple) else p for p in parts]
+    torch.testing.assert_close(got, (parts[0] + 3 * parts[1]) / 4)
