@@ -440,14 +440,31 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
     return (rest.pop(name),), rest
 
 
-def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], bool]:
     # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
-    # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them.
+    # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them, and
+    # whether one holds tensors torch treats apart (sparse ones).
     bundles = find_bundles(args, kwargs)
+    apart = False
     for b in bundles:
         if isinstance(b, DispatchTensor):
             b._check_unchanged(func)
-    return bundles
+            apart = apart or bool(b._apart())
+    return bundles, apart
+
+
+def _tensors_apart(
+    func: Callable[..., Any], strategy: str, bundles: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # A call whose bundles hold sparse tensors: under concat, refused as the explicit
+    # concatenation is. An in-place op is the loop over the tensors themselves,
+    # with torch's own rules for each, and per_param and weighted apply torch's op to each.
+    if strategy != "concat" or _writes_in_place(func, kwargs):
+        return args, kwargs
+    for b in bundles:
+        if isinstance(b, DispatchTensor):
+            b._check_strided(func)
+    return args, kwargs
 
 
 def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -553,7 +570,7 @@ def dispatch(
     table = owner.HANDLERS
     handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
     if handler is not None or func not in PASSTHROUGH:  # b.shape, b.numel(): what it recorded
-        bundles = _check_operands(func, args, kwargs)
+        bundles, apart = _check_operands(func, args, kwargs)
         if len(bundles) > 1 and _mixed(bundles) and not _writes_in_place(func, kwargs):
             # (An in-place op's result is its target, which keeps its own strategy.)
             args, kwargs = _agree(func, bundles, args, kwargs)
@@ -561,6 +578,8 @@ def dispatch(
             if first is not None and first._strategy != strategy:
                 strategy = first._strategy
                 handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
+        if apart:
+            args, kwargs = _tensors_apart(func, strategy, bundles, args, kwargs)
     if handler is not None:
         result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:
@@ -633,6 +652,14 @@ class DispatchTensor(torch.Tensor):
     def _check_unchanged(self, func: Callable[..., Any] | str | None) -> None:
         # Raise where the tensors no longer have the sizes and dtypes the bundle recorded;
         # subclasses that hold tensors define it.
+        pass
+
+    def _apart(self) -> tuple[int, ...]:
+        # The indices of tensors torch treats apart (sparse); subclasses define it.
+        return ()
+
+    def _check_strided(self, func: Callable[..., Any] | str | None) -> None:
+        # Raise where a tensor has no strided layout; subclasses that hold tensors define it.
         pass
 
     def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
