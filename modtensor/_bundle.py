@@ -314,14 +314,15 @@ class _BundleAPI:
 
     def _apart(self) -> tuple[int, ...]:
         # The tensors torch treats apart: sparse and other non-strided layouts (torch cannot
-        # reshape them, so their concatenation does not exist). Found once per bundle:
+        # reshape them, so their concatenation does not exist) and inference tensors (outside
+        # inference mode torch records no graph through their views). Found once per bundle:
         # the usual bundle has none, and an op pays one dict lookup for it.
         found: tuple[int, ...] | None = self._plans.get("apart")
         if found is None:
             if self._tensors is None:  # computed on demand: from tensors that were checked
                 return ()
             found = self._plans["apart"] = tuple(
-                i for i, t in enumerate(self._tensors) if t.layout != torch.strided
+                i for i, t in enumerate(self._tensors) if t.layout != torch.strided or t.is_inference()
             )
         return found
 
@@ -340,6 +341,19 @@ class _BundleAPI:
                 f"`mt.bundle({{..., {name!r}: t.to_dense()}})`), or take per-tensor results with "
                 "`b.per_param()`; in-place ops write each tensor as it is."
             )
+
+    def _detach_inference(self) -> Self:
+        # Outside inference mode torch records no graph through an inference tensor's views, so
+        # the concatenation (of `t.reshape(-1)`) does not require grad through it, where an op
+        # on t itself would save it for backward and raise. The same bundle, such tensors
+        # detached; this one where none of them requires grad.
+        tensors = list(self._tensors or ())
+        apart = [i for i in self._apart() if tensors[i].is_inference() and tensors[i].requires_grad]
+        if not apart:
+            return self
+        for i in apart:
+            tensors[i] = tensors[i].detach()
+        return self.derive(tensors)
 
     def _check_held(self, where: str) -> None:
         # _check_unchanged for the accessors that read the tensors outside dispatch; not for

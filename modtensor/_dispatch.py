@@ -443,7 +443,7 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
 def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], bool]:
     # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
     # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them, and
-    # whether one holds tensors torch treats apart (sparse ones).
+    # whether one holds tensors torch treats apart (sparse or inference tensors).
     bundles = find_bundles(args, kwargs)
     apart = False
     for b in bundles:
@@ -456,15 +456,21 @@ def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
 def _tensors_apart(
     func: Callable[..., Any], strategy: str, bundles: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    # A call whose bundles hold sparse tensors: under concat, refused as the explicit
-    # concatenation is. An in-place op is the loop over the tensors themselves,
+    # A call whose bundles hold sparse or inference tensors: under concat, as the explicit
+    # concatenation has them (refused; not requiring grad outside inference mode). An in-place op is the loop over the tensors themselves,
     # with torch's own rules for each, and per_param and weighted apply torch's op to each.
     if strategy != "concat" or _writes_in_place(func, kwargs):
         return args, kwargs
     for b in bundles:
         if isinstance(b, DispatchTensor):
             b._check_strided(func)
-    return args, kwargs
+    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        return args, kwargs
+
+    def detached(b: Any) -> Any:
+        return b._detach_inference() if isinstance(b, DispatchTensor) else b
+
+    return _replace_bundles(args, detached), _replace_bundles(kwargs, detached)
 
 
 def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -581,7 +587,13 @@ def dispatch(
         if apart:
             args, kwargs = _tensors_apart(func, strategy, bundles, args, kwargs)
     if handler is not None:
-        result = handler(func, (owner,), args, kwargs)
+        if torch.is_grad_enabled() and torch.is_inference_mode_enabled():
+            # Inference mode records no graph even with grad mode on (`torch.enable_grad()`
+            # inside it), and the handlers ask grad mode whether autograd records.
+            with torch.no_grad():
+                result = handler(func, (owner,), args, kwargs)
+        else:
+            result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:
             return result
     if func in PASSTHROUGH:  # also where a handler declined it: what the bundle recorded answers
@@ -655,12 +667,16 @@ class DispatchTensor(torch.Tensor):
         pass
 
     def _apart(self) -> tuple[int, ...]:
-        # The indices of tensors torch treats apart (sparse); subclasses define it.
+        # The indices of tensors torch treats apart (sparse, inference); subclasses define it.
         return ()
 
     def _check_strided(self, func: Callable[..., Any] | str | None) -> None:
         # Raise where a tensor has no strided layout; subclasses that hold tensors define it.
         pass
+
+    def _detach_inference(self) -> Any:
+        # This bundle, its inference tensors detached; subclasses that hold tensors define it.
+        return self
 
     def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
         # A bundle of this structure over `flat`, an op's (N,) result, of class `cls` (by

@@ -182,7 +182,7 @@ def _check_writable(
     except where a value other than a tensor's first two makes it fail (an integer division
     by zero).
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():  # torch's rule: autograd records
         # a bundle of DTensor parameters holds views of them: the parameters are the leaves
         holders = b.tensors if b._dist is None or b._dist.sources is None else b._dist.sources
         leaves = [n for n, t in zip(b.names, holders) if t.is_leaf and t.requires_grad]

@@ -139,6 +139,20 @@ def test_leaf_requires_grad_follows_torchs_rule():
     torch.testing.assert_close(model.weight, before[0] * 2)
 
 
+
+@pytest.mark.parametrize("made_inside", [False, True], ids=["parameters", "inference parameters"])
+def test_inference_mode_records_no_graph_even_with_grad_mode_on(made_inside):
+    # Inside inference_mode torch writes a leaf that requires grad even under enable_grad
+    # (nothing is recorded); the bundle applied the leaf rule there and wrote nothing.
+    with torch.inference_mode(made_inside):
+        model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.inference_mode(), torch.enable_grad():
+        for p in model.parameters():  # the loop the bundle stands for
+            p.mul_(2)
+        mt.bundle(model).mul_(0.5).add_(1.0)
+    torch.testing.assert_close([p.detach() for p in model.parameters()], [q + 1 for q in before])
+
 _CAST = "can't be cast to the desired output type Long"
 _DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
 
