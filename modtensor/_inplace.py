@@ -24,7 +24,7 @@ from modtensor._indexing import _locate, as_position
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter, check_same_structure
 from modtensor._reduce_common import _LOW_PRECISION
 
-__all__ = ["INPLACE_FUNCTIONS"]
+__all__ = ["FOREACH_FUNCTIONS", "INPLACE_FUNCTIONS"]
 
 _T = torch.Tensor
 
@@ -497,4 +497,50 @@ for _name in UNARY_OPS + BINARY_OPS:
         INPLACE_FUNCTIONS[_name + "_"] = ((_inplace_method,), _per_tensor(_inplace_method))
 
 for _funcs, _handler in INPLACE_FUNCTIONS.values():
+    ParameterBundle.implements(_funcs)(_handler)
+
+
+# -- torch's foreach functions given bundles in their lists ----------------------------------
+# `torch.nn.utils.clip_grad_norm_(b, foreach=True)` takes the bundle as one parameter, and
+# hands `[b.grad]` to `torch._foreach_norm` and `torch._foreach_mul_`. A foreach function is
+# defined element by element, so a bundle there is its own op: its norm, or its in-place op,
+# which writes each of its tensors (and writes none where it fails). As torch's per-tensor
+# path, an element that fails leaves the elements before it written.
+
+
+def _element(a: Any, i: int) -> Any:
+    # element i of a list operand (other tensors, scalars); a scalar or a tensor applies to all
+    return a[i] if isinstance(a, (list, tuple)) else a
+
+
+def _foreach(method: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tensors, *rest = args
+        if not isinstance(tensors, (list, tuple)):
+            return NOT_HANDLED
+        for i, x in enumerate(tensors):
+            method(x, *(_element(a, i) for a in rest), **{k: _element(v, i) for k, v in kwargs.items()})
+        return list(tensors) if isinstance(tensors, list) else tuple(tensors)  # as torch's does
+
+    return handler
+
+
+def _foreach_norm(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch._foreach_norm(tensors, ord=2, dtype=None)`: each element's vector norm."""
+    tensors, *rest = args
+    if not isinstance(tensors, (list, tuple)):
+        return NOT_HANDLED
+    return [torch.linalg.vector_norm(x, *rest, **kwargs) for x in tensors]
+
+
+# Those whose operands are the method's, element by element (not addcmul_'s `value` keyword).
+FOREACH_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
+    "_foreach_norm": ((torch._foreach_norm,), _foreach_norm),
+    **{
+        "_foreach_" + _name: ((getattr(torch, "_foreach_" + _name),), _foreach(getattr(_T, _name)))
+        for _name in INPLACE_FUNCTIONS
+        if hasattr(torch, "_foreach_" + _name) and _name not in ("addcmul_", "addcdiv_")
+    },
+}
+for _funcs, _handler in FOREACH_FUNCTIONS.values():
     ParameterBundle.implements(_funcs)(_handler)

@@ -1,5 +1,7 @@
 """In-place ops write through into the real tensors, exactly like the per-tensor loop."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import modtensor as mt
 from generators import FLOATS, INTS, Case, cases, other_like, track_live
-from modtensor._inplace import INPLACE_FUNCTIONS
+from modtensor._inplace import FOREACH_FUNCTIONS, INPLACE_FUNCTIONS
 from op_specs import INTEGER_OPS, is_binary, pointwise_calls
 
 # How each in-place op is called: `call(f, x, y)`, x the target, y an operand of the same structure.
@@ -525,3 +527,45 @@ def test_on_demand_operands_are_made_one_tensor_at_a_time(op, made):
     mt.bundle([x, y]).add_(mt.bundle([y, x]) * 1)
     torch.testing.assert_close(x, want_x, rtol=0, atol=0)
     torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+
+
+_FOREACH_BINARY = {"add_", "sub_", "mul_", "div_", "pow_", "clamp_min_", "clamp_max_"}
+
+
+def _foreach_operands(name, targets):
+    # The operands of torch._foreach_<name>, for these targets: a scalar, a 0-d tensor, a list
+    # of scalars or of tensors, as its overloads take.
+    base = name.removeprefix("_foreach_")
+    if base == "copy_":
+        return [([x * 0.5 for x in targets],)]
+    if base == "lerp_":
+        return [([x * 0.5 for x in targets], 0.25)]
+    if base == "norm":
+        return [(), (1,), (float("inf"),)]
+    if base in _FOREACH_BINARY:
+        return [(0.5,), (torch.tensor(0.75),), ([0.5, 2.0],), ([x * 0.5 + 1 for x in targets],)]
+    return [()]
+
+
+@pytest.mark.parametrize("name", sorted(FOREACH_FUNCTIONS))
+def test_foreach_functions_take_a_bundle_as_its_own_op(name):
+    # torch's foreach functions are defined element by element, so a bundle in their list is
+    # its own op (clip_grad_norm_(b, foreach=True) hands them [b.grad]); they were refused, or
+    # copied the bundle with a MaterializationWarning.
+    func = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3), (4,), ()]
+    for i in range(len(_foreach_operands(name, [torch.ones(1)]))):
+        theirs = [torch.rand(s, generator=g) + 0.1 for s in [*shapes, (2,)]]
+        ours = [t.clone() for t in theirs]
+        mine = [mt.bundle(ours[:3]), ours[3]]
+        got_operands = _foreach_operands(name, mine)[i]
+        want_operands = _foreach_operands(name, [torch.cat([t.reshape(-1) for t in theirs[:3]]), theirs[3]])[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mt.MaterializationWarning)
+            got = func(mine, *got_operands)
+        # the reference: the same function on the concatenation as one tensor
+        flat = [torch.cat([t.reshape(-1) for t in theirs[:3]]), theirs[3]]
+        want = func(flat, *want_operands)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ours]), torch.cat([t.reshape(-1) for t in flat]))
