@@ -270,19 +270,24 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
     return handler
 
 
+_NUMBERS_ONLY = (torch._foreach_pow_, torch._foreach_sub_, torch._foreach_clamp_min_, torch._foreach_clamp_max_)
+
+
 def _foreach_differs(
     foreach: Callable[..., Any], tensors: list[torch.Tensor], other: Any, pieces: Pieces | None
 ) -> range | list[int]:
     """The tensors on which `foreach(tensors, other)` would write other values than the loop
     of the method: those take the method.
 
-    `torch._foreach_pow_` takes a tensor exponent as a number (an int 3 is computed by
-    multiplications, the tensor 3 by the pow kernel, whose bfloat16 results differ); on the
-    CPU a foreach kernel rounds a number to a 16-bit tensor's dtype before it multiplies,
-    the method does not (`mul_(0.7)` or `mul_(257)` of bfloat16; an int that the dtype
-    holds exactly is safe).
+    The foreach functions without a Tensor overload take a 0-d tensor operand as a number:
+    `torch._foreach_pow_` (an int 3 is computed by multiplications, the tensor 3 by the pow
+    kernel, whose bfloat16 results differ), `_foreach_clamp_min_` and `_foreach_clamp_max_`
+    (whose number kernels do not exist for bool, where the methods' tensor ones do) and
+    `_foreach_sub_`. On the CPU a foreach kernel rounds a number to a 16-bit tensor's dtype
+    before it multiplies, the method does not (`mul_(0.7)` or `mul_(257)` of bfloat16; an int
+    that the dtype holds exactly is safe).
     """
-    if pieces is None and isinstance(other, torch.Tensor) and foreach is torch._foreach_pow_:
+    if pieces is None and isinstance(other, torch.Tensor) and foreach in _NUMBERS_ONLY:
         return range(len(tensors))
     if pieces is None and isinstance(other, (int, float)) and not isinstance(other, bool):
         return [
@@ -518,6 +523,8 @@ def _foreach(method: Callable[..., Any]) -> Callable[..., Any]:
         tensors, *rest = args
         if not isinstance(tensors, (list, tuple)):
             return NOT_HANDLED
+        if func in _NUMBERS_ONLY:  # a 0-d tensor operand is a number to these (_foreach_differs)
+            rest = [a.item() if isinstance(a, torch.Tensor) else a for a in rest]
         for i, x in enumerate(tensors):
             method(x, *(_element(a, i) for a in rest), **{k: _element(v, i) for k, v in kwargs.items()})
         return list(tensors) if isinstance(tensors, list) else tuple(tensors)  # as torch's does

@@ -569,3 +569,38 @@ def test_foreach_functions_take_a_bundle_as_its_own_op(name):
         want = func(flat, *want_operands)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ours]), torch.cat([t.reshape(-1) for t in flat]))
+
+
+_ZERO_D_CALLS = {
+    "clamp_min_": lambda x, o: x.clamp_min_(o),
+    "clamp_max_": lambda x, o: x.clamp_max_(o),
+    "clamp_": lambda x, o: x.clamp_(o, o),
+    "sub_": lambda x, o: x.sub_(o),
+    "add_": lambda x, o: x.add_(o),
+    "mul_": lambda x, o: x.mul_(o),
+    "pow_": lambda x, o: x.pow_(o),
+    "foreach clamp_min_": lambda x, o: torch._foreach_clamp_min_([x], o),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ZERO_D_CALLS))
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+@pytest.mark.parametrize("operand", [True, 2, 0.5], ids=["bool", "int", "float"])
+def test_zero_d_tensor_operands_as_the_loop_takes_them(name, dtype, operand):
+    # The foreach kernels without a Tensor overload (clamp_min_, clamp_max_, sub_) take a 0-d
+    # tensor as a number, and the number kernels of clamp_min_/clamp_max_ do not exist for
+    # bool: `clamp_min_(torch.tensor(True))` of a bool bundle raised NotImplementedError where
+    # each tensor's clamp_min_ computes.
+    call, other = _ZERO_D_CALLS[name], torch.tensor(operand)
+    made = [torch.tensor([1, 0, 1], dtype=dtype), torch.tensor([[0, 1]], dtype=dtype), torch.tensor(1, dtype=dtype)]
+    theirs, ours = [t.clone() for t in made], [t.clone() for t in made]
+    try:
+        for t in theirs:
+            call(t, other)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            call(mt.bundle(ours), other)
+        assert all(torch.equal(t, u) for t, u in zip(ours, made))  # nothing written
+    else:
+        call(mt.bundle(ours), other)
+        assert all(torch.equal(t, u) for t, u in zip(ours, theirs))
