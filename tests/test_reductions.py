@@ -331,3 +331,35 @@ def test_reductions_of_parameters_made_in_inference_mode(name, mode, size, real_
         return
     assert not isinstance(got, type), got
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+_INTS = [torch.ones(3, dtype=torch.int64), torch.ones(2, 2, dtype=torch.int64)]
+_FLOATS = [torch.ones(3), torch.ones(2, 2)]
+_COMPLEX = [torch.ones(3, dtype=torch.complex64), torch.ones(2, 2, dtype=torch.complex64)]
+TWO_BAD_ARGUMENTS = {
+    "mean of ints, dim 5": (_INTS, lambda x: x.mean(5)),
+    "mean, int dtype, dim 5": (_FLOATS, lambda x: x.mean(5, dtype=torch.int64)),
+    "nanmean of ints, dim 5": (_INTS, lambda x: x.nanmean(5, dtype=torch.float32)),
+    "var of ints, dim 5": (_INTS, lambda x: x.var(5)),
+    "std of ints, dims (5, 5)": (_INTS, lambda x: torch.std(x, (5, 5))),
+    "std_mean of ints, dim 5": (_INTS, lambda x: torch.std_mean(x, 5)),
+    "norm of ints, dim 5": (_INTS, lambda x: x.norm(dim=5)),
+    "vector_norm, complex dtype, dim 5": (_FLOATS, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.complex64)),
+    "vector_norm, narrowing dtype, dim 5": (_FLOATS, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.float16)),
+    "vector_norm of complex, real dtype, dim 5": (_COMPLEX, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.float32)),
+    # a dim of the wrong type is torch's argument parser's error, before the dtype's
+    "mean of ints, dim 'a'": (_INTS, lambda x: x.mean("a")),
+    "std of ints, dims (5, 'a')": (_INTS, lambda x: x.std((5, "a"))),
+    "norm of ints, dim 'a'": (_INTS, lambda x: x.norm(dim="a")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_BAD_ARGUMENTS))
+def test_of_two_bad_arguments_the_one_torch_checks_first_decides(name):
+    # The bundle checked the dim's range before the dtype, so it raised IndexError where torch
+    # raises its RuntimeError for the dtype (and IndexError for 5 before TypeError for 'a').
+    tensors, call = TWO_BAD_ARGUMENTS[name]
+    with pytest.raises(Exception) as want:
+        call(torch.cat([t.reshape(-1) for t in tensors]))
+    with pytest.raises(want.type):
+        call(mt.bundle(tensors))
