@@ -714,10 +714,14 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
         _check_names(names)
-        self = cls._layout(
-            names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
-            strategy, options, dtype, left_out, device=device,
-        )
+        try:
+            self = cls._layout(
+                names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
+                strategy, options, dtype, left_out, device=device,
+            )
+        except (RuntimeError, AttributeError):
+            _refuse_nested(names, tensors)  # torch's own error names neither it nor a way out
+            raise
         self._tensors = tensors
         self._compute = None
         self._compute_range = None
@@ -818,6 +822,17 @@ class ParameterBundle(_BundleAPI, DispatchTensor):  # type: ignore[misc]
         self._lazy_requires_grad = requires_grad
         self._dist = None if like._dist is None else like._dist.derived()
         return self
+
+
+def _refuse_nested(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    nested = [n for n, t in zip(names, tensors) if t.is_nested]
+    if nested:
+        raise RuntimeError(
+            f"ParameterBundle: tensor {nested[0]!r}{_more(len(nested) - 1, 'too')} is a nested "
+            "tensor, which has no fixed shape to place in the concatenation (torch cannot "
+            "reshape it either). Bundle its components instead: `t.unbind()`, or `t.values()` "
+            "for a jagged one."
+        )
 
 
 def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

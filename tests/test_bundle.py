@@ -570,3 +570,15 @@ def test_bundles_of_sparse_tensors_keep_their_per_tensor_ops():
     torch.testing.assert_close(b.per_param().norm().tensors[0], dense.norm())
     b.mul_(2)
     torch.testing.assert_close(b.tensors[0].to_dense(), 2 * dense)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensors_are_refused_by_name(layout):
+    # A nested tensor has no fixed shape: making the bundle raised torch's "Internal error:
+    # NestedTensorImpl doesn't support sizes" or an AttributeError from deep inside torch.
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(RuntimeError):  # the concatenation's own refusal
+        torch.cat([nested.reshape(-1)])
+    with pytest.raises(RuntimeError, match=r"tensor 'n' is a nested tensor.*t.unbind\(\)"):
+        mt.bundle({"w": torch.ones(2), "n": nested})
