@@ -23,7 +23,7 @@ from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
     "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "LANE_CALLS", "NOT_HANDLED",
-    "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch", "fallback",
+    "TINY_NUMEL", "TracedDispatch", "autograd_records", "concatenated", "copy_is_cheap", "dispatch", "fallback",
     "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct", "remember_elementwise",
 ]
 
@@ -440,6 +440,13 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
     return (rest.pop(name),), rest
 
 
+def autograd_records() -> bool:
+    """Whether torch records a graph now: grad mode on, outside inference mode (which records
+    nothing even under `torch.enable_grad()`). While compiling, grad mode alone decides: dynamo
+    cannot trace the question (and turning grad mode on inside inference mode is rare)."""
+    return torch.is_grad_enabled() and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled())
+
+
 def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], bool]:
     # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
     # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them, and
@@ -464,7 +471,7 @@ def _tensors_apart(
     for b in bundles:
         if isinstance(b, DispatchTensor):
             b._check_strided(func)
-    if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+    if not autograd_records():
         return args, kwargs
 
     def detached(b: Any) -> Any:
@@ -587,7 +594,7 @@ def dispatch(
         if apart:
             args, kwargs = _tensors_apart(func, strategy, bundles, args, kwargs)
     if handler is not None:
-        if torch.is_grad_enabled() and torch.is_inference_mode_enabled():
+        if torch.is_grad_enabled() and not autograd_records():
             # Inference mode records no graph even with grad mode on (`torch.enable_grad()`
             # inside it), and the handlers ask grad mode whether autograd records.
             with torch.no_grad():

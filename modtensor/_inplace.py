@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, autograd_records, func_name
 from modtensor._indexing import _locate, as_position
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter, check_same_structure
 from modtensor._reduce_common import _LOW_PRECISION
@@ -182,7 +182,7 @@ def _check_writable(
     except where a value other than a tensor's first two makes it fail (an integer division
     by zero).
     """
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():  # torch's rule: autograd records
+    if autograd_records():  # torch's rule
         # a bundle of DTensor parameters holds views of them: the parameters are the leaves
         holders = b.tensors if b._dist is None or b._dist.sources is None else b._dist.sources
         leaves = [n for n, t in zip(b.names, holders) if t.is_leaf and t.requires_grad]
