@@ -340,6 +340,49 @@ class _BundleAPI:
             "results would be wrong. Make a new bundle after the change: `mt.bundle(model)`."
         )
 
+    def _apart(self) -> tuple[int, ...]:
+        # The tensors torch treats apart: sparse and other non-strided layouts (torch cannot
+        # reshape them, so their concatenation does not exist) and inference tensors (outside
+        # inference mode torch records no graph through their views). Found once per bundle:
+        # the usual bundle has none, and an op pays one dict lookup for it.
+        found: tuple[int, ...] | None = self._plans.get("apart")
+        if found is None:
+            if self._tensors is None:  # computed on demand: from tensors that were checked
+                return ()
+            found = self._plans["apart"] = tuple(
+                i for i, t in enumerate(self._tensors) if t.layout != torch.strided or t.is_inference()
+            )
+        return found
+
+    def _check_strided(self, func: Callable[..., Any] | str | None) -> None:
+        # A sparse tensor in the concatenation would fail deep inside the op with torch's
+        # "reshape is not implemented for sparse tensors", which names neither it nor a way out.
+        tensors = self._tensors or ()
+        odd = [(self._names[i], tensors[i].layout) for i in self._apart() if tensors[i].layout != torch.strided]
+        if odd:
+            name, layout = odd[0]
+            raise RuntimeError(
+                f"{_caller(func)}: tensor {name!r} of {self.describe()} has layout {layout}"
+                f"{_more(len(odd) - 1, 'are not strided either')}; torch cannot reshape such a "
+                "tensor, so the concatenation this op reads cannot be made (`torch.cat([t.reshape(-1) "
+                f"...])` raises too). Bundle a dense copy instead (`t.to_dense()`, e.g. "
+                f"`mt.bundle({{..., {name!r}: t.to_dense()}})`), or take per-tensor results with "
+                "`b.per_param()`; in-place ops write each tensor as it is."
+            )
+
+    def _detach_inference(self) -> Self:
+        # Outside inference mode torch records no graph through an inference tensor's views, so
+        # the concatenation (of `t.reshape(-1)`) does not require grad through it, where an op
+        # on t itself would save it for backward and raise. The same bundle, such tensors
+        # detached; this one where none of them requires grad.
+        tensors = list(self._tensors or ())
+        apart = [i for i in self._apart() if tensors[i].is_inference() and tensors[i].requires_grad]
+        if not apart:
+            return self
+        for i in apart:
+            tensors[i] = tensors[i].detach()
+        return self.derive(tensors)
+
     def _check_held(self, where: str) -> None:
         # _check_unchanged for the accessors that read the tensors outside dispatch; not for
         # the stand-ins of torch.compile, whose tensors are traced, not held.
@@ -487,16 +530,20 @@ class _BundleAPI:
         self._check_held("ParameterBundle.materialize")
         return self._cat()
 
-    def _cat(self) -> torch.Tensor:
+    def _cat(self, func: Callable[..., Any] | str = "ParameterBundle.materialize") -> torch.Tensor:
         if self._flat is not None:
             return self._flat.clone()
         if not self._names:
             return torch.empty(0, dtype=self._dtype, device=self._device)
-        if self._tensors is not None and self._on_one_device:
-            if len(self._tensors) > 1:  # the same cat, in one call: 3.4 -> 2.0 us for a conv layer
-                return _flatten(self._tensors)
-            return torch.cat([t.reshape(-1) for t in self._tensors])
-        return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
+        try:
+            if self._tensors is not None and self._on_one_device:
+                if len(self._tensors) > 1:  # the same cat, in one call: 3.4 -> 2.0 us for a conv layer
+                    return _flatten(self._tensors)
+                return torch.cat([t.reshape(-1) for t in self._tensors])
+            return torch.cat([self._tensor(i).reshape(-1).to(self._device) for i in range(len(self._names))])
+        except RuntimeError:
+            self._check_strided(func)  # a sparse tensor: say which
+            raise
 
     def _concatenation(self, func: Callable[..., Any] | None = None) -> torch.Tensor:
         # The concatenation, for reading only: the result of an op on a tiny bundle is kept
@@ -508,9 +555,13 @@ class _BundleAPI:
             return self._flat
         tensors = self._tensors
         if tensors is not None and len(tensors) > 1 and self._on_one_device:
-            flat: torch.Tensor = _flatten(tensors)
+            try:
+                flat: torch.Tensor = _flatten(tensors)
+            except RuntimeError:  # the tiny lane skips dispatch's check of sparse tensors
+                self._check_strided(func)
+                raise
         else:
-            flat = self._cat()
+            flat = self._cat(func) if func is not None else self._cat()
         src = self._source
         if tensors is not None and (
             flat.numel() != self._numel or flat.dtype != self._dtype
@@ -692,10 +743,14 @@ class ParameterBundle(_BundleAPI, TypedMethods):  # type: ignore[misc]
         if len(tensors) != len(names):
             raise ValueError(f"ParameterBundle: {len(tensors)} tensors but {len(names)} names.")
         _check_names(names)
-        self = cls._layout(
-            names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
-            strategy, options, dtype, left_out, device=device,
-        )
+        try:
+            self = cls._layout(
+                names, [t.shape for t in tensors], [t.dtype for t in tensors], [t.device for t in tensors],
+                strategy, options, dtype, left_out, device=device,
+            )
+        except (RuntimeError, AttributeError):
+            _refuse_nested(names, tensors)  # torch's own error names neither it nor a way out
+            raise
         self._tensors = tensors
         self._compute = None
         self._compute_range = None
@@ -796,6 +851,17 @@ class ParameterBundle(_BundleAPI, TypedMethods):  # type: ignore[misc]
         self._lazy_requires_grad = requires_grad
         self._dist = None if like._dist is None else like._dist.derived()
         return self
+
+
+def _refuse_nested(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    nested = [n for n, t in zip(names, tensors) if t.is_nested]
+    if nested:
+        raise RuntimeError(
+            f"ParameterBundle: tensor {nested[0]!r}{_more(len(nested) - 1, 'too')} is a nested "
+            "tensor, which has no fixed shape to place in the concatenation (torch cannot "
+            "reshape it either). Bundle its components instead: `t.unbind()`, or `t.values()` "
+            "for a jagged one."
+        )
 
 
 def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from modtensor._errors import MaterializationWarning, UnsupportedOperationError
 
 __all__ = [
     "ANY_STRATEGY", "BUNDLE_TYPES", "DispatchTensor", "Handler", "LANE_CALLS", "NOT_HANDLED",
-    "TINY_NUMEL", "TracedDispatch", "concatenated", "copy_is_cheap", "dispatch", "fallback",
+    "TINY_NUMEL", "TracedDispatch", "autograd_records", "concatenated", "copy_is_cheap", "dispatch", "fallback",
     "find_bundles", "func_name", "is_tiny", "materialized", "remember_direct", "remember_elementwise",
 ]
 
@@ -440,14 +440,44 @@ def _first_as_positional(func: Callable[..., Any], kwargs: dict[str, Any]) -> tu
     return (rest.pop(name),), rest
 
 
-def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def autograd_records() -> bool:
+    """Whether torch records a graph now: grad mode on, outside inference mode (which records
+    nothing even under `torch.enable_grad()`). While compiling, grad mode alone decides: dynamo
+    cannot trace the question (and turning grad mode on inside inference mode is rare)."""
+    return torch.is_grad_enabled() and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled())
+
+
+def _check_operands(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], bool]:
     # Every bundle the call reads: `torch.add(x, other=b)` and `torch.stack([a, b])` read
-    # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them.
+    # theirs too. Not the stand-ins of torch.compile: they hold no data. Returns them, and
+    # whether one holds tensors torch treats apart (sparse or inference tensors).
     bundles = find_bundles(args, kwargs)
+    apart = False
     for b in bundles:
         if isinstance(b, DispatchTensor):
             b._check_unchanged(func)
-    return bundles
+            apart = apart or bool(b._apart())
+    return bundles, apart
+
+
+def _tensors_apart(
+    func: Callable[..., Any], strategy: str, bundles: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    # A call whose bundles hold sparse or inference tensors: under concat, as the explicit
+    # concatenation has them (refused; not requiring grad outside inference mode). An in-place op is the loop over the tensors themselves,
+    # with torch's own rules for each, and per_param and weighted apply torch's op to each.
+    if strategy != "concat" or _writes_in_place(func, kwargs):
+        return args, kwargs
+    for b in bundles:
+        if isinstance(b, DispatchTensor):
+            b._check_strided(func)
+    if not autograd_records():
+        return args, kwargs
+
+    def detached(b: Any) -> Any:
+        return b._detach_inference() if isinstance(b, DispatchTensor) else b
+
+    return _replace_bundles(args, detached), _replace_bundles(kwargs, detached)
 
 
 def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -553,7 +583,7 @@ def dispatch(
     table = owner.HANDLERS
     handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
     if handler is not None or func not in PASSTHROUGH:  # b.shape, b.numel(): what it recorded
-        bundles = _check_operands(func, args, kwargs)
+        bundles, apart = _check_operands(func, args, kwargs)
         if len(bundles) > 1 and _mixed(bundles) and not _writes_in_place(func, kwargs):
             # (An in-place op's result is its target, which keeps its own strategy.)
             args, kwargs = _agree(func, bundles, args, kwargs)
@@ -561,8 +591,16 @@ def dispatch(
             if first is not None and first._strategy != strategy:
                 strategy = first._strategy
                 handler = table.get((func, strategy)) or table.get((func, ANY_STRATEGY))
+        if apart:
+            args, kwargs = _tensors_apart(func, strategy, bundles, args, kwargs)
     if handler is not None:
-        result = handler(func, (owner,), args, kwargs)
+        if torch.is_grad_enabled() and not autograd_records():
+            # Inference mode records no graph even with grad mode on (`torch.enable_grad()`
+            # inside it), and the handlers ask grad mode whether autograd records.
+            with torch.no_grad():
+                result = handler(func, (owner,), args, kwargs)
+        else:
+            result = handler(func, (owner,), args, kwargs)
         if result is not NOT_HANDLED:
             return result
     if func in PASSTHROUGH:  # also where a handler declined it: what the bundle recorded answers
@@ -634,6 +672,18 @@ class DispatchTensor(torch.Tensor):
         # Raise where the tensors no longer have the sizes and dtypes the bundle recorded;
         # subclasses that hold tensors define it.
         pass
+
+    def _apart(self) -> tuple[int, ...]:
+        # The indices of tensors torch treats apart (sparse, inference); subclasses define it.
+        return ()
+
+    def _check_strided(self, func: Callable[..., Any] | str | None) -> None:
+        # Raise where a tensor has no strided layout; subclasses that hold tensors define it.
+        pass
+
+    def _detach_inference(self) -> Any:
+        # This bundle, its inference tensors detached; subclasses that hold tensors define it.
+        return self
 
     def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
         # A bundle of this structure over `flat`, an op's (N,) result, of class `cls` (by

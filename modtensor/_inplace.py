@@ -19,12 +19,12 @@ from typing import Any, Union
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, autograd_records, func_name
 from modtensor._indexing import _locate, as_position
 from modtensor._pointwise import BINARY_OPS, UNARY_OPS, _piece_getter, check_same_structure
 from modtensor._reduce_common import _LOW_PRECISION
 
-__all__ = ["INPLACE_FUNCTIONS"]
+__all__ = ["FOREACH_FUNCTIONS", "INPLACE_FUNCTIONS"]
 
 _T = torch.Tensor
 
@@ -182,7 +182,7 @@ def _check_writable(
     except where a value other than a tensor's first two makes it fail (an integer division
     by zero).
     """
-    if torch.is_grad_enabled():
+    if autograd_records():  # torch's rule
         # a bundle of DTensor parameters holds views of them: the parameters are the leaves
         holders = b.tensors if b._dist is None or b._dist.sources is None else b._dist.sources
         leaves = [n for n, t in zip(b.names, holders) if t.is_leaf and t.requires_grad]
@@ -270,19 +270,24 @@ def _binary(foreach: Callable[..., Any], method: Callable[..., Any]) -> Callable
     return handler
 
 
+_NUMBERS_ONLY = (torch._foreach_pow_, torch._foreach_sub_, torch._foreach_clamp_min_, torch._foreach_clamp_max_)
+
+
 def _foreach_differs(
     foreach: Callable[..., Any], tensors: list[torch.Tensor], other: Any, pieces: Pieces | None
 ) -> range | list[int]:
     """The tensors on which `foreach(tensors, other)` would write other values than the loop
     of the method: those take the method.
 
-    `torch._foreach_pow_` takes a tensor exponent as a number (an int 3 is computed by
-    multiplications, the tensor 3 by the pow kernel, whose bfloat16 results differ); on the
-    CPU a foreach kernel rounds a number to a 16-bit tensor's dtype before it multiplies,
-    the method does not (`mul_(0.7)` or `mul_(257)` of bfloat16; an int that the dtype
-    holds exactly is safe).
+    The foreach functions without a Tensor overload take a 0-d tensor operand as a number:
+    `torch._foreach_pow_` (an int 3 is computed by multiplications, the tensor 3 by the pow
+    kernel, whose bfloat16 results differ), `_foreach_clamp_min_` and `_foreach_clamp_max_`
+    (whose number kernels do not exist for bool, where the methods' tensor ones do) and
+    `_foreach_sub_`. On the CPU a foreach kernel rounds a number to a 16-bit tensor's dtype
+    before it multiplies, the method does not (`mul_(0.7)` or `mul_(257)` of bfloat16; an int
+    that the dtype holds exactly is safe).
     """
-    if pieces is None and isinstance(other, torch.Tensor) and foreach is torch._foreach_pow_:
+    if pieces is None and isinstance(other, torch.Tensor) and foreach in _NUMBERS_ONLY:
         return range(len(tensors))
     if pieces is None and isinstance(other, (int, float)) and not isinstance(other, bool):
         return [
@@ -504,4 +509,52 @@ for _name, (_funcs, _handler) in list(INPLACE_FUNCTIONS.items()):
         INPLACE_FUNCTIONS[_name] = ((*_funcs, _function), _handler)
 
 for _funcs, _handler in INPLACE_FUNCTIONS.values():
+    ParameterBundle.implements(_funcs)(_handler)
+
+
+# -- torch's foreach functions given bundles in their lists ----------------------------------
+# `torch.nn.utils.clip_grad_norm_(b, foreach=True)` takes the bundle as one parameter, and
+# hands `[b.grad]` to `torch._foreach_norm` and `torch._foreach_mul_`. A foreach function is
+# defined element by element, so a bundle there is its own op: its norm, or its in-place op,
+# which writes each of its tensors (and writes none where it fails). As torch's per-tensor
+# path, an element that fails leaves the elements before it written.
+
+
+def _element(a: Any, i: int) -> Any:
+    # element i of a list operand (other tensors, scalars); a scalar or a tensor applies to all
+    return a[i] if isinstance(a, (list, tuple)) else a
+
+
+def _foreach(method: Callable[..., Any]) -> Callable[..., Any]:
+    def handler(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        tensors, *rest = args
+        if not isinstance(tensors, (list, tuple)):
+            return NOT_HANDLED
+        if func in _NUMBERS_ONLY:  # a 0-d tensor operand is a number to these (_foreach_differs)
+            rest = [a.item() if isinstance(a, torch.Tensor) else a for a in rest]
+        for i, x in enumerate(tensors):
+            method(x, *(_element(a, i) for a in rest), **{k: _element(v, i) for k, v in kwargs.items()})
+        return list(tensors) if isinstance(tensors, list) else tuple(tensors)  # as torch's does
+
+    return handler
+
+
+def _foreach_norm(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`torch._foreach_norm(tensors, ord=2, dtype=None)`: each element's vector norm."""
+    tensors, *rest = args
+    if not isinstance(tensors, (list, tuple)):
+        return NOT_HANDLED
+    return [torch.linalg.vector_norm(x, *rest, **kwargs) for x in tensors]
+
+
+# Those whose operands are the method's, element by element (not addcmul_'s `value` keyword).
+FOREACH_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
+    "_foreach_norm": ((torch._foreach_norm,), _foreach_norm),
+    **{
+        "_foreach_" + _name: ((getattr(torch, "_foreach_" + _name),), _foreach(getattr(_T, _name)))
+        for _name in INPLACE_FUNCTIONS
+        if hasattr(torch, "_foreach_" + _name) and _name not in ("addcmul_", "addcdiv_")
+    },
+}
+for _funcs, _handler in FOREACH_FUNCTIONS.values():
     ParameterBundle.implements(_funcs)(_handler)

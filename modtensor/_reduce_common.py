@@ -16,7 +16,7 @@ import torch
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
 
-__all__ = ["check_dim"]
+__all__ = ["check_dim", "dim_ints"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _forward_ad = torch.autograd.forward_ad
@@ -36,9 +36,9 @@ def transformed() -> bool:
 # -- argument helpers ------------------------------------------------------------------------
 
 
-def check_dim(dim: Any, name: str, b: ParameterBundle) -> tuple[int, ...] | None:
-    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ());
-    return it as a tuple of ints (None for None)."""
+def dim_ints(dim: Any, name: str) -> tuple[int, ...] | None:
+    """Return `dim` as a tuple of ints (None for None); raise TypeError where torch's argument
+    parser would, which it does before any check of the dtype or the dims' range."""
     if dim is None:
         return None
     if isinstance(dim, torch.Tensor):  # torch takes an integer tensor's values as the dims
@@ -52,15 +52,25 @@ def check_dim(dim: Any, name: str, b: ParameterBundle) -> tuple[int, ...] | None
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"{name}: dim must be an int or a tuple of ints, got {dim!r}.")
         ints.append(int(d))
+    return tuple(ints)
+
+
+def check_dim(dim: Any, name: str, b: ParameterBundle) -> tuple[int, ...] | None:
+    """Raise IndexError unless `dim` names the bundle's only dimension (or is None / ());
+    return it as a tuple of ints (None for None)."""
+    ints = dim_ints(dim, name)
+    if ints is None:
+        return None
+    for d in ints:
         if d not in (0, -1):
             raise IndexError(
                 f"{name}: Dimension out of range (expected to be in range of [-1, 0], but got "
                 f"{d}): {b.describe()} behaves as one flat dimension of {b._numel} elements. "
                 "Use dim=0, or the per_param strategy for each tensor's own dims."
             )
-    if len(dims) > 1:
+    if len(ints) > 1:
         raise RuntimeError(f"{name}: dim 0 appears multiple times in the list of dims {dim!r}.")
-    return tuple(ints)
+    return ints
 
 
 def check_dtype(dtype: Any, name: str, b: ParameterBundle) -> Any:

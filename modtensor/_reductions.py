@@ -51,6 +51,7 @@ from modtensor._reduce_common import (
     _sum_dtype,
     check_dim,
     check_dtype,
+    dim_ints,
     root_of_sum,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
@@ -79,7 +80,7 @@ def _parse_sum_like(
     name = func_name(func)
     dim, keepdim, dtype = _bind(_sig_sum, name, args, kwargs)
     check_dtype(dtype, name, b)
-    check_dim(dim, name, b)
+    dim_ints(dim, name)
     if mean:
         if dtype is not None and not _is_floating(dtype):
             raise RuntimeError(
@@ -91,6 +92,7 @@ def _parse_sum_like(
             _require_floating(b._dtype, name, b, "the mean", dtype_helps=False)
         elif dtype is None:
             _require_floating(b._dtype, name, b, "the mean")
+    check_dim(dim, name, b)  # after the dtypes, as torch checks them
     return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
 
 
@@ -230,12 +232,13 @@ def _parse_var(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
     dim, unbiased, keepdim, correction = _bind(_sig_var, name, args, kwargs)
     if isinstance(dim, bool):  # the legacy overload var(input, unbiased)
         dim, unbiased = None, dim
-    check_dim(dim, name, b)
+    dim_ints(dim, name)
     if unbiased is not None and correction is not None:
         raise RuntimeError(f"{name}: cannot specify both unbiased and correction.")
     if correction is None:
         correction = 0 if unbiased is False else 1
     _require_floating(b._dtype, name, b, "var and std", dtype_helps=False)
+    check_dim(dim, name, b)  # after the dtype, as torch checks it
     return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"correction": correction})
 
 
@@ -451,6 +454,7 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     name = func_name(func)
     p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
     check_dtype(dtype, name, b)
+    dim_ints(dim, name)
     if out is not None:
         return NOT_HANDLED
     # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any
@@ -473,7 +477,6 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             f"{error.__name__} on the concatenation); {b.describe()} behaves as a vector. Use 0, "
             "1, 2, any p, inf or -inf."
         )
-    check_dim(dim, name, b)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says
     if dtype is not None and dtype.is_complex != b._dtype.is_complex:
         kind = "complex" if b._dtype.is_complex else "real"
@@ -487,6 +490,7 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             "to (torch raises the same on the concatenation: the input should be convertible "
             f"without narrowing to dtype=). Use dtype={torch.promote_types(b._dtype, dtype)}, or leave it out."
         )
+    check_dim(dim, name, b)  # after the dtypes, as torch checks them
     dtype = dtype or b._dtype
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
     # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second

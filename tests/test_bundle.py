@@ -519,3 +519,68 @@ def test_describe_refuses_a_negative_limit():
     assert b.describe(0) == "ParameterBundle of 2 tensors [... 2 more]"
     with pytest.raises(ValueError, match="limit is how many tensors to show"):
         b.describe(-1)
+
+
+def _sparse_embedding_grad() -> mt.ParameterBundle:
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2, 1])).sum().backward()
+    return mt.bundle(emb).grad
+
+
+SPARSE_CALLS = {
+    "norm": lambda b: b.norm(),
+    "sum": lambda b: torch.sum(b),
+    "std": lambda b: b.std(),
+    "amax": lambda b: b.amax(),
+    "elementwise": lambda b: b * 2,
+    "dist": lambda b: torch.dist(b, b),
+    "topk": lambda b: torch.topk(b, 2),
+    "index": lambda b: b[0],
+    "clone": lambda b: b.clone(),
+    "fallback": lambda b: torch.cumsum(b, 0),
+    "materialize": lambda b: b.materialize(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(SPARSE_CALLS))
+@pytest.mark.parametrize("make", ["embedding grad", "coo", "csr", "mkldnn"])
+@pytest.mark.parametrize("size", [3, 80], ids=["tiny", "large"])  # tiny bundles take the lane
+@pytest.mark.filterwarnings("ignore")  # the fallback's MaterializationWarning, CSR's beta warning
+def test_tensors_that_are_not_strided_are_named_where_the_concatenation_is_needed(call, make, size, real_sizes):
+    # torch cannot reshape a sparse tensor, so neither the concatenation nor the ops that read a
+    # bundle as it exist; they raised torch's "reshape is not implemented for sparse tensors"
+    # (or "Sparse CSR tensors do not have is_contiguous"), naming no tensor.
+    if make == "embedding grad":
+        b, name, layout = _sparse_embedding_grad(), "weight", "torch.sparse_coo"
+    else:
+        dense = torch.eye(size)
+        odd = {"coo": dense.to_sparse, "csr": dense.to_sparse_csr, "mkldnn": dense.to_mkldnn}[make]()
+        b, name, layout = mt.bundle({"w": torch.ones(size), "odd": odd}), "odd", str(odd.layout)
+    with pytest.raises(RuntimeError):  # the concatenation's own refusal
+        torch.cat([t.reshape(-1) for t in b.tensors])
+    message = rf"tensor '{name}' of ParameterBundle of .* has layout {re.escape(layout)};.*t.to_dense\(\)"
+    for _ in range(2):  # again, where the tiny lane remembers a call seen before
+        with pytest.raises(RuntimeError, match=message):
+            SPARSE_CALLS[call](b)
+        SPARSE_CALLS[call](mt.bundle([torch.ones(size), torch.ones(size)]))  # what the lane remembers
+
+
+def test_bundles_of_sparse_tensors_keep_their_per_tensor_ops():
+    # Per-tensor results and in-place writes are torch's ops on each tensor, which exist.
+    b = _sparse_embedding_grad()
+    dense = b.tensors[0].to_dense()
+    torch.testing.assert_close(b.per_param().norm().tensors[0], dense.norm())
+    b.mul_(2)
+    torch.testing.assert_close(b.tensors[0].to_dense(), 2 * dense)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensors_are_refused_by_name(layout):
+    # A nested tensor has no fixed shape: making the bundle raised torch's "Internal error:
+    # NestedTensorImpl doesn't support sizes" or an AttributeError from deep inside torch.
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(RuntimeError):  # the concatenation's own refusal
+        torch.cat([nested.reshape(-1)])
+    with pytest.raises(RuntimeError, match=r"tensor 'n' is a nested tensor.*t.unbind\(\)"):
+        mt.bundle({"w": torch.ones(2), "n": nested})

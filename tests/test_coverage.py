@@ -21,7 +21,7 @@ from modtensor._autograd import AUTOGRAD_FUNCTIONS
 from modtensor._pairwise import PAIRWISE_FUNCTIONS
 from modtensor._pointwise import POINTWISE_FUNCTIONS
 from modtensor._indexing import READOUT_FUNCTIONS
-from modtensor._inplace import INPLACE_FUNCTIONS
+from modtensor._inplace import FOREACH_FUNCTIONS, INPLACE_FUNCTIONS
 from modtensor._like import LIKE_FUNCTIONS
 from modtensor._order import ORDER_FUNCTIONS
 from modtensor._reductions import REDUCTION_FUNCTIONS
@@ -39,6 +39,7 @@ def test_every_table_entry_has_a_property_test(builtin_table):
     covered |= {f for name in PAIRWISE_CALLS for f in PAIRWISE_FUNCTIONS[name][0]}
     covered |= {f for funcs in POINTWISE_FUNCTIONS.values() for f in funcs}
     covered |= {f for funcs, _ in INPLACE_FUNCTIONS.values() for f in funcs}  # tests/test_inplace.py
+    covered |= {f for funcs, _ in FOREACH_FUNCTIONS.values() for f in funcs}  # tests/test_inplace.py
     untested = builtin_table - covered
     assert not untested, f"table entries without a property test: {untested}"
 

@@ -1,5 +1,7 @@
 """In-place ops write through into the real tensors, exactly like the per-tensor loop."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import modtensor as mt
 from generators import FLOATS, INTS, Case, cases, other_like, track_live
-from modtensor._inplace import INPLACE_FUNCTIONS
+from modtensor._inplace import FOREACH_FUNCTIONS, INPLACE_FUNCTIONS
 from op_specs import INTEGER_OPS, is_binary, pointwise_calls
 
 # How each in-place op is called: `call(f, x, y)`, x the target, y an operand of the same structure.
@@ -138,6 +140,20 @@ def test_leaf_requires_grad_follows_torchs_rule():
         b.mul_(2)
     torch.testing.assert_close(model.weight, before[0] * 2)
 
+
+
+@pytest.mark.parametrize("made_inside", [False, True], ids=["parameters", "inference parameters"])
+def test_inference_mode_records_no_graph_even_with_grad_mode_on(made_inside):
+    # Inside inference_mode torch writes a leaf that requires grad even under enable_grad
+    # (nothing is recorded); the bundle applied the leaf rule there and wrote nothing.
+    with torch.inference_mode(made_inside):
+        model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.inference_mode(), torch.enable_grad():
+        for p in model.parameters():  # the loop the bundle stands for
+            p.mul_(2)
+        mt.bundle(model).mul_(0.5).add_(1.0)
+    torch.testing.assert_close([p.detach() for p in model.parameters()], [q + 1 for q in before])
 
 _CAST = "can't be cast to the desired output type Long"
 _DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
@@ -543,3 +559,80 @@ def test_torch_function_spellings_of_in_place_ops_write_through(call):
     assert call(b, mt.bundle(others)) is b
     for got, want in zip(tensors, loop):
         torch.testing.assert_close(got, want)
+
+
+_FOREACH_BINARY = {"add_", "sub_", "mul_", "div_", "pow_", "clamp_min_", "clamp_max_"}
+
+
+def _foreach_operands(name, targets):
+    # The operands of torch._foreach_<name>, for these targets: a scalar, a 0-d tensor, a list
+    # of scalars or of tensors, as its overloads take.
+    base = name.removeprefix("_foreach_")
+    if base == "copy_":
+        return [([x * 0.5 for x in targets],)]
+    if base == "lerp_":
+        return [([x * 0.5 for x in targets], 0.25)]
+    if base == "norm":
+        return [(), (1,), (float("inf"),)]
+    if base in _FOREACH_BINARY:
+        return [(0.5,), (torch.tensor(0.75),), ([0.5, 2.0],), ([x * 0.5 + 1 for x in targets],)]
+    return [()]
+
+
+@pytest.mark.parametrize("name", sorted(FOREACH_FUNCTIONS))
+def test_foreach_functions_take_a_bundle_as_its_own_op(name):
+    # torch's foreach functions are defined element by element, so a bundle in their list is
+    # its own op (clip_grad_norm_(b, foreach=True) hands them [b.grad]); they were refused, or
+    # copied the bundle with a MaterializationWarning.
+    func = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3), (4,), ()]
+    for i in range(len(_foreach_operands(name, [torch.ones(1)]))):
+        theirs = [torch.rand(s, generator=g) + 0.1 for s in [*shapes, (2,)]]
+        ours = [t.clone() for t in theirs]
+        mine = [mt.bundle(ours[:3]), ours[3]]
+        got_operands = _foreach_operands(name, mine)[i]
+        want_operands = _foreach_operands(name, [torch.cat([t.reshape(-1) for t in theirs[:3]]), theirs[3]])[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mt.MaterializationWarning)
+            got = func(mine, *got_operands)
+        # the reference: the same function on the concatenation as one tensor
+        flat = [torch.cat([t.reshape(-1) for t in theirs[:3]]), theirs[3]]
+        want = func(flat, *want_operands)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ours]), torch.cat([t.reshape(-1) for t in flat]))
+
+
+_ZERO_D_CALLS = {
+    "clamp_min_": lambda x, o: x.clamp_min_(o),
+    "clamp_max_": lambda x, o: x.clamp_max_(o),
+    "clamp_": lambda x, o: x.clamp_(o, o),
+    "sub_": lambda x, o: x.sub_(o),
+    "add_": lambda x, o: x.add_(o),
+    "mul_": lambda x, o: x.mul_(o),
+    "pow_": lambda x, o: x.pow_(o),
+    "foreach clamp_min_": lambda x, o: torch._foreach_clamp_min_([x], o),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ZERO_D_CALLS))
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+@pytest.mark.parametrize("operand", [True, 2, 0.5], ids=["bool", "int", "float"])
+def test_zero_d_tensor_operands_as_the_loop_takes_them(name, dtype, operand):
+    # The foreach kernels without a Tensor overload (clamp_min_, clamp_max_, sub_) take a 0-d
+    # tensor as a number, and the number kernels of clamp_min_/clamp_max_ do not exist for
+    # bool: `clamp_min_(torch.tensor(True))` of a bool bundle raised NotImplementedError where
+    # each tensor's clamp_min_ computes.
+    call, other = _ZERO_D_CALLS[name], torch.tensor(operand)
+    made = [torch.tensor([1, 0, 1], dtype=dtype), torch.tensor([[0, 1]], dtype=dtype), torch.tensor(1, dtype=dtype)]
+    theirs, ours = [t.clone() for t in made], [t.clone() for t in made]
+    try:
+        for t in theirs:
+            call(t, other)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            call(mt.bundle(ours), other)
+        assert all(torch.equal(t, u) for t, u in zip(ours, made))  # nothing written
+    else:
+        call(mt.bundle(ours), other)
+        assert all(torch.equal(t, u) for t, u in zip(ours, theirs))

@@ -349,3 +349,33 @@ def test_recipes_on_a_model_mixing_dtypes_cast_one_tensor_at_a_time():
     x, y = ft.materialize(), base.materialize()
     assert report.per_param["0"]["l2"] == float(torch.dist(x[:n], y[:n]))
     assert report.l2 == float(torch.dist(ft, base))
+
+
+TORCH_CLIPS = {
+    "clip_grad_norm_": lambda ps, norm_type, foreach: nn.utils.clip_grad_norm_(ps, 0.5, norm_type, foreach=foreach),
+    "clip_grad_value_": lambda ps, norm_type, foreach: nn.utils.clip_grad_value_(ps, 0.05, foreach=foreach),
+    "clip_grads_with_norm_": lambda ps, norm_type, foreach: nn.utils.clip_grads_with_norm_(
+        ps, 0.5, torch.tensor(4.0), foreach=foreach),
+    "get_total_norm": lambda ps, norm_type, foreach: nn.utils.get_total_norm(
+        ps.grad, norm_type, foreach=foreach),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_CLIPS))
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("norm_type", [2.0, 0, float("inf")])
+@pytest.mark.filterwarnings("error::modtensor.MaterializationWarning")
+def test_torchs_clipping_takes_a_bundle_as_one_parameter(name, foreach, norm_type):
+    # torch takes a Tensor given as `parameters` as one parameter, whose `.grad` the bundle's
+    # is: as the concatenation made a leaf with the concatenated gradient. With foreach=True,
+    # torch's _foreach_mul_ / _foreach_clamp_min_ of [b.grad] were refused ("would write into
+    # a temporary copy"), and _foreach_norm copied the bundle with a MaterializationWarning.
+    model = _with_grads(_model())
+    model[3].bias.grad = None  # left out of b.grad, as torch leaves it out
+    cat = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.grad is not None]).requires_grad_()
+    cat.grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    b = mt.bundle(model)
+    got = TORCH_CLIPS[name](b, norm_type, foreach)
+    want = TORCH_CLIPS[name](cat, norm_type, foreach)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(b.grad.materialize(), cat.grad)

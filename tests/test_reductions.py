@@ -1,10 +1,12 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
 import warnings
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from hypothesis import given
 
 import modtensor as mt
@@ -380,3 +382,102 @@ def test_empty_tensors_that_require_grad_under_strategies(strategy, name):
     assert total.requires_grad
     total.backward()
     assert empty.grad is not None and empty.grad.shape == (0,)
+
+
+def _inference_survey() -> dict[str, Callable[[Any, Any], Any]]:
+    from modtensor._pairwise import PAIRWISE_FUNCTIONS
+    from op_specs import PAIRWISE_CALLS
+
+    calls: dict[str, Callable[[Any, Any], Any]] = {}
+    for table, specs in ((REDUCTION_FUNCTIONS, REDUCTION_CALLS), (PAIRWISE_FUNCTIONS, PAIRWISE_CALLS)):
+        for name, funcs in table.items():
+            f = funcs[0] if table is REDUCTION_FUNCTIONS else funcs[0][0]
+            for i, call in enumerate(specs[name]):
+                calls[f"{name}-{i}"] = lambda x, y, f=f, call=call: call(f, x, y)
+    calls.update({
+        "topk": lambda x, y: torch.topk(x, 3), "median": lambda x, y: x.median(),
+        "kthvalue": lambda x, y: torch.kthvalue(x, 4), "quantile": lambda x, y: torch.quantile(x, 0.25),
+        "elementwise": lambda x, y: (x * 2 - y).exp(), "square-sum": lambda x, y: (x ** 2).sum(),
+        "index": lambda x, y: x[x > 0],
+    })
+    return calls
+
+
+INFERENCE_CALLS = _inference_survey()
+
+
+def _leaves(result: Any) -> list[Any]:
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+@pytest.mark.parametrize("name", sorted(INFERENCE_CALLS))
+@pytest.mark.parametrize("mode", ["after it", "in inference_mode", "in inference_mode with grad"])
+@pytest.mark.parametrize("size", [3, 1100], ids=["tiny", "large"])  # tiny: the lane; large: row norms
+def test_reductions_of_parameters_made_in_inference_mode(name, mode, size, real_sizes):
+    # Parameters made under inference_mode are inference tensors that require grad. torch
+    # records no graph through their views, so the concatenation does not require grad through
+    # them; the bundle's norm, dist, cosine_similarity, the losses saved them for backward and
+    # raised "Inference tensors cannot be saved for backward", median "Inference tensors do not
+    # track version counter"; and inside inference_mode, with grad mode on, the bundle's
+    # results required grad or raised where the concatenation's do not.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        made_inside = nn.Linear(size, 4)
+    other = nn.Linear(2, 3)  # an ordinary one, whose gradients must still be the concatenation's
+    params = [*made_inside.parameters(), *other.parameters()]
+    y = [torch.randn_like(p) for p in params]
+    call = INFERENCE_CALLS[name]
+
+    def run(make: Callable[[list[torch.Tensor]], Any]) -> Any:
+        for p in other.parameters():
+            p.grad = None
+        with torch.inference_mode(mode != "after it"), torch.set_grad_enabled(mode != "in inference_mode"):
+            try:
+                result = _leaves(call(make(params), make(y)))
+            except RuntimeError as e:
+                return type(e)
+            out = [r.materialize() if mt.is_bundle(r) else r for r in result]
+            needs = [r.requires_grad for r in out if isinstance(r, torch.Tensor)]
+            if any(needs):
+                sum(r.float().sum() for r in out if isinstance(r, torch.Tensor) and r.requires_grad).backward()
+        return out, needs, [p.grad for p in other.parameters()]
+
+    got = run(mt.bundle)
+    want = run(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+    if not isinstance(want, tuple):
+        assert got is want
+        return
+    assert not isinstance(got, type), got
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+_INTS = [torch.ones(3, dtype=torch.int64), torch.ones(2, 2, dtype=torch.int64)]
+_FLOATS = [torch.ones(3), torch.ones(2, 2)]
+_COMPLEX = [torch.ones(3, dtype=torch.complex64), torch.ones(2, 2, dtype=torch.complex64)]
+TWO_BAD_ARGUMENTS = {
+    "mean of ints, dim 5": (_INTS, lambda x: x.mean(5)),
+    "mean, int dtype, dim 5": (_FLOATS, lambda x: x.mean(5, dtype=torch.int64)),
+    "nanmean of ints, dim 5": (_INTS, lambda x: x.nanmean(5, dtype=torch.float32)),
+    "var of ints, dim 5": (_INTS, lambda x: x.var(5)),
+    "std of ints, dims (5, 5)": (_INTS, lambda x: torch.std(x, (5, 5))),
+    "std_mean of ints, dim 5": (_INTS, lambda x: torch.std_mean(x, 5)),
+    "norm of ints, dim 5": (_INTS, lambda x: x.norm(dim=5)),
+    "vector_norm, complex dtype, dim 5": (_FLOATS, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.complex64)),
+    "vector_norm, narrowing dtype, dim 5": (_FLOATS, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.float16)),
+    "vector_norm of complex, real dtype, dim 5": (_COMPLEX, lambda x: torch.linalg.vector_norm(x, dim=5, dtype=torch.float32)),
+    # a dim of the wrong type is torch's argument parser's error, before the dtype's
+    "mean of ints, dim 'a'": (_INTS, lambda x: x.mean("a")),
+    "std of ints, dims (5, 'a')": (_INTS, lambda x: x.std((5, "a"))),
+    "norm of ints, dim 'a'": (_INTS, lambda x: x.norm(dim="a")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_BAD_ARGUMENTS))
+def test_of_two_bad_arguments_the_one_torch_checks_first_decides(name):
+    # The bundle checked the dim's range before the dtype, so it raised IndexError where torch
+    # raises its RuntimeError for the dtype (and IndexError for 5 before TypeError for 'a').
+    tensors, call = TWO_BAD_ARGUMENTS[name]
+    with pytest.raises(Exception) as want:
+        call(torch.cat([t.reshape(-1) for t in tensors]))
+    with pytest.raises(want.type):
+        call(mt.bundle(tensors))
