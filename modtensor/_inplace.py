@@ -496,17 +496,21 @@ _AUGMENTED: dict[str, Callable[..., Any]] = {
 }
 for _dunder, _target in _AUGMENTED.items():
     INPLACE_FUNCTIONS[_dunder] = ((getattr(_T, _dunder),), _per_tensor(_target))
+# (an entry's other spellings, such as clamp_'s clip_, are registered with it already)
+_LISTED = {f for funcs, _ in INPLACE_FUNCTIONS.values() for f in funcs}
 for _name in UNARY_OPS + BINARY_OPS:
     _inplace_method: Callable[..., Any] | None = getattr(_T, _name + "_", None)
-    if _inplace_method is not None and _name + "_" not in INPLACE_FUNCTIONS:
+    if _inplace_method is not None and _name + "_" not in INPLACE_FUNCTIONS and _inplace_method not in _LISTED:
         INPLACE_FUNCTIONS[_name + "_"] = ((_inplace_method,), _per_tensor(_inplace_method))
 
 # torch's function spelling of each (`torch.exp_(b)`, `torch.clamp_(b, 0, 1)`): the same op,
 # with the bundle as its first argument, so the same handler.
+# (of each method spelling of an entry: `torch.clip_` with clamp_'s)
 for _name, (_funcs, _handler) in list(INPLACE_FUNCTIONS.items()):
-    _function = None if _name.startswith("__") else getattr(torch, _name, None)
-    if _function is not None:
-        INPLACE_FUNCTIONS[_name] = ((*_funcs, _function), _handler)
+    _names = [f.__name__ for f in _funcs if not f.__name__.startswith("__")]
+    _functions = tuple(getattr(torch, n) for n in _names if getattr(torch, n, None) is not None)
+    if _functions:
+        INPLACE_FUNCTIONS[_name] = ((*_funcs, *_functions), _handler)
 
 for _funcs, _handler in INPLACE_FUNCTIONS.values():
     ParameterBundle.implements(_funcs)(_handler)
