@@ -29,6 +29,7 @@ from torch import nn
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._errors import UnsupportedOperationError
 from modtensor._pointwise import check_same_structure
+from modtensor._selection import flat_views
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -302,16 +303,19 @@ def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBu
         def at(m: torch.Tensor) -> torch.Tensor:
             return m.isnan() if nan_threshold else m == threshold
 
-        remaining = k - int(sum(below(t.abs()).sum() for t in b.tensors))
-        for t in b.tensors:
-            magnitude = t.abs()
+        # A chunk at a time (views, written in place): a whole tensor's magnitudes, masks and
+        # the tie count's int64 cumsum came to 6x the largest tensor.
+        pieces = [piece for t in b.tensors for piece in flat_views(t)]
+        remaining = k - sum(int(torch.count_nonzero(below(p.abs()))) for p in pieces)
+        for piece in pieces:
+            magnitude = piece.abs()
             prune = below(magnitude)
             if remaining > 0:
                 tied = at(magnitude).reshape(-1)
                 first = tied & (tied.cumsum(0) <= remaining)
-                remaining -= int(first.sum())
-                prune |= first.reshape(t.shape)
-            t.masked_fill_(prune, 0)
+                remaining -= int(torch.count_nonzero(first))
+                prune |= first.reshape(piece.shape)
+            piece.masked_fill_(prune, 0)
     return result
 
 

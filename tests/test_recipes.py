@@ -349,3 +349,20 @@ def test_recipes_on_a_model_mixing_dtypes_cast_one_tensor_at_a_time():
     x, y = ft.materialize(), base.materialize()
     assert report.per_param["0"]["l2"] == float(torch.dist(x[:n], y[:n]))
     assert report.l2 == float(torch.dist(ft, base))
+
+
+def test_magnitude_prune_holds_one_chunks_temporaries_at_a_time():
+    # Each tensor's magnitudes, masks and the tie count's int64 cumsum were made whole: 6x the
+    # largest tensor. Ties at the threshold span chunks and tensors; the first ones still go.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randint(-40, 40, (n,), generator=g).float() for _ in range(3)]
+    ts.append(torch.randint(-40, 40, (n // 1024, 1024), generator=g).float().t())  # not contiguous
+    ts[1][7] = float("nan")
+    cat = torch.cat([t.reshape(-1) for t in ts])
+    k = int(0.3 * cat.numel()) + 12345  # part way through the tied entries at the threshold
+    want = cat.clone()
+    want[torch.sort(cat.abs(), stable=True).indices[:k]] = 0  # NaN sorts last
+    _, peak = peak_allocation(lambda: recipes.magnitude_prune_(mt.bundle(ts), k))
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ts]), want, rtol=0, atol=0, equal_nan=True)
+    assert peak < 2 * n * 4, peak  # chunks' temporaries and the order statistic's: not 6x
