@@ -366,3 +366,17 @@ def test_magnitude_prune_holds_one_chunks_temporaries_at_a_time():
     _, peak = peak_allocation(lambda: recipes.magnitude_prune_(mt.bundle(ts), k))
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ts]), want, rtol=0, atol=0, equal_nan=True)
     assert peak < 2 * n * 4, peak  # chunks' temporaries and the order statistic's: not 6x
+
+
+def test_merge_with_elect_sign_holds_one_chunks_temporaries_at_a_time():
+    # Each tensor's stack of task vectors and the masks over it were made whole: 10x the
+    # largest tensor over the result. Now a chunk's, with the same values.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    base, tv1, tv2 = (mt.bundle([torch.randn(n, generator=g) for _ in range(4)]) for _ in range(3))
+    merged, peak = peak_allocation(lambda: recipes.merge(base, [tv1, tv2], weights=[0.5, 2.0], elect_sign=True))
+    stacked = torch.stack([tv1.materialize() * 0.5, tv2.materialize() * 2.0])
+    agree = (torch.sign(stacked) == torch.sign(stacked.sum(dim=0))) & (stacked != 0)
+    want = base.materialize() + (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    assert torch.equal(merged.materialize(), want)
+    assert peak < (4 + 4) * n * 4, peak  # the result (4 tensors) and chunks': not 4 + 10
