@@ -51,7 +51,8 @@ def flat_views(t: torch.Tensor) -> Sequence[torch.Tensor]:
     where it is not contiguous (a flat piece of it would be a copy, not a view)."""
     if t.numel() <= chunk_size(t.device) or not t.is_contiguous():
         return [t]
-    return t.view(-1).split(chunk_size(t.device))
+    flat, size = t.view(-1), chunk_size(t.device)
+    return [flat[start : start + size] for start in range(0, flat.numel(), size)]
 
 
 def _flat_chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
