@@ -16,7 +16,8 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._pointwise import _piece_getter
-from modtensor._selection import _connect
+from modtensor._reduce_common import transformed
+from modtensor._selection import _connect, flat_views
 
 __all__ = ["READOUT_FUNCTIONS", "as_position", "getitem"]
 
@@ -101,7 +102,22 @@ def _mask_index(b: ParameterBundle, mask: Any) -> Any:
     getter = _piece_getter(mask, b, "ParameterBundle.__getitem__")
     if not b._names:
         return torch.empty(0, dtype=b._dtype, device=b._device)
-    return torch.cat([b._tensor(i).to(b._dtype)[getter(i)].to(b._device) for i in range(len(b._names))])
+    if (torch.is_grad_enabled() and b.requires_grad) or transformed() or torch.compiler.is_compiling():
+        return torch.cat([b._tensor(i).to(b._dtype)[getter(i)].to(b._device) for i in range(len(b._names))])
+    # Each tensor's selection copied (and cast) into its place, from a count of the mask: the
+    # cat held every selection with the result, twice its size. (Where autograd follows, the
+    # cat: slices written in place would each clone the whole gradient in backward.)
+    counts = [int(torch.count_nonzero(getter(i))) for i in range(len(b._names))]
+    result = torch.empty(sum(counts), dtype=b._dtype, device=b._device)
+    start = 0
+    for i in range(len(b._names)):
+        t, m = b._tensor(i), getter(i)
+        ts, ms = flat_views(t), flat_views(m)  # by chunks: indexing makes int64 indices
+        for x, y in zip(ts, ms) if len(ts) == len(ms) and t.shape == m.shape else [(t, m)]:
+            selected = x[y]
+            result[start:start + selected.numel()].copy_(selected)
+            start += selected.numel()
+    return result
 
 
 def as_position(index: Any) -> Any:

@@ -24,6 +24,7 @@ from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
     _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum,
 )
+from modtensor._selection import flat_views
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -398,7 +399,19 @@ def _all_pairs(test: Callable[..., bool]) -> Reduction:
     )
 
 
-_ALLCLOSE = _all_pairs(torch.allclose)
+def _allclose_by_chunks(
+    input: torch.Tensor, other: torch.Tensor, rtol: float = 1e-05, atol: float = 1e-08, equal_nan: bool = False
+) -> bool:
+    """`torch.allclose` of two tensors, a chunk at a time where both are contiguous and of one
+    shape (elementwise, so the same verdict): torch's isclose makes temporaries of a few times
+    the tensor's size."""
+    xs, ys = flat_views(input), flat_views(other)
+    if input.shape != other.shape or len(xs) != len(ys):
+        xs, ys = [input], [other]
+    return all(torch.allclose(x, y, rtol, atol, equal_nan) for x, y in zip(xs, ys))
+
+
+_ALLCLOSE = _all_pairs(_allclose_by_chunks)
 _EQUAL = _all_pairs(torch.equal)
 
 
@@ -410,7 +423,7 @@ def _allclose(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwarg
         return NOT_HANDLED
     options = {"rtol": rtol, "atol": atol, "equal_nan": equal_nan}
     parsed = ReduceArgs(name, torch.bool, operands[0]._numel, options=options)
-    return _run(func, args, kwargs, _ALLCLOSE, parsed, operands)
+    return _run(func, args, kwargs, _ALLCLOSE, parsed, operands, _allclose_by_chunks)
 
 
 def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -41,6 +41,21 @@ _BITS = 16  # key bits resolved per counting pass
 # -- reading a bundle in chunks ----------------------------------------------------------------
 
 
+def chunk_size(device: torch.device) -> int:
+    """Elements read at a time where a pass goes by chunks: its temporaries are a chunk's, not
+    a tensor's."""
+    return _CHUNK if device.type == "cpu" else _CHUNK_ACCELERATOR
+
+
+def flat_views(t: torch.Tensor) -> Sequence[torch.Tensor]:
+    """`t`'s elements in flat order, as views of at most `chunk_size` elements each; `[t]`
+    where it is not contiguous (a flat piece of it would be a copy, not a view)."""
+    if t.numel() <= chunk_size(t.device) or not t.is_contiguous():
+        return [t]
+    flat, size = t.view(-1), chunk_size(t.device)
+    return [flat[start : start + size] for start in range(0, flat.numel(), size)]
+
+
 def _flat_chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     """`t.reshape(-1)` in pieces of at most `size` elements; only non-contiguous pieces are copied."""
     if t.numel() <= size or t.dim() <= 1 or t.is_contiguous():
@@ -74,7 +89,7 @@ def _scan(b: ParameterBundle, visit: Visit) -> None:
 def _scan_tensor(b: ParameterBundle, i: int, visit: Visit) -> bool:
     # A function of its own, so that nothing of tensor i outlives it: a bundle computed on
     # demand then holds one tensor at a time.
-    size = _CHUNK if b._devices[i].type == "cpu" else _CHUNK_ACCELERATOR
+    size = chunk_size(b._devices[i])
     begin, n = b._offsets[i], b._shapes[i].numel()
     if b._tensors is None:
         # An on-demand bundle (`b.abs()`...) makes each chunk alone where its op allows, so

@@ -29,6 +29,7 @@ from torch import nn
 from modtensor._bundle import ParameterBundle, bundle, is_bundle
 from modtensor._errors import UnsupportedOperationError
 from modtensor._pointwise import check_same_structure
+from modtensor._selection import chunk_size, flat_views
 
 __all__ = [
     "DistanceReport", "clip_grad_norm_", "distance", "ema_", "magnitude_prune_", "merge", "task_vector",
@@ -239,14 +240,35 @@ def merge(
             for s in scaled[1:]:
                 total = _b(total + s)
             return _new(_b(b + total), base)
-        merged = []
-        for i in range(len(b.names)):
-            stacked = torch.stack([s._tensor(i) for s in scaled])
-            sign = torch.sign(stacked.sum(dim=0))
-            agree = (torch.sign(stacked) == sign) & (stacked != 0)
-            count = agree.sum(dim=0).clamp(min=1)
-            merged.append(b._tensor(i) + (stacked * agree).sum(dim=0) / count)
-        return _new(b.derive(merged), base)
+        return _new(b.derive([_elected(b, scaled, i) for i in range(len(b.names))]), base)
+
+
+def _elected(b: ParameterBundle, scaled: Sequence[ParameterBundle], i: int) -> torch.Tensor:
+    # Tensor i of the sign-elected merge, a chunk at a time where every operand can make one
+    # alone (each element's result reads only that element): the stack of every task
+    # vector's tensor and the masks over it came to 10x the largest tensor.
+    n = b._shapes[i].numel()
+    size = chunk_size(b._devices[i])
+    if n > size:
+        ranges = [(start, min(start + size, n)) for start in range(0, n, size)]
+        first = [x._flat_range(i, *ranges[0]) for x in (b, *scaled)]
+        if all(c is not None for c in first):
+            head = _elect(*cast(list[torch.Tensor], first))
+            result = torch.empty(n, dtype=head.dtype, device=head.device)
+            result[: head.numel()] = head
+            for start, stop in ranges[1:]:
+                chunks = [x._flat_range(i, start, stop) for x in (b, *scaled)]
+                result[start:stop] = _elect(*cast(list[torch.Tensor], chunks))
+            return result.view(b._shapes[i])
+    return _elect(b._tensor(i), *[s._tensor(i) for s in scaled])
+
+
+def _elect(base: torch.Tensor, *scaled: torch.Tensor) -> torch.Tensor:
+    stacked = torch.stack(scaled)
+    sign = torch.sign(stacked.sum(dim=0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return base + (stacked * agree).sum(dim=0) / count
 
 
 def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBundle:
@@ -302,16 +324,19 @@ def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBu
         def at(m: torch.Tensor) -> torch.Tensor:
             return m.isnan() if nan_threshold else m == threshold
 
-        remaining = k - int(sum(below(t.abs()).sum() for t in b.tensors))
-        for t in b.tensors:
-            magnitude = t.abs()
+        # A chunk at a time (views, written in place): a whole tensor's magnitudes, masks and
+        # the tie count's int64 cumsum came to 6x the largest tensor.
+        pieces = [piece for t in b.tensors for piece in flat_views(t)]
+        remaining = k - sum(int(torch.count_nonzero(below(p.abs()))) for p in pieces)
+        for piece in pieces:
+            magnitude = piece.abs()
             prune = below(magnitude)
             if remaining > 0:
                 tied = at(magnitude).reshape(-1)
                 first = tied & (tied.cumsum(0) <= remaining)
-                remaining -= int(first.sum())
-                prune |= first.reshape(t.shape)
-            t.masked_fill_(prune, 0)
+                remaining -= int(torch.count_nonzero(first))
+                prune |= first.reshape(piece.shape)
+            piece.masked_fill_(prune, 0)
     return result
 
 

@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from generators import cases
+from generators import cases, peak_allocation
 from hypothesis import given
 from torch import nn
 from torch.nn.utils import prune
@@ -106,6 +106,27 @@ def test_tensors_are_never_copied():
 @given(case=cases(min_tensors=1))
 def test_materialize_is_torch_cat(case):
     torch.testing.assert_close(case.bundle().materialize(), case.concat(), equal_nan=True)
+
+
+def test_materialize_copies_non_contiguous_tensors_one_at_a_time():
+    # torch.cat made every non-contiguous tensor's flat copy first, all alive until the cat:
+    # twice the result. Each is now copied (and cast) straight into its place.
+    n = 1 << 21
+    ts = [torch.randn(2048, 2048)[:, ::2] for _ in range(3)] + [torch.randn(2048, 1024)]
+    b = mt.bundle(ts)
+    got, peak = peak_allocation(b.materialize)
+    assert torch.equal(got, torch.cat([t.reshape(-1) for t in ts]))
+    assert peak < 1.25 * 4 * n * 4, peak  # the result (4 tensors' bytes), no copies: not 7 of them
+    mixed = [torch.randn(6, 4).half().t(), torch.tensor(2.5, dtype=torch.float64), torch.empty(0), torch.arange(6).view(2, 3).t()]
+    want = torch.cat([t.reshape(-1) for t in mixed])
+    got = mt.bundle(mixed).materialize()
+    assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+    # with a gradient to carry, torch.cat still makes it
+    w = torch.randn(4, 3).t().requires_grad_()
+    flat = mt.bundle([w, torch.ones(2)]).materialize()
+    assert flat.grad_fn is not None and torch.equal(flat.detach(), torch.cat([w.detach().reshape(-1), torch.ones(2)]))
+    flat.backward(torch.arange(14.0))
+    assert torch.equal(w.grad, torch.arange(12.0).view(3, 4))
 
 
 @given(case=cases())

@@ -181,3 +181,21 @@ def test_slices_of_cast_or_non_contiguous_tensors_keep_no_whole_copy():
         assert torch.equal(got, cat[index])
         assert got.untyped_storage().nbytes() == got.numel() * 4, index
         assert peak < n * 4, (index, peak)  # less than one tensor's copy
+
+
+def test_mask_index_copies_each_selection_into_place():
+    # The cat held every tensor's selection (and indexing's int64 indices) with the result:
+    # 4x the largest tensor here, where the result is 2x.
+    n = 1 << 21
+    b = mt.bundle([torch.randn(n) for _ in range(4)])
+    mask = mt.bundle([torch.randn(n) > 0 for _ in range(4)])
+    cat, flat_mask = b.materialize(), mask.materialize()
+    for m, cat_mask in ((mask, flat_mask), (flat_mask, flat_mask), (b > 0, cat > 0)):
+        got, peak = peak_allocation(lambda: b[m])
+        assert torch.equal(got, cat[cat_mask])
+        assert peak < 1.5 * got.numel() * 4, peak  # the result and a chunk's selection
+    mixed = mt.bundle([torch.randn(3, 5).half().t(), torch.randn(n // 2).double(), torch.empty(0)])
+    m = torch.rand(mixed.numel()) > 0.3
+    want = mixed.materialize()[m]
+    got = mixed[m]
+    assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)

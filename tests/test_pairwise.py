@@ -248,3 +248,24 @@ def test_inf_distance_tied_across_tensors_shares_its_gradient(dtype, p):
     torch.testing.assert_close(value, expected)
     for g, w in zip(torch.autograd.grad(value, got[:2] + got[3:]), torch.autograd.grad(expected, want[:2] + want[3:])):
         torch.testing.assert_close(g, w)
+
+
+def test_allclose_holds_one_chunks_temporaries_at_a_time():
+    # torch's isclose makes temporaries of a few times its input's size: each tensor's (4x the
+    # largest) where a chunk's do, with the same verdicts.
+    n = 1 << 21
+    xs = [torch.randn(n) for _ in range(3)] + [torch.randn(1024, n // 1024)]
+    a, b = mt.bundle(xs), mt.bundle([x.clone() for x in xs])
+    got, peak = peak_allocation(lambda: torch.allclose(a, b))
+    assert got is True
+    assert peak < 1.5 * n * 4, peak  # half a tensor's bytes, not 4 tensors'
+    inf, nan = float("inf"), float("nan")
+    for mine, theirs in ((1.0, 1.0 + 1e-4), (nan, nan), (inf, inf), (inf, -inf), (nan, 1.0), (0.0, 1e-9)):
+        c, d = (mt.bundle([torch.ones(3), torch.arange(float(n // 4)).view(8, -1)]) for _ in range(2))
+        c.tensors[1][-1, -1], d.tensors[1][-1, -1] = mine, theirs  # past the first chunk
+        for kwargs in ({}, {"equal_nan": True}, {"rtol": 1e-3}, {"atol": 1e-8, "rtol": 0.0}):
+            want = torch.allclose(c.materialize(), d.materialize(), **kwargs)
+            assert torch.allclose(c, d, **kwargs) is want, (mine, theirs, kwargs)
+            assert torch.allclose(d.per_param(), c, **kwargs).tensors[1] == want
+    with pytest.raises(RuntimeError, match="Float did not match Double"):
+        torch.allclose(c, d.double())

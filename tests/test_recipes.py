@@ -379,3 +379,34 @@ def test_torchs_clipping_takes_a_bundle_as_one_parameter(name, foreach, norm_typ
     want = TORCH_CLIPS[name](cat, norm_type, foreach)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(b.grad.materialize(), cat.grad)
+
+
+def test_magnitude_prune_holds_one_chunks_temporaries_at_a_time():
+    # Each tensor's magnitudes, masks and the tie count's int64 cumsum were made whole: 6x the
+    # largest tensor. Ties at the threshold span chunks and tensors; the first ones still go.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randint(-40, 40, (n,), generator=g).float() for _ in range(3)]
+    ts.append(torch.randint(-40, 40, (n // 1024, 1024), generator=g).float().t())  # not contiguous
+    ts[1][7] = float("nan")
+    cat = torch.cat([t.reshape(-1) for t in ts])
+    k = int(0.3 * cat.numel()) + 12345  # part way through the tied entries at the threshold
+    want = cat.clone()
+    want[torch.sort(cat.abs(), stable=True).indices[:k]] = 0  # NaN sorts last
+    _, peak = peak_allocation(lambda: recipes.magnitude_prune_(mt.bundle(ts), k))
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in ts]), want, rtol=0, atol=0, equal_nan=True)
+    assert peak < 2 * n * 4, peak  # chunks' temporaries and the order statistic's: not 6x
+
+
+def test_merge_with_elect_sign_holds_one_chunks_temporaries_at_a_time():
+    # Each tensor's stack of task vectors and the masks over it were made whole: 10x the
+    # largest tensor over the result. Now a chunk's, with the same values.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    base, tv1, tv2 = (mt.bundle([torch.randn(n, generator=g) for _ in range(4)]) for _ in range(3))
+    merged, peak = peak_allocation(lambda: recipes.merge(base, [tv1, tv2], weights=[0.5, 2.0], elect_sign=True))
+    stacked = torch.stack([tv1.materialize() * 0.5, tv2.materialize() * 2.0])
+    agree = (torch.sign(stacked) == torch.sign(stacked.sum(dim=0))) & (stacked != 0)
+    want = base.materialize() + (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    assert torch.equal(merged.materialize(), want)
+    assert peak < (4 + 4) * n * 4, peak  # the result (4 tensors) and chunks': not 4 + 10
