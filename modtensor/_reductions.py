@@ -52,6 +52,7 @@ from modtensor._reduce_common import (
     check_dim,
     check_dtype,
     root_of_sum,
+    transformed,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
@@ -410,18 +411,59 @@ def _parse_logsumexp(b: ParameterBundle, func: Callable[..., Any], args: tuple[A
             f"this on the concatenation for dim={dim!r}; {b.describe()}). Use dim=0."
         )
     dtype = b._dtype if _is_floating(b._dtype) else torch.get_default_dtype()
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim))
+    # torch.compile and torch.func trace torch's own ops: there the partials keep their autograd.
+    keeps = records(b) and not torch.compiler.is_compiling() and not transformed()
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"records": keeps})
 
 
-def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     t = _cast(t, a.dtype)
+    if a.options["records"]:
+        # No gradient through the tensor's own logsumexp: the chain rule through it breaks
+        # at an infinite partial (see _LogSumExp). The tensor is kept for _LogSumExp instead.
+        with torch.no_grad():
+            return _logsumexp_of(t), t
+    return _logsumexp_of(t), None
+
+
+def _logsumexp_of(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in _LOW_PRECISION:  # a 16-bit partial was worse than the concatenation's in 1 draw of 8
         return _kernels.wide_logsumexp(t)
     return torch.logsumexp(_short_in_float64(t).reshape(-1), 0)
 
 
-def _combine_logsumexp(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
-    return _cast(torch.logsumexp(_stack(states, _acc_dtype(a.dtype)), 0), a.dtype)
+class _LogSumExp(torch.autograd.Function):
+    """The logsumexp of the partials, with torch's gradient on the concatenation.
+
+    That is `g * exp(x - result)` for each element x, taken here from the result itself.
+    Through the partials it would be `g * exp(partial - result) * exp(x - partial)`: NaN
+    everywhere in a tensor whose partial is infinite (`[inf, 1.0]`, or all -inf next to a
+    finite tensor), where torch's is NaN at the inf element alone, or 0. Twice
+    differentiable: the backward is torch's ops on the inputs and the (saved) result.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, partials: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        result = torch.logsumexp(partials, 0)
+        ctx.save_for_backward(result, *tensors)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        result, *tensors = ctx.saved_tensors
+        return None, *(g * torch.exp(t - result).conj() for t in tensors)
+
+
+def _combine_logsumexp(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+    # (a distributed bundle's ranks' payloads are results: plain tensors, see _across_ranks)
+    values = [s[0] if isinstance(s, tuple) else s for s in states]
+    partials = _stack(values, _acc_dtype(a.dtype))
+    tensors = [s[1] for s in states if isinstance(s, tuple) and s[1] is not None]
+    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+        result: torch.Tensor = _LogSumExp.apply(partials, *tensors)  # type: ignore[no-untyped-call]
+    else:
+        result = torch.logsumexp(partials, 0)
+    return _cast(result, a.dtype)
 
 
 # -- norms: torch.norm, Tensor.norm, linalg.vector_norm, linalg.norm of a vector ------------------
