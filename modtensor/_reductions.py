@@ -37,7 +37,7 @@ from modtensor._extrema import (
     max_handler,
     records,
 )
-from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel, sum_of_squares
+from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, power_sum, rows_numel, sum_of_squares
 from modtensor._reduce_common import (
     _LOW_PRECISION,
     _acc_dtype,
@@ -52,6 +52,7 @@ from modtensor._reduce_common import (
     check_dim,
     check_dtype,
     root_of_sum,
+    takes_powers,
     transformed,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
@@ -532,9 +533,11 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     dtype = dtype or b._dtype
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
     # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second
-    # derivative NaN, where the concatenation's is finite (gradient penalties).
+    # derivative NaN, where the concatenation's is finite (gradient penalties). Other finite
+    # p > 1 likewise take sums of p-th powers (see takes_powers).
     squares = p == 2 and not dtype.is_complex and records(b)
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p), "squares": squares, "records": records(b)})
+    options = {"p": float(p), "squares": squares, "powers": takes_powers(float(p), dtype, records(b)), "records": records(b)}
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), options)
 
 
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -542,15 +545,23 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
     if a.options.get("squares"):  # (16-bit tensors are widened inside: no copy kept for backward)
         return sum_of_squares(_cast(t, a.dtype)), None
+    if a.options.get("powers"):
+        with torch.no_grad():
+            norm = _norm_of(t, a)
+        return power_sum(norm, a.options["p"], _cast(t, a.dtype)), None
+    return _norm_of(t, a), _kept(t, a)
+
+
+def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
-        return l2_norm(t), _kept(t, a)
+        return l2_norm(t)
     if t.dtype in _LOW_PRECISION and t.dtype == a.dtype:
         # A float16 partial would round to float16 before the combine (a float16 step off the
         # concatenation's in about 1 draw of 5).
-        return _kernels.wide_norm(t, a.options["p"]), _kept(t, a)
+        return _kernels.wide_norm(t, a.options["p"])
     dtype = _partial_dtype(a.dtype)
-    value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
-    return value, _kept(t, a)
+    value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
+    return value
 
 
 def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
@@ -583,8 +594,8 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     values, tensors = zip(*states)
     if math.isinf(p):
         return _extremum(values, tensors, p > 0, real, key=torch.abs)
-    if a.options.get("squares"):  # sums of squares (see _parse_norm)
-        return _cast(root_of_sum(values, real), real)
+    if a.options.get("squares") or a.options.get("powers"):  # sums of p-th powers (see _parse_norm)
+        return _cast(root_of_sum(values, real, p), real)
     if len(values) == 1:
         return _cast(values[0], real)
     stacked = _stack(values, _acc_dtype(real))
