@@ -292,7 +292,7 @@ def power_sum(norm: torch.Tensor, p: float, t: torch.Tensor, other: torch.Tensor
         >>> import torch
         >>> t = torch.tensor([0.0, 2.0], requires_grad=True)
         >>> s = power_sum(torch.linalg.vector_norm(t.detach(), 3), 3.0, t)
-        >>> float(s), torch.autograd.grad(s, t)[0].tolist()
+        >>> s.item(), torch.autograd.grad(s, t)[0].tolist()
         (8.0, [0.0, 12.0])
     """
     result: torch.Tensor = _PowerSum.apply(norm, p, t, other)  # type: ignore[no-untyped-call]
