@@ -421,9 +421,10 @@ def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     t = _cast(t, a.dtype)
     if a.options["records"]:
         # No gradient through the tensor's own logsumexp: the chain rule through it breaks
-        # at an infinite partial (see _LogSumExp). The tensor is kept for _LogSumExp instead.
+        # at an infinite partial (see _LogSumExp). The tensor is kept for _LogSumExp instead,
+        # where it needs a gradient (a frozen one, or an inference tensor, is not saved).
         with torch.no_grad():
-            return _logsumexp_of(t), t
+            return _logsumexp_of(t), (t if t.requires_grad else None)
     return _logsumexp_of(t), None
 
 
@@ -460,7 +461,7 @@ def _combine_logsumexp(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     values = [s[0] if isinstance(s, tuple) else s for s in states]
     partials = _stack(values, _acc_dtype(a.dtype))
     tensors = [s[1] for s in states if isinstance(s, tuple) and s[1] is not None]
-    if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+    if tensors and torch.is_grad_enabled():
         result: torch.Tensor = _LogSumExp.apply(partials, *tensors)  # type: ignore[no-untyped-call]
     else:
         result = torch.logsumexp(partials, 0)
