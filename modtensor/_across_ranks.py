@@ -170,8 +170,9 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
     The payload of a finite p is this rank's norm in float64, or where autograd records an L2
-    norm (the "squares" option) its sum of squares: the root of that, squared again, would
-    have a NaN gradient at inf and lose the second derivative where a rank's norm is 0. For
+    norm (the "squares" option) its sum of squares, for other p > 1 its sum of p-th powers
+    ("powers"): the root of that, raised again, would have a NaN gradient at inf and lose the
+    second derivative where a rank's norm is 0. For
     p in (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does.
     """
     import math
@@ -187,12 +188,12 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     def local(states: list[Any], a: ReduceArgs) -> Any:
         if is_inf(a):
             return ext_local(states, a)
-        if a.options.get("squares"):
+        if a.options.get("squares") or a.options.get("powers"):
             return _stack([v for v, _ in states], _acc_dtype(_real(a.dtype))).sum()
         return combine(states, _acc_args(a))
 
     def merge(payloads: list[Any], a: ReduceArgs) -> Any:
-        # as the partials are: sums of squares, else norms (see _reductions._combine_norm)
+        # as the partials are: sums of p-th powers, else norms (see _reductions._combine_norm)
         return ext_merge(payloads, a) if is_inf(a) else combine([(p, None) for p in payloads], a)
 
     def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:

@@ -392,7 +392,8 @@ def _materialize_call(
     if any(getattr(b, "_dist", None) is not None for b in bundles):
         from modtensor._distributed import refuse_fallback
 
-        refuse_fallback(name, bundles)  # on this rank's shards alone, the answer would be wrong
+        # on this rank's shards alone, the answer would be wrong
+        refuse_fallback(name, bundles, declined, kwargs.get("out") is not None)
     if _FALLBACK.get() == "error":
         raise UnsupportedOperationError(
             f"{name} is not in {where} (for {structure}). Call it on "

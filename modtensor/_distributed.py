@@ -311,13 +311,23 @@ def refuse(name: str, b: Any, why: str) -> NoReturn:
     )
 
 
-def refuse_fallback(name: str, bundles: Sequence[Any]) -> None:
-    """Raise if a bundle among `bundles` is distributed: the fallback would be rank-local."""
+def refuse_fallback(name: str, bundles: Sequence[Any], declined: bool = False, out: bool = False) -> None:
+    """Raise if a bundle among `bundles` is distributed: the fallback would be rank-local.
+
+    `declined`: the table has a handler for `name`, which does not take these arguments
+    (`out` among them: `torch.sum(b, 0, out=t)`).
+    """
+    if out:
+        what = (
+            "its handler takes no out= (call it without out=, and copy the result where it is "
+            "needed), and the fallback would compute it on this rank's shards alone,"
+        )
+    elif declined:
+        what = "its handler does not take these arguments, and the fallback would compute it on this rank's shards"
+    else:
+        what = "it is not in the dispatch table, and its fallback would compute it on this rank's shards"
+    if not out:
+        what += " alone,"
     for x in bundles:
         if getattr(x, "_dist", None) is not None:
-            refuse(
-                name,
-                x,
-                "it is not in the dispatch table, and its fallback would compute it on this "
-                "rank's shards alone,",
-            )
+            refuse(name, x, what)

@@ -257,6 +257,48 @@ class _DiffL2Norm(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), (-grad if ctx.needs_input_grad[1] else None)
 
 
+class _PowerSum(torch.autograd.Function):
+    # `(|a - b| ** p).sum()` (b may be None) from `norm`, its p-norm made without a gradient;
+    # the difference is formed again in backward rather than kept. The backward is torch's
+    # norm backward's, with its scale folded into g, and is itself differentiable.
+    @staticmethod
+    def forward(ctx: Any, norm: torch.Tensor, p: float, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.p = p
+        ctx.save_for_backward(a, b)
+        return norm.to(torch.float64).pow(p)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b = ctx.saved_tensors
+        p = ctx.p
+        x = a if b is None else a - b
+        factor = _as_factor(p * g, x.dtype)
+        if torch.is_grad_enabled():  # the backward differentiated itself (create_graph)
+            grad = (x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)) * factor
+        else:  # in place on the one new tensor
+            grad = x.abs().pow_(p - 1).mul_(x.sgn()) if p < 2 else x.abs().pow_(p - 2).mul_(x)
+            grad = grad.mul_(factor)
+        return None, None, (grad if ctx.needs_input_grad[2] else None), (-grad if ctx.needs_input_grad[3] else None)
+
+
+def power_sum(norm: torch.Tensor, p: float, t: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """`norm ** p` in float64, with the gradient of `(|t - other| ** p).sum()` (`other` None: of
+    `|t| ** p`), where `norm` is that p-norm made without a gradient (finite p > 1).
+
+    A norm combined from these is twice differentiable where a tensor is all zeros, as the
+    concatenation's is: through the tensor's own norm its second derivative is NaN there.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor([0.0, 2.0], requires_grad=True)
+        >>> s = power_sum(torch.linalg.vector_norm(t.detach(), 3), 3.0, t)
+        >>> s.item(), torch.autograd.grad(s, t)[0].tolist()
+        (8.0, [0.0, 12.0])
+    """
+    result: torch.Tensor = _PowerSum.apply(norm, p, t, other)  # type: ignore[no-untyped-call]
+    return result
+
+
 def l2_norm(t: torch.Tensor) -> torch.Tensor:
     """`torch.linalg.vector_norm(t)`, accurate for long float tensors (then in float64).
 

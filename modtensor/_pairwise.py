@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
-from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, sum_of_squares, wide_dot, wide_norm
+from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm
 from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
-    _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum,
+    _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum, takes_powers,
 )
 from modtensor._selection import flat_views
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
@@ -153,20 +153,28 @@ def _partial_dist(pair: Any, offset: int, a: ReduceArgs) -> Any:
     if a.options.get("squares"):  # twice differentiable where a pair is equal (see _dist)
         return diff_squares(_cast(x, a.dtype), _cast(y, a.dtype)), None
     x, y = _cast(x, a.dtype), _cast(y, a.dtype)
-    if a.options["p"] == 2:
-        return diff_l2_norm(x, y), _kept(pair, a)
-    if x.dtype in _LOW_PRECISION and not math.isinf(a.options["p"]):
+    if a.options.get("powers"):  # twice differentiable where a pair is equal (see takes_powers)
+        with torch.no_grad():
+            norm = _pair_norm(x, y, a.options["p"])
+        return power_sum(norm, a.options["p"], x, y), None
+    return _pair_norm(x, y, a.options["p"]), _kept(pair, a)
+
+
+def _pair_norm(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 2:
+        return diff_l2_norm(x, y)
+    if x.dtype in _LOW_PRECISION and not math.isinf(p):
         # a 16-bit partial would round before the combine (see diff_l2_norm)
-        return wide_norm(x, a.options["p"], y), _kept(pair, a)
-    return torch.dist(x, y, a.options["p"]), _kept(pair, a)
+        return wide_norm(x, p, y)
+    return torch.dist(x, y, p)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     p = a.options["p"]
     values = [v for v, _ in states]
     real = _real(a.dtype)
-    if a.options.get("squares"):
-        return _cast(root_of_sum(values, real), real)
+    if a.options.get("squares") or a.options.get("powers"):
+        return _cast(root_of_sum(values, real, p), real)
     if math.isinf(p):
         pairs = [pair for _, pair in states]
         return _extremum(values, pairs, p > 0, real, key=lambda pr: (pr[0] - pr[1]).abs())
@@ -202,7 +210,8 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
         and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
     )
-    options = {"p": float(p), "squares": squares, "records": records(first, second)}
+    powers = takes_powers(float(p), operands[2], records(first, second))
+    options = {"p": float(p), "squares": squares, "powers": powers, "records": records(first, second)}
     parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
     return _run(func, args, kwargs, _DIST, parsed, operands)
 

@@ -7,6 +7,7 @@ the result is floating, so a combine adds no rounding of its own.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -137,16 +138,29 @@ def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def sqrt0(total: torch.Tensor) -> torch.Tensor:
-    """`total.sqrt()` with a zero gradient at 0, as a norm's, not sqrt's infinite one (NaN
-    stays NaN, with a NaN gradient)."""
+def sqrt0(total: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """`total.sqrt()` (the p-th root for p other than 2) with a zero gradient at 0, as a
+    norm's, not the root's infinite one (NaN stays NaN, with a NaN gradient)."""
     zero = total == 0
-    return torch.where(zero, total * 0, torch.where(zero, torch.ones_like(total), total).sqrt())
+    safe = torch.where(zero, torch.ones_like(total), total)
+    return torch.where(zero, total * 0, safe.sqrt() if p == 2 else safe.pow(1 / p))
 
 
-def root_of_sum(squares: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The L2 norm from the tensors' sums of squares, added in `dtype`'s accumulation dtype."""
-    return sqrt0(_stack(squares, _acc_dtype(dtype)).sum())
+def root_of_sum(powers: Sequence[torch.Tensor], dtype: torch.dtype, p: float = 2.0) -> torch.Tensor:
+    """The p-norm from the tensors' sums of p-th powers (of squares: the L2 norm), added in
+    `dtype`'s accumulation dtype."""
+    return sqrt0(_stack(powers, _acc_dtype(dtype)).sum(), p)
+
+
+def takes_powers(p: float, dtype: torch.dtype, records: bool) -> bool:
+    """Whether a p-norm (or distance) is the p-th root of the tensors' sums of p-th powers
+    (see `_kernels.power_sum`), as the L2 norm is of sums of squares: where autograd records
+    (`records`), for a finite p > 1 other than 2 and a real dtype, outside torch.compile and
+    torch.func (whose tracing takes torch's own ops)."""
+    return (
+        records and 1 < p < math.inf and p != 2 and not dtype.is_complex
+        and not torch.compiler.is_compiling() and not transformed()
+    )
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,7 +37,7 @@ from modtensor._extrema import (
     max_handler,
     records,
 )
-from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, rows_numel, sum_of_squares
+from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, power_sum, rows_numel, sum_of_squares
 from modtensor._reduce_common import (
     _LOW_PRECISION,
     _acc_dtype,
@@ -53,6 +53,8 @@ from modtensor._reduce_common import (
     check_dtype,
     dim_ints,
     root_of_sum,
+    takes_powers,
+    transformed,
 )
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
@@ -413,18 +415,60 @@ def _parse_logsumexp(b: ParameterBundle, func: Callable[..., Any], args: tuple[A
             f"this on the concatenation for dim={dim!r}; {b.describe()}). Use dim=0."
         )
     dtype = b._dtype if _is_floating(b._dtype) else torch.get_default_dtype()
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim))
+    # torch.compile and torch.func trace torch's own ops: there the partials keep their autograd.
+    keeps = records(b) and not torch.compiler.is_compiling() and not transformed()
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"records": keeps})
 
 
-def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
+def _partial_logsumexp(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     t = _cast(t, a.dtype)
+    if a.options["records"]:
+        # No gradient through the tensor's own logsumexp: the chain rule through it breaks
+        # at an infinite partial (see _LogSumExp). The tensor is kept for _LogSumExp instead,
+        # where it needs a gradient (a frozen one, or an inference tensor, is not saved).
+        with torch.no_grad():
+            return _logsumexp_of(t), (t if t.requires_grad else None)
+    return _logsumexp_of(t), None
+
+
+def _logsumexp_of(t: torch.Tensor) -> torch.Tensor:
     if t.dtype in _LOW_PRECISION:  # a 16-bit partial was worse than the concatenation's in 1 draw of 8
         return _kernels.wide_logsumexp(t)
     return torch.logsumexp(_short_in_float64(t).reshape(-1), 0)
 
 
-def _combine_logsumexp(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
-    return _cast(torch.logsumexp(_stack(states, _acc_dtype(a.dtype)), 0), a.dtype)
+class _LogSumExp(torch.autograd.Function):
+    """The logsumexp of the partials, with torch's gradient on the concatenation.
+
+    That is `g * exp(x - result)` for each element x, taken here from the result itself.
+    Through the partials it would be `g * exp(partial - result) * exp(x - partial)`: NaN
+    everywhere in a tensor whose partial is infinite (`[inf, 1.0]`, or all -inf next to a
+    finite tensor), where torch's is NaN at the inf element alone, or 0. Twice
+    differentiable: the backward is torch's ops on the inputs and the (saved) result.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, partials: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        result = torch.logsumexp(partials, 0)
+        ctx.save_for_backward(result, *tensors)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        result, *tensors = ctx.saved_tensors
+        return None, *(g * torch.exp(t - result).conj() for t in tensors)
+
+
+def _combine_logsumexp(states: list[Any], a: ReduceArgs) -> torch.Tensor:
+    # (a distributed bundle's ranks' payloads are results: plain tensors, see _across_ranks)
+    values = [s[0] if isinstance(s, tuple) else s for s in states]
+    partials = _stack(values, _acc_dtype(a.dtype))
+    tensors = [s[1] for s in states if isinstance(s, tuple) and s[1] is not None]
+    if tensors and torch.is_grad_enabled():
+        result: torch.Tensor = _LogSumExp.apply(partials, *tensors)  # type: ignore[no-untyped-call]
+    else:
+        result = torch.logsumexp(partials, 0)
+    return _cast(result, a.dtype)
 
 
 # -- norms: torch.norm, Tensor.norm, linalg.vector_norm, linalg.norm of a vector ------------------
@@ -494,9 +538,11 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     dtype = dtype or b._dtype
     # Where autograd records, an L2 norm is the root of the tensors' sums of squares, not the
     # norm of their norms: a tensor whose norm is 0 (a zero bias) would make the second
-    # derivative NaN, where the concatenation's is finite (gradient penalties).
+    # derivative NaN, where the concatenation's is finite (gradient penalties). Other finite
+    # p > 1 likewise take sums of p-th powers (see takes_powers).
     squares = p == 2 and not dtype.is_complex and records(b)
-    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"p": float(p), "squares": squares, "records": records(b)})
+    options = {"p": float(p), "squares": squares, "powers": takes_powers(float(p), dtype, records(b)), "records": records(b)}
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), options)
 
 
 def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -504,15 +550,23 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
         t = t.to(a.dtype)  # as in the concatenation: vector_norm takes no complex dtype= for real input
     if a.options.get("squares"):  # (16-bit tensors are widened inside: no copy kept for backward)
         return sum_of_squares(_cast(t, a.dtype)), None
+    if a.options.get("powers"):
+        with torch.no_grad():
+            norm = _norm_of(t, a)
+        return power_sum(norm, a.options["p"], _cast(t, a.dtype)), None
+    return _norm_of(t, a), _kept(t, a)
+
+
+def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
     if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
-        return l2_norm(t), _kept(t, a)
+        return l2_norm(t)
     if t.dtype in _LOW_PRECISION and t.dtype == a.dtype:
         # A float16 partial would round to float16 before the combine (a float16 step off the
         # concatenation's in about 1 draw of 5).
-        return _kernels.wide_norm(t, a.options["p"]), _kept(t, a)
+        return _kernels.wide_norm(t, a.options["p"])
     dtype = _partial_dtype(a.dtype)
-    value = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
-    return value, _kept(t, a)
+    value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
+    return value
 
 
 def _partials_norm(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
@@ -545,8 +599,8 @@ def _combine_norm(states: list[Any], a: ReduceArgs) -> torch.Tensor:
     values, tensors = zip(*states)
     if math.isinf(p):
         return _extremum(values, tensors, p > 0, real, key=torch.abs)
-    if a.options.get("squares"):  # sums of squares (see _parse_norm)
-        return _cast(root_of_sum(values, real), real)
+    if a.options.get("squares") or a.options.get("powers"):  # sums of p-th powers (see _parse_norm)
+        return _cast(root_of_sum(values, real, p), real)
     if len(values) == 1:
         return _cast(values[0], real)
     stacked = _stack(values, _acc_dtype(real))

@@ -218,6 +218,34 @@ def group_l2_norm_gradients_at_inf(rank: int, world: int) -> None:
 
 
 @check
+def group_second_derivatives_are_each_ranks_own_part(rank: int, world: int) -> None:
+    # As the README says: no collective runs in backward, so a penalty on this rank's gradients
+    # (create_graph=True) differentiates to its shards without the other ranks' terms.
+    full = full_tensors()
+    for name in ("norm2", "norm3", "logsumexp"):
+        f = REDUCTIONS[name]
+        mine = sharded(full, world, rank, grad=True)
+        leaves = [t for t in mine.values() if t.numel()]
+        value = f(world_bundle(mine))  # on every rank: a collective
+        if not leaves:
+            continue
+        grads = torch.autograd.grad(value, leaves, create_graph=True)
+        got = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+        ref_grads = dict(zip(ref, torch.autograd.grad(f(cat(ref)), list(ref.values()), create_graph=True)))
+        own_penalty = sum(shard(g, world, rank).square().sum() for g in ref_grads.values())
+        own = torch.autograd.grad(own_penalty, list(ref.values()), retain_graph=True, allow_unused=True)
+        whole = torch.autograd.grad(sum(g.square().sum() for g in ref_grads.values()), list(ref.values()))
+        own_parts = [shard(o, world, rank) for n, o in zip(ref, own) if mine[n].numel()]
+        whole_parts = [shard(w, world, rank) for n, w in zip(ref, whole) if mine[n].numel()]
+        for g, o in zip(got, own_parts):
+            close(g, o)
+        others_hold_some = sum(t.numel() for t in leaves) < cat(full).numel()
+        if others_hold_some and all(torch.allclose(g, w) for g, w in zip(got, whole_parts)):
+            FAILURES.append(f"{name}: the whole model's second derivative, where only this rank's part was expected")
+
+
+@check
 def group_shards_gradients(rank: int, world: int) -> None:
     for name in DIFFERENTIABLE:
         f = REDUCTIONS[name]

@@ -135,3 +135,24 @@ def test_single_process_group() -> None:
         torch.testing.assert_close(b.per_param().sum().to_dict()["v"], torch.tensor(2.0))
     finally:
         dist.destroy_process_group()
+
+
+def test_out_is_what_is_refused_on_a_distributed_bundle() -> None:
+    """`torch.sum(b, 0, out=t)` said torch.sum "is not in the dispatch table": it is; out= is not taken."""
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        b = mt.bundle({"w": torch.randn(3, 4), "v": torch.ones(2)}, group=dist.group.WORLD)
+        for call in (lambda: torch.sum(b, 0, out=torch.empty(())), lambda: torch.linalg.vector_norm(b, out=torch.empty(()))):
+            with pytest.raises(mt.UnsupportedOperationError, match="takes no out= \\(call it without out=") as caught:
+                call()
+            assert "not in the dispatch table" not in str(caught.value)
+        with pytest.raises(mt.UnsupportedOperationError, match="does not take these arguments") as caught:
+            torch.all(b, dim=())
+        assert "not in the dispatch table" not in str(caught.value)
+        with pytest.raises(mt.UnsupportedOperationError, match="torch.cumsum .* is not in the dispatch table"):
+            torch.cumsum(b, 0)
+        torch.testing.assert_close(torch.sum(b, 0), b.materialize().sum())  # what works
+    finally:
+        dist.destroy_process_group()

@@ -388,6 +388,14 @@ HALF_CALLS = {
     "difference norm": lambda x, r: (x - r).norm(),
     "norm": lambda x, r: x.norm(),
     "sum of squares": lambda x, r: (x**2).sum(),
+    "norm 3": lambda x, r: x.norm(3),
+    "norm 1.5": lambda x, r: x.norm(1.5),
+    "vector_norm 4": lambda x, r: torch.linalg.vector_norm(x, 4),
+    "vector_norm 1": lambda x, r: torch.linalg.vector_norm(x, 1),
+    "vector_norm inf": lambda x, r: torch.linalg.vector_norm(x, float("inf")),
+    "dist 3": lambda x, r: torch.dist(x, r, 3),
+    "dist 1.5": lambda x, r: torch.dist(x, r, 1.5),
+    "difference norm 3": lambda x, r: (x - r).norm(3),
 }
 
 
@@ -415,6 +423,14 @@ PENALIZED = {
     "difference norm": lambda x, r: (x - r).norm(),
     "cosine": lambda x, r: F.cosine_similarity(x, r + 1, dim=0),
     "sum of squares": lambda x, r: (x**2).sum(),
+    "norm 3": lambda x, r: x.norm(3),
+    "norm 1.5": lambda x, r: x.norm(1.5),
+    "vector_norm 4": lambda x, r: torch.linalg.vector_norm(x, 4),
+    "vector_norm 1": lambda x, r: torch.linalg.vector_norm(x, 1),
+    "vector_norm inf": lambda x, r: torch.linalg.vector_norm(x, float("inf")),
+    "dist 3": lambda x, r: torch.dist(x, r, 3),
+    "dist 1.5": lambda x, r: torch.dist(x, r, 1.5),
+    "difference norm 3": lambda x, r: (x - r).norm(3),
 }
 
 
@@ -422,7 +438,8 @@ PENALIZED = {
 @pytest.mark.parametrize("name", sorted(PENALIZED))
 def test_second_derivatives_with_a_zero_tensor(request, kernels, name):
     # A norm of the tensors' norms has a NaN second derivative where one tensor's norm is 0 (a
-    # zero-initialized bias, a layer equal to the reference); the concatenation's is finite.
+    # zero-initialized bias, a layer equal to the reference); the concatenation's is finite
+    # (for every p: the p-norms are roots of the tensors' sums of p-th powers).
     if kernels == "small_kernels":
         request.getfixturevalue("small_kernels")
     f = PENALIZED[name]
@@ -441,8 +458,9 @@ def test_second_derivatives_with_a_zero_tensor(request, kernels, name):
     want, want_grads = penalty_grads(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # (for 1 < p < 2 torch's own is NaN at the zero elements, from |x| ** (p - 2))
+        assert torch.isfinite(a).all() or "1.5" in name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["norm", "dist", "difference norm"])

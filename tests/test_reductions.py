@@ -1,5 +1,6 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
+import itertools
 import warnings
 from typing import Any, Callable
 
@@ -481,3 +482,48 @@ def test_of_two_bad_arguments_the_one_torch_checks_first_decides(name):
         call(torch.cat([t.reshape(-1) for t in tensors]))
     with pytest.raises(want.type):
         call(mt.bundle(tensors))
+
+
+_SPECIALS = [float("inf"), -float("inf"), float("nan"), 0.5]
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.logsumexp(x, 0), lambda x: torch.logsumexp(x, -1, keepdim=True),
+    lambda x: x.logsumexp(dim=(0,)), lambda x: torch.special.logsumexp(x, [0], keepdim=True),
+], ids=["logsumexp", "keepdim", "Tensor", "special"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("sizes", ["per_tensor", "real"])
+def test_logsumexp_with_infinite_or_nan_elements_has_the_concatenations_gradient(request, call, dtype, sizes):
+    # torch's gradient is exp(x - result): with a tensor [inf, 0.5] NaN at inf and 0 at 0.5; an
+    # all -inf tensor next to finite ones gets 0. A logsumexp of per-tensor logsumexps made every
+    # element of a tensor whose logsumexp is infinite NaN (exp(inf - inf), exp(-inf + inf)).
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")  # 5002 elements: past the tiny lane
+    long = torch.linspace(-3.0, 1.0, 5000 if sizes == "real" else 5, dtype=dtype)
+    for x, y, z in itertools.product(_SPECIALS, repeat=3):
+        values = [torch.tensor([x, y], dtype=dtype), torch.tensor([z], dtype=dtype), long, torch.full((3,), y, dtype=dtype)]
+        leaves = [v.clone().requires_grad_() for v in values]
+        copies = [v.clone().requires_grad_() for v in values]
+        got, want = call(mt.bundle(leaves)), call(torch.cat(copies))
+        torch.testing.assert_close(got, want, equal_nan=True)
+        for g, w in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), copies)):
+            torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{[x, y, z]}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["per_param", "weighted"])
+def test_logsumexp_of_each_tensor_with_infinite_elements_is_torchs(strategy):
+    inf = float("inf")
+    values = [torch.tensor([inf, 0.5]), torch.tensor([-inf, -inf]), torch.tensor([0.25, -1.0])]
+    weights = [1.0, 2.0, 3.0]
+    leaves = [v.clone().requires_grad_() for v in values]
+    copies = [v.clone().requires_grad_() for v in values]
+    options = {"weights": weights} if strategy == "weighted" else {}
+    got = torch.logsumexp(mt.bundle(leaves, strategy=strategy, **options), 0)
+    each = [torch.logsumexp(c, 0) for c in copies]
+    if strategy == "per_param":
+        got, want = torch.stack(got.tensors), torch.stack(each)
+    else:
+        want = sum(w * e for w, e in zip(weights, each)) / sum(weights)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    for g, w in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), copies)):
+        torch.testing.assert_close(g, w, equal_nan=True)
