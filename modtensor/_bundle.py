@@ -371,17 +371,20 @@ class _BundleAPI:
                 "`b.per_param()`; in-place ops write each tensor as it is."
             )
 
-    def _detach_inference(self) -> Self:
+    def _detach_inference(self, copy: bool = False) -> Self:
         # Outside inference mode torch records no graph through an inference tensor's views, so
         # the concatenation (of `t.reshape(-1)`) does not require grad through it, where an op
         # on t itself would save it for backward and raise. The same bundle, such tensors
-        # detached; this one where none of them requires grad.
+        # detached; this one where none of them requires grad. With `copy`, every inference
+        # tensor is read from a copy: an op whose other operand requires grad saves this one
+        # for backward, which torch cannot do with an inference tensor (the concatenation, a
+        # copy itself, it can).
         tensors = list(self._tensors or ())
-        apart = [i for i in self._apart() if tensors[i].is_inference() and tensors[i].requires_grad]
+        apart = [i for i in self._apart() if tensors[i].is_inference() and (copy or tensors[i].requires_grad)]
         if not apart:
             return self
         for i in apart:
-            tensors[i] = tensors[i].detach()
+            tensors[i] = tensors[i].detach().clone() if copy else tensors[i].detach()
         return self.derive(tensors)
 
     def _check_held(self, where: str) -> None:

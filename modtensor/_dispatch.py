@@ -478,7 +478,24 @@ def _tensors_apart(
     def detached(b: Any) -> Any:
         return b._detach_inference() if isinstance(b, DispatchTensor) else b
 
-    return _replace_bundles(args, detached), _replace_bundles(kwargs, detached)
+    def copied(b: Any) -> Any:
+        return b._detach_inference(copy=True) if isinstance(b, DispatchTensor) else b
+
+    args, kwargs = _replace_bundles(args, detached), _replace_bundles(kwargs, detached)
+    if _requires_grad(args) or _requires_grad(kwargs):  # the inference tensors would be saved
+        args, kwargs = _replace_bundles(args, copied), _replace_bundles(kwargs, copied)
+    return args, kwargs
+
+
+def _requires_grad(obj: Any) -> bool:
+    # Whether a tensor in obj (one level into lists, tuples, dicts, as _replace_bundles) requires grad.
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return any(isinstance(x, torch.Tensor) and x.requires_grad for x in obj)
+    if isinstance(obj, dict):
+        return any(_requires_grad(v) for v in obj.values())
+    return False
 
 
 def _same_options(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -452,6 +452,39 @@ def test_reductions_of_parameters_made_in_inference_mode(name, mode, size, real_
     torch.testing.assert_close(got, want, equal_nan=True)
 
 
+
+@pytest.mark.parametrize("name", sorted(INFERENCE_CALLS))
+@pytest.mark.parametrize("size", [3, 1100], ids=["tiny", "large"])
+def test_an_operand_made_in_inference_mode_beside_one_that_requires_grad(name, size, real_sizes):
+    # A reference made under inference_mode (frozen, no grad), the trained parameters ordinary:
+    # `torch.dist(mt.bundle(model), mt.bundle(reference))` saved the reference's inference
+    # tensors for backward and raised, where the concatenation of them (a copy) is saved.
+    torch.manual_seed(0)
+    trained = nn.Linear(size, 4)
+    with torch.inference_mode():
+        reference = [torch.randn_like(p) for p in trained.parameters()]
+    call = INFERENCE_CALLS[name]
+
+    def run(make: Callable[[list[torch.Tensor]], Any]) -> Any:
+        for p in trained.parameters():
+            p.grad = None
+        try:
+            result = _leaves(call(make(list(trained.parameters())), make(reference)))
+        except RuntimeError as e:
+            return type(e)
+        out = [r.materialize() if mt.is_bundle(r) else r for r in result]
+        needs = [r.requires_grad for r in out if isinstance(r, torch.Tensor)]
+        if any(needs):
+            sum(r.float().sum() for r in out if isinstance(r, torch.Tensor) and r.requires_grad).backward()
+        return out, needs, [p.grad for p in trained.parameters()]
+
+    got = run(mt.bundle)
+    want = run(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+    assert isinstance(want, tuple), want  # the concatenation's call works
+    assert not isinstance(got, type), got
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 _INTS = [torch.ones(3, dtype=torch.int64), torch.ones(2, 2, dtype=torch.int64)]
 _FLOATS = [torch.ones(3), torch.ones(2, 2)]
 _COMPLEX = [torch.ones(3, dtype=torch.complex64), torch.ones(2, 2, dtype=torch.complex64)]
