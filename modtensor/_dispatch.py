@@ -699,8 +699,9 @@ class DispatchTensor(torch.Tensor):
         # Raise where a tensor has no strided layout; subclasses that hold tensors define it.
         pass
 
-    def _detach_inference(self) -> Any:
-        # This bundle, its inference tensors detached; subclasses that hold tensors define it.
+    def _detach_inference(self, copy: bool = False) -> Any:
+        # This bundle, its inference tensors detached (copied, with `copy`); subclasses that
+        # hold tensors define it.
         return self
 
     def _over_flat(self, flat: torch.Tensor, cls: Any = None) -> Any:
