@@ -411,6 +411,30 @@ def _leaves(result: Any) -> list[Any]:
     return list(result) if isinstance(result, tuple) else [result]
 
 
+def _on_bundles_and_on_the_concatenation(
+    call: Callable[..., Any], first: list[torch.Tensor], second: list[torch.Tensor], trained: list[torch.Tensor],
+    mode: str = "after it",
+) -> tuple[Any, Any]:
+    """`call(first, second)` on bundles and on the concatenations, in `mode`: each side's results,
+    whether they require grad, and the gradients of `trained` (or the type of its RuntimeError)."""
+
+    def run(make: Callable[[list[torch.Tensor]], Any]) -> Any:
+        for p in trained:
+            p.grad = None
+        with torch.inference_mode(mode != "after it"), torch.set_grad_enabled(mode != "in inference_mode"):
+            try:
+                result = _leaves(call(make(first), make(second)))
+            except RuntimeError as e:
+                return type(e)
+            out = [r.materialize() if mt.is_bundle(r) else r for r in result]
+            needs = [r.requires_grad for r in out if isinstance(r, torch.Tensor)]
+            if any(needs):
+                sum(r.float().sum() for r in out if isinstance(r, torch.Tensor) and r.requires_grad).backward()
+        return out, needs, [p.grad for p in trained]
+
+    return run(mt.bundle), run(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+
+
 @pytest.mark.parametrize("name", sorted(INFERENCE_CALLS))
 @pytest.mark.parametrize("mode", ["after it", "in inference_mode", "in inference_mode with grad"])
 @pytest.mark.parametrize("size", [3, 1100], ids=["tiny", "large"])  # tiny: the lane; large: row norms
@@ -427,30 +451,12 @@ def test_reductions_of_parameters_made_in_inference_mode(name, mode, size, real_
     other = nn.Linear(2, 3)  # an ordinary one, whose gradients must still be the concatenation's
     params = [*made_inside.parameters(), *other.parameters()]
     y = [torch.randn_like(p) for p in params]
-    call = INFERENCE_CALLS[name]
-
-    def run(make: Callable[[list[torch.Tensor]], Any]) -> Any:
-        for p in other.parameters():
-            p.grad = None
-        with torch.inference_mode(mode != "after it"), torch.set_grad_enabled(mode != "in inference_mode"):
-            try:
-                result = _leaves(call(make(params), make(y)))
-            except RuntimeError as e:
-                return type(e)
-            out = [r.materialize() if mt.is_bundle(r) else r for r in result]
-            needs = [r.requires_grad for r in out if isinstance(r, torch.Tensor)]
-            if any(needs):
-                sum(r.float().sum() for r in out if isinstance(r, torch.Tensor) and r.requires_grad).backward()
-        return out, needs, [p.grad for p in other.parameters()]
-
-    got = run(mt.bundle)
-    want = run(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+    got, want = _on_bundles_and_on_the_concatenation(INFERENCE_CALLS[name], params, y, list(other.parameters()), mode)
     if not isinstance(want, tuple):
         assert got is want
         return
     assert not isinstance(got, type), got
     torch.testing.assert_close(got, want, equal_nan=True)
-
 
 
 @pytest.mark.parametrize("name", sorted(INFERENCE_CALLS))
@@ -460,26 +466,10 @@ def test_an_operand_made_in_inference_mode_beside_one_that_requires_grad(name, s
     # `torch.dist(mt.bundle(model), mt.bundle(reference))` saved the reference's inference
     # tensors for backward and raised, where the concatenation of them (a copy) is saved.
     torch.manual_seed(0)
-    trained = nn.Linear(size, 4)
+    trained = list(nn.Linear(size, 4).parameters())
     with torch.inference_mode():
-        reference = [torch.randn_like(p) for p in trained.parameters()]
-    call = INFERENCE_CALLS[name]
-
-    def run(make: Callable[[list[torch.Tensor]], Any]) -> Any:
-        for p in trained.parameters():
-            p.grad = None
-        try:
-            result = _leaves(call(make(list(trained.parameters())), make(reference)))
-        except RuntimeError as e:
-            return type(e)
-        out = [r.materialize() if mt.is_bundle(r) else r for r in result]
-        needs = [r.requires_grad for r in out if isinstance(r, torch.Tensor)]
-        if any(needs):
-            sum(r.float().sum() for r in out if isinstance(r, torch.Tensor) and r.requires_grad).backward()
-        return out, needs, [p.grad for p in trained.parameters()]
-
-    got = run(mt.bundle)
-    want = run(lambda ts: torch.cat([t.reshape(-1) for t in ts]))
+        reference = [torch.randn_like(p) for p in trained]
+    got, want = _on_bundles_and_on_the_concatenation(INFERENCE_CALLS[name], trained, reference, trained)
     assert isinstance(want, tuple), want  # the concatenation's call works
     assert not isinstance(got, type), got
     torch.testing.assert_close(got, want, equal_nan=True)
