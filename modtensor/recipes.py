@@ -324,12 +324,17 @@ def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBu
         def at(m: torch.Tensor) -> torch.Tensor:
             return m.isnan() if nan_threshold else m == threshold
 
+        def magnitude_of(piece: torch.Tensor) -> torch.Tensor:
+            # In the concatenation's dtype, as the threshold: a 16-bit piece would round the
+            # 0-d float32 threshold to 16 bits, and entries above it would tie with it.
+            return piece.abs().to(b.dtype)
+
         # A chunk at a time (views, written in place): a whole tensor's magnitudes, masks and
         # the tie count's int64 cumsum came to 6x the largest tensor.
         pieces = [piece for t in b.tensors for piece in flat_views(t)]
-        remaining = k - sum(int(torch.count_nonzero(below(p.abs()))) for p in pieces)
+        remaining = k - sum(int(torch.count_nonzero(below(magnitude_of(p)))) for p in pieces)
         for piece in pieces:
-            magnitude = piece.abs()
+            magnitude = magnitude_of(piece)
             prune = below(magnitude)
             if remaining > 0:
                 tied = at(magnitude).reshape(-1)

@@ -410,3 +410,20 @@ def test_merge_with_elect_sign_holds_one_chunks_temporaries_at_a_time():
     want = base.materialize() + (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     assert torch.equal(merged.materialize(), want)
     assert peak < (4 + 4) * n * 4, peak  # the result (4 tensors) and chunks': not 4 + 10
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_magnitude_prune_of_a_model_mixing_dtypes_compares_as_the_concatenation(low):
+    # A 16-bit tensor was compared with the float32 threshold rounded to 16 bits (a 0-d
+    # operand does not promote): its entries just above the threshold tied with it and, first
+    # in the concatenation's order, were pruned in place of the smaller float32 ones.
+    half = torch.linspace(0.1, 2.0, 40).to(low)
+    below = torch.nextafter(half.float(), torch.zeros(()))  # each just under a 16-bit entry
+    ts = [half, below.reshape(4, 10), torch.randn(8, generator=torch.Generator().manual_seed(0))]
+    cat = torch.cat([t.reshape(-1).float() for t in ts])
+    for k in (5, 17, 41, 60):
+        ours = [t.clone() for t in ts]
+        recipes.magnitude_prune_(mt.bundle(ours), k)
+        want = cat.clone()
+        want[torch.sort(cat.abs(), stable=True).indices[:k]] = 0
+        assert torch.equal(torch.cat([t.reshape(-1).float() for t in ours]), want), k
