@@ -680,6 +680,11 @@ class _BundleAPI:
             "`f'{b.item():.3f}'` for one element, or a reduction such as `b.mean().item()`."
         )
 
+    def __dir__(self) -> list[str]:
+        # torch's would list a copy of the concatenation's attributes (tab completion and an
+        # AttributeError's "Did you mean" call it): a full copy, without the bundle's own.
+        return sorted(set(dir(type(self))) | set(self.__dict__))
+
     def __copy__(self) -> Self:
         # copy.copy: a bundle of the same tensors, as a copy of a list of them holds them.
         return self.with_strategy(self._strategy, **self._options)

@@ -252,6 +252,19 @@ def test_a_format_spec_raises_as_on_the_concatenation_naming_the_bundle():
     assert f"{b.item():.3f}" == "0.250" and f"{b}" == repr(b)
 
 
+def test_dir_lists_the_bundles_own_api_without_copying_the_model():
+    # dir() (tab completion, an AttributeError's "Did you mean") went to torch's, on the
+    # concatenation: a full copy with a MaterializationWarning, or an error under
+    # fallback("error"), listing a plain tensor's attributes without the bundle's own.
+    b = mt.bundle(nn.Linear(3, 2))
+    with warnings.catch_warnings(), mt.fallback("error"):
+        warnings.simplefilter("error", mt.MaterializationWarning)
+        names = dir(b)
+    assert {"names", "per_param", "to_dict", "weighted", "mean", "norm", "grad"} <= set(names)
+    assert set(dir(b.materialize())) - {"__cuda_array_interface__"} <= set(names)
+    assert names == sorted(names)
+
+
 def test_copy_pickle_and_torch_save_give_bundles():
     # They used to give the concatenation (a full copy), with a MaterializationWarning.
     model = nn.Linear(3, 2)
