@@ -389,11 +389,13 @@ def _lerp(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
     ends = end._dtypes if is_bundle(end) else (end.dtype,) * len(b._dtypes)
     if ends != b._dtypes:
         i = next(i for i, (d, e) in enumerate(zip(b._dtypes, ends)) if d != e)
+        # a float32 EMA of a bfloat16 model: one cast of `end` fits every tensor
+        cast = f"`end.to({b._dtypes[i]})`" if len(set(b._dtypes)) == 1 else "`end.derive([...])`"
         raise RuntimeError(
             f"{name}: expected dtype {b._dtypes[i]} for `end` but got dtype {ends[i]} (tensor "
             f"{b.names[i]!r} of {b.describe()}; nothing was written). lerp_ writes each tensor "
-            "in its own dtype: give `end` the same dtypes (`end.derive([...])`, or both "
-            "bundles from models of one dtype)."
+            f"in its own dtype: give `end` the same dtypes ({cast}, or both bundles from "
+            "models of one dtype)."
         )
     tensors = _targets(b)
 

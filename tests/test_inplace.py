@@ -184,6 +184,17 @@ def test_nothing_is_half_written_when_a_later_tensor_fails(op, error, message):
     assert torch.equal(f, torch.ones(3)) and torch.equal(i, torch.ones(2, dtype=torch.int64))
 
 
+def test_an_ema_of_another_dtype_is_told_the_cast_that_fits():
+    # A float32 EMA of a bfloat16 model: torch's lerp_ refuses, as does the concatenation's;
+    # the error said `end.derive([...])`. Where the target holds one dtype, `end.to(...)` does.
+    ema, model = nn.Linear(3, 2), nn.Linear(3, 2).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"expected dtype torch.float32 .*`end.to\(torch.float32\)`"):
+        mt.recipes.ema_(ema, model, 0.9)
+    want = [p.detach().lerp(q.float(), 0.1) for p, q in zip(ema.parameters(), model.parameters())]
+    mt.recipes.ema_(ema, mt.bundle(model).to(torch.float32), 0.9)
+    assert all(torch.equal(p, w) for p, w in zip(ema.parameters(), want))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_fill_that_overflows_a_later_tensor_writes_nothing(dtype):
     # torch fills a one-element CPU tensor without checking that the value fits its dtype, a
