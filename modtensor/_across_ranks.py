@@ -59,7 +59,8 @@ class _Form:
     `merge(payloads, args)` makes, from every rank's payload, the state `finalize` takes.
     Where `summed(args)` is true, payloads merge by adding: `encode(payload, args)` is a
     float64 vector of `width` numbers whose sum over ranks `decode(sum, args)` turns into
-    that state, so one all_reduce does the exchange.
+    that state, so one all_reduce does the exchange. `wire(payload)` is what of a payload
+    crosses to the other ranks; the rest (tensors kept for this rank's gradient) stays here.
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
@@ -68,6 +69,7 @@ class _Form:
     encode: Callable[[Any, ReduceArgs], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
     summed: Callable[[ReduceArgs], bool] = lambda a: False
+    wire: Callable[[Any], Any] = lambda payload: payload
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -236,6 +238,25 @@ def _aminmax_form() -> _Form:
     return _Form(local, merge)
 
 
+def _logsumexp_form() -> _Form:
+    """logsumexp: the payload is this rank's logsumexp and the tensors that need a gradient.
+
+    They are merged as one rank's partials are (`_reductions._LogSumExp`): each element's
+    gradient comes from the global result, `g * exp(x - result)`. Through this rank's own
+    logsumexp it would be `g * exp(own - result) * exp(x - own)`: NaN for every element of a
+    rank whose own is infinite (one holding inf, or only -inf), where torch's is NaN at the inf
+    element alone, or 0.
+    """
+    from modtensor._reductions import _combine_logsumexp
+
+    def local(states: list[Any], a: ReduceArgs) -> Any:
+        with torch.no_grad():
+            value = _combine_logsumexp([s[0] for s in states], _acc_args(a))
+        return (value, *(s[1] for s in states if s[1] is not None))
+
+    return _Form(local, _combine_logsumexp, wire=lambda payload: payload[0])
+
+
 def _cosine_form() -> _Form:
     from modtensor._pairwise import _combine_cosine
 
@@ -273,6 +294,7 @@ def _forms() -> dict[int, _Form]:
         "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad)),
         "aminmax": _aminmax_form(),
         "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
+        "logsumexp": _logsumexp_form(),
     }
     found = {id(r[name]): form for name, form in forms.items()}
     found[id(_pairwise._DIST)] = _pnorm_form(_pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs())
@@ -413,7 +435,7 @@ def _gathered(
     dist = _dist()
     packet = (
         None if mine.error is None else f"{type(mine.error).__name__}: {mine.error}",
-        [_portable(p) for p in mine.live] if mine.error is None else None,
+        [_portable(form.wire(p) if p is not None else None) for p in mine.live] if mine.error is None else None,
         mine.numels,
         check,
     )

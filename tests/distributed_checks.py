@@ -197,24 +197,29 @@ def group_shards_inf(rank: int, world: int) -> None:
 
 
 @check
-def group_l2_norm_gradients_at_inf(rank: int, world: int) -> None:
+def group_gradients_at_inf(rank: int, world: int) -> None:
     # torch's gradient of the L2 norm at an inf element: NaN there, x / inf = 0 elsewhere; each
     # rank's norm squared again for the all_reduce gave NaN to all of that rank's elements.
-    full = full_tensors()
-    full["d"][-1, 0, 0] = float("inf")
+    # logsumexp's, g * exp(x - result): merged through each rank's own logsumexp it was NaN
+    # for every element of a rank whose own is +-inf (holding inf, or -inf alone).
+    cases = {"inf on the last rank": full_tensors(), "-inf alone on the first ranks": full_tensors()}
+    cases["inf on the last rank"]["d"][-1, 0, 0] = float("inf")
+    for n in ("a", "b", "d"):  # (the last rank also holds finite e and f)
+        cases["-inf alone on the first ranks"][n].fill_(float("-inf"))
     tests: dict[str, Callable[[Any], Any]] = {
         "norm2": REDUCTIONS["norm2"], "dist": lambda x: torch.dist(x, x.detach() * 0.5),
-        "diff_norm": lambda x: (x - 1).norm(),
+        "diff_norm": lambda x: (x - 1).norm(), "logsumexp": REDUCTIONS["logsumexp"],
     }
-    for name, f in tests.items():
-        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
-        f(cat(ref)).backward()
-        mine = sharded(full, world, rank, grad=True)
-        f(world_bundle(mine)).backward()
-        for n, t in mine.items():
-            before = len(FAILURES)
-            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
-            FAILURES[before:] = [f"{name}, gradient of {n}: {e}" for e in FAILURES[before:]]
+    for case, full in cases.items():
+        for name, f in tests.items():
+            ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+            f(cat(ref)).backward()
+            mine = sharded(full, world, rank, grad=True)
+            f(world_bundle(mine)).backward()
+            for n, t in mine.items():
+                before = len(FAILURES)
+                close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
+                FAILURES[before:] = [f"{case}, {name}, gradient of {n}: {e}" for e in FAILURES[before:]]
 
 
 @check
