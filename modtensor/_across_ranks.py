@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -343,14 +344,30 @@ def _with_numel(a: Any, numel: int) -> Any:
     return dataclasses.replace(a, numel=numel) if isinstance(a, ReduceArgs) else a
 
 
-def _failure(name: str, error: BaseException | None, failures: Sequence[tuple[int, str]]) -> NoReturn:
+def _described(error: BaseException | None) -> tuple[str, str, str] | None:
+    """What the other ranks learn of this rank's error: its type (module, name) and message."""
+    if error is None:
+        return None
+    return type(error).__module__, type(error).__qualname__, str(error)
+
+
+def _failure(name: str, error: BaseException | None, failures: Sequence[tuple[int, Any]]) -> NoReturn:
+    """Raise on every rank: a failed rank its own error, the others the first failed rank's
+    type (where it is an exception class this process has imported that takes a message;
+    else RuntimeError), saying which rank failed and why."""
     if error is not None:
         raise error
-    which = f"rank {failures[0][0]} of the group failed ({failures[0][1]})" if failures else "another rank failed"
-    raise RuntimeError(
-        f"{name}: {which}; every rank stops here, as the reduction has no value without that "
-        "rank's shards."
+    rank, (module, qualname, message) = failures[0]
+    text = (
+        f"{name}: rank {rank} of the group failed with {qualname}: {message} (every rank stops "
+        "here, as the reduction has no value without that rank's shards)"
     )
+    kind = getattr(sys.modules.get(module), qualname, None)
+    try:
+        raised = kind(text) if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError(text)
+    except Exception:  # a constructor that wants more than a message
+        raised = RuntimeError(text)
+    raise raised
 
 
 @dataclass
@@ -417,8 +434,10 @@ def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, 
     vector = torch.cat([head, body])
     dist.all_reduce(vector, group=sharding.group)
     failures, total_numel = vector[:2].tolist()
-    if failures:
-        _failure(call.name, mine.error, [])
+    if failures:  # every rank knows it: all of them make the exchange that says who and why
+        described: list[Any] = [None] * len(sharding.ranks)
+        dist.all_gather_object(described, _described(mine.error), group=sharding.group)
+        _failure(call.name, mine.error, [(r, d) for r, d in enumerate(described) if d is not None])
     total = vector[2:]
     if own is not None:  # this rank's slot, live: gradients reach its shards
         total = _LiveSlot.apply(total, own)  # type: ignore[no-untyped-call]
@@ -434,7 +453,7 @@ def _gathered(
     """Exchange every segment by all_gather_object; return the merged states and global counts."""
     dist = _dist()
     packet = (
-        None if mine.error is None else f"{type(mine.error).__name__}: {mine.error}",
+        _described(mine.error),
         [_portable(form.wire(p) if p is not None else None) for p in mine.live] if mine.error is None else None,
         mine.numels,
         check,

@@ -468,15 +468,16 @@ def group_per_param_refusals(rank: int, world: int) -> None:
     close(ragged_ok.per_param().sum().to_dict()["x"], torch.tensor(float(sum(range(world)))))
 
 
-def _raises(kind: type, text: str, fn: Callable[[], Any]) -> None:
+def _raises(kind: type, text: str, fn: Callable[[], Any]) -> Exception | None:
     caller = traceback.extract_stack(limit=2)[0]
     try:
         fn()
     except Exception as e:  # recorded, not raised: see FAILURES
         if not isinstance(e, kind) or text not in str(e):
             FAILURES.append(f"line {caller.lineno}: expected {kind.__name__} with {text!r}, got {e!r}")
-        return
+        return e
     FAILURES.append(f"line {caller.lineno}: {caller.line}\nno {kind.__name__} raised")
+    return None
 
 
 @check
@@ -599,27 +600,34 @@ def group_collectives_and_custom_reductions(rank: int, world: int) -> None:
             return torch.overrides.handle_torch_function(sum_of_cubes, (x,), x, dim=dim, keepdim=keepdim)
         return (x**3).sum()
 
-    failing, fail_now = world - 1, [False]
+    failing, fail_with = world - 1, [None]  # type: tuple[int, list[Exception | None]]
 
     def partial(t: torch.Tensor, offset: int, a: Any) -> torch.Tensor:
-        if fail_now[0] and rank == failing:
-            raise ValueError("no cubes here")
+        if fail_with[0] is not None and rank == failing:
+            raise fail_with[0]
         return (t**3).sum()
 
     mt.register_reduction(sum_of_cubes, partial=partial, combine=lambda s, a: torch.stack(s).sum())
     close(sum_of_cubes(b), (cat(full) ** 3).sum())
-    # A partial that fails on one rank only: every rank raises, none hangs.
-    fail_now[0] = True
-    expect = (ValueError, "no cubes here") if rank == failing else (RuntimeError, f"rank {failing} of the group failed")
-    _raises(*expect, lambda: sum_of_cubes(b))
+    # A partial that fails on one rank only: every rank raises, none hangs; the others the
+    # same type, saying which rank failed and why.
+    fail_with[0] = ValueError("no cubes here")
+    expect = "no cubes here" if rank == failing else f"rank {failing} of the group failed with ValueError: no cubes here"
+    _raises(ValueError, expect, lambda: sum_of_cubes(b))
+    # A type that takes more than a message: RuntimeError, with the message.
+    fail_with[0] = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "no text here")
+    kind = UnicodeDecodeError if rank == failing else RuntimeError
+    _raises(kind, "no text here", lambda: sum_of_cubes(b))
     # The same through sum's all_reduce: an on-demand input modified in place on one rank only.
     mine = sharded(full, world, rank)
     doubled = world_bundle(mine) * 2
     if rank == failing:
         with torch.no_grad():
             mine["d"].add_(0)
-    expect = (RuntimeError, "modified in place") if rank == failing else (RuntimeError, "another rank failed")
-    _raises(*expect, lambda: doubled.sum())
+    expect = "modified in place" if rank == failing else f"rank {failing} of the group failed with RuntimeError: "
+    caught = _raises(RuntimeError, expect, lambda: doubled.sum())
+    if "modified in place" not in str(caught):
+        FAILURES.append(f"the failed rank's reason is missing: {caught!r}")
 
 
 # -- FSDP2 --------------------------------------------------------------------------------------
