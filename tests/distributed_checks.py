@@ -223,6 +223,43 @@ def group_gradients_at_inf(rank: int, world: int) -> None:
 
 
 @check
+def group_norms_where_autograd_records_on_some_ranks(rank: int, world: int) -> None:
+    # Where autograd records, a rank's payload of a p > 1 norm is its sum of p-th powers, else
+    # its norm: the merge read every rank's payload as its own kind, so a rank with frozen
+    # shards (or none) and one with trainable shards computed different values.
+    full = full_tensors()
+    tests: dict[str, Callable[[Any], Any]] = {
+        "norm3": REDUCTIONS["norm3"], "norm_half": lambda x: torch.linalg.vector_norm(x, ord=0.5),
+        "dist3": lambda x: torch.dist(x, x.detach() * 0.5, p=3),
+    }
+    for layout in ("frozen on the other ranks", "none on rank 0"):
+        trains = rank == world - 1
+        mine = sharded(full, world, rank, grad=trains)
+        if layout == "none on rank 0" and rank == 0:
+            mine = {}
+        for name, f in tests.items():
+            before = len(FAILURES)
+            ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+            want = f(cat(ref))
+            got = f(world_bundle(mine))
+            if mine:
+                close(got, want)
+            else:  # a rank without tensors has the default dtype
+                close(got.double(), want, rtol=1e-6)
+            if trains:
+                got.backward()
+                want.backward()
+                for n, t in mine.items():
+                    close(t.grad, shard(ref[n].grad, world, rank))
+                    t.grad = None
+            FAILURES[before:] = [f"{layout}, {name}: {e}" for e in FAILURES[before:]]
+    # per tensor, the L2 norm too (its payload is a sum of squares where autograd records)
+    got_norms = world_bundle(sharded(full, world, rank, grad=rank == world - 1)).per_param().norm().to_dict()
+    for n, t in full.items():
+        close(got_norms[n], t.norm())
+
+
+@check
 def group_second_derivatives_are_each_ranks_own_part(rank: int, world: int) -> None:
     # As the README says: no collective runs in backward, so a penalty on this rank's gradients
     # (create_graph=True) differentiates to its shards without the other ranks' terms.
