@@ -58,9 +58,10 @@ class _Form:
 
     `local(states, args)` makes this rank's payload from its tensors' states (differentiable);
     `merge(payloads, args)` makes, from every rank's payload, the state `finalize` takes.
-    Where `summed(args)` is true, payloads merge by adding: `encode(payload, args)` is a
-    float64 vector of `width` numbers whose sum over ranks `decode(sum, args)` turns into
-    that state, so one all_reduce does the exchange. `wire(payload)` is what of a payload
+    Where `summed` (or `summed(args)`) is true, payloads merge by adding: `encode(payload,
+    args)` is a float64 vector of `width` numbers whose sum over ranks `decode(sum, args)`
+    turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
+    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)` is what of a payload
     crosses to the other ranks; the rest (tensors kept for this rank's gradient) stays here.
     """
 
@@ -69,7 +70,7 @@ class _Form:
     width: int = 0
     encode: Callable[[Any, ReduceArgs], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
-    summed: Callable[[ReduceArgs], bool] = lambda a: False
+    summed: Callable[[ReduceArgs], bool] | bool = False
     wire: Callable[[Any], Any] = lambda payload: payload
 
 
@@ -78,15 +79,35 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_form(combine: Callable[[list[Any], ReduceArgs], Any], integer: bool = False) -> _Form:
+    """Sums (and counts) cross ranks in one all_reduce whatever their dtype: every rank must
+    choose the same collective, and a rank holding no tensors has the default dtype.
+
+    A payload is three float64 numbers: a float's value, a complex one's real and imaginary
+    parts, an integer's high 32 bits (times 2**32) and its low 32 bits, each added exactly
+    (integer sums are exact in float64 only below 2**53), joined again as torch's int64 sum
+    wraps.
+    """
+
+    def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+        zero = p.new_zeros((), dtype=torch.float64)
+        if p.is_complex():
+            return torch.stack([p.real.double(), p.imag.double(), zero])
+        if p.is_floating_point():
+            return torch.stack([p.double(), zero, zero])
+        high = torch.div(p, 2**32, rounding_mode="floor")
+        return torch.stack([high.double() * 2**32, zero, (p - high * 2**32).double()])
 
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-        return s[0].to(torch.int64) if integer else s[0].to(_acc_dtype(a.dtype))
+        dtype = torch.int64 if integer else _acc_dtype(a.dtype)
+        if dtype.is_complex:
+            return torch.complex(s[0] + s[2], s[1]).to(dtype)
+        if dtype.is_floating_point:
+            return (s[0] + s[2]).to(dtype)
+        total = int(s[0].item()) + int(s[2].item())
+        wrapped = (total + 2**63) % 2**64 - 2**63
+        return torch.tensor(wrapped, dtype=torch.int64, device=s.device).to(dtype)
 
-    # Integer sums stay exact through float64 only below 2**53: counts do, sums of values may not.
-    return _Form(
-        combine, combine, 1, lambda p, a: _f64(p), decode,
-        (lambda a: True) if integer else (lambda a: a.dtype.is_floating_point),
-    )
+    return _Form(combine, combine, 3, encode, decode, True)
 
 
 def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], torch.Tensor]) -> int:
@@ -289,11 +310,11 @@ def _forms() -> dict[int, _Form]:
         "nansum": _sum_form(r["nansum"].combine),
         "mean": _sum_form(r["mean"].combine),
         "count_nonzero": _sum_form(r["count_nonzero"].combine, integer=True),
-        "nanmean": _Form(
+        "nanmean": _Form(  # (of floating dtypes only: torch refuses others)
             r["nanmean"].combine, r["nanmean"].combine, 2,
             lambda p, a: torch.cat([_f64(p[0]), _f64(p[1])]),
             lambda s, a: (s[0].to(_acc_dtype(a.dtype)), s[1].to(torch.int64)),
-            lambda a: a.dtype.is_floating_point,
+            True,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,
         "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad)),
@@ -547,14 +568,28 @@ def reduce(call: ReductionCall) -> Any:
     )
 
 
+def _failed(error: Exception, segments: int) -> _Local:
+    """This rank's side of a reduction it could not start: no payloads, only its error."""
+    return _Local([None] * segments, [None] * segments, [0] * segments, [0] * segments, error)
+
+
 def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     b, red = call.bundle, call.reduction
-    parsed = call.parsed
-    if parsed is NOT_HANDLED:
-        return NOT_HANDLED
     form = _form(red)
-    mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
-    if form.width and form.summed(parsed):
+    try:
+        parsed = call.parsed
+    except Exception as e:
+        # An error from this rank's own shards (their dtype, which a rank without tensors takes
+        # as the default, or their count) is raised in the exchange, or the other ranks would
+        # wait there; unless the collective depends on the arguments (a norm's p).
+        if not isinstance(form.summed, bool):
+            raise
+        parsed, mine = None, _failed(e, 1)
+    else:
+        if parsed is NOT_HANDLED:
+            return NOT_HANDLED
+        mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
+    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(parsed)):
         state, count = _summed(call, sharding, form, mine, parsed)
     else:
         states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, None)
@@ -603,19 +638,22 @@ def _per_tensor(call: ReductionCall, sharding: Sharding) -> Any:
     # A one-bundle reduction takes no other tensor; a bundle-with-bundle one compares vectors.
     one_bundle = not any(isinstance(x, torch.Tensor) for x in (*call.args[1:], *call.kwargs.values()))
     probed: dict[tuple[int, torch.dtype], Any] = {}
-    for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
-        if kind not in probed:
-            probed[kind] = _probe(call, *kind)
-    probes = [probed.get(kind) for kind in zip(map(len, b._shapes), b._dtypes)]
-    parsed = call.parsed
-    if parsed is NOT_HANDLED:
-        return NOT_HANDLED
     weights: list[float] | None = None
-    if b.strategy == "weighted" and b.options.get("weights") is not None:
-        weights = _strategies.resolve_weights(b, b.options.get("weights"))
     form = _form(red)
-    segments = [[i] for i in range(n)]
-    mine = _local(call, sharding, segments, form, parsed)
+    try:  # (an error here is raised in the exchange, as in _concat)
+        for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
+            if kind not in probed:
+                probed[kind] = _probe(call, *kind)
+        parsed = call.parsed
+        if b.strategy == "weighted" and b.options.get("weights") is not None:
+            weights = _strategies.resolve_weights(b, b.options.get("weights"))
+    except Exception as e:
+        parsed, mine = None, _failed(e, n)
+    else:
+        if parsed is NOT_HANDLED:
+            return NOT_HANDLED
+        mine = _local(call, sharding, [[i] for i in range(n)], form, parsed)
+    probes = [probed.get(kind) for kind in zip(map(len, b._shapes), b._dtypes)]
     states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, (b.names, weights))
     results = []
     for i, (state, count) in enumerate(zip(states, counts)):

@@ -396,6 +396,37 @@ def _cast_like(got: Any, want: Any) -> Any:
 
 
 @check
+def group_dtypes_and_errors_of_some_ranks(rank: int, world: int) -> None:
+    # A rank holding no tensors has the default dtype: integer sums used all_gather_object on
+    # the others and all_reduce there (a hang until the timeout), and an error only the
+    # others' dtype raises (the mean of integers) left it waiting in the exchange.
+    full = {n: (t * 10).to(torch.int64) for n, t in full_tensors().items()}
+    mine = sharded(full, world, rank) if rank else {}
+    b = world_bundle(mine)
+    close(b.sum().to(torch.int64), cat(full).sum(), 0, 0)
+    close(torch.count_nonzero(b > 0), torch.count_nonzero(cat(full) > 0), 0, 0)
+    expect = "the mean needs a floating point" if mine else "rank 1 of the group failed with RuntimeError: "
+    _raises(RuntimeError, expect, lambda: b.mean())
+    floats = world_bundle(sharded(full_tensors(), world, rank) if rank else {})
+    # raised where there are elements; a rank without names the first that has some
+    caught = _raises(RuntimeError, "doesn't match the broadcast shape", lambda: torch.logsumexp(floats, ()))
+    if not floats.numel() and "of the group failed with RuntimeError" not in str(caught):
+        FAILURES.append(f"logsumexp(b, ()): no failed rank named in {caught!r}")
+    # int64 sums wrap as torch's do, exactly (float64 holds 53 bits)
+    big = {"x": torch.tensor([2**62 + 1, 2**62 + 3, -(2**40) - 7, 2**62 + 5, 2**61 + 9] * world)}
+    close(world_bundle(sharded(big, world, rank)).sum(), cat(big).sum(), 0, 0)
+    # complex sums cross in the same all_reduce, with their gradient
+    z = {n: torch.complex(t, t.flip(0)).requires_grad_() for n, t in full_tensors().items()}
+    mine_z = sharded({n: t.detach() for n, t in z.items()}, world, rank, grad=True)
+    got, want = world_bundle(mine_z).mean(), cat(z).mean()
+    close(got, want)
+    (got.abs()).backward()
+    (want.abs()).backward()
+    for n, t in mine_z.items():
+        close(t.grad if t.grad is not None else torch.zeros_like(t), shard(z[n].grad, world, rank))
+
+
+@check
 def group_empty_everywhere(rank: int, world: int) -> None:
     import modtensor as mt
 
