@@ -61,8 +61,9 @@ class _Form:
     Where `summed` (or `summed(args)`) is true, payloads merge by adding: `encode(payload,
     args)` is a float64 vector of `width` numbers whose sum over ranks `decode(sum, args)`
     turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
-    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)` is what of a payload
-    crosses to the other ranks; the rest (tensors kept for this rank's gradient) stays here.
+    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)`
+    is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
+    gradient) stays here.
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
