@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -57,9 +58,12 @@ class _Form:
 
     `local(states, args)` makes this rank's payload from its tensors' states (differentiable);
     `merge(payloads, args)` makes, from every rank's payload, the state `finalize` takes.
-    Where `summed(args)` is true, payloads merge by adding: `encode(payload, args)` is a
-    float64 vector of `width` numbers whose sum over ranks `decode(sum, args)` turns into
-    that state, so one all_reduce does the exchange.
+    Where `summed` (or `summed(args)`) is true, payloads merge by adding: `encode(payload,
+    args)` is a float64 vector of `width` numbers whose sum over ranks `decode(sum, args)`
+    turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
+    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)`
+    is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
+    gradient) stays here.
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
@@ -67,7 +71,8 @@ class _Form:
     width: int = 0
     encode: Callable[[Any, ReduceArgs], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
-    summed: Callable[[ReduceArgs], bool] = lambda a: False
+    summed: Callable[[ReduceArgs], bool] | bool = False
+    wire: Callable[[Any], Any] = lambda payload: payload
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -75,15 +80,35 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sum_form(combine: Callable[[list[Any], ReduceArgs], Any], integer: bool = False) -> _Form:
+    """Sums (and counts) cross ranks in one all_reduce whatever their dtype: every rank must
+    choose the same collective, and a rank holding no tensors has the default dtype.
+
+    A payload is three float64 numbers: a float's value, a complex one's real and imaginary
+    parts, an integer's high 32 bits (times 2**32) and its low 32 bits, each added exactly
+    (integer sums are exact in float64 only below 2**53), joined again as torch's int64 sum
+    wraps.
+    """
+
+    def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+        zero = p.new_zeros((), dtype=torch.float64)
+        if p.is_complex():
+            return torch.stack([p.real.double(), p.imag.double(), zero])
+        if p.is_floating_point():
+            return torch.stack([p.double(), zero, zero])
+        high = torch.div(p, 2**32, rounding_mode="floor")
+        return torch.stack([high.double() * 2**32, zero, (p - high * 2**32).double()])
 
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-        return s[0].to(torch.int64) if integer else s[0].to(_acc_dtype(a.dtype))
+        dtype = torch.int64 if integer else _acc_dtype(a.dtype)
+        if dtype.is_complex:
+            return torch.complex(s[0] + s[2], s[1]).to(dtype)
+        if dtype.is_floating_point:
+            return (s[0] + s[2]).to(dtype)
+        total = int(s[0].item()) + int(s[2].item())
+        wrapped = (total + 2**63) % 2**64 - 2**63
+        return torch.tensor(wrapped, dtype=torch.int64, device=s.device).to(dtype)
 
-    # Integer sums stay exact through float64 only below 2**53: counts do, sums of values may not.
-    return _Form(
-        combine, combine, 1, lambda p, a: _f64(p), decode,
-        (lambda a: True) if integer else (lambda a: a.dtype.is_floating_point),
-    )
+    return _Form(combine, combine, 3, encode, decode, True)
 
 
 def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], torch.Tensor]) -> int:
@@ -169,14 +194,15 @@ def _acc_args(a: ReduceArgs) -> ReduceArgs:
 def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[Any], torch.Tensor]) -> _Form:
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
-    The payload of a finite p is this rank's norm in float64, or where autograd records an L2
-    norm (the "squares" option) its sum of squares, for other p > 1 its sum of p-th powers
-    ("powers"): the root of that, raised again, would have a NaN gradient at inf and lose the
-    second derivative where a rank's norm is 0. For
-    p in (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does.
+    The payload of a finite p > 1 is this rank's sum of p-th powers in float64 (of squares for
+    the L2 norm): where autograd records, the partials are those sums (the "squares" and
+    "powers" options), as the root of one, raised again, would have a NaN gradient at inf and
+    lose the second derivative where a rank's norm is 0; elsewhere this rank's norm raised to
+    p. Every rank's payload means the same whether or not autograd records on it (frozen
+    shards, or none). For p <= 1 it is this rank's norm. For p in (0, 1, 2) norms merge by
+    adding (their p-th powers), which one all_reduce does.
     """
     import math
-
 
     def is_inf(a: ReduceArgs) -> bool:
         return math.isinf(a.options["p"])
@@ -190,14 +216,18 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
             return ext_local(states, a)
         if a.options.get("squares") or a.options.get("powers"):
             return _stack([v for v, _ in states], _acc_dtype(_real(a.dtype))).sum()
-        return combine(states, _acc_args(a))
+        norm = combine(states, _acc_args(a))
+        return norm ** a.options["p"] if a.options["p"] > 1 else norm
 
     def merge(payloads: list[Any], a: ReduceArgs) -> Any:
-        # as the partials are: sums of p-th powers, else norms (see _reductions._combine_norm)
-        return ext_merge(payloads, a) if is_inf(a) else combine([(p, None) for p in payloads], a)
+        if is_inf(a):
+            return ext_merge(payloads, a)
+        # (see _reductions._combine_norm: "powers" says the partials are sums of p-th powers)
+        powers = dataclasses.replace(a, options={**a.options, "powers": a.options["p"] > 1})
+        return combine([(p, None) for p in payloads], powers)
 
     def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-        return _f64(p.square() if a.options["p"] == 2 and not a.options.get("squares") else p)
+        return _f64(p)
 
     def decode(s: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         total = s[0]
@@ -236,6 +266,25 @@ def _aminmax_form() -> _Form:
     return _Form(local, merge)
 
 
+def _logsumexp_form() -> _Form:
+    """logsumexp: the payload is this rank's logsumexp and the tensors that need a gradient.
+
+    They are merged as one rank's partials are (`_reductions._LogSumExp`): each element's
+    gradient comes from the global result, `g * exp(x - result)`. Through this rank's own
+    logsumexp it would be `g * exp(own - result) * exp(x - own)`: NaN for every element of a
+    rank whose own is infinite (one holding inf, or only -inf), where torch's is NaN at the inf
+    element alone, or 0.
+    """
+    from modtensor._reductions import _combine_logsumexp
+
+    def local(states: list[Any], a: ReduceArgs) -> Any:
+        with torch.no_grad():
+            value = _combine_logsumexp([s[0] for s in states], _acc_args(a))
+        return (value, *(s[1] for s in states if s[1] is not None))
+
+    return _Form(local, _combine_logsumexp, wire=lambda payload: payload[0])
+
+
 def _cosine_form() -> _Form:
     from modtensor._pairwise import _combine_cosine
 
@@ -262,17 +311,18 @@ def _forms() -> dict[int, _Form]:
         "nansum": _sum_form(r["nansum"].combine),
         "mean": _sum_form(r["mean"].combine),
         "count_nonzero": _sum_form(r["count_nonzero"].combine, integer=True),
-        "nanmean": _Form(
+        "nanmean": _Form(  # (of floating dtypes only: torch refuses others)
             r["nanmean"].combine, r["nanmean"].combine, 2,
             lambda p, a: torch.cat([_f64(p[0]), _f64(p[1])]),
             lambda s, a: (s[0].to(_acc_dtype(a.dtype)), s[1].to(torch.int64)),
-            lambda a: a.dtype.is_floating_point,
+            True,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,
         "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad)),
         "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad)),
         "aminmax": _aminmax_form(),
         "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
+        "logsumexp": _logsumexp_form(),
     }
     found = {id(r[name]): form for name, form in forms.items()}
     found[id(_pairwise._DIST)] = _pnorm_form(_pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs())
@@ -321,14 +371,30 @@ def _with_numel(a: Any, numel: int) -> Any:
     return dataclasses.replace(a, numel=numel) if isinstance(a, ReduceArgs) else a
 
 
-def _failure(name: str, error: BaseException | None, failures: Sequence[tuple[int, str]]) -> NoReturn:
+def _described(error: BaseException | None) -> tuple[str, str, str] | None:
+    """What the other ranks learn of this rank's error: its type (module, name) and message."""
+    if error is None:
+        return None
+    return type(error).__module__, type(error).__qualname__, str(error)
+
+
+def _failure(name: str, error: BaseException | None, failures: Sequence[tuple[int, Any]]) -> NoReturn:
+    """Raise on every rank: a failed rank its own error, the others the first failed rank's
+    type (where it is an exception class this process has imported that takes a message;
+    else RuntimeError), saying which rank failed and why."""
     if error is not None:
         raise error
-    which = f"rank {failures[0][0]} of the group failed ({failures[0][1]})" if failures else "another rank failed"
-    raise RuntimeError(
-        f"{name}: {which}; every rank stops here, as the reduction has no value without that "
-        "rank's shards."
+    rank, (module, qualname, message) = failures[0]
+    text = (
+        f"{name}: rank {rank} of the group failed with {qualname}: {message} (every rank stops "
+        "here, as the reduction has no value without that rank's shards)"
     )
+    kind = getattr(sys.modules.get(module), qualname, None)
+    try:
+        raised = kind(text) if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError(text)
+    except Exception:  # a constructor that wants more than a message
+        raised = RuntimeError(text)
+    raise raised
 
 
 @dataclass
@@ -395,8 +461,10 @@ def _summed(call: ReductionCall, sharding: Sharding, form: _Form, mine: _Local, 
     vector = torch.cat([head, body])
     dist.all_reduce(vector, group=sharding.group)
     failures, total_numel = vector[:2].tolist()
-    if failures:
-        _failure(call.name, mine.error, [])
+    if failures:  # every rank knows it: all of them make the exchange that says who and why
+        described: list[Any] = [None] * len(sharding.ranks)
+        dist.all_gather_object(described, _described(mine.error), group=sharding.group)
+        _failure(call.name, mine.error, [(r, d) for r, d in enumerate(described) if d is not None])
     total = vector[2:]
     if own is not None:  # this rank's slot, live: gradients reach its shards
         total = _LiveSlot.apply(total, own)  # type: ignore[no-untyped-call]
@@ -412,8 +480,8 @@ def _gathered(
     """Exchange every segment by all_gather_object; return the merged states and global counts."""
     dist = _dist()
     packet = (
-        None if mine.error is None else f"{type(mine.error).__name__}: {mine.error}",
-        [_portable(p) for p in mine.live] if mine.error is None else None,
+        _described(mine.error),
+        [_portable(form.wire(p) if p is not None else None) for p in mine.live] if mine.error is None else None,
         mine.numels,
         check,
     )
@@ -501,14 +569,28 @@ def reduce(call: ReductionCall) -> Any:
     )
 
 
+def _failed(error: Exception, segments: int) -> _Local:
+    """This rank's side of a reduction it could not start: no payloads, only its error."""
+    return _Local([None] * segments, [None] * segments, [0] * segments, [0] * segments, error)
+
+
 def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     b, red = call.bundle, call.reduction
-    parsed = call.parsed
-    if parsed is NOT_HANDLED:
-        return NOT_HANDLED
     form = _form(red)
-    mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
-    if form.width and form.summed(parsed):
+    try:
+        parsed = call.parsed
+    except Exception as e:
+        # An error from this rank's own shards (their dtype, which a rank without tensors takes
+        # as the default, or their count) is raised in the exchange, or the other ranks would
+        # wait there; unless the collective depends on the arguments (a norm's p).
+        if not isinstance(form.summed, bool):
+            raise
+        parsed, mine = None, _failed(e, 1)
+    else:
+        if parsed is NOT_HANDLED:
+            return NOT_HANDLED
+        mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
+    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(parsed)):
         state, count = _summed(call, sharding, form, mine, parsed)
     else:
         states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, None)
@@ -557,19 +639,22 @@ def _per_tensor(call: ReductionCall, sharding: Sharding) -> Any:
     # A one-bundle reduction takes no other tensor; a bundle-with-bundle one compares vectors.
     one_bundle = not any(isinstance(x, torch.Tensor) for x in (*call.args[1:], *call.kwargs.values()))
     probed: dict[tuple[int, torch.dtype], Any] = {}
-    for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
-        if kind not in probed:
-            probed[kind] = _probe(call, *kind)
-    probes = [probed.get(kind) for kind in zip(map(len, b._shapes), b._dtypes)]
-    parsed = call.parsed
-    if parsed is NOT_HANDLED:
-        return NOT_HANDLED
     weights: list[float] | None = None
-    if b.strategy == "weighted" and b.options.get("weights") is not None:
-        weights = _strategies.resolve_weights(b, b.options.get("weights"))
     form = _form(red)
-    segments = [[i] for i in range(n)]
-    mine = _local(call, sharding, segments, form, parsed)
+    try:  # (an error here is raised in the exchange, as in _concat)
+        for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
+            if kind not in probed:
+                probed[kind] = _probe(call, *kind)
+        parsed = call.parsed
+        if b.strategy == "weighted" and b.options.get("weights") is not None:
+            weights = _strategies.resolve_weights(b, b.options.get("weights"))
+    except Exception as e:
+        parsed, mine = None, _failed(e, n)
+    else:
+        if parsed is NOT_HANDLED:
+            return NOT_HANDLED
+        mine = _local(call, sharding, [[i] for i in range(n)], form, parsed)
+    probes = [probed.get(kind) for kind in zip(map(len, b._shapes), b._dtypes)]
     states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, (b.names, weights))
     results = []
     for i, (state, count) in enumerate(zip(states, counts)):

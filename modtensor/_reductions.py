@@ -460,10 +460,11 @@ class _LogSumExp(torch.autograd.Function):
 
 
 def _combine_logsumexp(states: list[Any], a: ReduceArgs) -> torch.Tensor:
-    # (a distributed bundle's ranks' payloads are results: plain tensors, see _across_ranks)
+    # A state is (logsumexp, tensors it keeps for the gradient...); across ranks another
+    # rank's is its logsumexp alone (see _across_ranks._logsumexp_form).
     values = [s[0] if isinstance(s, tuple) else s for s in states]
     partials = _stack(values, _acc_dtype(a.dtype))
-    tensors = [s[1] for s in states if isinstance(s, tuple) and s[1] is not None]
+    tensors = [t for s in states if isinstance(s, tuple) for t in s[1:] if t is not None]
     if tensors and torch.is_grad_enabled():
         result: torch.Tensor = _LogSumExp.apply(partials, *tensors)  # type: ignore[no-untyped-call]
     else:

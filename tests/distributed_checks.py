@@ -197,24 +197,66 @@ def group_shards_inf(rank: int, world: int) -> None:
 
 
 @check
-def group_l2_norm_gradients_at_inf(rank: int, world: int) -> None:
+def group_gradients_at_inf(rank: int, world: int) -> None:
     # torch's gradient of the L2 norm at an inf element: NaN there, x / inf = 0 elsewhere; each
     # rank's norm squared again for the all_reduce gave NaN to all of that rank's elements.
-    full = full_tensors()
-    full["d"][-1, 0, 0] = float("inf")
+    # logsumexp's, g * exp(x - result): merged through each rank's own logsumexp it was NaN
+    # for every element of a rank whose own is +-inf (holding inf, or -inf alone).
+    cases = {"inf on the last rank": full_tensors(), "-inf alone on the first ranks": full_tensors()}
+    cases["inf on the last rank"]["d"][-1, 0, 0] = float("inf")
+    for n in ("a", "b", "d"):  # (the last rank also holds finite e and f)
+        cases["-inf alone on the first ranks"][n].fill_(float("-inf"))
     tests: dict[str, Callable[[Any], Any]] = {
         "norm2": REDUCTIONS["norm2"], "dist": lambda x: torch.dist(x, x.detach() * 0.5),
-        "diff_norm": lambda x: (x - 1).norm(),
+        "diff_norm": lambda x: (x - 1).norm(), "logsumexp": REDUCTIONS["logsumexp"],
     }
-    for name, f in tests.items():
-        ref = {n: t.clone().requires_grad_() for n, t in full.items()}
-        f(cat(ref)).backward()
-        mine = sharded(full, world, rank, grad=True)
-        f(world_bundle(mine)).backward()
-        for n, t in mine.items():
+    for case, full in cases.items():
+        for name, f in tests.items():
+            ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+            f(cat(ref)).backward()
+            mine = sharded(full, world, rank, grad=True)
+            f(world_bundle(mine)).backward()
+            for n, t in mine.items():
+                before = len(FAILURES)
+                close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
+                FAILURES[before:] = [f"{case}, {name}, gradient of {n}: {e}" for e in FAILURES[before:]]
+
+
+@check
+def group_norms_where_autograd_records_on_some_ranks(rank: int, world: int) -> None:
+    # Where autograd records, a rank's payload of a p > 1 norm is its sum of p-th powers, else
+    # its norm: the merge read every rank's payload as its own kind, so a rank with frozen
+    # shards (or none) and one with trainable shards computed different values.
+    full = full_tensors()
+    tests: dict[str, Callable[[Any], Any]] = {
+        "norm3": REDUCTIONS["norm3"], "norm_half": lambda x: torch.linalg.vector_norm(x, ord=0.5),
+        "dist3": lambda x: torch.dist(x, x.detach() * 0.5, p=3),
+    }
+    for layout in ("frozen on the other ranks", "none on rank 0"):
+        trains = rank == world - 1
+        mine = sharded(full, world, rank, grad=trains)
+        if layout == "none on rank 0" and rank == 0:
+            mine = {}
+        for name, f in tests.items():
             before = len(FAILURES)
-            close(t.grad if t.grad is not None else torch.zeros_like(t), shard(ref[n].grad, world, rank))
-            FAILURES[before:] = [f"{name}, gradient of {n}: {e}" for e in FAILURES[before:]]
+            ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+            want = f(cat(ref))
+            got = f(world_bundle(mine))
+            if mine:
+                close(got, want)
+            else:  # a rank without tensors has the default dtype
+                close(got.double(), want, rtol=1e-6)
+            if trains:
+                got.backward()
+                want.backward()
+                for n, t in mine.items():
+                    close(t.grad, shard(ref[n].grad, world, rank))
+                    t.grad = None
+            FAILURES[before:] = [f"{layout}, {name}: {e}" for e in FAILURES[before:]]
+    # per tensor, the L2 norm too (its payload is a sum of squares where autograd records)
+    got_norms = world_bundle(sharded(full, world, rank, grad=rank == world - 1)).per_param().norm().to_dict()
+    for n, t in full.items():
+        close(got_norms[n], t.norm())
 
 
 @check
@@ -354,6 +396,37 @@ def _cast_like(got: Any, want: Any) -> Any:
 
 
 @check
+def group_dtypes_and_errors_of_some_ranks(rank: int, world: int) -> None:
+    # A rank holding no tensors has the default dtype: integer sums used all_gather_object on
+    # the others and all_reduce there (a hang until the timeout), and an error only the
+    # others' dtype raises (the mean of integers) left it waiting in the exchange.
+    full = {n: (t * 10).to(torch.int64) for n, t in full_tensors().items()}
+    mine = sharded(full, world, rank) if rank else {}
+    b = world_bundle(mine)
+    close(b.sum().to(torch.int64), cat(full).sum(), 0, 0)
+    close(torch.count_nonzero(b > 0), torch.count_nonzero(cat(full) > 0), 0, 0)
+    expect = "the mean needs a floating point" if mine else "rank 1 of the group failed with RuntimeError: "
+    _raises(RuntimeError, expect, lambda: b.mean())
+    floats = world_bundle(sharded(full_tensors(), world, rank) if rank else {})
+    # raised where there are elements; a rank without names the first that has some
+    caught = _raises(RuntimeError, "doesn't match the broadcast shape", lambda: torch.logsumexp(floats, ()))
+    if not floats.numel() and "of the group failed with RuntimeError" not in str(caught):
+        FAILURES.append(f"logsumexp(b, ()): no failed rank named in {caught!r}")
+    # int64 sums wrap as torch's do, exactly (float64 holds 53 bits)
+    big = {"x": torch.tensor([2**62 + 1, 2**62 + 3, -(2**40) - 7, 2**62 + 5, 2**61 + 9] * world)}
+    close(world_bundle(sharded(big, world, rank)).sum(), cat(big).sum(), 0, 0)
+    # complex sums cross in the same all_reduce, with their gradient
+    z = {n: torch.complex(t, t.flip(0)).requires_grad_() for n, t in full_tensors().items()}
+    mine_z = sharded({n: t.detach() for n, t in z.items()}, world, rank, grad=True)
+    got, want = world_bundle(mine_z).mean(), cat(z).mean()
+    close(got, want)
+    (got.abs()).backward()
+    (want.abs()).backward()
+    for n, t in mine_z.items():
+        close(t.grad if t.grad is not None else torch.zeros_like(t), shard(z[n].grad, world, rank))
+
+
+@check
 def group_empty_everywhere(rank: int, world: int) -> None:
     import modtensor as mt
 
@@ -463,15 +536,16 @@ def group_per_param_refusals(rank: int, world: int) -> None:
     close(ragged_ok.per_param().sum().to_dict()["x"], torch.tensor(float(sum(range(world)))))
 
 
-def _raises(kind: type, text: str, fn: Callable[[], Any]) -> None:
+def _raises(kind: type, text: str, fn: Callable[[], Any]) -> Exception | None:
     caller = traceback.extract_stack(limit=2)[0]
     try:
         fn()
     except Exception as e:  # recorded, not raised: see FAILURES
         if not isinstance(e, kind) or text not in str(e):
             FAILURES.append(f"line {caller.lineno}: expected {kind.__name__} with {text!r}, got {e!r}")
-        return
+        return e
     FAILURES.append(f"line {caller.lineno}: {caller.line}\nno {kind.__name__} raised")
+    return None
 
 
 @check
@@ -594,27 +668,34 @@ def group_collectives_and_custom_reductions(rank: int, world: int) -> None:
             return torch.overrides.handle_torch_function(sum_of_cubes, (x,), x, dim=dim, keepdim=keepdim)
         return (x**3).sum()
 
-    failing, fail_now = world - 1, [False]
+    failing, fail_with = world - 1, [None]  # type: tuple[int, list[Exception | None]]
 
     def partial(t: torch.Tensor, offset: int, a: Any) -> torch.Tensor:
-        if fail_now[0] and rank == failing:
-            raise ValueError("no cubes here")
+        if fail_with[0] is not None and rank == failing:
+            raise fail_with[0]
         return (t**3).sum()
 
     mt.register_reduction(sum_of_cubes, partial=partial, combine=lambda s, a: torch.stack(s).sum())
     close(sum_of_cubes(b), (cat(full) ** 3).sum())
-    # A partial that fails on one rank only: every rank raises, none hangs.
-    fail_now[0] = True
-    expect = (ValueError, "no cubes here") if rank == failing else (RuntimeError, f"rank {failing} of the group failed")
-    _raises(*expect, lambda: sum_of_cubes(b))
+    # A partial that fails on one rank only: every rank raises, none hangs; the others the
+    # same type, saying which rank failed and why.
+    fail_with[0] = ValueError("no cubes here")
+    expect = "no cubes here" if rank == failing else f"rank {failing} of the group failed with ValueError: no cubes here"
+    _raises(ValueError, expect, lambda: sum_of_cubes(b))
+    # A type that takes more than a message: RuntimeError, with the message.
+    fail_with[0] = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "no text here")
+    kind = UnicodeDecodeError if rank == failing else RuntimeError
+    _raises(kind, "no text here", lambda: sum_of_cubes(b))
     # The same through sum's all_reduce: an on-demand input modified in place on one rank only.
     mine = sharded(full, world, rank)
     doubled = world_bundle(mine) * 2
     if rank == failing:
         with torch.no_grad():
             mine["d"].add_(0)
-    expect = (RuntimeError, "modified in place") if rank == failing else (RuntimeError, "another rank failed")
-    _raises(*expect, lambda: doubled.sum())
+    expect = "modified in place" if rank == failing else f"rank {failing} of the group failed with RuntimeError: "
+    caught = _raises(RuntimeError, expect, lambda: doubled.sum())
+    if "modified in place" not in str(caught):
+        FAILURES.append(f"the failed rank's reason is missing: {caught!r}")
 
 
 # -- FSDP2 --------------------------------------------------------------------------------------
