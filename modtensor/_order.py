@@ -121,13 +121,18 @@ def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> tor
 
     def visit(c: torch.Tensor, offset: int) -> bool:
         nonlocal ties
-        if largest:
-            better = torch.zeros_like(c, dtype=torch.bool) if is_nan else (c > v) | c.isnan()
+        # One mask over the chunk (the passes over it are the cost): the elements on the
+        # result's side of v, its ties included (NaN sorts above every number), then the few
+        # selected are split into those beyond v and its ties.
+        if is_nan:
+            side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
         else:
-            better = ~c.isnan() if is_nan else c < v
-        tied = _equal(c, v).nonzero().squeeze(1)[: max(ties, 0)]
+            side = (c < v).logical_not_() if largest else c <= v
+        pos = side.nonzero().squeeze(1)
+        tie = _equal(c[pos], v)
+        tied = pos[tie][: max(ties, 0)]
         ties -= tied.numel()
-        pos = torch.cat([better.nonzero().squeeze(1), tied]).sort().values
+        pos = torch.cat([pos[~tie], tied]).sort().values
         found.append((pos + offset).to(b._device))
         values.append(c[pos].to(b._device))
         return False

@@ -282,7 +282,8 @@ def map_elementwise(
     # would need version counters, which it cannot trace. A tiny bundle's results take less
     # memory than the bookkeeping of computing them on demand.
     tiny = all(is_tiny(b) for b in bundles)
-    if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
+    lazy_ok = func in ON_DEMAND or _casts_on_demand(func, args, kwargs)
+    if lazy_ok and ref._names and not tiny and not torch.compiler.is_compiling():
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         guard = None if dtypes is None else _Guard.watch(args, kwargs)
         if dtypes is not None and guard is not None:
@@ -326,7 +327,26 @@ def map_elementwise(
 # Math ops return bundles whose tensors are computed when a reduction (or another op, or
 # `tensors`) asks for them, one at a time: `(b ** 2).sum()` or `topk(b.abs(), k)` never hold a
 # whole-model intermediate. Conversions (`to`, `clone`...) stay eager: they are snapshots or
-# moves; so does rrelu, whose randomness must not be drawn twice.
+# moves (but see `_casts_on_demand`); so does rrelu, whose randomness must not be drawn twice.
+
+
+# Dtype casts of a bundle that is itself computed on demand stay on demand: such a bundle is
+# no snapshot (it refuses to be used once its inputs change), so neither need its cast be,
+# and `(b != 0).float().mean()` then holds no whole-model float copy. A cast of stored
+# tensors, or a move, stays an eager snapshot.
+_DTYPE_CASTS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("float", "double", "half", "bfloat16", "int", "long", "short", "char", "byte", "bool")
+)
+
+
+def _casts_on_demand(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if not (args and is_bundle(args[0]) and args[0]._tensors is None and args[0]._compute is not None):
+        return False
+    if func is torch.Tensor.to:  # `to(dtype)` alone: not a move, nor `copy=True`
+        dtypes = [*args[1:], *([kwargs["dtype"]] if "dtype" in kwargs else [])]
+        return len(dtypes) == 1 and isinstance(dtypes[0], torch.dtype) and set(kwargs) <= {"dtype", "non_blocking"}
+    return func in _DTYPE_CASTS
 
 
 def _operand_dtype(arg: Any, i: int, cast: bool) -> Any:

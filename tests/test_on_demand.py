@@ -15,6 +15,29 @@ def test_math_ops_are_on_demand_and_conversions_are_not():
 
 
 @pytest.mark.parametrize(
+    "cast",
+    [torch.Tensor.float, torch.Tensor.half, torch.Tensor.long, lambda x: x.to(torch.float64), lambda x: x.to(dtype=torch.int32)],
+)
+def test_a_cast_of_an_on_demand_bundle_stays_on_demand(cast):
+    # `(b != 0).float().mean()` (a sparsity) made the whole model's mask in float32 at once
+    tensors = [torch.randn(60, 50).relu(), torch.randn(3000).relu(), torch.zeros(10)]
+    b, flat = mt.bundle(tensors), torch.cat([t.reshape(-1) for t in tensors])
+    mask = b != 0
+    lazy = cast(mask)
+    assert lazy._tensors is None and lazy.dtype == cast(flat != 0).dtype
+    peak = track_live(lazy)
+    torch.testing.assert_close(lazy.sum(), cast(flat != 0).sum(), rtol=0, atol=0)
+    assert peak[0] == 1
+    torch.testing.assert_close(cast(b.abs()).double().sum(), cast(flat.abs()).double().sum())
+    # a cast of stored tensors, and a move or a forced copy, stay eager snapshots
+    assert cast(b)._tensors is not None
+    assert mask.to("cpu")._tensors is not None and mask.to(torch.float32, copy=True)._tensors is not None
+    b.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        lazy.sum()
+
+
+@pytest.mark.parametrize(
     "reduce",
     [torch.sum, torch.amax, torch.std, torch.norm, lambda x: torch.linalg.vector_norm(x, float("inf"))],
 )
