@@ -7,7 +7,7 @@ Everything built in is registered through these same functions: every reduction 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -19,6 +19,7 @@ from modtensor._dispatch import (
     ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, check_signature, copy_is_cheap, func_name, remember_direct,
 )
 from modtensor._pointwise import per_tensor_caller
+from modtensor._selection import chunk_size
 from modtensor._reduce_common import _bind, _is_floating, check_dim, without_none_out
 from modtensor._strategies import (
     Pieces,
@@ -101,6 +102,27 @@ def _as_in_concatenation(b: ParameterBundle) -> tuple[Callable[[int], torch.Tens
     return get, keys
 
 
+def read_by_chunks(b: ParameterBundle, i: int) -> Iterator[tuple[torch.Tensor, int]] | None:
+    """Tensor i of the on-demand `b` as flat `(chunk, start)` pieces, each made alone when
+    asked for; None where the tensor is one chunk or its op cannot make a chunk alone."""
+    n, size = b._shapes[i].numel(), chunk_size(b._devices[i])
+    if n <= size:
+        return None
+    first = b._flat_range(i, 0, size)
+    return None if first is None else _chunks_after(b, i, first, n, size)
+
+
+def _chunks_after(b: ParameterBundle, i: int, first: torch.Tensor, n: int, size: int) -> Iterator[tuple[torch.Tensor, int]]:
+    chunk: torch.Tensor | None = first
+    del first
+    for start in range(0, n, size):
+        if chunk is None:
+            chunk = b._flat_range(i, start, min(start + size, n))
+            assert chunk is not None  # the first chunk could be made alone, so can the others
+        yield chunk, start
+        chunk = None
+
+
 _BUILTIN: set[int] = set()
 
 
@@ -141,12 +163,24 @@ def run_reduction(
     get: Callable[[int], torch.Tensor] = b._tensor
     keys: tuple[Any, ...] = b._keys
     views = b._tensors is not None
-    if b._strategy == "concat" and _has_integers_in_floats(b):
+    integers = b._strategy == "concat" and _has_integers_in_floats(b)
+    if integers:
         get, keys = _as_in_concatenation(b)
         # Its integer tensors' converted copies are made at each call: kept with the bundle's
         # plans (as its own tensors are), they would miss later in-place updates of the buffers.
         views = False
-    pieces = Pieces(get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype)
+    # A chain computed on demand (`(a - b).abs().sum()`) is read by chunks where it can make
+    # them alone: made whole, each tensor's intermediates were alive together, twice or more
+    # the tensor. Only the built-in reductions, whose partials take any flat segment; not
+    # where a gradient is recorded, which would keep every chunk for backward anyway.
+    by_chunks = (
+        b._strategy == "concat" and b._dist is None and b._tensors is None and not b._lazy_requires_grad
+        and not integers and _is_builtin(reduction)
+    )
+    pieces = Pieces(
+        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype,
+        (lambda i: read_by_chunks(b, i)) if by_chunks else None,
+    )
 
     callers: list[Any] = []
 
