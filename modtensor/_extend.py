@@ -19,8 +19,8 @@ from modtensor._dispatch import (
     ANY_STRATEGY, NOT_HANDLED, Handler, _as_functions, check_signature, copy_is_cheap, func_name, remember_direct,
 )
 from modtensor._pointwise import per_tensor_caller
-from modtensor._selection import chunk_size
 from modtensor._reduce_common import _bind, _is_floating, check_dim, without_none_out
+from modtensor._selection import chunk_size
 from modtensor._strategies import (
     Pieces,
     Reduction,

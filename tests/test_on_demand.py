@@ -200,3 +200,22 @@ def test_chains_by_chunks_match_the_concatenation_where_a_tensor_is_made_whole()
     peak = track_live(lazy)
     lazy.sum()
     assert peak[0] == 1  # the transposed tensor alone
+
+
+def test_chains_make_each_tensor_a_chunk_at_a_time():
+    # `.tensors` of a chain made each tensor with its intermediates whole beside it (`a - b`
+    # beside `(a - b).abs()`; isclose's own temporaries, 4x the tensor): now a chunk's.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    xs, ys = ([torch.randn(n, generator=g) for _ in range(4)] for _ in range(2))
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    x, y = torch.cat(xs), torch.cat(ys)
+    near = x + 1e-6
+    chains = [
+        lambda a, b: (a - b).abs(), lambda a, b: a * 2 + 1, lambda a, b: torch.isclose(a, b, atol=0.5),
+        lambda a, b: torch.isclose(a, near),  # a flat tensor's chunks too
+    ]
+    for chain in chains:
+        got, peak = peak_allocation(lambda: chain(a, b).tensors)
+        assert torch.equal(torch.cat(got), chain(x, y))
+        assert peak < got[0].nbytes * 4 + 0.75 * n * 4, peak  # the result and a few chunks
