@@ -7,7 +7,7 @@ Everything built in is registered through these same functions: every reduction 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -20,7 +20,7 @@ from modtensor._dispatch import (
 )
 from modtensor._pointwise import per_tensor_caller
 from modtensor._reduce_common import _bind, _is_floating, check_dim, without_none_out
-from modtensor._selection import chunk_size
+from modtensor._selection import chunk_size, chunks_of
 from modtensor._strategies import (
     Pieces,
     Reduction,
@@ -102,27 +102,6 @@ def _as_in_concatenation(b: ParameterBundle) -> tuple[Callable[[int], torch.Tens
     return get, keys
 
 
-def read_by_chunks(b: ParameterBundle, i: int) -> Iterator[tuple[torch.Tensor, int]] | None:
-    """Tensor i of the on-demand `b` as flat `(chunk, start)` pieces, each made alone when
-    asked for; None where the tensor is one chunk or its op cannot make a chunk alone."""
-    n, size = b._shapes[i].numel(), chunk_size(b._devices[i])
-    if n <= size:
-        return None
-    first = b._flat_range(i, 0, size)
-    return None if first is None else _chunks_after(b, i, first, n, size)
-
-
-def _chunks_after(b: ParameterBundle, i: int, first: torch.Tensor, n: int, size: int) -> Iterator[tuple[torch.Tensor, int]]:
-    chunk: torch.Tensor | None = first
-    del first
-    for start in range(0, n, size):
-        if chunk is None:
-            chunk = b._flat_range(i, start, min(start + size, n))
-            assert chunk is not None  # the first chunk could be made alone, so can the others
-        yield chunk, start
-        chunk = None
-
-
 _BUILTIN: set[int] = set()
 
 
@@ -177,9 +156,12 @@ def run_reduction(
         b._strategy == "concat" and b._dist is None and b._tensors is None and not b._lazy_requires_grad
         and not integers and _is_builtin(reduction)
     )
+
+    def chunks(i: int) -> Any:
+        return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), lambda start, stop: b._flat_range(i, start, stop))
+
     pieces = Pieces(
-        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype,
-        (lambda i: read_by_chunks(b, i)) if by_chunks else None,
+        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype, chunks if by_chunks else None
     )
 
     callers: list[Any] = []
