@@ -158,7 +158,8 @@ def run_reduction(
     )
 
     def chunks(i: int) -> Any:
-        return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), lambda start, stop: b._flat_range(i, start, stop))
+        read = lambda start, stop: b._flat_range(i, start, stop)  # noqa: E731
+        return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), read)
 
     pieces = Pieces(
         get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype, chunks if by_chunks else None
