@@ -20,6 +20,7 @@ from modtensor._dispatch import (
 )
 from modtensor._pointwise import per_tensor_caller
 from modtensor._reduce_common import _bind, _is_floating, check_dim, without_none_out
+from modtensor._selection import chunk_size, chunks_of
 from modtensor._strategies import (
     Pieces,
     Reduction,
@@ -141,12 +142,28 @@ def run_reduction(
     get: Callable[[int], torch.Tensor] = b._tensor
     keys: tuple[Any, ...] = b._keys
     views = b._tensors is not None
-    if b._strategy == "concat" and _has_integers_in_floats(b):
+    integers = b._strategy == "concat" and _has_integers_in_floats(b)
+    if integers:
         get, keys = _as_in_concatenation(b)
         # Its integer tensors' converted copies are made at each call: kept with the bundle's
         # plans (as its own tensors are), they would miss later in-place updates of the buffers.
         views = False
-    pieces = Pieces(get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype)
+    # A chain computed on demand (`(a - b).abs().sum()`) is read by chunks where it can make
+    # them alone: made whole, each tensor's intermediates were alive together, twice or more
+    # the tensor. Only the built-in reductions, whose partials take any flat segment; not
+    # where a gradient is recorded, which would keep every chunk for backward anyway.
+    by_chunks = (
+        b._strategy == "concat" and b._dist is None and b._tensors is None and not b._lazy_requires_grad
+        and not integers and _is_builtin(reduction)
+    )
+
+    def chunks(i: int) -> Any:
+        read = lambda start, stop: b._flat_range(i, start, stop)  # noqa: E731
+        return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), read)
+
+    pieces = Pieces(
+        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype, chunks if by_chunks else None
+    )
 
     callers: list[Any] = []
 

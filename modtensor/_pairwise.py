@@ -19,12 +19,12 @@ from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
 from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm
-from modtensor._pointwise import _piece_getter, map_elementwise, per_tensor_caller
+from modtensor._pointwise import _operand_range, _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
     _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum, takes_powers,
 )
-from modtensor._selection import flat_views
+from modtensor._selection import chunk_size, chunks_of, flat_views
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
 
 __all__ = ["PAIRWISE_FUNCTIONS"]
@@ -37,9 +37,13 @@ def _dtype_of(x: Any) -> torch.dtype:
 
 
 def _operands(
-    name: str, first: Any, second: Any, require_same_dtype: bool
+    name: str, first: Any, second: Any, require_same_dtype: bool, by_chunks: bool = False
 ) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
-    """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`."""
+    """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`.
+
+    Pairs of long tensors are read by chunks (see `_pair_chunks`) where an operand is computed
+    on demand, or with `by_chunks` (a reduction whose torch kernel makes temporaries).
+    """
     ref = first if is_bundle(first) else second
     getters = [_piece_getter(x, ref, name) for x in (first, second)]
     if any(g is NOT_HANDLED or g is None for g in getters):
@@ -50,8 +54,32 @@ def _operands(
             f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
             f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
         )
-    pieces = Pieces(lambda i: (getters[0](i), getters[1](i)), ref._offsets, _pack_keys(ref, first, second))
+    chunks = _pair_chunks(ref, first, second, by_chunks)
+    pieces = Pieces(
+        lambda i: (getters[0](i), getters[1](i)), ref._offsets, _pack_keys(ref, first, second), chunks=chunks
+    )
     return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
+
+
+def _pair_chunks(ref: ParameterBundle, first: Any, second: Any, always: bool) -> Callable[[int], Any] | None:
+    """`Pieces.chunks` for pairs: tensor i's pair as flat chunk pairs, where no gradient is
+    recorded (autograd would keep every chunk) and chunks help: an operand computed on demand
+    (`mse_loss(a * 2, b)`) would be made whole, and `always` says torch's own kernel makes
+    temporaries of a tensor's size (mse_loss's elementwise buffer)."""
+    on_demand = any(is_bundle(x) and x._tensors is None for x in (first, second))
+    if ref._strategy != "concat" or ref._dist is not None or records(first, second) or not (always or on_demand):
+        return None
+
+    def pair(i: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        x, y = (_operand_range(z, ref, i, start, stop, cast=True) for z in (first, second))
+        whole = (stop - start,)
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape == whole):
+            return None  # a broadcast scalar, or a tensor whose chunks are not views
+        return x, y
+
+    return lambda i: chunks_of(
+        ref._shapes[i].numel(), chunk_size(ref._devices[i]), lambda start, stop: pair(i, start, stop)
+    )
 
 
 def _pack_keys(ref: ParameterBundle, first: Any, second: Any) -> list[Any] | None:
@@ -362,7 +390,7 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
             )
         if reduction == "none":
             return map_elementwise(func, types, args, kwargs)
-        operands = _operands(name, first, second, require_same_dtype=False)
+        operands = _operands(name, first, second, require_same_dtype=False, by_chunks=True)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
         ref, _, input_dtype = operands

@@ -19,6 +19,7 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import (
     NOT_HANDLED, concatenated, copy_is_cheap, find_bundles, func_name, is_tiny, materialized, remember_elementwise,
 )
+from modtensor._selection import chunk_size
 
 __all__ = [
     "UNARY_OPS", "BINARY_OPS", "SPECIAL_OPS", "FUNCTIONAL_OPS", "OPERATOR_DUNDERS", "CONVERSIONS",
@@ -287,11 +288,14 @@ def map_elementwise(
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         guard = None if dtypes is None else _Guard.watch(args, kwargs)
         if dtypes is not None and guard is not None:
+            requires_grad = _requires_grad(args, kwargs, dtypes)
+            by_chunks = not requires_grad and func in FLAT_RESULTS
             lazy = owner._on_demand(
-                lambda i: guard(i, call, i),
+                (lambda i: guard(i, _by_chunks, call, func, args, kwargs, ref, cast, i)) if by_chunks
+                else (lambda i: guard(i, call, i)),
                 ref,
                 dtypes,
-                _requires_grad(args, kwargs, dtypes),
+                requires_grad,
                 compute_range=lambda i, start, stop: guard(i, _range_call, func, args, kwargs, ref, cast, i, start, stop),
             )
             lazy._expr = (func, args, kwargs, guard)
@@ -495,6 +499,38 @@ def _range_call(
     return out if isinstance(out, torch.Tensor) and out.shape == (stop - start,) else None
 
 
+def _by_chunks(
+    call: Callable[[int], Any], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    ref: ParameterBundle, cast: bool, i: int,
+) -> Any:
+    """Tensor i of an on-demand op, made a chunk at a time into its result where that helps.
+
+    Made whole, a chain's intermediates (`(a - b).abs()` holds `a - b` beside its result) and
+    the temporaries torch's own kernel makes (isclose: 4x the tensor) are each a tensor's size;
+    by chunks they are a chunk's. Each element is computed by the same op either way. Small
+    tensors, and ops that make no temporaries, are made whole: the chunks' loop would only cost.
+    """
+    n, size = ref._shapes[i].numel(), chunk_size(ref._devices[i])
+    if n <= size or not (func in OWN_TEMPORARIES or any(_computed_on_demand(a) for a in (*args, *kwargs.values()))):
+        return call(i)
+    first = _range_call(func, args, kwargs, ref, cast, i, 0, size)
+    if first is None:  # an operand cannot make a chunk alone (it is not contiguous)
+        return call(i)
+    out = torch.empty(n, dtype=first.dtype, device=first.device)
+    out[:size] = first
+    del first
+    for start in range(size, n, size):
+        stop = min(start + size, n)
+        part = _range_call(func, args, kwargs, ref, cast, i, start, stop)
+        assert part is not None  # the first chunk could be made alone, so can the others
+        out[start:stop] = part
+    return out.view(ref._shapes[i])
+
+
+def _computed_on_demand(arg: Any) -> bool:
+    return is_bundle(arg) and arg._tensors is None
+
+
 def _where(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if len(args) + len(kwargs) == 1:  # torch.where(cond) is nonzero, not elementwise
         return NOT_HANDLED
@@ -519,6 +555,16 @@ ON_DEMAND = frozenset(
     for name, funcs in POINTWISE_FUNCTIONS.items()
     if name not in CONVERSIONS and name != "nn.functional.rrelu"
     for f in funcs
+)
+# Ops whose torch kernel makes whole-tensor temporaries of its own, of at least twice its
+# result's bytes (measured on CPU float32): made by chunks even as the first op of a chain.
+OWN_TEMPORARIES = frozenset(
+    f
+    for name in (
+        "isclose", "isfinite", "isinf", "float_power", "ldexp", "special.ndtr", "nn.functional.softsign",
+        "nn.functional.tanhshrink", "nn.functional.logsigmoid",
+    )
+    for f in POINTWISE_FUNCTIONS[name]
 )
 # Ops whose result on a tiny bundle may be computed on the concatenation: all but those that
 # return their input itself or a view of it (`+b`, `b.real` of real tensors), whose results

@@ -56,6 +56,27 @@ def flat_views(t: torch.Tensor) -> Sequence[torch.Tensor]:
     return [flat[start : start + size] for start in range(0, flat.numel(), size)]
 
 
+def chunks_of(n: int, size: int, read: Callable[[int, int], Any]) -> Iterator[tuple[Any, int]] | None:
+    """`(read(start, stop), start)` over `[0, n)` by pieces of at most `size`, each read when
+    the previous one is done with; None where `n` fits one piece or `read` returns None for
+    the first (it cannot read a piece alone, so it cannot read any)."""
+    if n <= size:
+        return None
+    first = read(0, size)
+    return None if first is None else _read_from(first, n, size, read)
+
+
+def _read_from(first: Any, n: int, size: int, read: Callable[[int, int], Any]) -> Iterator[tuple[Any, int]]:
+    piece = first
+    del first
+    for start in range(0, n, size):
+        if piece is None:
+            piece = read(start, min(start + size, n))
+            assert piece is not None  # the first piece could be read alone, so can the others
+        yield piece, start
+        piece = None  # not held while the next one is read
+
+
 def _flat_chunks(t: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
     """`t.reshape(-1)` in pieces of at most `size` elements; only non-contiguous pieces are copied."""
     if t.numel() <= size or t.dim() <= 1 or t.is_contiguous():

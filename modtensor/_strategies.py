@@ -144,7 +144,9 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     `keys[i]` (the operand's dtypes and device), where given, lets `map_segments` pack small
     tensors of one key together (for commutative reductions only); None keeps one segment per
     tensor. `widen(dtype, device)`, where given, is the dtype packed tensors (keyed
-    `(dtype, device)`) are converted to (see Reduction.pack_dtype).
+    `(dtype, device)`) are converted to (see Reduction.pack_dtype). `chunks(i)`, where given,
+    may read tensor i as flat `(chunk, start)` segments made one at a time, or return None
+    to have it whole.
     """
 
     def __init__(
@@ -155,8 +157,10 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         views: bool = False,
         plans: dict[Any, Any] | None = None,
         widen: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
+        chunks: Callable[[int], Iterable[tuple[Any, int]] | None] | None = None,
     ) -> None:
         self._get, self._offsets, self._keys = get, offsets, keys
+        self._chunks = chunks
         self.views = views  # True where `get(i)` is a tensor that exists anyway (not on demand)
         self._plans = plans  # where the packing plan of these offsets and keys is kept
         self._widen = widen
@@ -186,7 +190,7 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         """
         get, offsets = self._get, self._offsets
         if self._keys is None:
-            return [fn(get(i), offsets[i]) for i in self.nonempty()]
+            return [state for i in self.nonempty() for state in self._segments(fn, i)]
         results: list[Any] = []
         if batch is not None and self.views:
             # One call takes the small tensors too: packing them would only copy them
@@ -201,9 +205,21 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             return results
         alone, packs = self._plan()
         for group in alone:
-            results.extend(fn(get(i), offsets[i]) for i in group)
+            for i in group:
+                results.extend(self._segments(fn, i))
         results.extend(fn(self._packed(run), offsets[run[0]]) for run in packs)
         return results
+
+    def _segments(self, fn: Callable[[Any, int], Any], i: int) -> list[Any]:
+        # Tensor i's states: of the whole tensor, or of each chunk that `chunks` reads of it.
+        chunks = None if self._chunks is None else self._chunks(i)
+        if chunks is None:
+            return [fn(self._get(i), self._offsets[i])]
+        states = []
+        for chunk, start in chunks:
+            states.append(fn(chunk, self._offsets[i] + start))
+            del chunk  # not held while the next one is made
+        return states
 
     def _by_key(self) -> list[list[int]]:
         # The non-empty tensors by key, kept with the packing plans.

@@ -427,3 +427,15 @@ def test_magnitude_prune_of_a_model_mixing_dtypes_compares_as_the_concatenation(
         want = cat.clone()
         want[torch.sort(cat.abs(), stable=True).indices[:k]] = 0
         assert torch.equal(torch.cat([t.reshape(-1).float() for t in ours]), want), k
+
+
+def test_merge_holds_one_chunks_temporaries_at_a_time():
+    # Without elect_sign each tensor of base + sum of weighted task vectors was made whole,
+    # its products and their sum beside it: 2x the largest tensor over the result.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    base, tv1, tv2, tv3 = (mt.bundle([torch.randn(n, generator=g) for _ in range(4)]) for _ in range(4))
+    merged, peak = peak_allocation(lambda: recipes.merge(base, [tv1, tv2, tv3], weights=[0.5, 2.0, -1.0]))
+    want = base.materialize() + (tv1.materialize() * 0.5 + tv2.materialize() * 2.0 + tv3.materialize() * -1.0)
+    assert torch.equal(merged.materialize(), want)
+    assert peak < (4 + 1) * n * 4, peak  # the result (4 tensors) and chunks': not 4 + 2
