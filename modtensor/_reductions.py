@@ -52,6 +52,7 @@ from modtensor._reduce_common import (
     check_dim,
     check_dtype,
     dim_ints,
+    quiet_count,
     root_of_sum,
     takes_powers,
     transformed,
@@ -595,7 +596,8 @@ def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         # concatenation's in about 1 draw of 5).
         return _kernels.wide_norm(t, a.options["p"])
     dtype = _partial_dtype(a.dtype)
-    value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
+    with quiet_count(t, a.options["p"]):
+        value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
     return value
 
 
