@@ -192,6 +192,16 @@ def _check_writable(
                 f"({leaves[:3]}{' ...' if len(leaves) > 3 else ''} of {b.describe()}). Wrap the "
                 "update in `with torch.no_grad():`, as optimizers do."
             )
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+        # torch's rule for inference tensors: the dry runs' copies are not inference tensors,
+        # and torch's foreach kernels write the first tensor before they refuse the second.
+        frozen = [b.names[i] for i in b._apart() if b.tensors[i].is_inference()]
+        if frozen:
+            raise RuntimeError(
+                f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed "
+                f"({frozen[:3]}{' ...' if len(frozen) > 3 else ''} of {b.describe()}; nothing was "
+                "written). Write them inside `torch.inference_mode()`, or bundle clones of them."
+            )
     if dry_run is None or torch.compiler.is_compiling():
         # torch.compile runs the whole graph on fake tensors before it writes anything, so
         # torch's own checks fail before any write.

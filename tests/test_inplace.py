@@ -155,6 +155,31 @@ def test_inference_mode_records_no_graph_even_with_grad_mode_on(made_inside):
         mt.bundle(model).mul_(0.5).add_(1.0)
     torch.testing.assert_close([p.detach() for p in model.parameters()], [q + 1 for q in before])
 
+
+@pytest.mark.parametrize("op", [
+    lambda x: x.add_(1), lambda x: x.mul_(2), lambda x: x.zero_(), lambda x: x.clamp_(0, 1),
+    lambda x: x.copy_(torch.ones_like(x)), lambda x: x.__setitem__(0, 5.0),
+], ids=["add_", "mul_", "zero_", "clamp_", "copy_", "setitem"])
+def test_inference_tensors_outside_inference_mode_are_refused_before_any_write(op):
+    # torch refuses to write an inference tensor outside inference mode (though its check
+    # comes after its kernel wrote the tensor); the bundle wrote the first tensor (its foreach
+    # kernel did), then refused the second. A failing in-place op writes nothing.
+    with torch.inference_mode():
+        model = nn.Linear(300, 200)
+        first = model.weight.clone()
+    tensors = list(model.parameters())
+    before = [t.clone() for t in tensors]
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+            op(first)  # the loop's first step, on a copy
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            op(mt.bundle(model))
+    torch.testing.assert_close(tensors, before)
+    with torch.inference_mode():  # inside the mode torch writes them
+        op(mt.bundle(model))
+    assert not torch.equal(tensors[0], before[0])
+
+
 _CAST = "can't be cast to the desired output type Long"
 _DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
 
