@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modtensor import _distributed
-from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._bundle import ParameterBundle, is_bundle, version
 from modtensor._dispatch import (
     NOT_HANDLED, concatenated, copy_is_cheap, find_bundles, func_name, is_tiny, materialized, remember_elementwise,
 )
@@ -391,11 +391,15 @@ def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequen
 
 
 class _Guard:
-    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode of the guard's making, refusing tensor i's
-    inputs if they were modified in place since then."""
+    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode (and inference mode) of the guard's making,
+    refusing tensor i's inputs if they were modified in place since then."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.grad_enabled = torch.is_grad_enabled()
+        # Made under inference mode, the concatenation's result is an inference tensor (no
+        # in-place update, no autograd outside that mode): so are the tensors computed later.
+        # (dynamo cannot trace the question; see _dispatch.autograd_records.)
+        self.inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         operands = (*args, *kwargs.values())
         self.plain = [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
         self.bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
@@ -427,8 +431,8 @@ class _Guard:
         ] + [
             b for b in self.on_demand
             if b._tensors is not None and (
-                b._tensors[i]._version != b._kept_versions[i] if i is not None
-                else tuple(t._version for t in b._tensors) != b._kept_versions
+                version(b._tensors[i]) != b._kept_versions[i] if i is not None
+                else tuple(map(version, b._tensors)) != b._kept_versions
             )
         ]
         if changed:
@@ -440,6 +444,9 @@ class _Guard:
 
     def __call__(self, i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
         self.check(i)
+        if self.inference and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return fn(*fn_args)
         if torch.is_grad_enabled() == self.grad_enabled:  # no mode to switch: spare the context
             return fn(*fn_args)
         with torch.set_grad_enabled(self.grad_enabled):
