@@ -55,8 +55,10 @@ def _locate(b: ParameterBundle, index: int) -> tuple[int, tuple[int, ...]]:
 
 def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
     i, coords = _locate(b, index)
-    element = b._tensor(i)[coords]
-    return element if element.dtype == b._dtype else element.to(b._dtype)
+    # A copy, as the concatenation's element is: a view of the tensor would be written by
+    # `b[i].add_(1)`, would require grad under no_grad (as views of such a tensor do) and be
+    # an inference tensor wherever that tensor is one.
+    return b._tensor(i)[coords].to(b._dtype, copy=True)
 
 
 def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
