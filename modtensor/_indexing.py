@@ -145,6 +145,11 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if not is_bundle(b):
         return NOT_HANDLED
     _local_only("ParameterBundle.__getitem__", b)
+    # As on the concatenation under every strategy: dispatch refuses sparse tensors under
+    # concat only (per_param applies other ops to each tensor). (dynamo cannot trace the
+    # question, which looks for inference tensors too; a compiled graph fails on them anyway.)
+    if not torch.compiler.is_compiling():
+        b._check_strided(func)
     index = as_position(index)
     if isinstance(index, int) and not isinstance(index, bool):
         result = _int_index(b, index)

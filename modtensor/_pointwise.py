@@ -282,7 +282,12 @@ def map_elementwise(
     # would need version counters, which it cannot trace. A tiny bundle's results take less
     # memory than the bookkeeping of computing them on demand.
     tiny = all(is_tiny(b) for b in bundles)
-    if func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling():
+    # Sparse (or inference) tensors are computed at once, so that the result holds them and an
+    # op under concat refuses them by name (see ParameterBundle._apart); per_param lets them by.
+    if (
+        func in ON_DEMAND and ref._names and not tiny and not torch.compiler.is_compiling()
+        and not any(b._apart() for b in bundles if isinstance(b, ParameterBundle))
+    ):
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         guard = None if dtypes is None else _Guard.watch(args, kwargs)
         if dtypes is not None and guard is not None:
