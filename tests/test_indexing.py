@@ -221,3 +221,22 @@ def test_an_int_index_is_a_copy_as_the_concatenations_element(mode, strategy):
         with torch.no_grad(), torch.inference_mode(want.is_inference()):
             got.add_(1)
     torch.testing.assert_close([t.detach() for t in tensors], before)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.complex64, torch.complex64), (torch.float32, torch.complex64)])
+@pytest.mark.parametrize("index", [0, 35, -1])
+def test_tensors_an_int_index_of_a_complex_bundle_misses_get_zero_gradients(dtypes, index):
+    # Complex results require grad as floating ones do; only floating ones were linked to the
+    # tensors the index misses, which got None where the concatenation gives them zeros.
+    def leaves():
+        torch.manual_seed(0)
+        return [torch.randn(30, dtype=dtypes[0], requires_grad=True), torch.randn(20, dtype=dtypes[1], requires_grad=True)]
+
+    ours, theirs = leaves(), leaves()
+    got, want = mt.bundle(ours)[index], torch.cat(theirs)[index]
+    assert got.requires_grad == want.requires_grad and got.dtype == want.dtype
+    (got * (1 + 2j)).abs().backward()
+    (want * (1 + 2j)).abs().backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None and a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad)
