@@ -137,7 +137,7 @@ class _BundleAPI:
         """
         if self._tensors is None:  # computed on demand until now: compute and keep them
             self._tensors = tuple(self._tensor(i) for i in range(len(self._names)))
-            self._kept_versions = tuple(t._version for t in self._tensors)
+            self._kept_versions = tuple(map(version, self._tensors))
             self._compute = self._compute_range = None
             self._flat = None  # the kept tensors may now be given other data (`t.data = ...`)
             self._expr = None  # a snapshot now: fused chains must not read its inputs again
@@ -863,6 +863,12 @@ class ParameterBundle(_BundleAPI, TypedMethods):  # type: ignore[misc]
         self._lazy_requires_grad = requires_grad
         self._dist = None if like._dist is None else like._dist.derived()
         return self
+
+
+def version(t: torch.Tensor) -> int:
+    """t's version counter; -1 for an inference tensor, which has none (outside inference mode
+    it cannot be written)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _refuse_nested(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:

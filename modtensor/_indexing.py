@@ -55,8 +55,10 @@ def _locate(b: ParameterBundle, index: int) -> tuple[int, tuple[int, ...]]:
 
 def _int_index(b: ParameterBundle, index: int) -> torch.Tensor:
     i, coords = _locate(b, index)
-    element = b._tensor(i)[coords]
-    return element if element.dtype == b._dtype else element.to(b._dtype)
+    # A copy, as the concatenation's element is: a view of the tensor would be written by
+    # `b[i].add_(1)`, would require grad under no_grad (as views of such a tensor do) and be
+    # an inference tensor wherever that tensor is one.
+    return b._tensor(i)[coords].to(b._dtype, copy=True)
 
 
 def _slice_index(b: ParameterBundle, index: slice) -> tuple[torch.Tensor, bool]:
@@ -143,6 +145,11 @@ def getitem(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     if not is_bundle(b):
         return NOT_HANDLED
     _local_only("ParameterBundle.__getitem__", b)
+    # As on the concatenation under every strategy: dispatch refuses sparse tensors under
+    # concat only (per_param applies other ops to each tensor). (dynamo cannot trace the
+    # question, which looks for inference tensors too; a compiled graph fails on them anyway.)
+    if not torch.compiler.is_compiling():
+        b._check_strided(func)
     index = as_position(index)
     if isinstance(index, int) and not isinstance(index, bool):
         result = _int_index(b, index)

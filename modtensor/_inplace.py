@@ -127,7 +127,24 @@ def _sample(x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
     x = x.detach()
+    if _overlaps(x):  # two elements sharing memory, as x's do: torch refuses to write such a tensor
+        return x[(0,) * x.dim()].clone().expand(2)
     return x.clone() if x.dim() == 0 else x.reshape(-1)[: min(2, x.numel())].clone()
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    # Whether elements of t share memory (an expanded tensor): torch's in-place ops but fill_
+    # and zero_ refuse to write such a tensor. A stride of 0 over more than one element is
+    # what torch itself tells them by.
+    return t.numel() > 1 and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+
+
+def _overlapping(b: ParameterBundle) -> frozenset[int]:
+    # The bundle's tensors whose elements share memory, found once per bundle (most have none).
+    found: frozenset[int] | None = b._plans.get("overlapping")
+    if found is None:
+        found = b._plans["overlapping"] = frozenset(i for i, t in enumerate(b.tensors) if _overlaps(t))
+    return found
 
 
 def _in_context(e: BaseException, name: str, where: str) -> BaseException:
@@ -192,6 +209,16 @@ def _check_writable(
                 f"({leaves[:3]}{' ...' if len(leaves) > 3 else ''} of {b.describe()}). Wrap the "
                 "update in `with torch.no_grad():`, as optimizers do."
             )
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+        # torch's rule for inference tensors: the dry runs' copies are not inference tensors,
+        # and torch's foreach kernels write the first tensor before they refuse the second.
+        frozen = [b.names[i] for i in b._apart() if b.tensors[i].is_inference()]
+        if frozen:
+            raise RuntimeError(
+                f"{name}: Inplace update to inference tensor outside InferenceMode is not allowed "
+                f"({frozen[:3]}{' ...' if len(frozen) > 3 else ''} of {b.describe()}; nothing was "
+                "written). Write them inside `torch.inference_mode()`, or bundle clones of them."
+            )
     if dry_run is None or torch.compiler.is_compiling():
         # torch.compile runs the whole graph on fake tensors before it writes anything, so
         # torch's own checks fail before any write.
@@ -200,6 +227,9 @@ def _check_writable(
     # on values: one check per distinct kind of (tensor, operand) pair, the first of each kind.
     tensors = _targets(b)
     kinds: list[Any] = list(zip([t.dtype for t in tensors], [t.dim() == 0 for t in tensors]))
+    overlapping = _overlapping(b)
+    if overlapping:  # its own dry run: the foreach kernel writes the tensors before it
+        kinds = list(zip(kinds, [i in overlapping for i in range(len(tensors))]))
     if not b._on_one_device:
         kinds = list(zip(kinds, [t.device for t in tensors]))
     for operand in operands:
@@ -358,7 +388,8 @@ def _copy(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         src = src.reshape(1)  # split as a one-element operand: the same (1,) for every tensor
     pieces = _operand_pieces(name, b, src)
     assert pieces is not None
-    _check_writable(name, b, [])  # the leaf rule; copy_ casts every dtype into every other
+    # The leaf rule; copy_ casts every dtype into every other, but refuses expanded tensors.
+    _check_writable(name, b, [pieces], (lambda t, o: t.copy_(o)) if _overlapping(b) else None)
     if isinstance(pieces, _OnDemand) or (torch.is_grad_enabled() and any(p.requires_grad for p in pieces)):
         # torch._foreach_copy_ has no derivative: it would give each tensor a grad_fn that
         # fails in backward (and an integer tensor requires_grad). The loop's copy_ records one.

@@ -22,7 +22,8 @@ from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, power_
 from modtensor._pointwise import _operand_range, _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
-    _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, root_of_sum, takes_powers,
+    _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, quiet_count, root_of_sum,
+    takes_powers,
 )
 from modtensor._selection import chunk_size, chunks_of, flat_views
 from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, may_pack
@@ -194,7 +195,8 @@ def _pair_norm(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
     if x.dtype in _LOW_PRECISION and not math.isinf(p):
         # a 16-bit partial would round before the combine (see diff_l2_norm)
         return wide_norm(x, p, y)
-    return torch.dist(x, y, p)
+    with quiet_count(x, p):
+        return torch.dist(x, y, p)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:
@@ -331,7 +333,8 @@ def _probe(
 ) -> torch.dtype:
     """The dtype of `op` on operands of `dtypes`, or torch's own error where it refuses them.
 
-    `op` runs on one-element tensors of those dtypes, where the bundle lives, once per kind:
+    `op` runs on two-element tensors of those dtypes, where the bundle lives, once per kind
+    (torch.dist of one complex element with p=0 warns that it discards an imaginary part):
     torch.dist refuses bool (it subtracts), cosine_similarity anything but real floats,
     l1_loss bool, huber_loss integers, mse_loss complex; l1_loss of complex is real.
     """
@@ -341,7 +344,7 @@ def _probe(
     if dtype is None:
         if len(_PROBED) >= 1024:  # a scheduled delta, beta or p makes ever new keys
             _PROBED.clear()
-        x, y = (torch.ones(1, dtype=d, device=device) for d in dtypes)
+        x, y = (torch.ones(2, dtype=d, device=device) for d in dtypes)
         try:
             dtype = op(x, y, **kwargs).dtype
         except Exception as e:

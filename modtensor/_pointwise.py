@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modtensor import _distributed
-from modtensor._bundle import ParameterBundle, is_bundle
+from modtensor._bundle import ParameterBundle, is_bundle, version
 from modtensor._dispatch import (
     NOT_HANDLED, concatenated, copy_is_cheap, find_bundles, func_name, is_tiny, materialized, remember_elementwise,
 )
@@ -284,7 +284,12 @@ def map_elementwise(
     # memory than the bookkeeping of computing them on demand.
     tiny = all(is_tiny(b) for b in bundles)
     lazy_ok = func in ON_DEMAND or _casts_on_demand(func, args, kwargs)
-    if lazy_ok and ref._names and not tiny and not torch.compiler.is_compiling():
+    # Sparse (or inference) tensors are computed at once, so that the result holds them and an
+    # op under concat refuses them by name (see ParameterBundle._apart); per_param lets them by.
+    if (
+        lazy_ok and ref._names and not tiny and not torch.compiler.is_compiling()
+        and not any(b._apart() for b in bundles if isinstance(b, ParameterBundle))
+    ):
         dtypes = _result_dtypes(call, func, args, kwargs, ref, cast)
         guard = None if dtypes is None else _Guard.watch(args, kwargs)
         if dtypes is not None and guard is not None:
@@ -415,11 +420,15 @@ def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequen
 
 
 class _Guard:
-    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode of the guard's making, refusing tensor i's
-    inputs if they were modified in place since then."""
+    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode (and inference mode) of the guard's making,
+    refusing tensor i's inputs if they were modified in place since then."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.grad_enabled = torch.is_grad_enabled()
+        # Made under inference mode, the concatenation's result is an inference tensor (no
+        # in-place update, no autograd outside that mode): so are the tensors computed later.
+        # (dynamo cannot trace the question; see _dispatch.autograd_records.)
+        self.inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         operands = (*args, *kwargs.values())
         self.plain = [a for a in operands if isinstance(a, torch.Tensor) and not is_bundle(a)]
         self.bundles = [a for a in operands if is_bundle(a) and a._tensors is not None]
@@ -451,8 +460,8 @@ class _Guard:
         ] + [
             b for b in self.on_demand
             if b._tensors is not None and (
-                b._tensors[i]._version != b._kept_versions[i] if i is not None
-                else tuple(t._version for t in b._tensors) != b._kept_versions
+                version(b._tensors[i]) != b._kept_versions[i] if i is not None
+                else tuple(map(version, b._tensors)) != b._kept_versions
             )
         ]
         if changed:
@@ -464,6 +473,9 @@ class _Guard:
 
     def __call__(self, i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
         self.check(i)
+        if self.inference and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                return fn(*fn_args)
         if torch.is_grad_enabled() == self.grad_enabled:  # no mode to switch: spare the context
             return fn(*fn_args)
         with torch.set_grad_enabled(self.grad_enabled):

@@ -7,9 +7,11 @@ the result is floating, so a combine adds no rounding of its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -195,3 +197,16 @@ _REAL_OF_COMPLEX = {
 
 def _real(dtype: torch.dtype) -> torch.dtype:
     return _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
+@contextlib.contextmanager
+def quiet_count(t: torch.Tensor, p: float) -> Iterator[None]:
+    """Silence the warning torch's order-0 norm (and dist) of one complex element gives, that a
+    cast discards the imaginary part: the count is right, and the concatenation, longer, gives
+    none."""
+    if p != 0 or t.numel() != 1 or not t.is_complex():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Casting complex values to real", UserWarning)
+        yield

@@ -52,6 +52,7 @@ from modtensor._reduce_common import (
     check_dim,
     check_dtype,
     dim_ints,
+    quiet_count,
     root_of_sum,
     takes_powers,
     transformed,
@@ -191,8 +192,14 @@ def _finalize_nanmean(state: Any, a: ReduceArgs) -> torch.Tensor:
     return _cast(total / count, a.dtype)
 
 
-def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> torch.Tensor:
-    return torch.prod(_complex_input(t, a.dtype), dtype=a.dtype)
+def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    product = torch.prod(_complex_input(t, a.dtype), dtype=a.dtype)
+    if not a.dtype.is_floating_point:
+        return product, None, None
+    # Whether t holds an exact 0 or an exact infinity (see _combine_prod): counted, not
+    # compared, so that no boolean copy of t is made.
+    low, high = torch.aminmax(t.detach())
+    return product, torch.count_nonzero(t.detach()) < t.numel(), (high == math.inf) | (low == -math.inf)
 
 
 def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -203,8 +210,32 @@ def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _combine_prod(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:
-    return _stack(states, _acc_dtype(a.dtype)).prod()
+def _combine_prod(states: list[Any], a: ReduceArgs) -> Any:
+    products = _stack([p for p, _, _ in states], _acc_dtype(a.dtype))
+    if not a.dtype.is_floating_point:
+        return products.prod(), None, None
+    zeros, infs = _stack([z for _, z, _ in states], torch.bool), _stack([i for _, _, i in states], torch.bool)
+    # torch multiplies in the concatenation's own dtype, element after element (float16 in
+    # float16), so once its running product has overflowed to inf or underflowed to 0 it stays
+    # there, unless a later element is an exact 0 or inf (then NaN). A tensor's partial that
+    # overflowed times a later one that underflowed is NaN (inf * 0): the first partial to reach
+    # 0 or inf decides, as in the concatenation.
+    zero, inf = products == 0, products.isinf()
+    regrouped = zero.any() & inf.any() & ~products.isnan().any()
+    # (selected by masks, not by indexing with a tensor, which would wait for the device)
+    first = (zero | inf).to(torch.uint8).argmax()
+    positions = torch.arange(len(states), device=products.device)
+    at_first, later = positions == first, positions > first
+    killed = torch.where((zero & at_first).any(), (infs & later).any(), (zeros & later).any())
+    negative = torch.signbit(products).sum() % 2 == 1
+    magnitude = torch.where(at_first, products.detach().abs(), 0).sum()
+    saturated = magnitude * torch.where(negative, -1.0, 1.0).to(products.dtype)
+    ordered = torch.where(killed, torch.full_like(saturated, math.nan), saturated)
+    return torch.where(regrouped, ordered, products.prod()), zeros.any(), infs.any()
+
+
+def _finalize_prod(state: Any, a: ReduceArgs) -> torch.Tensor:
+    return _cast(state[0], a.dtype)
 
 
 def _sig_prod(input: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
@@ -566,7 +597,8 @@ def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         # concatenation's in about 1 draw of 5).
         return _kernels.wide_norm(t, a.options["p"])
     dtype = _partial_dtype(a.dtype)
-    value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
+    with quiet_count(t, a.options["p"]):
+        value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
     return value
 
 
@@ -693,7 +725,7 @@ REDUCTIONS: dict[str, Reduction] = {
     ),
     # prod overflows and underflows easily: regrouping its factors would change where it does
     "prod": _register(
-        REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_sum, parse=_parse_prod,
+        REDUCTION_FUNCTIONS["prod"], _partial_prod, _combine_prod, _finalize_prod, parse=_parse_prod,
         commutative=False,
     ),
     # var and std: Chan et al.'s parallel merge of per-tensor (count, mean, M2)

@@ -440,7 +440,8 @@ def _connect(result: torch.Tensor, b: ParameterBundle) -> torch.Tensor:
     The concatenation's backward gives every tensor that requires grad a gradient, zeros for
     those none of whose elements were picked; optimizers skip a None one (no weight decay).
     """
-    if not (torch.is_grad_enabled() and b.requires_grad and result.dtype.is_floating_point):
+    # (complex results require grad too; integer and bool ones never do)
+    if not (torch.is_grad_enabled() and b.requires_grad and (result.dtype.is_floating_point or result.dtype.is_complex)):
         return result
     compiling = torch.compiler.is_compiling()  # (where transformed() is True as well)
     if transformed() and not compiling:

@@ -599,6 +599,24 @@ def test_tensors_that_are_not_strided_are_named_where_the_concatenation_is_neede
         SPARSE_CALLS[call](mt.bundle([torch.ones(size), torch.ones(size)]))  # what the lane remembers
 
 
+@pytest.mark.parametrize("call", ["norm", "sum", "amax", "dist", "index", "materialize"])
+@pytest.mark.parametrize("make", ["coo", "csr"])
+@pytest.mark.parametrize("strategy", ["per_param", "weighted"])
+@pytest.mark.filterwarnings("ignore")  # CSR's beta warning
+def test_sparse_tensors_of_a_result_computed_per_param_are_named_too(call, make, strategy, real_sizes):
+    # `b * 2` of a per_param bundle was computed on demand, so its sparse tensors were never
+    # seen: under concat its sum and norm summed them as if a concatenation existed, and the
+    # other ops raised torch's errors (as did indexing a per_param bundle), naming no tensor.
+    odd = {"coo": torch.eye(80).to_sparse, "csr": torch.eye(80).to_sparse_csr}[make]()
+    b = mt.bundle({"w": torch.ones(6000), "odd": odd}, strategy=strategy)
+    message = rf"tensor 'odd' of ParameterBundle of .* has layout {re.escape(str(odd.layout))};.*t.to_dense\(\)"
+    with pytest.raises(RuntimeError, match=message):
+        SPARSE_CALLS[call]((b * 2).with_strategy("concat"))
+    if call == "index":
+        with pytest.raises(RuntimeError, match=message):
+            b[6001]
+
+
 def test_bundles_of_sparse_tensors_keep_their_per_tensor_ops():
     # Per-tensor results and in-place writes are torch's ops on each tensor, which exist.
     b = _sparse_embedding_grad()

@@ -67,7 +67,7 @@ def test_cpu_and_meta_tensors_give_meta_results():
     cpu, meta = torch.randn(3, 2), torch.empty(4, device="meta")
     b = mt.bundle({"cpu": cpu, "meta": meta})
     assert b.device.type == "meta"
-    for result in (b.sum(), b.std(), b.norm(), b.amax(), b.argmax(), torch.dot(b, b)):
+    for result in (b.sum(), b.std(), b.norm(), b.amax(), b.argmax(), torch.dot(b, b), b.prod()):
         assert result.device.type == "meta" and result.shape == ()
     doubled = b * 2
     assert doubled.to_dict()["cpu"].device.type == "cpu" and doubled.to_dict()["meta"].device.type == "meta"

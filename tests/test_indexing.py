@@ -199,3 +199,44 @@ def test_mask_index_copies_each_selection_into_place():
     want = mixed.materialize()[m]
     got = mixed[m]
     assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("strategy", ["concat", "per_param"])
+def test_an_int_index_is_a_copy_as_the_concatenations_element(mode, strategy):
+    # The element was a view of its tensor where no gradient was recorded: `b[i].add_(1)`
+    # wrote the parameter, under no_grad it required grad (as views of such a tensor do), and
+    # of an inference tensor it was one (its `add_` refused outside inference mode).
+    with torch.inference_mode():
+        frozen = torch.randn(30, requires_grad=True)
+    tensors = [frozen, torch.randn(4, 5), torch.randn(6, requires_grad=True)]
+    before = [t.detach().clone() for t in tensors]
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    for index in [3, 32, 52, -1]:
+        with context():
+            got = mt.bundle(tensors, strategy=strategy)[index]
+            want = torch.cat([t.reshape(-1) for t in tensors])[index]
+        assert (got.requires_grad, got.is_inference()) == (want.requires_grad, want.is_inference()), index
+        torch.testing.assert_close(got, want)
+        with torch.no_grad(), torch.inference_mode(want.is_inference()):
+            got.add_(1)
+    torch.testing.assert_close([t.detach() for t in tensors], before)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.complex64, torch.complex64), (torch.float32, torch.complex64)])
+@pytest.mark.parametrize("index", [0, 35, -1])
+def test_tensors_an_int_index_of_a_complex_bundle_misses_get_zero_gradients(dtypes, index):
+    # Complex results require grad as floating ones do; only floating ones were linked to the
+    # tensors the index misses, which got None where the concatenation gives them zeros.
+    def leaves():
+        torch.manual_seed(0)
+        return [torch.randn(30, dtype=dtypes[0], requires_grad=True), torch.randn(20, dtype=dtypes[1], requires_grad=True)]
+
+    ours, theirs = leaves(), leaves()
+    got, want = mt.bundle(ours)[index], torch.cat(theirs)[index]
+    assert got.requires_grad == want.requires_grad and got.dtype == want.dtype
+    (got * (1 + 2j)).abs().backward()
+    (want * (1 + 2j)).abs().backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None and a.grad.dtype == b.grad.dtype
+        torch.testing.assert_close(a.grad, b.grad)

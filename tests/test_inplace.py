@@ -155,6 +155,60 @@ def test_inference_mode_records_no_graph_even_with_grad_mode_on(made_inside):
         mt.bundle(model).mul_(0.5).add_(1.0)
     torch.testing.assert_close([p.detach() for p in model.parameters()], [q + 1 for q in before])
 
+
+@pytest.mark.parametrize("op", [
+    lambda x: x.add_(1), lambda x: x.mul_(2), lambda x: x.zero_(), lambda x: x.clamp_(0, 1),
+    lambda x: x.copy_(torch.ones_like(x)), lambda x: x.__setitem__(0, 5.0),
+], ids=["add_", "mul_", "zero_", "clamp_", "copy_", "setitem"])
+def test_inference_tensors_outside_inference_mode_are_refused_before_any_write(op):
+    # torch refuses to write an inference tensor outside inference mode (though its check
+    # comes after its kernel wrote the tensor); the bundle wrote the first tensor (its foreach
+    # kernel did), then refused the second. A failing in-place op writes nothing.
+    with torch.inference_mode():
+        model = nn.Linear(300, 200)
+        first = model.weight.clone()
+    tensors = list(model.parameters())
+    before = [t.clone() for t in tensors]
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+            op(first)  # the loop's first step, on a copy
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            op(mt.bundle(model))
+    torch.testing.assert_close(tensors, before)
+    with torch.inference_mode():  # inside the mode torch writes them
+        op(mt.bundle(model))
+    assert not torch.equal(tensors[0], before[0])
+
+
+@pytest.mark.parametrize("op", [
+    lambda x: x.mul_(0.5), lambda x: x.add_(1), lambda x: x.clamp_(0, 1), lambda x: x.sqrt_(),
+    lambda x: x.lerp_(torch.zeros_like(x), 0.5), lambda x: x.copy_(torch.ones_like(x)), lambda x: x.fill_(2.0),
+    lambda x: x.zero_(),
+], ids=["mul_", "add_", "clamp_", "sqrt_", "lerp_", "copy_", "fill_", "zero_"])
+def test_an_expanded_tensor_is_written_as_torch_writes_it(op):
+    # torch refuses most in-place ops on a tensor whose elements share memory (an expanded one),
+    # not fill_ and zero_. The dry runs read copies of two elements, which share none, and
+    # skipped a tensor of the first one's dtype: the bundle wrote the first tensor, then failed.
+    def tensors():
+        return [torch.rand(3000), torch.rand(1, 50).expand(30, 50), torch.rand(7)]
+
+    loop, ours = tensors(), tensors()
+    try:
+        for t in loop:
+            op(t)
+        failure = None
+    except RuntimeError as e:
+        failure = e
+    before = [t.clone() for t in ours]
+    if failure is None:
+        op(mt.bundle(ours))
+        torch.testing.assert_close(ours, loop)
+    else:
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            op(mt.bundle(ours))
+        torch.testing.assert_close(ours, before)
+
+
 _CAST = "can't be cast to the desired output type Long"
 _DRY_RUN = r"\(tensor '1' of .*; nothing was written\)"
 

@@ -242,3 +242,26 @@ def test_chains_make_each_tensor_a_chunk_at_a_time():
         got, peak = peak_allocation(lambda: chain(a, b).tensors)
         assert torch.equal(torch.cat(got), chain(x, y))
         assert peak < got[0].nbytes * 4 + 0.75 * n * 4, peak  # the result and a few chunks
+
+
+@pytest.mark.parametrize("strategy", ["concat", "per_param", "weighted"])
+@pytest.mark.parametrize("size", [3000, 30000], ids=["tiny", "long"])
+def test_a_bundle_made_in_inference_mode_is_computed_in_it(real_sizes, strategy, size):
+    # Under inference_mode, `torch.cat(...) * 2` is an inference tensor: outside that mode it
+    # cannot be written in place. The bundle's tensors were computed later, outside it, as
+    # ordinary tensors (written in place without a word); a tiny one's `tensors` raised
+    # "Inference tensors do not track version counter".
+    ts = [torch.randn(size), torch.randn(40, 3)]
+    with torch.inference_mode():
+        y = mt.bundle(ts, strategy=strategy) * 2
+        c = torch.cat([t.reshape(-1) for t in ts]) * 2
+        each = [t * 2 for t in ts]
+    assert [t.is_inference() for t in y.tensors] == [c.is_inference()] * 2 == [e.is_inference() for e in each]
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in y.tensors]), c)
+    with torch.inference_mode():
+        z = mt.bundle(ts, strategy=strategy).abs()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor") as want:
+        c.add_(1)
+    with pytest.raises(type(want.value), match="Inplace update to inference tensor"):
+        z.add_(1)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in z.tensors]), torch.cat([t.reshape(-1) for t in ts]).abs())

@@ -294,3 +294,30 @@ def test_pairs_of_long_tensors_are_read_a_chunk_at_a_time(name):
         # against float64: float32 sums of 8M elements are off in the sixth digit
         exact = reduce(cat_first.double(), cat_second.double()).float()
         torch.testing.assert_close(got, exact, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3, float("inf")])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32])
+def test_dist_warns_only_where_torch_warns_on_the_concatenations(dtype, p):
+    # torch.dist of one complex element with p=0 warns that it discards the imaginary part;
+    # the bundle's one-element probe of the dtypes, and a one-element tensor's partial, did
+    # where the concatenations (of more elements) do not.
+    import warnings
+
+    torch.manual_seed(0)
+    shapes = [(3, 4), (1,), (2,)]
+    a, b = ([torch.randn(s, dtype=dtype) for s in shapes] for _ in range(2))
+    with warnings.catch_warnings(record=True) as want:
+        warnings.simplefilter("always")
+        expected = torch.dist(torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b]), p=p)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        result = torch.dist(mt.bundle(a), mt.bundle(b), p=p)
+    assert [str(w.message) for w in got] == [str(w.message) for w in want]
+    torch.testing.assert_close(result, expected)
+    # the norms of order 0 too
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        result = torch.linalg.vector_norm(mt.bundle(a), p)
+    assert not got
+    torch.testing.assert_close(result, torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), p))

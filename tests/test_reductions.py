@@ -550,3 +550,27 @@ def test_logsumexp_of_each_tensor_with_infinite_elements_is_torchs(strategy):
     torch.testing.assert_close(got, want, equal_nan=True)
     for g, w in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), copies)):
         torch.testing.assert_close(g, w, equal_nan=True)
+
+
+_RUNS = {"overflows": 300.0, "underflows": 1e-4, "negative": -1.0, "zero": 0.0, "inf": float("inf")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("order", [
+    ("overflows", "underflows"), ("underflows", "overflows"), ("underflows", "negative", "overflows"),
+    ("overflows", "underflows", "zero"), ("underflows", "overflows", "inf"), ("overflows", "zero", "underflows"),
+    ("underflows", "zero", "overflows"),
+])
+def test_prod_of_tensors_that_overflow_and_underflow_is_the_concatenations(dtype, order):
+    # torch multiplies in the concatenation's dtype, and a product that reached inf or 0 stays
+    # there (unless a later element is an exact 0 or inf): one tensor's product that overflowed
+    # times another's that underflowed was NaN (inf * 0) where the concatenation's is inf or 0.
+    scale = 1.0 if dtype == torch.float16 else 1e30
+    tensors = []
+    for run in order:
+        value = _RUNS[run] * (scale if run == "overflows" else 1 / scale if run == "underflows" else 1.0)
+        tensors.append(torch.full((3000 if run in ("overflows", "underflows") else 3,), value, dtype=dtype))
+    want = torch.cat(tensors).prod()
+    assert want.isnan() == torch.prod(mt.bundle(tensors)).isnan()
+    torch.testing.assert_close(torch.prod(mt.bundle(tensors)), want, equal_nan=True)
+    torch.testing.assert_close(mt.bundle(tensors).prod(0, keepdim=True), torch.cat(tensors).prod(0, keepdim=True), equal_nan=True)
