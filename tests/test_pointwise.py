@@ -51,6 +51,7 @@ def test_zero_dim_and_one_element_operands_broadcast(case):
 def test_elementwise_ops_with_inference_tensors(inside):
     # Inference tensors have no version counter, so a bundle computed on demand cannot watch
     # them: the op is computed at once, as on the concatenation, instead of raising.
+    torch.manual_seed(0)
     with torch.inference_mode():
         t = torch.randn(5100)  # long enough not to be computed on the concatenation
         held = mt.bundle([torch.randn(100), torch.randn(5000)])
@@ -63,4 +64,5 @@ def test_elementwise_ops_with_inference_tensors(inside):
             (held * 2 + 1, torch.cat(held.tensors) * 2 + 1),
         ]:
             torch.testing.assert_close(got.materialize(), want, rtol=0, atol=0)
-            torch.testing.assert_close(got.sum(), want.sum())
+            # a float32 sum of thousands of elements may land near 0: absolute tolerance too
+            torch.testing.assert_close(got.sum(), want.sum(), rtol=1e-5, atol=1e-3)
