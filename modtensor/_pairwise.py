@@ -164,6 +164,7 @@ def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
         operands = _operands(name, first, second, require_same_dtype=True)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
+        _probe(product, name, operands[0], (operands[2], operands[2]))  # torch refuses bool
         parsed = ReduceArgs(name, operands[2], operands[0]._numel)
         return _run(func, args, kwargs, reduction, parsed, operands)
 
