@@ -368,11 +368,27 @@ def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
     _warn_without_dof(a)
     m2: torch.Tensor = state[1]
     dof = a.numel - a.options["correction"]
-    var: torch.Tensor = m2 / dof
-    if dof >= 0:
-        return var
-    # torch's value divides by max(dof, 0) = 0, its gradient by dof itself.
-    return var + (torch.div(m2, 0) - var).detach()
+    if dof > 0:
+        return m2 / dof
+    # No degrees of freedom: torch's value divides by 0, and its gradient (var_backward, as of
+    # torch 2.13; older releases divided by dof) is g * inf at every element, whatever its sign
+    # (NaN at one exactly equal to the mean, which this does not repeat). Through M2 it would be
+    # g * inf * (x - mean), or NaN where M2's paths meet; through the mean it is g * inf.
+    return _NoDof.apply(m2, state[2], a.numel)  # type: ignore[no-untyped-call]
+
+
+class _NoDof(torch.autograd.Function):
+    """`M2 / 0`, with the gradient `g * inf` for every element, given through the mean."""
+
+    @staticmethod
+    def forward(ctx: Any, m2: torch.Tensor, mean: torch.Tensor, numel: int) -> torch.Tensor:
+        ctx.numel, ctx.mean_dtype = numel, mean.dtype
+        return torch.div(m2, 0)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        # d mean / d x is 1 / numel for each element
+        return None, (g * (ctx.numel * math.inf)).to(ctx.mean_dtype), None
 
 
 def _fin_var(state: Any, a: ReduceArgs) -> torch.Tensor:
