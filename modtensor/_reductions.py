@@ -349,8 +349,16 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     means = _stack([m for _, _, m in states], acc)
     total = counts.sum()
     mean = (counts * means).sum() / total
-    m2 = (counts * variances).sum() + (counts * (means - mean).abs().square()).sum()
+    m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
     return total, m2, mean
+
+
+def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:
+    # M2's gradient through the overall mean is 0 for a finite mean (the counts' weighted
+    # deviations sum to 0), but an infinite one makes it inf - inf: NaN for every element, where
+    # torch's var gradient is inf at the finite ones. (Not detached always: it is needed for the
+    # second derivative.)
+    return torch.where(mean.isfinite(), mean, mean.detach())
 
 
 def _warn_without_dof(a: ReduceArgs) -> None:
@@ -404,11 +412,21 @@ def _fin_std(state: Any, a: ReduceArgs) -> torch.Tensor:
 
 
 def _fin_var_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_var(state, a), _cast(state[2], a.dtype)
+    return _fin_var(state, a), _cast(_welford_mean(state[2], a), a.dtype)
 
 
 def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_std(state, a), _cast(state[2], a.dtype)
+    return _fin_std(state, a), _cast(_welford_mean(state[2], a), a.dtype)
+
+
+def _welford_mean(mean: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+    # torch's var_mean updates its mean element by element (Welford): after an infinite element
+    # the next one gives inf - inf, so its mean is NaN where the plain mean is +-inf: an infinite
+    # element among others (float32 and narrower cannot overflow the float64 combine; float64
+    # near its largest can, and was inf already). The gradient stays torch's.
+    if a.numel < 2:
+        return mean
+    return mean + (torch.where(mean.isinf(), math.nan, mean) - mean).detach()
 
 
 # -- all, any, count_nonzero, logsumexp --------------------------------------------------------

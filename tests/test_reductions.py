@@ -348,6 +348,23 @@ def test_var_without_degrees_of_freedom_has_torchs_gradient(call):
         torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
+                         ids=["var", "std", "var_mean", "std_mean"])
+def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
+    # An all -inf tensor makes the overall mean -inf: M2's path through it was inf - inf, NaN at
+    # every element (torch's var gradient is inf at the finite ones), and var_mean's mean was
+    # -inf where torch's (Welford's) is NaN.
+    def make():
+        g = torch.Generator().manual_seed(1)
+        return [torch.full((3000,), -math.inf, dtype=dtype, requires_grad=True),
+                torch.randn(5000, dtype=dtype, generator=g, requires_grad=True)]
+
+    got, expected = _value_and_grads(call, make)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
 def _ones(x):
     return x.detach() * 0 + 1
 
