@@ -377,12 +377,14 @@ def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
     m2: torch.Tensor = state[1]
     dof = a.numel - a.options["correction"]
     if dof > 0:
-        return m2 / dof
+        var: torch.Tensor = m2 / dof
+        return var
     # No degrees of freedom: torch's value divides by 0, and its gradient (var_backward, as of
     # torch 2.13; older releases divided by dof) is g * inf at every element, whatever its sign
     # (NaN at one exactly equal to the mean, which this does not repeat). Through M2 it would be
     # g * inf * (x - mean), or NaN where M2's paths meet; through the mean it is g * inf.
-    return _NoDof.apply(m2, state[2], a.numel)  # type: ignore[no-untyped-call]
+    var = _NoDof.apply(m2, state[2], a.numel)  # type: ignore[no-untyped-call]
+    return var
 
 
 class _NoDof(torch.autograd.Function):
