@@ -240,6 +240,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     # Chan et al.'s merge of (count, M2, mean) per rank, as _combine_var's of the tensors.
+    from modtensor._reductions import _finite_or_constant
 
     acc = _acc_dtype(a.dtype)
     counts = _stack([n for n, _, _ in payloads], _real(acc))
@@ -247,7 +248,7 @@ def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     means = _stack([mu for _, _, mu in payloads], acc)
     total = counts.sum()
     mean = (counts * means).sum() / total
-    m2 = m2s.sum() + (counts * (means - mean).abs().square()).sum()
+    m2 = m2s.sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
     return total, m2, mean
 
 

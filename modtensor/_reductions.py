@@ -349,8 +349,16 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     means = _stack([m for _, _, m in states], acc)
     total = counts.sum()
     mean = (counts * means).sum() / total
-    m2 = (counts * variances).sum() + (counts * (means - mean).abs().square()).sum()
+    m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
     return total, m2, mean
+
+
+def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:
+    # M2's gradient through the overall mean is 0 for a finite mean (the counts' weighted
+    # deviations sum to 0), but an infinite one makes it inf - inf: NaN for every element, where
+    # torch's var gradient is inf at the finite ones. (Not detached always: it is needed for the
+    # second derivative.)
+    return torch.where(mean.isfinite(), mean, mean.detach())
 
 
 def _warn_without_dof(a: ReduceArgs) -> None:
@@ -368,11 +376,29 @@ def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
     _warn_without_dof(a)
     m2: torch.Tensor = state[1]
     dof = a.numel - a.options["correction"]
-    var: torch.Tensor = m2 / dof
-    if dof >= 0:
+    if dof > 0:
+        var: torch.Tensor = m2 / dof
         return var
-    # torch's value divides by max(dof, 0) = 0, its gradient by dof itself.
-    return var + (torch.div(m2, 0) - var).detach()
+    # No degrees of freedom: torch's value divides by 0, and its gradient (var_backward, as of
+    # torch 2.13; older releases divided by dof) is g * inf at every element, whatever its sign
+    # (NaN at one exactly equal to the mean, which this does not repeat). Through M2 it would be
+    # g * inf * (x - mean), or NaN where M2's paths meet; through the mean it is g * inf.
+    var = _NoDof.apply(m2, state[2], a.numel)  # type: ignore[no-untyped-call]
+    return var
+
+
+class _NoDof(torch.autograd.Function):
+    """`M2 / 0`, with the gradient `g * inf` for every element, given through the mean."""
+
+    @staticmethod
+    def forward(ctx: Any, m2: torch.Tensor, mean: torch.Tensor, numel: int) -> torch.Tensor:
+        ctx.numel, ctx.mean_dtype = numel, mean.dtype
+        return torch.div(m2, 0)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        # d mean / d x is 1 / numel for each element
+        return None, (g * (ctx.numel * math.inf)).to(ctx.mean_dtype), None
 
 
 def _fin_var(state: Any, a: ReduceArgs) -> torch.Tensor:
@@ -388,11 +414,21 @@ def _fin_std(state: Any, a: ReduceArgs) -> torch.Tensor:
 
 
 def _fin_var_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_var(state, a), _cast(state[2], a.dtype)
+    return _fin_var(state, a), _cast(_welford_mean(state[2], a), a.dtype)
 
 
 def _fin_std_mean(state: Any, a: ReduceArgs) -> Any:
-    return _fin_std(state, a), _cast(state[2], a.dtype)
+    return _fin_std(state, a), _cast(_welford_mean(state[2], a), a.dtype)
+
+
+def _welford_mean(mean: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
+    # torch's var_mean updates its mean element by element (Welford): after an infinite element
+    # the next one gives inf - inf, so its mean is NaN where the plain mean is +-inf: an infinite
+    # element among others (float32 and narrower cannot overflow the float64 combine; float64
+    # near its largest can, and was inf already). The gradient stays torch's.
+    if a.numel < 2:
+        return mean
+    return mean + (torch.where(mean.isinf(), math.nan, mean) - mean).detach()
 
 
 # -- all, any, count_nonzero, logsumexp --------------------------------------------------------

@@ -1,6 +1,7 @@
 """Every reduction in the table, every spelling, equals the reduction of torch.cat(...)."""
 
 import itertools
+import math
 import warnings
 from typing import Any, Callable
 
@@ -310,6 +311,58 @@ def test_var_without_degrees_of_freedom_warns_as_torch_does(request, call, sizes
                 call(x)
             caught.append([str(m.message).split(" (Triggered")[0] for m in w])
         assert caught[1] == caught[0]
+
+
+
+def _value_and_grads(call, make):
+    """`call`'s value(s) and the gradient of its first output, on a bundle and on the concatenation."""
+    found = []
+    for on_bundle in (True, False):
+        tensors = make()
+        x = mt.bundle(tensors) if on_bundle else torch.cat([t.reshape(-1) for t in tensors])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own degrees-of-freedom warning
+            out = call(x)
+            outs = out if isinstance(out, tuple) else (out,)
+            outs[0].backward()
+        found.append((*outs, *(t.grad for t in tensors if t.requires_grad)))
+    return found
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.var(x, correction=8000), lambda x: torch.var(x, correction=8001),
+    lambda x: x.std(correction=9000), lambda x: torch.var_mean(x, correction=8001),
+    lambda x: torch.std_mean(x, correction=8000),
+], ids=["var-0", "var-negative", "std", "var_mean", "std_mean"])
+def test_var_without_degrees_of_freedom_has_torchs_gradient(call):
+    # torch's value divides by max(dof, 0) = 0 and its var gradient is g * inf at every element
+    # (std's NaN); the bundle's was finite (divided by dof < 0), or NaN (inf - inf) at dof = 0.
+    # Over 4096 elements: per tensor, not the tiny bundles' one call on the concatenation.
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(3000, dtype=torch.float64, generator=g, requires_grad=True),
+                torch.randn(5000, dtype=torch.float64, generator=g)]
+
+    got, expected = _value_and_grads(call, make)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
+                         ids=["var", "std", "var_mean", "std_mean"])
+def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
+    # An all -inf tensor makes the overall mean -inf: M2's path through it was inf - inf, NaN at
+    # every element (torch's var gradient is inf at the finite ones), and var_mean's mean was
+    # -inf where torch's (Welford's) is NaN.
+    def make():
+        g = torch.Generator().manual_seed(1)
+        return [torch.full((3000,), -math.inf, dtype=dtype, requires_grad=True),
+                torch.randn(5000, dtype=dtype, generator=g, requires_grad=True)]
+
+    got, expected = _value_and_grads(call, make)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
 def _ones(x):
