@@ -670,7 +670,8 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
                 return fused
         if not _uniform(x, b._dtype):
             return NOT_HANDLED
-        squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),))
+        ranges = None if x._tensors is not None else lambda i, start, stop: _flat_ranges((x,), i, start, stop)
+        squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),), ranges)
         if not squares:
             return NOT_HANDLED
         return _cast(_stack(squares, torch.float64).sum(), b._dtype)
@@ -692,19 +693,37 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
     return NOT_HANDLED
 
 
+def _flat_ranges(xs: tuple[ParameterBundle, ...], i: int, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
+    # Elements [start, stop) of each x's tensor i, or None where one cannot make them alone.
+    chunks = tuple(x._flat_range(i, start, stop) for x in xs)
+    return None if any(c is None for c in chunks) else chunks  # type: ignore[return-value]
+
+
 def _per_segment(
     b: ParameterBundle,
     guard: Callable[..., Any],
     kernel: Callable[..., torch.Tensor],
     operands: Callable[[int], tuple[torch.Tensor, ...]],
+    ranges: Callable[[int, int, int], tuple[torch.Tensor, ...] | None] | None = None,
 ) -> list[torch.Tensor]:
     """`kernel(*operands(i))` for each non-empty tensor i of the on-demand `b`, under its guard.
 
     Where no gradient is recorded, small tensors are packed together as in the concat
     strategy (see `Pieces.map_segments`; both kernels are commutative): one call for many.
+    `ranges(i, start, stop)`, where given, is the operands' elements [start, stop) flat (or
+    None): an operand computed on demand is then read a chunk at a time, as `run_reduction`
+    reads chains, rather than made whole with its intermediates.
     """
     if b._lazy_requires_grad or torch.compiler.is_compiling():
         return [guard(i, kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]
-    pieces = Pieces(lambda i: guard(i, operands, i), b._offsets, b._keys)
+
+    def chunks(i: int) -> Any:
+        from modtensor._selection import chunk_size, chunks_of
+
+        assert ranges is not None
+        read = lambda start, stop: guard(i, ranges, i, start, stop)  # noqa: E731
+        return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), read)
+
+    pieces = Pieces(lambda i: guard(i, operands, i), b._offsets, b._keys, chunks=None if ranges is None else chunks)
     with torch.no_grad():  # the guard's grad mode recorded nothing either
         return pieces.map_segments(lambda operands, offset: kernel(*operands))

@@ -249,26 +249,33 @@ def _elected(b: ParameterBundle, scaled: Sequence[ParameterBundle], i: int) -> t
     # vector's tensor and the masks over it came to 10x the largest tensor.
     n = b._shapes[i].numel()
     size = chunk_size(b._devices[i])
-    if n > size:
-        ranges = [(start, min(start + size, n)) for start in range(0, n, size)]
-        first = [x._flat_range(i, *ranges[0]) for x in (b, *scaled)]
-        if all(c is not None for c in first):
-            head = _elect(*cast(list[torch.Tensor], first))
-            result = torch.empty(n, dtype=head.dtype, device=head.device)
-            result[: head.numel()] = head
-            for start, stop in ranges[1:]:
-                chunks = [x._flat_range(i, start, stop) for x in (b, *scaled)]
-                result[start:stop] = _elect(*cast(list[torch.Tensor], chunks))
-            return result.view(b._shapes[i])
-    return _elect(b._tensor(i), *[s._tensor(i) for s in scaled])
+    if n > size and all(x._flat_range(i, 0, 0) is not None for x in (b, *scaled)):
+        result: torch.Tensor | None = None
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            # No chunk is kept past its own step: each is its k task vectors' stack and masks.
+            elected = _elect(
+                cast(torch.Tensor, b._flat_range(i, start, stop)),
+                torch.stack([cast(torch.Tensor, s._flat_range(i, start, stop)) for s in scaled]),
+            )
+            if result is None:
+                result = torch.empty(n, dtype=elected.dtype, device=elected.device)
+            result[start:stop] = elected
+            del elected
+        return cast(torch.Tensor, result).view(b._shapes[i])
+    return _elect(b._tensor(i), torch.stack([s._tensor(i) for s in scaled]))
 
 
-def _elect(base: torch.Tensor, *scaled: torch.Tensor) -> torch.Tensor:
-    stacked = torch.stack(scaled)
-    sign = torch.sign(stacked.sum(dim=0))
+def _elect(base: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    # `stacked` is the caller's own temporary: it is overwritten rather than copied again.
+    sign = stacked.sum(dim=0).sign_()
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return base + (stacked * agree).sum(dim=0) / count
+    del sign
+    # int32: summing bools as int64 casts the whole mask first (2x the stack's bytes).
+    count = agree.sum(dim=0, dtype=torch.int32).clamp_(min=1)
+    total = stacked.mul_(agree).sum(dim=0)
+    del agree
+    return base + total.div_(count)  # floating: the task vectors were scaled by a float
 
 
 def magnitude_prune_(parameters: BundleLike, amount: float | int) -> ParameterBundle:

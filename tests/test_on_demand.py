@@ -200,11 +200,25 @@ def test_chains_feed_reductions_a_chunk_at_a_time(chain):
         if want.dtype == torch.bool and name not in ("sum", "amax", "count_nonzero"):
             continue  # torch refuses the others on bool
         got, peak = peak_allocation(lambda: reduce(CHAINS[chain](a, b)))
-        # a few chunks' (the sum of squares' kernel takes `a - b` whole): not 2 to 4 tensors'
+        # a few chunks': not 2 to 4 tensors'
         assert peak < 1.1 * n * 4, (name, peak)
         # against float64: torch's float32 norm of these 8M elements is off by 2e-4
         exact = reduce(want.double() if want.is_floating_point() else want)
         torch.testing.assert_close(got, exact, check_dtype=False, rtol=2e-5, atol=0)
+
+
+def test_a_sum_of_squares_reads_its_base_by_chunks():
+    # The fused kernel of `(x ** 2).sum()` took its on-demand base `x` whole: 1.4x a tensor.
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    xs, ys = ([torch.randn(n, generator=g) for _ in range(4)] for _ in range(2))
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    with torch.no_grad():
+        got, peak = peak_allocation(lambda: ((a.abs() - b) ** 2).sum())
+    want = ((torch.cat(xs).abs() - torch.cat(ys)).double() ** 2).sum()
+    torch.testing.assert_close(got, want, check_dtype=False, rtol=2e-6, atol=0)
+    assert got.dtype == torch.float32
+    assert peak < 0.5 * n * 4, peak  # a few chunks'
 
 
 def test_chains_by_chunks_match_the_concatenation_where_a_tensor_is_made_whole():
