@@ -243,9 +243,9 @@ def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     from modtensor._reductions import _finite_or_constant
 
     acc = _acc_dtype(a.dtype)
-    counts = _stack([n for n, _, _ in payloads], _real(acc))
-    m2s = _stack([m for _, m, _ in payloads], _real(acc))
-    means = _stack([mu for _, _, mu in payloads], acc)
+    counts = _stack([p[0] for p in payloads], _real(acc))
+    m2s = _stack([p[1] for p in payloads], _real(acc))
+    means = _stack([p[2] for p in payloads], acc)
     total = counts.sum()
     mean = (counts * means).sum() / total
     m2 = m2s.sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
@@ -306,7 +306,8 @@ def _forms() -> dict[int, _Form]:
     def nan_grad(a: ReduceArgs) -> str:
         return "spread" if _extrema.spreads_nan(a) else "amax"
 
-    var = _Form(_reductions._combine_var, _merge_var)
+    # (the tensors a var without degrees of freedom keeps for its gradient stay on this rank)
+    var = _Form(_reductions._combine_var, _merge_var, wire=lambda payload: payload[:3])
     forms = {
         "sum": _sum_form(r["sum"].combine),
         "nansum": _sum_form(r["nansum"].combine),

@@ -349,6 +349,24 @@ def test_var_without_degrees_of_freedom_has_torchs_gradient(call):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [
+    lambda x: torch.var(x, correction=8000), lambda x: x.var(correction=9000),
+    lambda x: torch.var_mean(x, correction=8000), lambda x: sum(torch.var_mean(x, correction=8001)),
+], ids=["var-0", "var-negative", "var_mean", "var-plus-mean"])
+def test_var_without_degrees_of_freedom_is_nan_at_an_element_equal_to_the_mean(call, dtype):
+    # torch 2.13's var gradient without degrees of freedom is g * inf, but NaN at an element
+    # exactly equal to the mean; the bundle's was g * inf there too. (The mean here is exactly 0.)
+    def make():
+        return [torch.tensor([-2.0, 0.0, 1.0, 0.0, 1.0] * 600, dtype=dtype, requires_grad=True),
+                torch.tensor([0.0, 1.0, -1.0, 0.0] * 1250, dtype=dtype, requires_grad=True)]
+
+    got, expected = _value_and_grads(call, make)
+    assert expected[-1].isnan().any() and expected[-1].isinf().any()
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
                          ids=["var", "std", "var_mean", "std_mean"])
 def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
