@@ -645,3 +645,27 @@ def test_prod_of_tensors_that_overflow_and_underflow_is_the_concatenations(dtype
     assert want.isnan() == torch.prod(mt.bundle(tensors)).isnan()
     torch.testing.assert_close(torch.prod(mt.bundle(tensors)), want, equal_nan=True)
     torch.testing.assert_close(mt.bundle(tensors).prod(0, keepdim=True), torch.cat(tensors).prod(0, keepdim=True), equal_nan=True)
+
+
+_NORM_SPECIALS = {"-inf": [-math.inf] * 3, "inf": [math.inf, math.inf], "inf and 1": [math.inf, 1.0],
+                  "zeros": [0.0, 0.0], "0 and 2": [0.0, 2.0], "finite": [0.5, -2.0, 3.0]}
+
+
+@pytest.mark.parametrize("ord", [-3.0, -1.0, -0.5, 0.5, 1.5], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("call", [
+    lambda x, o: torch.linalg.vector_norm(x, ord=o), lambda x, o: torch.dist(x, x.detach() * 0, o),
+], ids=["vector_norm", "dist"])
+def test_norms_of_infinite_or_zero_tensors_have_the_concatenations_gradient(call, dtype, ord):
+    # torch's gradient for p < 1 is sgn(x) * |x| ** (p - 1) * norm ** (1 - p) (0 at x = 0):
+    # -0 at an all -inf tensor beside finite ones. Through the tensor's own norm (inf) it was
+    # 0 * inf: NaN at every element of it, and likewise for a tensor [inf, 1] with p in (0, 1).
+    long = torch.linspace(-3.0, 2.0, 5000, dtype=dtype)
+    for first, second in itertools.product(_NORM_SPECIALS.values(), repeat=2):
+        values = [torch.tensor(first, dtype=dtype), torch.tensor(second, dtype=dtype), long]
+        leaves = [v.clone().requires_grad_() for v in values]
+        copies = [v.clone().requires_grad_() for v in values]
+        got, want = call(mt.bundle(leaves), ord), call(torch.cat(copies), ord)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, copies)):
+            torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{first}, {second}: {m}")
