@@ -189,7 +189,9 @@ def _combine_nanmean(states: list[Any], a: ReduceArgs) -> Any:
 
 def _finalize_nanmean(state: Any, a: ReduceArgs) -> torch.Tensor:
     total, count = state
-    return _cast(total / count, a.dtype)
+    # torch's nanmean is nansum(x) / count: the sum rounds to the dtype first (a float16 sum
+    # past 65504 is inf), unlike mean's
+    return _cast(_cast(total, a.dtype) / count, a.dtype)
 
 
 def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:

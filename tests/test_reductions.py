@@ -292,6 +292,20 @@ def test_a_16_bit_dtype_converts_each_element_before_adding(request, call, dtype
         torch.testing.assert_close(call(b, dtype=dtype), expected, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("sizes", ["per_tensor", "real"])
+def test_nanmean_rounds_its_sum_to_the_dtype_before_dividing(request, dtype, sizes):
+    # torch's nanmean is nansum(x) / count, the sum rounded to the dtype: past 65504 a float16
+    # nanmean is inf. The bundle divided its wider sum (23.5).
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    huge = torch.finfo(dtype).max / 1.5
+    tensors = [torch.linspace(-3.0, 2.0, 5000).to(dtype), torch.tensor([huge, math.nan, huge], dtype=dtype)]
+    for b in (mt.bundle(tensors), mt.bundle(tensors[::-1])):
+        for call in (lambda x: torch.nanmean(x), lambda x: x.nanmean(0, keepdim=True)):
+            torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: x.var(), lambda x: torch.std(x), lambda x: torch.var_mean(x, correction=3),
     lambda x: torch.std_mean(x, correction=5000), lambda x: x.var(correction=6000),
