@@ -363,10 +363,16 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     counts = torch.tensor([s[0] for s in states], dtype=_real(acc), device=variances.device)
     means = _stack([s[2] for s in states], acc)
     total = counts.sum()
-    mean = (counts * means).sum() / total
+    mean = _weighted_mean(counts, total, means)
     m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
     # (then the tensors kept for the gradient without degrees of freedom, if any)
     return (total, m2, mean, *(t for s in states for t in s[3:]))
+
+
+def _weighted_mean(counts: torch.Tensor, total: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    # Weights first: `counts * means` overflows for float64 means near the largest float (a
+    # tensor of 1e308s), where torch's mean, updated element by element, does not.
+    return ((counts / total) * means).sum()
 
 
 def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:

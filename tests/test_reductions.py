@@ -397,6 +397,18 @@ def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
         torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
+@pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
+                         ids=["var", "std", "var_mean", "std_mean"])
+def test_moments_of_float64_tensors_near_the_largest_float(call):
+    # Tensors of 1e308 and 1.5e308: the count-weighted sum of the tensors' means overflowed to
+    # inf (then inf - inf: NaN var and mean), where torch's (Welford's) mean is 5e304 and its
+    # var inf. (Values only: torch's var gradient takes a mean by its sum, which overflows.)
+    tensors = [torch.linspace(-3.0, 2.0, 5000, dtype=torch.float64),
+               torch.tensor([1e308], dtype=torch.float64), torch.tensor([1.5e308], dtype=torch.float64)]
+    got, expected = call(mt.bundle(tensors)), call(torch.cat(tensors))
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 def _ones(x):
     return x.detach() * 0 + 1
 
