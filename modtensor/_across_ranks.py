@@ -194,13 +194,13 @@ def _acc_args(a: ReduceArgs) -> ReduceArgs:
 def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[Any], torch.Tensor]) -> _Form:
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
-    The payload of a finite p > 1 is this rank's sum of p-th powers in float64 (of squares for
-    the L2 norm): where autograd records, the partials are those sums (the "squares" and
-    "powers" options), as the root of one, raised again, would have a NaN gradient at inf and
-    lose the second derivative where a rank's norm is 0; elsewhere this rank's norm raised to
-    p. Every rank's payload means the same whether or not autograd records on it (frozen
-    shards, or none). For p <= 1 it is this rank's norm. For p in (0, 1, 2) norms merge by
-    adding (their p-th powers), which one all_reduce does.
+    The payload of a finite p other than 0 and 1 is this rank's sum of p-th powers in float64
+    (of squares for the L2 norm): where autograd records, the partials are those sums (the
+    "squares" and "powers" options), as the root of one, raised again, would have a NaN
+    gradient at inf and lose the second derivative where a rank's norm is 0; elsewhere this
+    rank's norm raised to p. Every rank's payload means the same whether or not autograd
+    records on it (frozen shards, or none). For p 0 and 1 it is this rank's norm. For p in
+    (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does.
     """
     import math
 
@@ -217,13 +217,13 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
         if a.options.get("squares") or a.options.get("powers"):
             return _stack([v for v, _ in states], _acc_dtype(_real(a.dtype))).sum()
         norm = combine(states, _acc_args(a))
-        return norm ** a.options["p"] if a.options["p"] > 1 else norm
+        return norm if a.options["p"] in (0.0, 1.0) else norm ** a.options["p"]
 
     def merge(payloads: list[Any], a: ReduceArgs) -> Any:
         if is_inf(a):
             return ext_merge(payloads, a)
         # (see _reductions._combine_norm: "powers" says the partials are sums of p-th powers)
-        powers = dataclasses.replace(a, options={**a.options, "powers": a.options["p"] > 1})
+        powers = dataclasses.replace(a, options={**a.options, "powers": a.options["p"] not in (0.0, 1.0)})
         return combine([(p, None) for p in payloads], powers)
 
     def encode(p: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
@@ -240,14 +240,14 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     # Chan et al.'s merge of (count, M2, mean) per rank, as _combine_var's of the tensors.
-    from modtensor._reductions import _finite_or_constant
+    from modtensor._reductions import _finite_or_constant, _weighted_mean
 
     acc = _acc_dtype(a.dtype)
-    counts = _stack([n for n, _, _ in payloads], _real(acc))
-    m2s = _stack([m for _, m, _ in payloads], _real(acc))
-    means = _stack([mu for _, _, mu in payloads], acc)
+    counts = _stack([p[0] for p in payloads], _real(acc))
+    m2s = _stack([p[1] for p in payloads], _real(acc))
+    means = _stack([p[2] for p in payloads], acc)
     total = counts.sum()
-    mean = (counts * means).sum() / total
+    mean = _weighted_mean(counts, total, means)
     m2 = m2s.sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
     return total, m2, mean
 
@@ -306,7 +306,8 @@ def _forms() -> dict[int, _Form]:
     def nan_grad(a: ReduceArgs) -> str:
         return "spread" if _extrema.spreads_nan(a) else "amax"
 
-    var = _Form(_reductions._combine_var, _merge_var)
+    # (the tensors a var without degrees of freedom keeps for its gradient stay on this rank)
+    var = _Form(_reductions._combine_var, _merge_var, wire=lambda payload: payload[:3])
     forms = {
         "sum": _sum_form(r["sum"].combine),
         "nansum": _sum_form(r["nansum"].combine),

@@ -177,7 +177,9 @@ _SCALAR_CONVERSIONS = (
     torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
     torch.Tensor.__index__, torch.Tensor.__complex__,
 )
-READOUT_FUNCTIONS = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, *_SCALAR_CONVERSIONS)
+READOUT_FUNCTIONS = (
+    torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.is_inference, *_SCALAR_CONVERSIONS,
+)
 
 
 @ParameterBundle.implements(_SCALAR_CONVERSIONS)
@@ -198,6 +200,16 @@ def tolist(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     b = args[0]
     _local_only(func_name(func), b)
     return [v for i in range(len(b._names)) for v in _flat(b._tensor(i), b._dtype).tolist()]
+
+
+@ParameterBundle.implements(torch.Tensor.is_inference)
+def is_inference(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """`b.is_inference()`: whether the concatenation would be an inference tensor, made now."""
+    # torch.cat makes an inference tensor in inference mode, whatever its inputs are, and a
+    # normal one outside it, even of inference tensors.
+    if len(args) > 1 or kwargs:  # torch's own error: it takes none
+        func(torch.empty(0), *args[1:], **kwargs)
+    return torch.is_inference_mode_enabled()
 
 
 @ParameterBundle.implements([torch.Tensor.numpy, torch.Tensor.__array__])

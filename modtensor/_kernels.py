@@ -275,15 +275,19 @@ class _PowerSum(torch.autograd.Function):
         factor = _as_factor(p * g, x.dtype)
         if torch.is_grad_enabled():  # the backward differentiated itself (create_graph)
             grad = (x.sgn() * x.abs().pow(p - 1) if p < 2 else x * x.abs().pow(p - 2)) * factor
+            if p < 1:  # torch's norm gradient for p < 1 is 0 at 0, not |0| ** (p - 1) = inf
+                grad = torch.where(x == 0, 0.0, grad)
         else:  # in place on the one new tensor
             grad = x.abs().pow_(p - 1).mul_(x.sgn()) if p < 2 else x.abs().pow_(p - 2).mul_(x)
+            if p < 1:
+                grad = grad.masked_fill_(x == 0, 0.0)
             grad = grad.mul_(factor)
         return None, None, (grad if ctx.needs_input_grad[2] else None), (-grad if ctx.needs_input_grad[3] else None)
 
 
 def power_sum(norm: torch.Tensor, p: float, t: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
     """`norm ** p` in float64, with the gradient of `(|t - other| ** p).sum()` (`other` None: of
-    `|t| ** p`), where `norm` is that p-norm made without a gradient (finite p > 1).
+    `|t| ** p`), where `norm` is that p-norm made without a gradient (finite p, not 0 or 1).
 
     A norm combined from these is twice differentiable where a tensor is all zeros, as the
     concatenation's is: through the tensor's own norm its second derivative is NaN there.

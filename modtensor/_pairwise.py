@@ -117,8 +117,29 @@ def _run(
         return func(*concatenated(args), **concatenated(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
     per_tensor = per_tensor_caller(tensor_op or func, args, kwargs, ref, cast=False, flatten=True)
-    call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, per_tensor)
+    call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, _naming(per_tensor, func, ref))
     return _strategies.reduce(call)
+
+
+def _naming(per_tensor: Callable[[int], Any], func: Callable[..., Any], ref: ParameterBundle) -> Callable[[int], Any]:
+    """`per_tensor`, whose errors name the function, the tensor and the bundle.
+
+    A pair is reduced in its own dtypes, which torch may refuse where the concatenation's
+    are fine (a bool tensor in a float bundle: torch.dot has no bool kernel).
+    """
+
+    def call(i: int) -> Any:
+        try:
+            return per_tensor(i)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+            raise type(e)(
+                f"{func_name(func)}: {e} (tensor {ref.names[i]!r} of {ref.describe()}, reduced on its own "
+                f"under the {ref.strategy!r} strategy; torch raises the same on that tensor alone)"
+            ) from None
+
+    return call
 
 
 def _combine_sum(states: list[torch.Tensor], a: ReduceArgs) -> torch.Tensor:

@@ -142,7 +142,10 @@ def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def sqrt0(total: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """`total.sqrt()` (the p-th root for p other than 2) with a zero gradient at 0, as a
-    norm's, not the root's infinite one (NaN stays NaN, with a NaN gradient)."""
+    norm's, not the root's infinite one (NaN stays NaN, with a NaN gradient). For p < 0 the
+    root of 0 is inf, as torch's norm of elements all infinite, with its NaN gradient."""
+    if p < 0:
+        return total.pow(1 / p)
     zero = total == 0
     safe = torch.where(zero, torch.ones_like(total), total)
     return torch.where(zero, total * 0, safe.sqrt() if p == 2 else safe.pow(1 / p))
@@ -157,10 +160,12 @@ def root_of_sum(powers: Sequence[torch.Tensor], dtype: torch.dtype, p: float = 2
 def takes_powers(p: float, dtype: torch.dtype, records: bool) -> bool:
     """Whether a p-norm (or distance) is the p-th root of the tensors' sums of p-th powers
     (see `_kernels.power_sum`), as the L2 norm is of sums of squares: where autograd records
-    (`records`), for a finite p > 1 other than 2 and a real dtype, outside torch.compile and
-    torch.func (whose tracing takes torch's own ops)."""
+    (`records`), for a finite p other than 0, 1 and 2 and a real dtype, outside torch.compile
+    and torch.func (whose tracing takes torch's own ops). For p < 1 a tensor's own norm is
+    inf where one of its elements is (p > 0) or all are (p < 0): through it, its gradient
+    would be 0 * inf, NaN at each element, where torch's is finite at most."""
     return (
-        records and 1 < p < math.inf and p != 2 and not dtype.is_complex
+        records and math.isfinite(p) and p not in (0, 1, 2) and not dtype.is_complex
         and not torch.compiler.is_compiling() and not transformed()
     )
 

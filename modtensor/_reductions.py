@@ -189,7 +189,9 @@ def _combine_nanmean(states: list[Any], a: ReduceArgs) -> Any:
 
 def _finalize_nanmean(state: Any, a: ReduceArgs) -> torch.Tensor:
     total, count = state
-    return _cast(total / count, a.dtype)
+    # torch's nanmean is nansum(x) / count: the sum rounds to the dtype first (a float16 sum
+    # past 65504 is inf), unlike mean's
+    return _cast(_cast(total, a.dtype) / count, a.dtype)
 
 
 def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -272,7 +274,13 @@ def _parse_var(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ..
         correction = 0 if unbiased is False else 1
     _require_floating(b._dtype, name, b, "var and std", dtype_helps=False)
     check_dim(dim, name, b)  # after the dtype, as torch checks it
-    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"correction": correction})
+    # Without degrees of freedom the gradient depends on each element (see _NoDof): the
+    # tensors are kept for it, as torch's own var keeps its input.
+    keeps = (
+        b._numel - correction <= 0 and not b._dtype.is_complex and records(b)
+        and not torch.compiler.is_compiling() and not transformed()
+    )
+    return ReduceArgs(name, b._dtype, b._numel, bool(keepdim), {"correction": correction, "keeps": keeps})
 
 
 # Raw moments lose digits to cancellation: M2 = S2 - S1 * mean carries a relative error of
@@ -329,6 +337,13 @@ def _short_in_float64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
+    state = _moments_of(t, a)
+    if a.options.get("keeps") and t.requires_grad:
+        return (*state, t)
+    return state
+
+
+def _moments_of(t: torch.Tensor, a: ReduceArgs) -> tuple[int, torch.Tensor, torch.Tensor]:
     # float16 and bfloat16 go to the moments as they are (read by blocks: no float32 copy)
     narrow = t.dtype == a.dtype and a.dtype in _LOW_PRECISION
     x = t if narrow else _cast(t, _partial_dtype(a.dtype))
@@ -344,13 +359,20 @@ def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 
 def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     acc = _acc_dtype(a.dtype)
-    variances = _stack([v for _, v, _ in states], _real(acc))
-    counts = torch.tensor([n for n, _, _ in states], dtype=_real(acc), device=variances.device)
-    means = _stack([m for _, _, m in states], acc)
+    variances = _stack([s[1] for s in states], _real(acc))
+    counts = torch.tensor([s[0] for s in states], dtype=_real(acc), device=variances.device)
+    means = _stack([s[2] for s in states], acc)
     total = counts.sum()
-    mean = (counts * means).sum() / total
+    mean = _weighted_mean(counts, total, means)
     m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
-    return total, m2, mean
+    # (then the tensors kept for the gradient without degrees of freedom, if any)
+    return (total, m2, mean, *(t for s in states for t in s[3:]))
+
+
+def _weighted_mean(counts: torch.Tensor, total: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    # Weights first: `counts * means` overflows for float64 means near the largest float (a
+    # tensor of 1e308s), where torch's mean, updated element by element, does not.
+    return ((counts / total) * means).sum()
 
 
 def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:
@@ -380,25 +402,34 @@ def _var_of(state: Any, a: ReduceArgs) -> torch.Tensor:
         var: torch.Tensor = m2 / dof
         return var
     # No degrees of freedom: torch's value divides by 0, and its gradient (var_backward, as of
-    # torch 2.13; older releases divided by dof) is g * inf at every element, whatever its sign
-    # (NaN at one exactly equal to the mean, which this does not repeat). Through M2 it would be
-    # g * inf * (x - mean), or NaN where M2's paths meet; through the mean it is g * inf.
-    var = _NoDof.apply(m2, state[2], a.numel)  # type: ignore[no-untyped-call]
+    # torch 2.13; older releases divided by dof) is g * inf at every element, whatever its sign,
+    # but NaN at one exactly equal to the mean. Through M2 it would be g * inf * (x - mean), or
+    # NaN where M2's paths meet; so it is given to the kept tensors directly, or else (across
+    # ranks, complex) as g * inf through the mean.
+    var = _NoDof.apply(m2, state[2], a.numel, _real(a.dtype), *state[3:])  # type: ignore[no-untyped-call]
     return var
 
 
 class _NoDof(torch.autograd.Function):
-    """`M2 / 0`, with the gradient `g * inf` for every element, given through the mean."""
+    """`M2 / 0`, with torch's gradient: `g * inf` for every element, NaN at one equal to the mean."""
 
     @staticmethod
-    def forward(ctx: Any, m2: torch.Tensor, mean: torch.Tensor, numel: int) -> torch.Tensor:
-        ctx.numel, ctx.mean_dtype = numel, mean.dtype
+    def forward(
+        ctx: Any, m2: torch.Tensor, mean: torch.Tensor, numel: int, dtype: torch.dtype, *tensors: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.numel, ctx.mean_dtype, ctx.dtype = numel, mean.dtype, dtype
+        # torch subtracts its mean, in the concatenation's dtype, from each element
+        ctx.save_for_backward(mean.detach().to(dtype), *tensors)
         return torch.div(m2, 0)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:
-        # d mean / d x is 1 / numel for each element
-        return None, (g * (ctx.numel * math.inf)).to(ctx.mean_dtype), None
+        mean, *tensors = ctx.saved_tensors
+        infinite = g * math.inf
+        if not tensors:  # d mean / d x is 1 / numel for each element
+            return None, (infinite * ctx.numel).to(ctx.mean_dtype), None, None
+        at_mean = [torch.where(t.to(ctx.dtype) == mean, math.nan, infinite).to(t.dtype) for t in tensors]
+        return None, None, None, None, *at_mean
 
 
 def _fin_var(state: Any, a: ReduceArgs) -> torch.Tensor:

@@ -240,3 +240,22 @@ def test_tensors_an_int_index_of_a_complex_bundle_misses_get_zero_gradients(dtyp
     for a, b in zip(ours, theirs):
         assert a.grad is not None and a.grad.dtype == b.grad.dtype
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("made", ["inference", "normal", "mixed"])
+@pytest.mark.parametrize("asked", ["inference", "normal"])
+def test_is_inference_is_the_concatenations_without_a_copy(made, asked):
+    # torch.cat makes an inference tensor in inference mode, whatever its inputs, and a normal
+    # one outside it; the bundle's answer was the concatenation's, with a full copy.
+    def tensors():
+        return [torch.ones(3), torch.ones(2, 2)]
+
+    with torch.inference_mode(made != "normal"):
+        first = tensors()
+    with torch.inference_mode(made == "inference"):
+        second = tensors()
+    b = mt.bundle([first[0], second[1]])
+    with torch.inference_mode(asked == "inference"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no MaterializationWarning: no copy
+        assert b.is_inference() == torch.cat([first[0].reshape(-1), second[1].reshape(-1)]).is_inference()
+        assert torch.Tensor.is_inference(b) == b.is_inference()

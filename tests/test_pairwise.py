@@ -324,3 +324,21 @@ def test_dist_warns_only_where_torch_warns_on_the_concatenations(dtype, p):
         result = torch.linalg.vector_norm(mt.bundle(a), p)
     assert not got
     torch.testing.assert_close(result, torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), p))
+
+
+@pytest.mark.parametrize("call", [
+    torch.dot, torch.vdot, torch.inner, torch.matmul, torch.dist, F.mse_loss, F.l1_loss, F.huber_loss,
+], ids=["dot", "vdot", "inner", "matmul", "dist", "mse_loss", "l1_loss", "huber_loss"])
+@pytest.mark.parametrize("strategy", ["per_param", "weighted"])
+def test_a_tensor_torch_refuses_alone_is_named_under_per_tensor_strategies(call, strategy):
+    # The concatenation of a float and a bool tensor is float; per tensor the bool one is
+    # reduced alone, which torch refuses: its bare error named neither function nor bundle.
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5000, generator=g), torch.rand(3, generator=g) > 0.5]
+    with pytest.raises((RuntimeError, NotImplementedError)) as want:
+        call(tensors[1], tensors[1])
+    first_line = re.escape(str(want.value).splitlines()[0][:40])
+    b = mt.bundle(tensors, strategy=strategy)
+    name = getattr(call, "__name__", "")
+    with pytest.raises(type(want.value), match=f"{name}.*{first_line}.*tensor '1' of ParameterBundle of 2 tensors"):
+        call(b, b)

@@ -292,6 +292,20 @@ def test_a_16_bit_dtype_converts_each_element_before_adding(request, call, dtype
         torch.testing.assert_close(call(b, dtype=dtype), expected, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("sizes", ["per_tensor", "real"])
+def test_nanmean_rounds_its_sum_to_the_dtype_before_dividing(request, dtype, sizes):
+    # torch's nanmean is nansum(x) / count, the sum rounded to the dtype: past 65504 a float16
+    # nanmean is inf. The bundle divided its wider sum (23.5).
+    if sizes == "real":
+        request.getfixturevalue("real_sizes")
+    huge = torch.finfo(dtype).max / 1.5
+    tensors = [torch.linspace(-3.0, 2.0, 5000).to(dtype), torch.tensor([huge, math.nan, huge], dtype=dtype)]
+    for b in (mt.bundle(tensors), mt.bundle(tensors[::-1])):
+        for call in (lambda x: torch.nanmean(x), lambda x: x.nanmean(0, keepdim=True)):
+            torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: x.var(), lambda x: torch.std(x), lambda x: torch.var_mean(x, correction=3),
     lambda x: torch.std_mean(x, correction=5000), lambda x: x.var(correction=6000),
@@ -349,6 +363,24 @@ def test_var_without_degrees_of_freedom_has_torchs_gradient(call):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [
+    lambda x: torch.var(x, correction=8000), lambda x: x.var(correction=9000),
+    lambda x: torch.var_mean(x, correction=8000), lambda x: sum(torch.var_mean(x, correction=8001)),
+], ids=["var-0", "var-negative", "var_mean", "var-plus-mean"])
+def test_var_without_degrees_of_freedom_is_nan_at_an_element_equal_to_the_mean(call, dtype):
+    # torch 2.13's var gradient without degrees of freedom is g * inf, but NaN at an element
+    # exactly equal to the mean; the bundle's was g * inf there too. (The mean here is exactly 0.)
+    def make():
+        return [torch.tensor([-2.0, 0.0, 1.0, 0.0, 1.0] * 600, dtype=dtype, requires_grad=True),
+                torch.tensor([0.0, 1.0, -1.0, 0.0] * 1250, dtype=dtype, requires_grad=True)]
+
+    got, expected = _value_and_grads(call, make)
+    assert expected[-1].isnan().any() and expected[-1].isinf().any()
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
                          ids=["var", "std", "var_mean", "std_mean"])
 def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
@@ -363,6 +395,18 @@ def test_moments_of_an_infinite_tensor_next_to_finite_ones(call, dtype):
     got, expected = _value_and_grads(call, make)
     for mine, torchs in zip(got, expected, strict=True):
         torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
+@pytest.mark.parametrize("call", [torch.var, torch.std, torch.var_mean, torch.std_mean],
+                         ids=["var", "std", "var_mean", "std_mean"])
+def test_moments_of_float64_tensors_near_the_largest_float(call):
+    # Tensors of 1e308 and 1.5e308: the count-weighted sum of the tensors' means overflowed to
+    # inf (then inf - inf: NaN var and mean), where torch's (Welford's) mean is 5e304 and its
+    # var inf. (Values only: torch's var gradient takes a mean by its sum, which overflows.)
+    tensors = [torch.linspace(-3.0, 2.0, 5000, dtype=torch.float64),
+               torch.tensor([1e308], dtype=torch.float64), torch.tensor([1.5e308], dtype=torch.float64)]
+    got, expected = call(mt.bundle(tensors)), call(torch.cat(tensors))
+    torch.testing.assert_close(got, expected, equal_nan=True)
 
 
 def _ones(x):
@@ -627,3 +671,27 @@ def test_prod_of_tensors_that_overflow_and_underflow_is_the_concatenations(dtype
     assert want.isnan() == torch.prod(mt.bundle(tensors)).isnan()
     torch.testing.assert_close(torch.prod(mt.bundle(tensors)), want, equal_nan=True)
     torch.testing.assert_close(mt.bundle(tensors).prod(0, keepdim=True), torch.cat(tensors).prod(0, keepdim=True), equal_nan=True)
+
+
+_NORM_SPECIALS = {"-inf": [-math.inf] * 3, "inf": [math.inf, math.inf], "inf and 1": [math.inf, 1.0],
+                  "zeros": [0.0, 0.0], "0 and 2": [0.0, 2.0], "finite": [0.5, -2.0, 3.0]}
+
+
+@pytest.mark.parametrize("ord", [-3.0, -1.0, -0.5, 0.5, 1.5], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("call", [
+    lambda x, o: torch.linalg.vector_norm(x, ord=o), lambda x, o: torch.dist(x, x.detach() * 0, o),
+], ids=["vector_norm", "dist"])
+def test_norms_of_infinite_or_zero_tensors_have_the_concatenations_gradient(call, dtype, ord):
+    # torch's gradient for p < 1 is sgn(x) * |x| ** (p - 1) * norm ** (1 - p) (0 at x = 0):
+    # -0 at an all -inf tensor beside finite ones. Through the tensor's own norm (inf) it was
+    # 0 * inf: NaN at every element of it, and likewise for a tensor [inf, 1] with p in (0, 1).
+    long = torch.linspace(-3.0, 2.0, 5000, dtype=dtype)
+    for first, second in itertools.product(_NORM_SPECIALS.values(), repeat=2):
+        values = [torch.tensor(first, dtype=dtype), torch.tensor(second, dtype=dtype), long]
+        leaves = [v.clone().requires_grad_() for v in values]
+        copies = [v.clone().requires_grad_() for v in values]
+        got, want = call(mt.bundle(leaves), ord), call(torch.cat(copies), ord)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, copies)):
+            torch.testing.assert_close(g, w, equal_nan=True, msg=lambda m: f"{first}, {second}: {m}")
