@@ -72,10 +72,14 @@ def _extremum(
     functional = _functional()
     if not (m.requires_grad and torch.is_grad_enabled()) and not functional:
         return m
-    if torch.compiler.is_compiling() or functional or ((key is not None or nan_spread) and bool(m.isnan())):
+    if (
+        torch.compiler.is_compiling() or functional or m.is_meta
+        or ((key is not None or nan_spread) and bool(m.isnan()))
+    ):
         # (at a NaN, the stacked extrema's amax would send NaN into every tensor; under
-        # torch.func the branches below would read values, which vmap cannot, and the stacked
-        # extrema's tangent would average tensors' ties, not elements')
+        # torch.func the branches below would read values, which vmap cannot, nor can they
+        # on meta tensors, which hold none; and the stacked extrema's tangent would average
+        # tensors' ties, not elements')
         return _shared_extremum(m, tensors, dtype, key, nan_spread)
     if len(values) == 1:
         return m

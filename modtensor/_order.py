@@ -266,16 +266,17 @@ def _quantile(
     # They come before the dim's, so the same bad call raises the same type of error.
     try:
         probe = torch.zeros(1, dtype=b._dtype, device=b._device)
-        shape = func(probe, q, dim, keepdim, interpolation=interpolation).shape
+        # its dtype too: under autocast, a float16 or bfloat16 input's quantile is float32's
+        out = func(probe, q, dim, keepdim, interpolation=interpolation)
     except RuntimeError as e:
         raise RuntimeError(f"{name}: {e} ({b.describe()} concatenates to {b._dtype})") from None
     except IndexError:  # the dim, said with the bundle's structure
         check_dim(dim, name, b)
         raise
     sel = _Selection(b)
-    qs = torch.as_tensor(q, dtype=b._dtype).reshape(-1).cpu()
+    qs = torch.as_tensor(q, dtype=out.dtype).reshape(-1).cpu()
     ranks = _ranks(qs, sel.n_valid if ignore_nan else b._numel, sel.n_valid < b._numel, ignore_nan)
-    return _interpolate(b, sel, ranks, interpolation).reshape(shape)
+    return _interpolate(b, sel, ranks, interpolation, out.dtype).reshape(out.shape)
 
 
 def quantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -305,8 +306,11 @@ def nanquantile(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     return _quantile(b, func, args, kwargs, ignore_nan=True)
 
 
-def _interpolate(b: ParameterBundle, sel: _Selection, ranks: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """torch.quantile's last steps: round or interpolate between the order statistics at `ranks`."""
+def _interpolate(
+    b: ParameterBundle, sel: _Selection, ranks: torch.Tensor, interpolation: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """torch.quantile's last steps: round or interpolate, in `dtype`, between the order
+    statistics at `ranks` (found in the bundle's dtype: a wider float orders them alike)."""
     if interpolation == "lower":
         ranks = ranks.floor()
     elif interpolation == "higher":
@@ -317,14 +321,14 @@ def _interpolate(b: ParameterBundle, sel: _Selection, ranks: torch.Tensor, inter
     above = ranks.ceil().long()
     wanted = sorted(set(below.tolist()) | set(above.tolist()))
     stats = dict(zip(wanted, sel.stats(wanted)))
-    at = _elements(b, torch.tensor([stats[r].index for r in wanted], dtype=torch.int64))
+    at = _elements(b, torch.tensor([stats[r].index for r in wanted], dtype=torch.int64)).to(dtype)
     position = {r: i for i, r in enumerate(wanted)}
     low = at[[position[r] for r in below.tolist()]]
     if interpolation not in ("linear", "midpoint"):
         return low
     high = at[[position[r] for r in above.tolist()]]
     weights = torch.full_like(ranks, 0.5) if interpolation == "midpoint" else ranks - below
-    return torch.lerp(low, high, weights.to(device=b._device, dtype=b._dtype))
+    return torch.lerp(low, high, weights.to(device=b._device, dtype=dtype))
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -420,11 +420,14 @@ def _requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any], dtypes: Sequen
 
 
 class _Guard:
-    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode (and inference mode) of the guard's making,
-    refusing tensor i's inputs if they were modified in place since then."""
+    """`guard(i, fn, *a)`: `fn(*a)` in the grad mode (and inference mode, and default dtype)
+    of the guard's making, refusing tensor i's inputs if they were modified in place since then."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.grad_enabled = torch.is_grad_enabled()
+        # The concatenation's `c / 2` of integers is made at once in the default dtype of
+        # that moment; a later `torch.set_default_dtype` must not change the tensors made now.
+        self.default_dtype = torch.get_default_dtype()
         # Made under inference mode, the concatenation's result is an inference tensor (no
         # in-place update, no autograd outside that mode): so are the tensors computed later.
         # (dynamo cannot trace the question; see _dispatch.autograd_records.)
@@ -473,6 +476,11 @@ class _Guard:
 
     def __call__(self, i: int, fn: Callable[..., Any], *fn_args: Any) -> Any:
         self.check(i)
+        if torch.get_default_dtype() != self.default_dtype:
+            return self._in_default_dtype(fn, *fn_args)
+        return self._in_modes(fn, *fn_args)
+
+    def _in_modes(self, fn: Callable[..., Any], *fn_args: Any) -> Any:
         if self.inference and not torch.is_inference_mode_enabled():
             with torch.inference_mode():
                 return fn(*fn_args)
@@ -480,6 +488,15 @@ class _Guard:
             return fn(*fn_args)
         with torch.set_grad_enabled(self.grad_enabled):
             return fn(*fn_args)
+
+    def _in_default_dtype(self, fn: Callable[..., Any], *fn_args: Any) -> Any:
+        # torch has no context for the default dtype (it is process-wide): set it back after.
+        now = torch.get_default_dtype()
+        torch.set_default_dtype(self.default_dtype)
+        try:
+            return self._in_modes(fn, *fn_args)
+        finally:
+            torch.set_default_dtype(now)
 
 
 _NO_RANGE = object()

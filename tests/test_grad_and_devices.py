@@ -99,6 +99,24 @@ def test_a_meta_model_reduces_without_memory():
     assert b.norm().device.type == "meta" and b.numel() == 4096 * 4097
 
 
+@pytest.mark.parametrize(
+    "op",
+    [torch.amax, torch.amin, torch.max, lambda x: torch.aminmax(x).max, lambda x: x.norm(float("inf")),
+     lambda x: torch.dist(x, x.detach() * 2, float("-inf")), lambda x: (x - 1).abs().amax()],
+    ids=["amax", "amin", "max", "aminmax", "inf-norm", "dist -inf", "abs amax"],
+)
+def test_extrema_of_a_meta_model_that_requires_grad(op):
+    # Their tie counting read values (`.tolist()`, `bool(m.isnan())`), which meta tensors do
+    # not hold: NotImplementedError where the concatenation gives a meta result.
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(70, 60), nn.Linear(60, 3))
+    want = op(torch.cat([p.reshape(-1) for p in model.parameters()]))
+    got = op(mt.bundle(model))
+    assert (got.device, got.shape, got.dtype, got.requires_grad) == (want.device, want.shape, want.dtype, True)
+    got.backward()
+    assert [p.grad.shape for p in model.parameters()] == [p.shape for p in model.parameters()]
+
+
 @cuda
 def test_cuda_bundle_matches_the_concatenation():
     torch.manual_seed(0)

@@ -279,3 +279,32 @@ def test_a_bundle_made_in_inference_mode_is_computed_in_it(real_sizes, strategy,
     with pytest.raises(type(want.value), match="Inplace update to inference tensor"):
         z.add_(1)
     torch.testing.assert_close(torch.cat([t.reshape(-1) for t in z.tensors]), torch.cat([t.reshape(-1) for t in ts]).abs())
+
+
+@pytest.fixture
+def default_dtype():
+    """Sets the default dtype back after a test that changes it."""
+    before = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("op", [lambda x: x / 3, torch.sqrt, lambda x: (x / 3) ** 2], ids=["div", "sqrt", "chain"])
+@pytest.mark.parametrize("size", [3000, 30000], ids=["tiny", "long"])
+@pytest.mark.parametrize(
+    "made, used", [(torch.float32, torch.float64), (torch.bfloat16, torch.float16)], ids=["to float64", "to float16"]
+)
+def test_an_integer_bundle_keeps_the_default_dtype_of_its_making(real_sizes, default_dtype, op, size, made, used):
+    # `torch.cat(...) / 3` of integers is made at once, in the default dtype of that moment.
+    # The bundle's tensors were made later, in the default dtype then: after a switch to
+    # float64, a RuntimeError blaming a changed parameter; to float16 (the same bytes as
+    # bfloat16), silently float16 tensors, inf past 65504 (a long one's amax: inf, not 99840).
+    torch.set_default_dtype(made)
+    ts = [torch.arange(size) * 10, torch.arange(40, dtype=torch.int32).view(8, 5)]
+    lazy, want = op(mt.bundle(ts)), op(torch.cat([t.reshape(-1) for t in ts]))
+    torch.set_default_dtype(used)
+    assert lazy.dtype == want.dtype == made
+    for reduce in (torch.amax, torch.sum, torch.norm):
+        torch.testing.assert_close(reduce(lazy), reduce(want))
+    torch.testing.assert_close(lazy.materialize(), want)
+    assert op(mt.bundle(ts)).dtype == used  # one made now

@@ -293,6 +293,27 @@ def test_quantile_beyond_torchs_size_limit():
     assert torch.median(b) == float(torch.tensor(float((n - 1) // 2)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["quantile", "nanquantile"])
+@pytest.mark.parametrize("interpolation", ["linear", "midpoint", "nearest"])
+def test_quantile_under_autocast_is_computed_in_float32(dtype, name, interpolation):
+    # CPU autocast casts a float16 or bfloat16 quantile's input to float32 (outside it torch
+    # refuses them): the concatenation's result is float32, interpolated in float32. The
+    # bundle's was in the bundle's dtype (of 5021 bfloat16 normals, -0.5312 for -0.5352).
+    torch.manual_seed(0)
+    values = (torch.randperm(240) / 16 - 7).to(dtype)  # distinct and exact: no ties to split
+    tensors = [values[:200].reshape(20, 10).clone().requires_grad_(), values[200:].clone().requires_grad_()]
+    func = getattr(torch, name)
+    for q in (0.3, torch.tensor([0.013, 0.5, 0.97], dtype=dtype)):
+        with torch.autocast("cpu", dtype=dtype):
+            want = func(torch.cat([t.reshape(-1) for t in tensors]), q, interpolation=interpolation)
+            got = func(mt.bundle(tensors), q, interpolation=interpolation)
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for g, w in zip(torch.autograd.grad(got.sum(), tensors), torch.autograd.grad(want.sum(), tensors)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @given(
     shape=st.lists(st.integers(0, 4), max_size=4), size=st.integers(1, 9), layout=st.sampled_from(["plain", "t", "step"])
 )
