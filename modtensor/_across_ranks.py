@@ -31,7 +31,7 @@ from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
 from modtensor._distributed import Sharding, _dist, refuse, sharding_of
 from modtensor._errors import UnsupportedOperationError
 from modtensor._reduce_common import _acc_dtype, _cast, _real, _stack, sqrt0
-from modtensor._strategies import ReduceArgs, Reduction, ReductionCall, _keepdim
+from modtensor._strategies import Pieces, ReduceArgs, Reduction, ReductionCall, _keepdim
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
@@ -63,7 +63,8 @@ class _Form:
     turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
     call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)`
     is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
-    gradient) stays here.
+    gradient) stays here. Where `ties` (or `ties(args)`) is true, the payload counts this
+    rank's ties for the extremum (see `_ties`).
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
@@ -73,6 +74,7 @@ class _Form:
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
     summed: Callable[[ReduceArgs], bool] | bool = False
     wire: Callable[[Any], Any] = lambda payload: payload
+    ties: Callable[[ReduceArgs], bool] | bool = False
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -111,12 +113,26 @@ def _sum_form(combine: Callable[[list[Any], ReduceArgs], Any], integer: bool = F
     return _Form(combine, combine, 3, encode, decode, True)
 
 
+@dataclass(frozen=True)
+class _Reread:
+    """In place of a tensor `_extrema._kept` did not keep (autograd records nothing on this
+    rank): tensor `index` of `pieces`, read again by `_ties` only where its extremum is this
+    rank's, so that no tensor is held meanwhile (one computed on demand would be made anew)."""
+
+    pieces: Pieces
+    index: int
+
+    def read(self) -> Any:
+        return self.pieces.operand(self.index)[0]
+
+
 def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], torch.Tensor]) -> int:
     """How many elements of this rank's tensors equal `value` (the extremum at `at` of each state).
 
-    Only in grad mode, where `_kept` keeps the tensors: torch spreads an extremum's gradient
-    evenly over all tied elements, so the merge must know each rank's share of the ties. A
-    NaN counts as equal to NaN, as in torch's max() / min() (see `_extrema._SharedExtremum`).
+    Only in grad mode: torch spreads an extremum's gradient evenly over all tied elements, so
+    the merge must know each rank's share of the ties, also of a rank whose tensors are
+    frozen (its states hold `_Reread`s) when another rank's are trainable. A NaN counts as
+    equal to NaN, as in torch's max() / min() (see `_extrema._SharedExtremum`).
     """
     kept = [s[-1] for s in states]
     if not torch.is_grad_enabled() or any(k is None for k in kept):
@@ -127,7 +143,7 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
     for s, k in zip(states, kept):
         extremum = s[at].detach().to(v.dtype)
         if bool(extremum.isnan() if nan else extremum == v.to(extremum.device)):
-            keyed = key(k).to(v.dtype)
+            keyed = key(k.read() if isinstance(k, _Reread) else k).to(v.dtype)
             count += int((keyed.isnan() if nan else keyed == v.to(keyed.device)).sum())
     return count
 
@@ -235,7 +251,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
             total = sqrt0(total)
         return _cast(total, _real(a.dtype))
 
-    return _Form(local, merge, 1, encode, decode, lambda a: a.options["p"] in (0.0, 1.0, 2.0))
+    return _Form(local, merge, 1, encode, decode, lambda a: a.options["p"] in (0.0, 1.0, 2.0), ties=is_inf)
 
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
@@ -264,7 +280,7 @@ def _aminmax_form() -> _Form:
         high = _merge_extremum([(p[2], p[3]) for p in payloads], True, a.dtype)
         return torch.return_types.aminmax((low, high))
 
-    return _Form(local, merge)
+    return _Form(local, merge, ties=True)
 
 
 def _logsumexp_form() -> _Form:
@@ -319,8 +335,12 @@ def _forms() -> dict[int, _Form]:
             True,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,
-        "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad)),
-        "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad)),
+        "amax": _Form(
+            *_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad), ties=True
+        ),
+        "amin": _Form(
+            *_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad), ties=True
+        ),
         "aminmax": _aminmax_form(),
         "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
         "logsumexp": _logsumexp_form(),
@@ -412,6 +432,8 @@ class _Local:
 def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], form: _Form, a: Any) -> _Local:
     b, red = call.bundle, call.reduction
     out = _Local([], [], [], [])
+    # A rank recording no gradient counts its ties all the same: another rank may record.
+    reread = torch.is_grad_enabled() and (form.ties if isinstance(form.ties, bool) else form.ties(a))
     try:
         for segment in segments:
             states: tuple[list[Any], list[Any]] = ([], [])
@@ -422,7 +444,10 @@ def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], f
                     continue
                 whole = int(b.names[i] in sharding.replicated)
                 # One call per tensor, so each operand is dropped before the next is made.
-                states[whole].append(red.partial(*call.pieces.operand(i), a))
+                state = red.partial(*call.pieces.operand(i), a)
+                if reread and state[-1] is None:
+                    state = (*state[:-1], _Reread(call.pieces, i))
+                states[whole].append(state)
                 numels[whole] += size
             out.live.append(form.local(states[0], a) if states[0] else None)
             out.replicated.append(form.local(states[1], a) if states[1] else None)

@@ -333,6 +333,52 @@ def group_ties_split_gradient_across_ranks(rank: int, world: int) -> None:
 
 
 @check
+def group_ties_on_frozen_ranks_take_their_share(rank: int, world: int) -> None:
+    # Rank 0's tensors are trainable, the others' frozen, and the extremum is on every rank:
+    # a frozen rank counted no ties (it keeps no tensor to count them in), so rank 0's tied
+    # elements took the gradient of all of them.
+    g = torch.Generator().manual_seed(5)
+    full = {
+        "a": torch.randint(-2, 3, (4 * world, 3), generator=g).double(),
+        "b": torch.randint(-2, 3, (2 * world,), generator=g).double(),
+    }
+    with_nan = {n: t.clone() for n, t in full.items()}
+    with_nan["a"][0, 0] = with_nan["a"][-1, 1] = with_nan["b"][-1] = float("nan")
+    inf = float("inf")
+    tests: dict[str, tuple[dict[str, torch.Tensor], Callable[[Any], Any]]] = {
+        "amax": (full, lambda x: x.amax()), "max": (full, lambda x: x.max()),
+        "amin": (full, lambda x: torch.amin(x)), "min": (full, lambda x: x.min()),
+        "aminmax": (full, lambda x: _scalar(tuple(torch.aminmax(x)))),
+        "norm_inf": (full, lambda x: x.norm(p=inf)),
+        "norm_neg_inf": (full, lambda x: torch.linalg.vector_norm(x - 0.5, ord=-inf)),  # on demand
+        "dist_inf": (full, lambda x: torch.dist(x, x.detach() * 0.5, p=inf)),
+        "max_nan": (with_nan, lambda x: x.max()), "min_nan": (with_nan, lambda x: torch.min(x)),
+    }
+    for name, (values, f) in tests.items():
+        before = len(FAILURES)
+        ref = {n: t.clone().requires_grad_() for n, t in values.items()}
+        want = f(cat(ref))
+        mine = {n: t.chunk(world)[rank].clone().requires_grad_(rank == 0) for n, t in values.items()}
+        got = f(world_bundle(mine))
+        close(got, want)
+        if rank == 0:
+            want.backward()
+            got.backward()
+            for n, t in mine.items():
+                close(t.grad, ref[n].grad.chunk(world)[0], rtol=1e-6)
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+    # per tensor too: each tensor's own ties, over the ranks
+    ref_b = full["b"].clone().requires_grad_()
+    mine_b = full["b"].chunk(world)[rank].clone().requires_grad_(rank == 0)
+    got_b = world_bundle({"b": mine_b}).per_param().amax().to_dict()["b"]
+    close(got_b, ref_b.amax())
+    if rank == 0:
+        got_b.backward()
+        ref_b.amax().backward()
+        close(mine_b.grad, ref_b.grad.chunk(world)[0], rtol=1e-6)
+
+
+@check
 def group_nan_gradients_across_ranks(rank: int, world: int) -> None:
     # A NaN on some ranks only: torch's max() / min() give the gradient to the NaN elements
     # (evenly, on every rank), its inf-norms zeros, its amax NaN everywhere; the merge of the
