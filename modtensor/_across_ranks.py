@@ -58,10 +58,12 @@ class _Form:
 
     `local(states, args)` makes this rank's payload from its tensors' states (differentiable);
     `merge(payloads, args)` makes, from every rank's payload, the state `finalize` takes.
-    Where `summed` (or `summed(args)`) is true, payloads merge by adding: `encode(payload,
+    Where `summed` (or `summed(call)`) is true, payloads merge by adding: `encode(payload,
     args)` is a float64 vector of `width` numbers whose sum over ranks `decode(sum, args)`
-    turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
-    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)`
+    turns into that state, so one all_reduce does the exchange. `summed(call)` reads the
+    call's arguments alone, which every rank shares, not its parse: that checks this rank's
+    shards too (their dtype), and a rank where it fails must still join the others'
+    collective, to raise there. `wire(payload)`
     is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
     gradient) stays here. Where `ties` (or `ties(args)`) is true, the payload counts this
     rank's ties for the extremum (see `_ties`).
@@ -72,7 +74,7 @@ class _Form:
     width: int = 0
     encode: Callable[[Any, ReduceArgs], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
-    summed: Callable[[ReduceArgs], bool] | bool = False
+    summed: Callable[[ReductionCall], bool] | bool = False
     wire: Callable[[Any], Any] = lambda payload: payload
     ties: Callable[[ReduceArgs], bool] | bool = False
 
@@ -207,7 +209,11 @@ def _acc_args(a: ReduceArgs) -> ReduceArgs:
     return dataclasses.replace(a, dtype=_acc_dtype(a.dtype))
 
 
-def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[Any], torch.Tensor]) -> _Form:
+def _pnorm_form(
+    combine: Callable[[list[Any], ReduceArgs], Any],
+    key: Callable[[Any], torch.Tensor],
+    order: Callable[[ReductionCall], float],
+) -> _Form:
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
     The payload of a finite p > 1 is this rank's sum of p-th powers in float64 (of squares for
@@ -216,7 +222,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     lose the second derivative where a rank's norm is 0; elsewhere this rank's norm raised to
     p. Every rank's payload means the same whether or not autograd records on it (frozen
     shards, or none). For p <= 1 it is this rank's norm. For p in (0, 1, 2) norms merge by
-    adding (their p-th powers), which one all_reduce does.
+    adding (their p-th powers), which one all_reduce does. `order(call)` is the call's p.
     """
     import math
 
@@ -251,7 +257,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
             total = sqrt0(total)
         return _cast(total, _real(a.dtype))
 
-    return _Form(local, merge, 1, encode, decode, lambda a: a.options["p"] in (0.0, 1.0, 2.0), ties=is_inf)
+    return _Form(local, merge, 1, encode, decode, lambda call: order(call) in (0.0, 1.0, 2.0), ties=is_inf)
 
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
@@ -342,11 +348,13 @@ def _forms() -> dict[int, _Form]:
             *_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad), ties=True
         ),
         "aminmax": _aminmax_form(),
-        "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
+        "norm": _pnorm_form(_reductions._combine_norm, torch.abs, _reductions._norm_order),
         "logsumexp": _logsumexp_form(),
     }
     found = {id(r[name]): form for name, form in forms.items()}
-    found[id(_pairwise._DIST)] = _pnorm_form(_pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs())
+    found[id(_pairwise._DIST)] = _pnorm_form(
+        _pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs(), _pairwise._dist_order
+    )
     found[id(_pairwise._COSINE)] = _cosine_form()
     return found
 
@@ -608,15 +616,13 @@ def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     except Exception as e:
         # An error from this rank's own shards (their dtype, which a rank without tensors takes
         # as the default, or their count) is raised in the exchange, or the other ranks would
-        # wait there; unless the collective depends on the arguments (a norm's p).
-        if not isinstance(form.summed, bool):
-            raise
+        # wait there.
         parsed, mine = None, _failed(e, 1)
     else:
         if parsed is NOT_HANDLED:
             return NOT_HANDLED
         mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
-    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(parsed)):
+    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(call)):
         state, count = _summed(call, sharding, form, mine, parsed)
     else:
         states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, None)

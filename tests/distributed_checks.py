@@ -473,6 +473,48 @@ def group_dtypes_and_errors_of_some_ranks(rank: int, world: int) -> None:
 
 
 @check
+def group_norm_and_pairwise_errors_of_some_ranks_stop_every_rank(rank: int, world: int) -> None:
+    # A rank without tensors has the default dtype, so a check of the dtype fails on the other
+    # ranks only. A norm's collective depends on p (all_reduce for 0, 1, 2, else
+    # all_gather_object): the failed ranks raised at once and rank 0 waited in its collective
+    # until the timeout; bundle-with-bundle reductions checked the dtypes before the exchange.
+    import modtensor as mt
+
+    inf = float("inf")
+    full = full_tensors()
+    mine = sharded(full, world, rank) if rank else {}
+    ints = {n: (t * 10).long() for n, t in mine.items()}
+    singles = {n: t.float() for n, t in mine.items()}
+    complexes = {n: torch.complex(t, t) for n, t in mine.items()}
+    cases: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Callable[..., Any], str]] = {
+        "norm of integers": (ints, {}, lambda b, _: b.norm(), "a norm needs a floating point"),
+        "norm3 of integers": (ints, {}, lambda b, _: b.norm(p=3), "a norm needs a floating point"),
+        "inf-norm of integers": (ints, {}, lambda b, _: torch.linalg.vector_norm(b, inf), "a norm needs a floating"),
+        "narrowing dtype=": (mine, {}, lambda b, _: torch.linalg.vector_norm(b, dtype=torch.float32), "would narrow"),
+        "narrowing dtype=, p=3": (mine, {}, lambda b, _: torch.linalg.norm(b, 3, dtype=torch.float32), "would narrow"),
+        "real dtype= of complex": (
+            complexes, {}, lambda b, _: torch.linalg.vector_norm(b, inf, dtype=torch.float64), "dtype should be complex"
+        ),
+        "dist of integers": (ints, ints, lambda b, c: torch.dist(b, c), "input dtype should be"),
+        "dist inf of integers": (ints, ints, lambda b, c: torch.dist(b, c, p=inf), "input dtype should be"),
+        "dot of two dtypes": (mine, singles, lambda b, c: torch.dot(b, c), "expected both operands to have the same"),
+        "cosine of integers": (ints, ints, lambda b, c: F.cosine_similarity(b, c, dim=0), "cosine_similarity"),
+        "huber_loss of integers": (ints, ints, lambda b, c: F.huber_loss(b, c), "huber_loss"),
+    }
+    for name, (first, second, f, text) in cases.items():
+        before = len(FAILURES)
+        # a group of its own, with a short timeout: a rank left waiting fails fast, and a
+        # collective it never finished does not meet the next case's
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=5))
+        b, c = mt.bundle(first, group=group), mt.bundle(second, group=group)
+        caught = _raises(RuntimeError, text, lambda: f(b, c))
+        if rank == 0 and "rank 1 of the group failed with" not in str(caught):
+            FAILURES.append(f"no failed rank named in {caught!r}")
+        close(mt.bundle(mine, group=group).norm(p=3).double(), cat(full).norm(p=3), rtol=1e-6)  # the group works
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+
+
+@check
 def group_empty_everywhere(rank: int, world: int) -> None:
     import modtensor as mt
 
