@@ -63,10 +63,9 @@ class _Form:
     turns into that state, so one all_reduce does the exchange. `summed(call)` reads the
     call's arguments alone, which every rank shares, not its parse: that checks this rank's
     shards too (their dtype), and a rank where it fails must still join the others'
-    collective, to raise there. `wire(payload)`
-    is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
-    gradient) stays here. Where `ties` (or `ties(args)`) is true, the payload counts this
-    rank's ties for the extremum (see `_ties`).
+    collective, to raise there. `wire(payload)` is what of a payload crosses to the other
+    ranks; the rest (tensors kept for this rank's gradient) stays here. Where `ties` (or
+    `ties(args)`) is true, the payload counts this rank's ties for the extremum (see `_ties`).
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
