@@ -110,10 +110,10 @@ def _run(
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
-    if ref._dist is None:
+    bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
+    if all(x._dist is None for x in bundles):
         parsed = parse()
         parse = lambda: parsed  # noqa: E731
-    bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
     if reduction.direct and copy_is_cheap(bundles, ref._strategy):
         if is_bundle(args[0]):
             remember_direct(args[0], func, args, kwargs)  # valid for any tiny pair of these kinds

@@ -497,6 +497,9 @@ def group_norm_and_pairwise_errors_of_some_ranks_stop_every_rank(rank: int, worl
         ),
         "dist of integers": (ints, ints, lambda b, c: torch.dist(b, c), "input dtype should be"),
         "dist inf of integers": (ints, ints, lambda b, c: torch.dist(b, c, p=inf), "input dtype should be"),
+        "dist of a local bundle and a distributed one": (
+            ints, ints, lambda b, c: torch.dist(mt.bundle(list(b.tensors)), c), "input dtype should be"
+        ),
         "dot of two dtypes": (mine, singles, lambda b, c: torch.dot(b, c), "expected both operands to have the same"),
         "cosine of integers": (ints, ints, lambda b, c: F.cosine_similarity(b, c, dim=0), "cosine_similarity"),
         "huber_loss of integers": (ints, ints, lambda b, c: F.huber_loss(b, c), "huber_loss"),
