@@ -31,7 +31,7 @@ from modtensor._dispatch import NOT_HANDLED, find_bundles, materialized
 from modtensor._distributed import Sharding, _dist, refuse, sharding_of
 from modtensor._errors import UnsupportedOperationError
 from modtensor._reduce_common import _acc_dtype, _cast, _real, _stack, sqrt0
-from modtensor._strategies import ReduceArgs, Reduction, ReductionCall, _keepdim
+from modtensor._strategies import Pieces, ReduceArgs, Reduction, ReductionCall, _keepdim
 
 if TYPE_CHECKING:
     from modtensor._bundle import ParameterBundle
@@ -58,12 +58,14 @@ class _Form:
 
     `local(states, args)` makes this rank's payload from its tensors' states (differentiable);
     `merge(payloads, args)` makes, from every rank's payload, the state `finalize` takes.
-    Where `summed` (or `summed(args)`) is true, payloads merge by adding: `encode(payload,
+    Where `summed` (or `summed(call)`) is true, payloads merge by adding: `encode(payload,
     args)` is a float64 vector of `width` numbers whose sum over ranks `decode(sum, args)`
-    turns into that state, so one all_reduce does the exchange. A rank that cannot parse the
-    call still joins the exchange (to raise there) where `summed` is a bool. `wire(payload)`
-    is what of a payload crosses to the other ranks; the rest (tensors kept for this rank's
-    gradient) stays here.
+    turns into that state, so one all_reduce does the exchange. `summed(call)` reads the
+    call's arguments alone, which every rank shares, not its parse: that checks this rank's
+    shards too (their dtype), and a rank where it fails must still join the others'
+    collective, to raise there. `wire(payload)` is what of a payload crosses to the other
+    ranks; the rest (tensors kept for this rank's gradient) stays here. Where `ties` (or
+    `ties(args)`) is true, the payload counts this rank's ties for the extremum (see `_ties`).
     """
 
     local: Callable[[list[Any], ReduceArgs], Any]
@@ -71,8 +73,9 @@ class _Form:
     width: int = 0
     encode: Callable[[Any, ReduceArgs], torch.Tensor] | None = None
     decode: Callable[[torch.Tensor, ReduceArgs], Any] | None = None
-    summed: Callable[[ReduceArgs], bool] | bool = False
+    summed: Callable[[ReductionCall], bool] | bool = False
     wire: Callable[[Any], Any] = lambda payload: payload
+    ties: Callable[[ReduceArgs], bool] | bool = False
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -111,12 +114,26 @@ def _sum_form(combine: Callable[[list[Any], ReduceArgs], Any], integer: bool = F
     return _Form(combine, combine, 3, encode, decode, True)
 
 
+@dataclass(frozen=True)
+class _Reread:
+    """In place of a tensor `_extrema._kept` did not keep (autograd records nothing on this
+    rank): tensor `index` of `pieces`, read again by `_ties` only where its extremum is this
+    rank's, so that no tensor is held meanwhile (one computed on demand would be made anew)."""
+
+    pieces: Pieces
+    index: int
+
+    def read(self) -> Any:
+        return self.pieces.operand(self.index)[0]
+
+
 def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], torch.Tensor]) -> int:
     """How many elements of this rank's tensors equal `value` (the extremum at `at` of each state).
 
-    Only in grad mode, where `_kept` keeps the tensors: torch spreads an extremum's gradient
-    evenly over all tied elements, so the merge must know each rank's share of the ties. A
-    NaN counts as equal to NaN, as in torch's max() / min() (see `_extrema._SharedExtremum`).
+    Only in grad mode: torch spreads an extremum's gradient evenly over all tied elements, so
+    the merge must know each rank's share of the ties, also of a rank whose tensors are
+    frozen (its states hold `_Reread`s) when another rank's are trainable. A NaN counts as
+    equal to NaN, as in torch's max() / min() (see `_extrema._SharedExtremum`).
     """
     kept = [s[-1] for s in states]
     if not torch.is_grad_enabled() or any(k is None for k in kept):
@@ -127,7 +144,7 @@ def _ties(value: torch.Tensor, states: list[Any], at: int, key: Callable[[Any], 
     for s, k in zip(states, kept):
         extremum = s[at].detach().to(v.dtype)
         if bool(extremum.isnan() if nan else extremum == v.to(extremum.device)):
-            keyed = key(k).to(v.dtype)
+            keyed = key(k.read() if isinstance(k, _Reread) else k).to(v.dtype)
             count += int((keyed.isnan() if nan else keyed == v.to(keyed.device)).sum())
     return count
 
@@ -191,7 +208,11 @@ def _acc_args(a: ReduceArgs) -> ReduceArgs:
     return dataclasses.replace(a, dtype=_acc_dtype(a.dtype))
 
 
-def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[Any], torch.Tensor]) -> _Form:
+def _pnorm_form(
+    combine: Callable[[list[Any], ReduceArgs], Any],
+    key: Callable[[Any], torch.Tensor],
+    order: Callable[[ReductionCall], float],
+) -> _Form:
     """Norms (and torch.dist): finite p merges the per-rank norms, +-inf as an extremum.
 
     The payload of a finite p other than 0 and 1 is this rank's sum of p-th powers in float64
@@ -200,7 +221,8 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
     gradient at inf and lose the second derivative where a rank's norm is 0; elsewhere this
     rank's norm raised to p. Every rank's payload means the same whether or not autograd
     records on it (frozen shards, or none). For p 0 and 1 it is this rank's norm. For p in
-    (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does.
+    (0, 1, 2) norms merge by adding (their p-th powers), which one all_reduce does. `order(call)`
+    is the call's p.
     """
     import math
 
@@ -235,7 +257,7 @@ def _pnorm_form(combine: Callable[[list[Any], ReduceArgs], Any], key: Callable[[
             total = sqrt0(total)
         return _cast(total, _real(a.dtype))
 
-    return _Form(local, merge, 1, encode, decode, lambda a: a.options["p"] in (0.0, 1.0, 2.0))
+    return _Form(local, merge, 1, encode, decode, lambda call: order(call) in (0.0, 1.0, 2.0), ties=is_inf)
 
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
@@ -264,7 +286,7 @@ def _aminmax_form() -> _Form:
         high = _merge_extremum([(p[2], p[3]) for p in payloads], True, a.dtype)
         return torch.return_types.aminmax((low, high))
 
-    return _Form(local, merge)
+    return _Form(local, merge, ties=True)
 
 
 def _logsumexp_form() -> _Form:
@@ -320,14 +342,20 @@ def _forms() -> dict[int, _Form]:
             True,
         ),
         "var": var, "std": var, "var_mean": var, "std_mean": var,
-        "amax": _Form(*_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad)),
-        "amin": _Form(*_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad)),
+        "amax": _Form(
+            *_extremum_form(r["amax"].combine, lambda a: True, lambda a: a.dtype, lambda t: t, nan_grad), ties=True
+        ),
+        "amin": _Form(
+            *_extremum_form(r["amin"].combine, lambda a: False, lambda a: a.dtype, lambda t: t, nan_grad), ties=True
+        ),
         "aminmax": _aminmax_form(),
-        "norm": _pnorm_form(_reductions._combine_norm, torch.abs),
+        "norm": _pnorm_form(_reductions._combine_norm, torch.abs, _reductions._norm_order),
         "logsumexp": _logsumexp_form(),
     }
     found = {id(r[name]): form for name, form in forms.items()}
-    found[id(_pairwise._DIST)] = _pnorm_form(_pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs())
+    found[id(_pairwise._DIST)] = _pnorm_form(
+        _pairwise._combine_dist, lambda pair: (pair[0] - pair[1]).abs(), _pairwise._dist_order
+    )
     found[id(_pairwise._COSINE)] = _cosine_form()
     return found
 
@@ -413,6 +441,8 @@ class _Local:
 def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], form: _Form, a: Any) -> _Local:
     b, red = call.bundle, call.reduction
     out = _Local([], [], [], [])
+    # A rank recording no gradient counts its ties all the same: another rank may record.
+    reread = torch.is_grad_enabled() and (form.ties if isinstance(form.ties, bool) else form.ties(a))
     try:
         for segment in segments:
             states: tuple[list[Any], list[Any]] = ([], [])
@@ -423,7 +453,10 @@ def _local(call: ReductionCall, sharding: Sharding, segments: list[list[int]], f
                     continue
                 whole = int(b.names[i] in sharding.replicated)
                 # One call per tensor, so each operand is dropped before the next is made.
-                states[whole].append(red.partial(*call.pieces.operand(i), a))
+                state = red.partial(*call.pieces.operand(i), a)
+                if reread and state[-1] is None:
+                    state = (*state[:-1], _Reread(call.pieces, i))
+                states[whole].append(state)
                 numels[whole] += size
             out.live.append(form.local(states[0], a) if states[0] else None)
             out.replicated.append(form.local(states[1], a) if states[1] else None)
@@ -584,15 +617,13 @@ def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     except Exception as e:
         # An error from this rank's own shards (their dtype, which a rank without tensors takes
         # as the default, or their count) is raised in the exchange, or the other ranks would
-        # wait there; unless the collective depends on the arguments (a norm's p).
-        if not isinstance(form.summed, bool):
-            raise
+        # wait there.
         parsed, mine = None, _failed(e, 1)
     else:
         if parsed is NOT_HANDLED:
             return NOT_HANDLED
         mine = _local(call, sharding, [list(range(len(b.names)))], form, parsed)
-    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(parsed)):
+    if form.width and (form.summed if isinstance(form.summed, bool) else form.summed(call)):
         state, count = _summed(call, sharding, form, mine, parsed)
     else:
         states, counts = _gathered(call, sharding, form, mine, lambda s: parsed, None)

@@ -38,7 +38,7 @@ def _dtype_of(x: Any) -> torch.dtype:
 
 
 def _operands(
-    name: str, first: Any, second: Any, require_same_dtype: bool, by_chunks: bool = False
+    name: str, first: Any, second: Any, by_chunks: bool = False
 ) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
     """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`.
 
@@ -50,11 +50,6 @@ def _operands(
     if any(g is NOT_HANDLED or g is None for g in getters):
         return NOT_HANDLED
     dtypes = [_dtype_of(first), _dtype_of(second)]
-    if require_same_dtype and dtypes[0] != dtypes[1]:
-        raise RuntimeError(
-            f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
-            f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
-        )
     chunks = _pair_chunks(ref, first, second, by_chunks)
     pieces = Pieces(
         lambda i: (getters[0](i), getters[1](i)), ref._offsets, _pack_keys(ref, first, second), chunks=chunks
@@ -102,22 +97,30 @@ def _run(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     reduction: Reduction,
-    parsed: ReduceArgs,
+    parse: Callable[[], ReduceArgs],
     operands: Any,
     tensor_op: Callable[..., Any] | None = None,
 ) -> Any:
-    """`tensor_op`, where given, stands for `func` on each pair of tensors."""
+    """`tensor_op`, where given, stands for `func` on each pair of tensors.
+
+    `parse` checks the operands' dtypes: of a distributed bundle, this rank's (a rank without
+    tensors has the default dtype), so it runs in the exchange across the ranks, where an
+    error on some ranks stops them all (see `_across_ranks`); elsewhere, first.
+    """
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     ref, pieces, _ = operands
     bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
+    if all(x._dist is None for x in bundles):
+        parsed = parse()
+        parse = lambda: parsed  # noqa: E731
     if reduction.direct and copy_is_cheap(bundles, ref._strategy):
         if is_bundle(args[0]):
             remember_direct(args[0], func, args, kwargs)  # valid for any tiny pair of these kinds
         return func(*concatenated(args), **concatenated(kwargs))
     # Per tensor (per_param, weighted), each pair of tensors is compared as two vectors.
     per_tensor = per_tensor_caller(tensor_op or func, args, kwargs, ref, cast=False, flatten=True)
-    call = ReductionCall(func, args, kwargs, ref, reduction, lambda: parsed, pieces, _naming(per_tensor, func, ref))
+    call = ReductionCall(func, args, kwargs, ref, reduction, parse, pieces, _naming(per_tensor, func, ref))
     return _strategies.reduce(call)
 
 
@@ -182,12 +185,21 @@ def _make_dot(product: Callable[..., torch.Tensor]) -> Callable[..., Any]:
             and first.dim() == 1 and second.dim() == 1
         ):
             return NOT_HANDLED  # vector @ matrix: only the concatenation can do it
-        operands = _operands(name, first, second, require_same_dtype=True)
+        operands = _operands(name, first, second)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
-        _probe(product, name, operands[0], (operands[2], operands[2]))  # torch refuses bool
-        parsed = ReduceArgs(name, operands[2], operands[0]._numel)
-        return _run(func, args, kwargs, reduction, parsed, operands)
+
+        def parse() -> ReduceArgs:
+            dtypes = (_dtype_of(first), _dtype_of(second))
+            if dtypes[0] != dtypes[1]:
+                raise RuntimeError(
+                    f"{name}: expected both operands to have the same dtype, got {dtypes[0]} and "
+                    f"{dtypes[1]} (torch raises the same on the concatenations); cast one first."
+                )
+            _probe(product, name, operands[0], (operands[2], operands[2]))  # torch refuses bool
+            return ReduceArgs(name, operands[2], operands[0]._numel)
+
+        return _run(func, args, kwargs, reduction, parse, operands)
 
     return handler
 
@@ -251,21 +263,30 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         fused = _multitensor.distance(first, second)
         if fused is not None:
             return fused
-    operands = _operands(name, first, second, require_same_dtype=False)
+    operands = _operands(name, first, second)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    _probe(torch.dist, name, operands[0], (_dtype_of(first), _dtype_of(second)), p=p)
-    # Where autograd records, the root of the pairs' sums of squares, as for norms (see
-    # _reductions._parse_norm): a pair of equal tensors (a layer left as the reference) would
-    # make the second derivative NaN.
-    squares = (
-        p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
-        and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
-    )
-    powers = takes_powers(float(p), operands[2], records(first, second))
-    options = {"p": float(p), "squares": squares, "powers": powers, "records": records(first, second)}
-    parsed = ReduceArgs(name, operands[2], operands[0]._numel, options=options)
-    return _run(func, args, kwargs, _DIST, parsed, operands)
+
+    def parse() -> ReduceArgs:
+        _probe(torch.dist, name, operands[0], (_dtype_of(first), _dtype_of(second)), p=p)
+        # Where autograd records, the root of the pairs' sums of squares, as for norms (see
+        # _reductions._parse_norm): a pair of equal tensors (a layer left as the reference)
+        # would make the second derivative NaN.
+        squares = (
+            p == 2 and not operands[2].is_complex and torch.is_grad_enabled()
+            and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (first, second))
+        )
+        powers = takes_powers(float(p), operands[2], records(first, second))
+        options = {"p": float(p), "squares": squares, "powers": powers, "records": records(first, second)}
+        return ReduceArgs(name, operands[2], operands[0]._numel, options=options)
+
+    return _run(func, args, kwargs, _DIST, parse, operands)
+
+
+def _dist_order(call: ReductionCall) -> float:
+    """The p of a torch.dist call, for `_across_ranks`: from the arguments alone, so the same
+    on every rank, even one whose parse fails on its own shards (their dtype)."""
+    return float(_bind(_sig_dist, call.name, call.args, call.kwargs)[2])
 
 
 # -- cosine similarity ---------------------------------------------------------------------------
@@ -317,13 +338,15 @@ def _cosine_similarity(func: Callable[..., Any], types: Any, args: tuple[Any, ..
     first, second, dim, eps = _bind(_sig_cosine, name, args, kwargs)
     ref = first if is_bundle(first) else second
     check_dim(dim, name, ref)
-    operands = _operands(name, first, second, require_same_dtype=False)
+    operands = _operands(name, first, second)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    dtype = operands[2]
-    _probe(torch.cosine_similarity, name, ref, (_dtype_of(first), _dtype_of(second)), dim=0)
-    parsed = ReduceArgs(name, dtype, ref._numel, options={"eps": eps})
-    return _run(func, args, kwargs, _COSINE, parsed, operands)
+
+    def parse() -> ReduceArgs:
+        _probe(torch.cosine_similarity, name, ref, (_dtype_of(first), _dtype_of(second)), dim=0)
+        return ReduceArgs(name, operands[2], ref._numel, options={"eps": eps})
+
+    return _run(func, args, kwargs, _COSINE, parse, operands)
 
 
 # -- losses: mse, l1, smooth_l1, huber -----------------------------------------------------------
@@ -415,15 +438,18 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
             )
         if reduction == "none":
             return map_elementwise(func, types, args, kwargs)
-        operands = _operands(name, first, second, require_same_dtype=False, by_chunks=True)
+        operands = _operands(name, first, second, by_chunks=True)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
         ref, _, input_dtype = operands
-        dtypes = (_dtype_of(first), _dtype_of(second))
-        dtype = _probe(loss, name, ref, dtypes, reduction=reduction, **loss_kwargs)
-        options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
-        parsed = ReduceArgs(name, dtype, ref._numel, options=options)
-        return _run(func, args, kwargs, reduction_of, parsed, operands, tensor_loss)
+
+        def parse() -> ReduceArgs:
+            dtypes = (_dtype_of(first), _dtype_of(second))
+            dtype = _probe(loss, name, ref, dtypes, reduction=reduction, **loss_kwargs)
+            options = {"loss_kwargs": loss_kwargs, "mean": reduction == "mean", "input_dtype": input_dtype}
+            return ReduceArgs(name, dtype, ref._numel, options=options)
+
+        return _run(func, args, kwargs, reduction_of, parse, operands, tensor_loss)
 
     return handler
 
@@ -480,12 +506,12 @@ _EQUAL = _all_pairs(torch.equal)
 def _allclose(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     first, second, rtol, atol, equal_nan = _bind(_sig_allclose, name, args, kwargs)
-    operands = _operands(name, first, second, require_same_dtype=False)
+    operands = _operands(name, first, second)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
     options = {"rtol": rtol, "atol": atol, "equal_nan": equal_nan}
     parsed = ReduceArgs(name, torch.bool, operands[0]._numel, options=options)
-    return _run(func, args, kwargs, _ALLCLOSE, parsed, operands, _allclose_by_chunks)
+    return _run(func, args, kwargs, _ALLCLOSE, lambda: parsed, operands, _allclose_by_chunks)
 
 
 def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -499,10 +525,10 @@ def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
         return False
     if is_bundle(first) and is_bundle(second) and first._shapes != second._shapes:
         return NOT_HANDLED  # same length, different split: compare the concatenations
-    operands = _operands(name, first, second, require_same_dtype=False)
+    operands = _operands(name, first, second)
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    return _run(func, args, kwargs, _EQUAL, ReduceArgs(name, torch.bool, ref._numel), operands)
+    return _run(func, args, kwargs, _EQUAL, lambda: ReduceArgs(name, torch.bool, ref._numel), operands)
 
 
 PAIRWISE_FUNCTIONS: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {

@@ -57,7 +57,7 @@ from modtensor._reduce_common import (
     takes_powers,
     transformed,
 )
-from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
+from modtensor._strategies import Reduction, ReduceArgs, ReductionCall, TensorGroup
 
 __all__ = ["REDUCTIONS", "REDUCTION_FUNCTIONS", "UNSUPPORTED"]
 
@@ -593,13 +593,8 @@ _NORM_SIGNATURES: dict[Any, Callable[..., Any]] = {
 }
 
 
-def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name = func_name(func)
-    p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
-    check_dtype(dtype, name, b)
-    dim_ints(dim, name)
-    if out is not None:
-        return NOT_HANDLED
+def _order(p: Any, name: str, b: ParameterBundle, func: Callable[..., Any]) -> float:
+    """A norm's p as a float, checked as torch checks it: from the arguments alone."""
     # 'fro' is the 2-norm of a vector for torch.norm alone: torch.linalg.norm takes any
     # string as a matrix norm, which the 1-D concatenation is refused.
     if isinstance(p, torch.Tensor) and p.ndim == 0:
@@ -620,6 +615,24 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
             f"{error.__name__} on the concatenation); {b.describe()} behaves as a vector. Use 0, "
             "1, 2, any p, inf or -inf."
         )
+    return float(p)
+
+
+def _norm_order(call: ReductionCall) -> float:
+    """The p of a norm call, for `_across_ranks`: every rank finds the same, even one whose
+    parse fails on its own shards (their dtype), as it takes the arguments alone."""
+    p, *_ = _bind(_NORM_SIGNATURES[call.func], call.name, call.args, call.kwargs)
+    return _order(p, call.name, call.bundle, call.func)
+
+
+def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    name = func_name(func)
+    p, dim, keepdim, out, dtype = _bind(_NORM_SIGNATURES[func], name, args, kwargs)
+    check_dtype(dtype, name, b)
+    dim_ints(dim, name)
+    if out is not None:
+        return NOT_HANDLED
+    p = _order(p, name, b, func)
     _require_floating(b._dtype, name, b, "a norm", dtype_helps=False)  # whatever dtype= says
     if dtype is not None and dtype.is_complex != b._dtype.is_complex:
         kind = "complex" if b._dtype.is_complex else "real"
@@ -640,7 +653,7 @@ def _parse_norm(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     # derivative NaN, where the concatenation's is finite (gradient penalties). Other finite
     # p > 1 likewise take sums of p-th powers (see takes_powers).
     squares = p == 2 and not dtype.is_complex and records(b)
-    options = {"p": float(p), "squares": squares, "powers": takes_powers(float(p), dtype, records(b)), "records": records(b)}
+    options = {"p": p, "squares": squares, "powers": takes_powers(p, dtype, records(b)), "records": records(b)}
     return ReduceArgs(name, dtype, b._numel, bool(keepdim), options)
 
 

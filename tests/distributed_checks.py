@@ -333,6 +333,52 @@ def group_ties_split_gradient_across_ranks(rank: int, world: int) -> None:
 
 
 @check
+def group_ties_on_frozen_ranks_take_their_share(rank: int, world: int) -> None:
+    # Rank 0's tensors are trainable, the others' frozen, and the extremum is on every rank:
+    # a frozen rank counted no ties (it keeps no tensor to count them in), so rank 0's tied
+    # elements took the gradient of all of them.
+    g = torch.Generator().manual_seed(5)
+    full = {
+        "a": torch.randint(-2, 3, (4 * world, 3), generator=g).double(),
+        "b": torch.randint(-2, 3, (2 * world,), generator=g).double(),
+    }
+    with_nan = {n: t.clone() for n, t in full.items()}
+    with_nan["a"][0, 0] = with_nan["a"][-1, 1] = with_nan["b"][-1] = float("nan")
+    inf = float("inf")
+    tests: dict[str, tuple[dict[str, torch.Tensor], Callable[[Any], Any]]] = {
+        "amax": (full, lambda x: x.amax()), "max": (full, lambda x: x.max()),
+        "amin": (full, lambda x: torch.amin(x)), "min": (full, lambda x: x.min()),
+        "aminmax": (full, lambda x: _scalar(tuple(torch.aminmax(x)))),
+        "norm_inf": (full, lambda x: x.norm(p=inf)),
+        "norm_neg_inf": (full, lambda x: torch.linalg.vector_norm(x - 0.5, ord=-inf)),  # on demand
+        "dist_inf": (full, lambda x: torch.dist(x, x.detach() * 0.5, p=inf)),
+        "max_nan": (with_nan, lambda x: x.max()), "min_nan": (with_nan, lambda x: torch.min(x)),
+    }
+    for name, (values, f) in tests.items():
+        before = len(FAILURES)
+        ref = {n: t.clone().requires_grad_() for n, t in values.items()}
+        want = f(cat(ref))
+        mine = {n: t.chunk(world)[rank].clone().requires_grad_(rank == 0) for n, t in values.items()}
+        got = f(world_bundle(mine))
+        close(got, want)
+        if rank == 0:
+            want.backward()
+            got.backward()
+            for n, t in mine.items():
+                close(t.grad, ref[n].grad.chunk(world)[0], rtol=1e-6)
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+    # per tensor too: each tensor's own ties, over the ranks
+    ref_b = full["b"].clone().requires_grad_()
+    mine_b = full["b"].chunk(world)[rank].clone().requires_grad_(rank == 0)
+    got_b = world_bundle({"b": mine_b}).per_param().amax().to_dict()["b"]
+    close(got_b, ref_b.amax())
+    if rank == 0:
+        got_b.backward()
+        ref_b.amax().backward()
+        close(mine_b.grad, ref_b.grad.chunk(world)[0], rtol=1e-6)
+
+
+@check
 def group_nan_gradients_across_ranks(rank: int, world: int) -> None:
     # A NaN on some ranks only: torch's max() / min() give the gradient to the NaN elements
     # (evenly, on every rank), its inf-norms zeros, its amax NaN everywhere; the merge of the
@@ -424,6 +470,51 @@ def group_dtypes_and_errors_of_some_ranks(rank: int, world: int) -> None:
     (want.abs()).backward()
     for n, t in mine_z.items():
         close(t.grad if t.grad is not None else torch.zeros_like(t), shard(z[n].grad, world, rank))
+
+
+@check
+def group_norm_and_pairwise_errors_of_some_ranks_stop_every_rank(rank: int, world: int) -> None:
+    # A rank without tensors has the default dtype, so a check of the dtype fails on the other
+    # ranks only. A norm's collective depends on p (all_reduce for 0, 1, 2, else
+    # all_gather_object): the failed ranks raised at once and rank 0 waited in its collective
+    # until the timeout; bundle-with-bundle reductions checked the dtypes before the exchange.
+    import modtensor as mt
+
+    inf = float("inf")
+    full = full_tensors()
+    mine = sharded(full, world, rank) if rank else {}
+    ints = {n: (t * 10).long() for n, t in mine.items()}
+    singles = {n: t.float() for n, t in mine.items()}
+    complexes = {n: torch.complex(t, t) for n, t in mine.items()}
+    cases: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Callable[..., Any], str]] = {
+        "norm of integers": (ints, {}, lambda b, _: b.norm(), "a norm needs a floating point"),
+        "norm3 of integers": (ints, {}, lambda b, _: b.norm(p=3), "a norm needs a floating point"),
+        "inf-norm of integers": (ints, {}, lambda b, _: torch.linalg.vector_norm(b, inf), "a norm needs a floating"),
+        "narrowing dtype=": (mine, {}, lambda b, _: torch.linalg.vector_norm(b, dtype=torch.float32), "would narrow"),
+        "narrowing dtype=, p=3": (mine, {}, lambda b, _: torch.linalg.norm(b, 3, dtype=torch.float32), "would narrow"),
+        "real dtype= of complex": (
+            complexes, {}, lambda b, _: torch.linalg.vector_norm(b, inf, dtype=torch.float64), "dtype should be complex"
+        ),
+        "dist of integers": (ints, ints, lambda b, c: torch.dist(b, c), "input dtype should be"),
+        "dist inf of integers": (ints, ints, lambda b, c: torch.dist(b, c, p=inf), "input dtype should be"),
+        "dist of a local bundle and a distributed one": (
+            ints, ints, lambda b, c: torch.dist(mt.bundle(list(b.tensors)), c), "input dtype should be"
+        ),
+        "dot of two dtypes": (mine, singles, lambda b, c: torch.dot(b, c), "expected both operands to have the same"),
+        "cosine of integers": (ints, ints, lambda b, c: F.cosine_similarity(b, c, dim=0), "cosine_similarity"),
+        "huber_loss of integers": (ints, ints, lambda b, c: F.huber_loss(b, c), "huber_loss"),
+    }
+    for name, (first, second, f, text) in cases.items():
+        before = len(FAILURES)
+        # a group of its own, with a short timeout: a rank left waiting fails fast, and a
+        # collective it never finished does not meet the next case's
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=5))
+        b, c = mt.bundle(first, group=group), mt.bundle(second, group=group)
+        caught = _raises(RuntimeError, text, lambda: f(b, c))
+        if rank == 0 and "rank 1 of the group failed with" not in str(caught):
+            FAILURES.append(f"no failed rank named in {caught!r}")
+        close(mt.bundle(mine, group=group).norm(p=3).double(), cat(full).norm(p=3), rtol=1e-6)  # the group works
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
 
 
 @check
