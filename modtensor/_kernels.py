@@ -685,7 +685,10 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
             return NOT_HANDLED
         twice = bool(parsed.options.get("squares"))  # twice differentiable (see diff_squares)
         kernel = diff_squares if twice else diff_l2_norm
-        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)))
+        # An operand computed on demand is read by chunks, as the sum of squares' base is.
+        on_demand = x._tensors is None or y._tensors is None
+        ranges = (lambda i, start, stop: _flat_ranges((x, y), i, start, stop)) if on_demand else None
+        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)), ranges)
         if not norms:
             return NOT_HANDLED
         stacked = _stack(norms, torch.float64)
