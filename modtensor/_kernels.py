@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from modtensor._strategies import ReduceArgs
 
 __all__ = [
-    "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_cosine", "narrow_sum",
-    "rows_numel", "sum_of_squares", "wide_dot", "wide_logsumexp", "wide_norm",
+    "by_rows", "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "narrow_cosine",
+    "narrow_sum", "rows_numel", "sum_of_squares", "wide_dot", "wide_logsumexp", "wide_norm",
 ]
 
 ROW = 1024
@@ -82,6 +82,19 @@ def rows_numel(dtype: torch.dtype) -> int:
         True
     """
     return NARROW_MIN_NUMEL if dtype in _LOW_PRECISION else NORM_ROWS_NUMEL
+
+
+def by_rows(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `diff_l2_norm` takes a pair of contiguous tensors of this size, dtype and device
+    by rows, a block at a time (no difference made whole), where torch does not compile.
+
+    Example:
+        >>> import torch
+        >>> cpu = torch.device("cpu")
+        >>> by_rows(1 << 22, torch.float32, cpu), by_rows(1 << 21, torch.float32, cpu)
+        (True, False)
+    """
+    return device.type == "cpu" and (dtype in _DTYPES or dtype in _LOW_PRECISION) and numel >= rows_numel(dtype)
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:
@@ -372,7 +385,7 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> float(diff_l2_norm(torch.ones(1 << 22), torch.zeros(1 << 22)))
         2048.0
     """
-    if a.numel() >= rows_numel(a.dtype) and _eligible(a, b) and not torch.compiler.is_compiling():
+    if by_rows(a.numel(), a.dtype, a.device) and _eligible(a, b) and not torch.compiler.is_compiling():
         result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
         return result
     if a.dtype in _LOW_PRECISION and a.dtype == b.dtype and a.shape == b.shape:
@@ -689,7 +702,10 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
             return NOT_HANDLED
         twice = bool(parsed.options.get("squares"))  # twice differentiable (see diff_squares)
         kernel = diff_squares if twice else diff_l2_norm
-        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)))
+        # An operand computed on demand is read by chunks, as the sum of squares' base is.
+        on_demand = x._tensors is None or y._tensors is None
+        ranges = (lambda i, start, stop: _flat_ranges((x, y), i, start, stop)) if on_demand else None
+        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)), ranges)
         if not norms:
             return NOT_HANDLED
         stacked = _stack(norms, torch.float64)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
-from modtensor._kernels import diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm
+from modtensor._kernels import (
+    by_rows, diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm,
+)
 from modtensor._pointwise import _operand_range, _piece_getter, map_elementwise, per_tensor_caller
 from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
@@ -31,6 +33,12 @@ from modtensor._strategies import Pieces, Reduction, ReduceArgs, ReductionCall, 
 __all__ = ["PAIRWISE_FUNCTIONS"]
 
 _T = torch.Tensor
+# Pairs of tensors from this many elements are read by chunks by torch.dist: their difference
+# made whole leaves the caches. Below, the chunks' calls cost more than they save (1 thread,
+# against the whole difference: ResNet-50's distance by chunks from 2**18 elements took 10.1
+# against 8.2 ms, 20.5 against 19.0 with p=1; GPT-2's, 38.6M elements in one tensor, 95 against
+# 152 ms with p=1).
+DIST_CHUNK_NUMEL = 1 << 22
 
 
 def _dtype_of(x: Any) -> torch.dtype:
@@ -38,12 +46,13 @@ def _dtype_of(x: Any) -> torch.dtype:
 
 
 def _operands(
-    name: str, first: Any, second: Any, by_chunks: bool = False
+    name: str, first: Any, second: Any, by_chunks: bool | Callable[[int], bool] = False
 ) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
     """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`.
 
     Pairs of long tensors are read by chunks (see `_pair_chunks`) where an operand is computed
-    on demand, or with `by_chunks` (a reduction whose torch kernel makes temporaries).
+    on demand, or with `by_chunks` (a reduction whose torch kernel makes temporaries; a
+    function of the tensor's index where that holds of some tensors only).
     """
     ref = first if is_bundle(first) else second
     getters = [_piece_getter(x, ref, name) for x in (first, second)]
@@ -57,14 +66,17 @@ def _operands(
     return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
 
 
-def _pair_chunks(ref: ParameterBundle, first: Any, second: Any, always: bool) -> Callable[[int], Any] | None:
+def _pair_chunks(
+    ref: ParameterBundle, first: Any, second: Any, always: bool | Callable[[int], bool]
+) -> Callable[[int], Any] | None:
     """`Pieces.chunks` for pairs: tensor i's pair as flat chunk pairs, where no gradient is
     recorded (autograd would keep every chunk) and chunks help: an operand computed on demand
-    (`mse_loss(a * 2, b)`) would be made whole, and `always` says torch's own kernel makes
-    temporaries of a tensor's size (mse_loss's elementwise buffer)."""
+    (`mse_loss(a * 2, b)`) would be made whole, and `always` (or `always(i)`) says torch's own
+    kernel makes temporaries of a tensor's size (mse_loss's elementwise buffer)."""
     on_demand = any(is_bundle(x) and x._tensors is None for x in (first, second))
     if ref._strategy != "concat" or ref._dist is not None or records(first, second) or not (always or on_demand):
         return None
+    by_chunks = (lambda i: True) if on_demand or not callable(always) else always
 
     def pair(i: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         x, y = (_operand_range(z, ref, i, start, stop, cast=True) for z in (first, second))
@@ -75,7 +87,7 @@ def _pair_chunks(ref: ParameterBundle, first: Any, second: Any, always: bool) ->
 
     return lambda i: chunks_of(
         ref._shapes[i].numel(), chunk_size(ref._devices[i]), lambda start, stop: pair(i, start, stop)
-    )
+    ) if by_chunks(i) else None
 
 
 def _pack_keys(ref: ParameterBundle, first: Any, second: Any) -> list[Any] | None:
@@ -256,6 +268,23 @@ _DIST = Reduction(
 )
 
 
+def _dist_by_chunks(first: Any, second: Any, p: Any) -> Callable[[int], bool]:
+    """Which pairs of tensors torch.dist reads by chunks (see `_pair_chunks`) though both exist:
+    its kernel and `vector_norm(a - b)` make the difference whole. From DIST_CHUNK_NUMEL
+    elements, but not the L2 distances that diff_l2_norm takes by rows, a block at a time
+    (more accurately than by the chunks' norms)."""
+
+    def by_chunks(i: int) -> bool:
+        ref = first if is_bundle(first) else second
+        numel = ref._shapes[i].numel()
+        if numel < DIST_CHUNK_NUMEL:
+            return False
+        dtype = torch.promote_types(_dtype_of(first), _dtype_of(second))
+        return not (p == 2 and by_rows(numel, dtype, ref._devices[i]))
+
+    return by_chunks
+
+
 def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name = func_name(func)
     first, second, p = _bind(_sig_dist, name, args, kwargs)
@@ -263,7 +292,7 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         fused = _multitensor.distance(first, second)
         if fused is not None:
             return fused
-    operands = _operands(name, first, second)
+    operands = _operands(name, first, second, by_chunks=_dist_by_chunks(first, second, p))
     if operands is NOT_HANDLED:
         return NOT_HANDLED
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import modtensor as mt
-from modtensor import _dispatch, _kernels, _strategies
+from modtensor import _dispatch, _kernels, _pairwise, _selection, _strategies
 
 # "ci" keeps the whole suite within a few minutes on two cores; "dev" digs deeper.
 settings.register_profile(
@@ -49,6 +49,14 @@ def _plain_pytorch():
     with mt.fallback("materialize"):
         yield
     mt.uninstall()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunked reading shrunk, so that Hypothesis' small tensors are read a chunk at a time
+    (where no gradient is recorded), also by torch.dist of two bundles that exist."""
+    monkeypatch.setattr(_selection, "_CHUNK", 5)
+    monkeypatch.setattr(_pairwise, "DIST_CHUNK_NUMEL", 6)
 
 
 @pytest.fixture

@@ -38,6 +38,14 @@ def test_kernels_match_concat(small_kernels, name, case):
     check_against_concat(case, CALLS[name], other_like(case))
 
 
+@pytest.mark.parametrize("name", ["distance_after_scaling", "sum_of_squares"])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the sizes stay shrunk
+@given(case=cases())
+def test_kernels_by_chunks_match_concat(small_kernels, small_chunks, name, case):
+    # on-demand operands (x * 2) read a chunk at a time, where no gradient is recorded
+    check_against_concat(case, CALLS[name], other_like(case))
+
+
 def test_fused_chains_use_the_kernels(small_kernels, monkeypatch):
     # A fused chain never computes its on-demand tensors, and its kernels run.
     seen = []

@@ -221,6 +221,40 @@ def test_a_sum_of_squares_reads_its_base_by_chunks():
     assert peak < 0.5 * n * 4, peak  # a few chunks'
 
 
+NORMS_OF_DIFFERENCES = {
+    "norm": lambda d: d.norm(),
+    "norm(2)": lambda d: d.norm(2),
+    "vector_norm": torch.linalg.vector_norm,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS_OF_DIFFERENCES))
+def test_a_norm_of_a_difference_reads_on_demand_operands_by_chunks(name):
+    # The fused kernel of `(x - y).norm()` made its on-demand operands whole, and their
+    # difference beside them: 3x a tensor.
+    reduce = NORMS_OF_DIFFERENCES[name]
+    n = 1 << 21
+    g = torch.Generator().manual_seed(0)
+    xs, ys = ([torch.randn(n, generator=g) for _ in range(4)] for _ in range(2))
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    got, peak = peak_allocation(lambda: reduce(a * 2 - b.abs()))
+    assert peak < 0.5 * n * 4, peak  # a few chunks'
+    want = reduce(torch.cat(xs).double() * 2 - torch.cat(ys).double().abs())
+    torch.testing.assert_close(got, want, check_dtype=False, rtol=2e-6, atol=0)
+    assert got.dtype == torch.float32
+    # Where autograd records, each tensor is made whole, with the concatenation's gradients
+    # (again against float64).
+    leaves = [t[: 1 << 19].clone().requires_grad_() for t in xs]
+    cat = torch.cat([t.detach() for t in leaves]).double().requires_grad_()
+    others = [t[: 1 << 19] for t in ys]
+    got = reduce(mt.bundle(leaves) * 2 - mt.bundle(others).abs())
+    want = reduce(cat * 2 - torch.cat(others).double().abs())
+    torch.testing.assert_close(got, want, check_dtype=False, rtol=2e-5, atol=0)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(torch.cat([t.grad for t in leaves]), cat.grad, check_dtype=False)
+
+
 def test_chains_by_chunks_match_the_concatenation_where_a_tensor_is_made_whole():
     # A transposed tensor has no flat chunks that are views: it is made whole, the others
     # by chunks, in the concatenation's order (argmax finds the first of the ties).

@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 
 import modtensor as mt
 from generators import cases, check_against_concat, largest_allocation, other_like, peak_allocation
-from modtensor._pairwise import PAIRWISE_FUNCTIONS
+from modtensor._pairwise import DIST_CHUNK_NUMEL, PAIRWISE_FUNCTIONS
 from op_specs import PAIRWISE_CALLS
 
 PARAMS = [
@@ -297,6 +297,27 @@ def test_pairs_of_long_tensors_are_read_a_chunk_at_a_time(name):
         # against float64: float32 sums of 8M elements are off in the sixth digit
         exact = reduce(cat_first.double(), cat_second.double()).float()
         torch.testing.assert_close(got, exact, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3, -1.5, float("inf"), -float("inf")])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the sizes stay shrunk
+@given(case=cases())
+def test_dist_by_chunks_matches_concat(small_chunks, p, case):
+    check_against_concat(case, lambda x, y: torch.dist(x, y, p), other_like(case, seed=7))
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3, float("inf")])
+def test_dist_reads_long_pairs_a_chunk_at_a_time(p):
+    # torch.dist of two bundles made each pair's difference whole (GPT-2's embedding: 154 MiB);
+    # a chunk's now, but for the L2 distance, which diff_l2_norm took by rows already.
+    n = DIST_CHUNK_NUMEL
+    g = torch.Generator().manual_seed(0)
+    xs, ys = ([torch.randn(size, generator=g) for size in (n, n + 7, 5)] for _ in range(2))
+    got, peak = peak_allocation(lambda: torch.dist(mt.bundle(xs), mt.bundle(ys), p))
+    assert peak < 0.25 * n * 4, peak
+    # against float64: float32 norms of 8M elements are off in the fifth digit
+    exact = torch.dist(torch.cat(xs).double(), torch.cat(ys).double(), p).float()
+    torch.testing.assert_close(got, exact, rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("p", [0, 1, 2, 3, float("inf")])
