@@ -2,7 +2,8 @@
 
 Results equal the same call on `torch.cat([t.reshape(-1) for t in tensors])`, found by counting
 rather than sorting (see `_selection.py`), so the concatenation is never built, and the extra
-memory is a few chunk-sized temporaries plus a few candidates (and, for topk, the k results).
+memory is a few chunk-sized temporaries plus a few candidates. `topk` needs no counting: one pass
+keeps the best k seen so far, and skips the many chunks that hold none better.
 
 Ties and NaN follow a stable sort of the concatenation, NaN last (first for `topk(largest=True)`):
 `kthvalue(b, k)` gives the element `torch.sort(cat, stable=True)` puts at position k - 1, `topk`
@@ -34,7 +35,7 @@ from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
-from modtensor._selection import _elements, _equal, _evenly, _scan, _Selection, _Stat, has_keys
+from modtensor._selection import Number, _elements, _equal, _evenly, _scan, _Selection, _Stat, has_keys
 from modtensor._strategies import Reduction
 
 __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]
@@ -104,43 +105,98 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
         raise RuntimeError(f"{name}: selected index k out of range: k={k} for {b.describe()} of {b._numel} elements.")
     if not _check_dtype(name, b, lambda x: torch.topk(x, 1)):
         return NOT_HANDLED
-    if k == 0:  # nothing to count; the empty values still require grad as the concatenation's
-        indices = torch.empty(0, dtype=torch.int64)
-    else:
-        threshold = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
-        indices = _members(b, threshold, k, bool(largest))
-    return torch.return_types.topk((_elements(b, indices), indices.to(b._device)))
+    if k == 0:  # nothing to find; the empty values still require grad as the concatenation's
+        indices = torch.empty(0, dtype=torch.int64, device=b._device)
+        return torch.return_types.topk((_elements(b, indices), indices))
+    indices, values = _top(b, k, bool(largest))
+    if torch.is_grad_enabled() and b.requires_grad:  # the same values, read again to carry gradients
+        values = _elements(b, indices)
+    return torch.return_types.topk((values, indices))
 
 
-def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> torch.Tensor:
-    """One pass: the global indices of the top k, given the k-th one, in the order of the result."""
-    v, is_nan = threshold.value, isinstance(threshold.value, float) and math.isnan(threshold.value)
-    ties = k - ((b._numel - threshold.upto) if largest else threshold.below)  # ties of v to take
-    found: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+def _top(b: ParameterBundle, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: the global indices and values of the top k (1 <= k <= N), in the order of the result.
+
+    A pool holds the best k elements seen so far, in the result's order; its last value is the
+    cut a later element must beat. Ties of the cut never do: chunks come in index order, and a
+    stable sort puts earlier ties first. Once the pool is full, most chunks hold few elements
+    that beat the cut, found by rows (see `_beating`); the pool then stays k + k at most.
+    """
+    pool_values = torch.empty(0, dtype=b._dtype, device=b._device)
+    pool_indices = torch.empty(0, dtype=torch.int64, device=b._device)
+    cut: Number | None = None
 
     def visit(c: torch.Tensor, offset: int) -> bool:
-        nonlocal ties
-        # One mask over the chunk (the passes over it are the cost): the elements on the
-        # result's side of v, its ties included (NaN sorts above every number), then the few
-        # selected are split into those beyond v and its ties.
-        if is_nan:
-            side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
-        else:
-            side = (c < v).logical_not_() if largest else c <= v
-        pos = side.nonzero().squeeze(1)
-        tie = _equal(c[pos], v)
-        tied = pos[tie][: max(ties, 0)]
-        ties -= tied.numel()
-        pos = torch.cat([pos[~tie], tied]).sort().values
-        found.append((pos + offset).to(b._device))
-        values.append(c[pos].to(b._device))
+        nonlocal pool_values, pool_indices, cut
+        pos = None if cut is None else _beating(c, cut, largest, k)
+        if pos is None:  # the chunk's own top k are all of it that can still enter
+            pos = _chunk_top(c, k, largest)
+        if pos.numel() == 0:
+            return False
+        # the pool's ties precede the chunk's, and a stable sort keeps them so
+        values = torch.cat([pool_values, c[pos].to(b._device)])
+        indices = torch.cat([pool_indices, (pos + offset).to(b._device)])
+        order = torch.sort(values, descending=largest, stable=True).indices[:k]
+        pool_values, pool_indices = values[order], indices[order]
+        if pool_values.numel() == k:
+            cut = pool_values[-1].item()
         return False
 
     _scan(b, visit)
-    indices, chosen = torch.cat(found), torch.cat(values)
-    order = torch.sort(chosen, descending=largest, stable=True).indices
-    return indices[order].cpu()
+    return pool_indices, pool_values
+
+
+_ROW = 1024  # elements per row of a chunk, each row summed up by its amax or amin
+
+
+def _beating(c: torch.Tensor, cut: Number, largest: bool, limit: int) -> torch.Tensor | None:
+    """The positions in `c` of its elements that come before `cut` in the result (NaN first for
+    largest, last otherwise), in position order; None where there are more than `limit`.
+
+    Comparing each element costs several times an amax over it: so rows of `_ROW` elements are
+    compared by their amax (amin), and only the few rows that may hold such elements by element.
+    """
+    if isinstance(cut, float) and math.isnan(cut):  # a NaN cut: only a later NaN ties it, or a number beats it
+        if largest:
+            return torch.empty(0, dtype=torch.int64, device=c.device)
+        beats = c.isnan().logical_not_()
+        return None if int(beats.sum()) > limit else beats.nonzero().squeeze(1)
+    rows = c.numel() // _ROW
+    table = c[: rows * _ROW].reshape(rows, _ROW)
+    best = table.amax(1) if largest else table.amin(1)
+    # (a row whose best is NaN is looked at: a NaN beats any number, a NaN amin says nothing)
+    hit = ((best <= cut) if largest else (best >= cut)).logical_not_().nonzero().squeeze(1)
+    del best
+    sub = table if hit.numel() == rows else table[hit]
+    beats = _before(sub, cut, largest).reshape(-1)
+    tail = _before(c[rows * _ROW :], cut, largest)
+    if int(beats.sum()) + int(tail.sum()) > limit:
+        return None
+    at = beats.nonzero().squeeze(1)
+    return torch.cat([hit[at // _ROW] * _ROW + at % _ROW, tail.nonzero().squeeze(1) + rows * _ROW])
+
+
+def _before(x: torch.Tensor, cut: Number, largest: bool) -> torch.Tensor:
+    # `cut` is a number; a NaN element comes before it for largest
+    return (x <= cut).logical_not_() if largest else x < cut
+
+
+def _chunk_top(c: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The positions in `c` of its own top k (all of it if it is shorter), ties by position, in
+    position order."""
+    if c.numel() <= k:
+        return torch.arange(c.numel(), device=c.device)
+    kth = torch.topk(c, k, largest=largest).values[-1].item()  # (torch's topk puts NaN first for largest)
+    if isinstance(kth, float) and math.isnan(kth):
+        side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
+    else:
+        side = (c < kth).logical_not_() if largest else c <= kth
+    pos = side.nonzero().squeeze(1)
+    del side
+    tie = _equal(c[pos], kth)
+    # the first ties, by position, fill the k places the elements beyond kth leave
+    keep = tie.logical_not().logical_or_(tie.cumsum(0) <= k - int((~tie).sum()))
+    return pos[keep]
 
 
 def _sig_kthvalue(input: Any, k: Any, dim: int = -1, keepdim: bool = False) -> Any:

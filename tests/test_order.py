@@ -28,7 +28,7 @@ ALL_KINDS = ("normal", "ties", "special")
 
 @contextlib.contextmanager
 def tiny_limits():
-    with mock.patch.multiple(_selection, _CHUNK=16, _GATHER=3, _BITS=4):
+    with mock.patch.multiple(_selection, _CHUNK=16, _GATHER=3, _BITS=4), mock.patch.object(_order, "_ROW", 3):
         yield
 
 
@@ -355,6 +355,24 @@ def test_many_ties_are_found_by_counting(dtype):
             got = torch.kthvalue(b, k)
             assert got.values == cat[got.indices] and got.indices == stable_indices(cat)[k - 1]
         assert torch.equal(torch.topk(b, 4500).indices, stable_indices(cat, descending=True)[:4500])
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "ties", "nan"])
+def test_topk_pool_whatever_the_order_of_the_chunks(order):
+    # every chunk beats the pool's cut (ascending), none does (descending), all tie, NaN on the way
+    x = torch.arange(3000, dtype=torch.float64) % 7 if order == "ties" else torch.arange(3000, dtype=torch.float64)
+    if order == "descending":
+        x = x.flip(0)
+    if order == "nan":
+        x = torch.where(torch.arange(3000) % 13 == 5, math.nan, torch.randn(3000, generator=torch.Generator().manual_seed(0)))
+    tensors = [x[:1000].reshape(40, 25).t(), x[1000:1001], x[1001:]]  # a non-contiguous one, a single element
+    b, cat = mt.bundle(tensors), torch.cat([t.reshape(-1) for t in tensors])
+    with mock.patch.multiple(_selection, _CHUNK=256), mock.patch.object(_order, "_ROW", 16):
+        for k in (1, 5, 300, 2999):
+            for largest in (True, False):
+                got = torch.topk(b, k, largest=largest)
+                assert torch.equal(got.indices, stable_indices(cat, largest)[:k]), (k, largest)
+                exact(got.values, torch.topk(cat, k, largest=largest).values)
 
 
 _MORE_DTYPES = {
