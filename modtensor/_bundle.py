@@ -562,11 +562,11 @@ class _BundleAPI:
             return self._flat
         tensors = self._tensors
         if tensors is not None and len(tensors) > 1 and self._on_one_device:
-            try:
-                flat: torch.Tensor = _flatten(tensors)
-            except RuntimeError:  # the tiny lane skips dispatch's check of sparse tensors
-                self._check_strided(func)
-                raise
+            try:  # _flatten, written out
+                flat: torch.Tensor = torch._C._nn.flatten_dense_tensors(tensors)  # type: ignore[arg-type]
+            except RuntimeError:
+                self._check_strided(func)  # a sparse tensor: the tiny lane skips dispatch's check
+                flat = torch.cat([t.reshape(-1) for t in tensors])  # under vmap: no batching rule
         else:
             flat = self._cat(func) if func is not None else self._cat()
         src = self._source
@@ -582,7 +582,9 @@ class _BundleAPI:
         # on the concatenation, made on demand (most are never asked for). Written out, not
         # through _layout: chains on small layers make one per op. The attributes all such
         # results share are kept in one dict, which the results carry on (2.3 us a result,
-        # made and freed; 4 through _layout).
+        # made and freed; 4 through _layout). The result's __dict__ is a copy of that dict, its
+        # own entries set in the copy: one block, where filling a new dict resizes it, and dict
+        # stores, where setting attributes on a tensor takes the slow generic path.
         attrs = self._flat_attrs
         if attrs is None or attrs["_dtype"] != flat.dtype:
             dtypes = (flat.dtype,) * len(self._names)
@@ -592,14 +594,16 @@ class _BundleAPI:
                 _keys=self._keys if dtypes == self._dtypes else tuple(zip(dtypes, self._devices)),
                 _strategy=self._strategy, _options=self._options, _numel=self._numel, _left_out=(),
                 _tensors=None, _expr=None, _compute=None, _compute_range=None,  # _tensor reads _flat
+                _plans=None, _flat=None, _lazy_requires_grad=False,  # each result's own, set below
             )
             attrs["_flat_attrs"] = attrs
             self._flat_attrs = attrs
         result: ParameterBundle = torch.Tensor._make_wrapper_subclass(
-            cls or self._derived_class(), (self._numel,), dtype=flat.dtype, device=self._device, requires_grad=False
+            cls or self._derived_class(), (self._numel,), dtype=flat.dtype, device=self._device
         )
-        result.__dict__.update(attrs)
-        result._plans, result._flat, result._lazy_requires_grad = {}, flat, flat.requires_grad
+        own = attrs.copy()
+        own["_plans"], own["_flat"], own["_lazy_requires_grad"] = {}, flat, flat.requires_grad
+        result.__dict__ = own
         return result
 
     def split(self, vector: Any, *args: Any, **kwargs: Any) -> Self:

@@ -213,8 +213,8 @@ def _fast_lane(cls: type[DispatchTensor], b: Any, func: Callable[..., Any], args
     second = isinstance(c, DispatchTensor)
     if second:
         if not (
-            type(c) is cls and c._shapes == b._shapes and c._numel and c._strategy == "concat"
-            and c._numel <= TINY_NUMEL and c._dist is None and c._on_one_device
+            type(c) is cls and c._shapes == b._shapes and 0 < c._numel <= TINY_NUMEL
+            and c._strategy == "concat" and c._dist is None and c._on_one_device
         ):
             return NOT_HANDLED
         rest: tuple[Any, ...] = ((_BUNDLED, c._dtype, c._device, b._device), *args[2:])
@@ -632,15 +632,19 @@ def dispatch(
     return _materialize_call(func, args, kwargs, stacklevel=4, declined=handler is not None)
 
 
+# Bound once: _only_ours asks them before every operator and reduction of a bundle.
+_torch_function_enabled = torch._C._is_torch_function_enabled
+_torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
 def _only_ours(b: Any, *others: Any) -> bool:
     # Whether torch.overrides.handle_torch_function would just call type(b).__torch_function__.
+    # While compiling it would too; __torch_function__ then leaves the graph itself (so this
+    # does not ask is_compiling, which __torch_function__ asks again).
     for x in others:
         if type(x) is not type(b) and isinstance(x, torch.Tensor):
             return False
-    return (
-        torch._C._is_torch_function_enabled() and not torch._C._is_torch_function_mode_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    return _torch_function_enabled() and not _torch_function_mode_enabled()
 
 
 class DispatchTensor(torch.Tensor):
@@ -714,8 +718,8 @@ class DispatchTensor(torch.Tensor):
     # handle_torch_function, about 2 us of Python; for the C ones (sum, the arithmetic
     # operators) its argument parser, about 1 us. On a tiny bundle either is a sixth to a third
     # of the whole op. Where torch would only call this class's __torch_function__ with these
-    # very arguments (no torch function mode, no other overloaded operand, not while
-    # compiling), the hottest of them call it themselves; otherwise they call torch's.
+    # very arguments (no torch function mode, no other overloaded operand), the hottest of
+    # them call it themselves; otherwise they call torch's.
 
     def _ours(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if _only_ours(self, *args[1:], *kwargs.values()):
@@ -820,7 +824,7 @@ class DispatchTensor(torch.Tensor):
         b = args[0] if args else None
         # The fast lane of tiny bundles (copy_is_cheap, written out: this is the hot path).
         if (
-            type(b) is cls and b._numel and b._numel <= TINY_NUMEL and b._strategy == "concat"
+            type(b) is cls and 0 < b._numel <= TINY_NUMEL and b._strategy == "concat"
             and b._dist is None and b._on_one_device
         ):
             result = _fast_lane(cls, b, func, args, kwargs)
