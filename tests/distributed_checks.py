@@ -573,6 +573,30 @@ def group_pairwise_shapes_of_some_ranks_stop_every_rank(rank: int, world: int) -
 
 
 @check
+def group_per_param_of_integers_says_what_would_work(rank: int, world: int) -> None:
+    # torch's bare "Expected a floating point or complex tensor" came from the probe of each
+    # kind of tensor; a local bundle's per-tensor call names the function, tensor and bundle.
+    import modtensor as mt
+
+    full = {n: (t * 10).long() for n, t in full_tensors().items()}
+    b = world_bundle(sharded(full, world, rank))
+    local = mt.bundle(full)
+    for name, f in {
+        "norm": lambda x: x.per_param().norm(),
+        "vector_norm p=3": lambda x: torch.linalg.vector_norm(x.per_param(), 3),
+        "weighted mean": lambda x: x.weighted().mean(),
+        "std": lambda x: x.per_param().std(),
+    }.items():
+        before = len(FAILURES)
+        want = _raises(RuntimeError, "", lambda: f(local))  # the local bundle's error
+        _raises(RuntimeError, str(want).replace(local.describe(), b.describe()), lambda: f(b))
+        if "cast first, e.g. `b.float()`" not in str(want):
+            FAILURES.append(f"no hint in {want!r}")
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+    close(b.float().per_param().norm().to_dict()["a"], full["a"].float().norm())  # what the hint says works
+
+
+@check
 def group_empty_everywhere(rank: int, world: int) -> None:
     import modtensor as mt
 
