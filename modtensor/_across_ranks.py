@@ -640,14 +640,24 @@ def _concat(call: ReductionCall, sharding: Sharding) -> Any:
     return _connect(_keepdim(red.finalize(state, a), a.keepdim), b, range(len(b.names)))
 
 
-def _probe(call: ReductionCall, ndim: int, dtype: torch.dtype) -> Any:
-    """What `func` gives on one tensor of `ndim` dims alone (its shape and dtype).
+def _probe(call: ReductionCall, i: int) -> Any:
+    """What `func` gives on tensor i alone (its shape and dtype): torch's error where it
+    refuses the tensor's dtype, as the per-tensor call of a local bundle raises it.
 
-    On a tiny tensor with every dim 2 long: a reduction over some of the dims then leaves
+    On a tiny tensor of its dims, each 2 long: a reduction over some of the dims then leaves
     more than one element, and only full reductions of each tensor can merge across ranks.
     """
     b = call.bundle
-    out = call.func(torch.zeros([2] * ndim, dtype=dtype), *call.args[1:], **call.kwargs)
+
+    def on(t: torch.Tensor) -> Any:
+        return call.func(t, *call.args[1:], **call.kwargs)
+
+    try:
+        out = on(torch.zeros([2] * len(b._shapes[i]), dtype=b._dtypes[i]))
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        if type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
+            raise  # a subclass may take other arguments: as it is
+        raise _strategies.per_tensor_error(call.name, b, i, e, on) from e
     parts = out if isinstance(out, tuple) else (out,)
     if not all(isinstance(p, torch.Tensor) and p.numel() == 1 for p in parts):
         raise UnsupportedOperationError(
@@ -675,9 +685,10 @@ def _per_tensor(call: ReductionCall, sharding: Sharding) -> Any:
     weights: list[float] | None = None
     form = _form(red)
     try:  # (an error here is raised in the exchange, as in _concat)
-        for kind in zip(map(len, b._shapes), b._dtypes) if one_bundle else ():  # in order: the same error on every rank
+        # in order: the error of the first tensor torch refuses, as a local bundle's
+        for i, kind in enumerate(zip(map(len, b._shapes), b._dtypes)) if one_bundle else ():
             if kind not in probed:
-                probed[kind] = _probe(call, *kind)
+                probed[kind] = _probe(call, i)
         parsed = call.parsed
         if b.strategy == "weighted" and b.options.get("weights") is not None:
             weights = _strategies.resolve_weights(b, b.options.get("weights"))

@@ -179,10 +179,8 @@ def run_reduction(
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
             if type(e) not in (RuntimeError, TypeError, ValueError, IndexError):
                 raise  # a subclass may take other arguments: as it is
-            # torch's message names no tensor: say which one, as it is one of many.
-            raise type(e)(
-                f"{func_name(func)} under the {b._strategy} strategy, on tensor {b._names[i]!r} "
-                f"({b._dtypes[i]}) of {b.describe()}: {e}"
+            raise _strategies.per_tensor_error(
+                func_name(func), b, i, e, lambda t: func(t, *args[1:], **kwargs)  # b is args[0]
             ) from e
 
     call = ReductionCall(

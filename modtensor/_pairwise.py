@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from modtensor import _multitensor, _strategies
 from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_name, remember_direct
+from modtensor._distributed import refuse
+from modtensor._errors import UnsupportedOperationError
 from modtensor._kernels import (
     by_rows, diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm,
 )
-from modtensor._pointwise import _operand_range, _piece_getter, map_elementwise, per_tensor_caller
+from modtensor._pointwise import (
+    _operand_range, _piece_getter, check_same_structure, map_elementwise, per_tensor_caller,
+)
 from modtensor._extrema import _extremum, _kept, records
 from modtensor._reduce_common import (
     _LOW_PRECISION, _acc_dtype, _bind, _cast, _partial_dtype, _real, _stack, check_dim, quiet_count, root_of_sum,
@@ -47,23 +51,68 @@ def _dtype_of(x: Any) -> torch.dtype:
 
 def _operands(
     name: str, first: Any, second: Any, by_chunks: bool | Callable[[int], bool] = False
-) -> tuple[ParameterBundle, list[tuple[Any, int, int]], torch.dtype] | Any:
-    """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype)`.
+) -> tuple[ParameterBundle, Pieces, torch.dtype, Exception | None] | Any:
+    """Pair the two operands tensor by tensor: `(reference bundle, pieces, dtype, problem)`.
 
     Pairs of long tensors are read by chunks (see `_pair_chunks`) where an operand is computed
     on demand, or with `by_chunks` (a reduction whose torch kernel makes temporaries; a
     function of the tensor's index where that holds of some tensors only).
+
+    `problem` is why the operands do not pair, where that is known of this rank's shards
+    alone (a distributed operand): their shapes, or a plain tensor's length against them, may
+    differ from the other ranks', so `_run` raises it in the exchange, where every rank stops,
+    rather than here, where the other ranks would wait for this one.
     """
     ref = first if is_bundle(first) else second
+    if any(is_bundle(x) and x._dist is not None for x in (first, second)):
+        problem = _unpaired_shards(name, ref, first if ref is second else second)
+        if problem is not None:
+            return _unpaired(ref, problem)
     getters = [_piece_getter(x, ref, name) for x in (first, second)]
     if any(g is NOT_HANDLED or g is None for g in getters):
         return NOT_HANDLED
-    dtypes = [_dtype_of(first), _dtype_of(second)]
     chunks = _pair_chunks(ref, first, second, by_chunks)
     pieces = Pieces(
         lambda i: (getters[0](i), getters[1](i)), ref._offsets, _pack_keys(ref, first, second), chunks=chunks
     )
-    return ref, pieces, torch.promote_types(dtypes[0], dtypes[1])
+    return ref, pieces, torch.promote_types(_dtype_of(first), _dtype_of(second)), None
+
+
+def _unpaired(ref: ParameterBundle, problem: Exception) -> tuple[Any, ...]:
+    """`_operands` of operands that do not pair: their pieces are never read, as `_run`
+    raises `problem` first."""
+
+    def get(i: int) -> Any:
+        raise problem
+
+    return ref, Pieces(get, ref._offsets), ref._dtype, problem
+
+
+def _unpaired_shards(name: str, ref: ParameterBundle, other: Any) -> Exception | None:
+    """Why `other` does not pair with this rank's shards of `ref`, a distributed bundle; None
+    where it does: a bundle of the same structure, or a flat tensor of this rank's length."""
+    if is_bundle(other):
+        try:
+            check_same_structure(name, ref, other)
+        except ValueError as e:
+            return e
+        return None
+    if isinstance(other, torch.Tensor) and other.dim() == 1 and other.shape[0] == ref._numel:
+        return None
+    if isinstance(other, torch.Tensor) and other.numel() != 1:
+        return ValueError(
+            f"{name}: cannot pair {ref.describe()} ({ref._numel} elements on this rank) with a "
+            f"tensor of shape {tuple(other.shape)}: a plain tensor pairs with a distributed "
+            f"bundle's shards as a flat tensor of this rank's length ({ref._numel},)."
+        )
+    try:  # a scalar (a (1,) tensor is one on the ranks whose shards are not one element long)
+        refuse(
+            name, ref,
+            "a scalar operand is broadcast by the fallback, which would compute it on this "
+            "rank's shards alone,",
+        )
+    except UnsupportedOperationError as e:
+        return e
 
 
 def _pair_chunks(
@@ -117,11 +166,15 @@ def _run(
 
     `parse` checks the operands' dtypes: of a distributed bundle, this rank's (a rank without
     tensors has the default dtype), so it runs in the exchange across the ranks, where an
-    error on some ranks stops them all (see `_across_ranks`); elsewhere, first.
+    error on some ranks stops them all (see `_across_ranks`); elsewhere, first. So does a
+    distributed pair's problem of shapes (see `_operands`).
     """
     if operands is NOT_HANDLED:
         return NOT_HANDLED
-    ref, pieces, _ = operands
+    ref, pieces, _, problem = operands
+    if problem is not None:
+        fail = _raiser(problem)
+        return _strategies.reduce(ReductionCall(func, args, kwargs, ref, reduction, fail, pieces, fail))
     bundles = [x for x in (*args, *kwargs.values()) if is_bundle(x)]
     if all(x._dist is None for x in bundles):
         parsed = parse()
@@ -134,6 +187,13 @@ def _run(
     per_tensor = per_tensor_caller(tensor_op or func, args, kwargs, ref, cast=False, flatten=True)
     call = ReductionCall(func, args, kwargs, ref, reduction, parse, pieces, _naming(per_tensor, func, ref))
     return _strategies.reduce(call)
+
+
+def _raiser(problem: Exception) -> Callable[..., Any]:
+    def raise_it(*args: Any) -> Any:
+        raise problem
+
+    return raise_it
 
 
 def _naming(per_tensor: Callable[[int], Any], func: Callable[..., Any], ref: ParameterBundle) -> Callable[[int], Any]:
@@ -470,7 +530,7 @@ def _make_loss(loss: Callable[..., torch.Tensor], signature: Callable[..., Any])
         operands = _operands(name, first, second, by_chunks=True)
         if operands is NOT_HANDLED:
             return NOT_HANDLED
-        ref, _, input_dtype = operands
+        ref, _, input_dtype, _ = operands
 
         def parse() -> ReduceArgs:
             dtypes = (_dtype_of(first), _dtype_of(second))
@@ -550,9 +610,12 @@ def _equal(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: 
         return NOT_HANDLED
     ref = first if is_bundle(first) else second
     assert is_bundle(ref)
-    if ref.strategy == "concat" and first.shape != second.shape:
+    # A distributed bundle's shapes are this rank's: the other ranks' may match, so their
+    # mismatch is raised in the exchange (see `_operands`), not answered here alone.
+    local = all(not is_bundle(x) or x._dist is None for x in (first, second))
+    if local and ref.strategy == "concat" and first.shape != second.shape:
         return False
-    if is_bundle(first) and is_bundle(second) and first._shapes != second._shapes:
+    if local and is_bundle(first) and is_bundle(second) and first._shapes != second._shapes:
         return NOT_HANDLED  # same length, different split: compare the concatenations
     operands = _operands(name, first, second)
     if operands is NOT_HANDLED:

@@ -429,6 +429,26 @@ def _empty_error(call: ReductionCall, args: tuple[Any, ...], kwargs: dict[str, A
     return RuntimeError
 
 
+def per_tensor_error(
+    name: str, b: ParameterBundle, i: int, error: Exception, on: Callable[[torch.Tensor], Any]
+) -> Exception:
+    """`error`, which `on(tensor i of b)` raised, saying which function, tensor and bundle
+    (torch's message names none of them: the tensor is one of many), and where that tensor's
+    dtype is what torch refuses (`on` takes a float tensor of its dims), what would work."""
+    dtype = b._dtypes[i]
+    hint = ""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        try:
+            on(torch.zeros([2] * len(b._shapes[i])))
+            hint = " (a floating point tensor would do: cast first, e.g. `b.float()`)"
+        except Exception:
+            pass  # the dtype is not what torch refuses: no cast would help
+    return type(error)(
+        f"{name} under the {b._strategy} strategy, on tensor {b._names[i]!r} ({dtype}) of "
+        f"{b.describe()}: {error}{hint}"
+    )
+
+
 def _as_tensor(result: Any, device: torch.device) -> torch.Tensor:
     return result if isinstance(result, torch.Tensor) else torch.tensor(result, device=device)
 

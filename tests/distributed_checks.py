@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -515,6 +516,84 @@ def group_norm_and_pairwise_errors_of_some_ranks_stop_every_rank(rank: int, worl
             FAILURES.append(f"no failed rank named in {caught!r}")
         close(mt.bundle(mine, group=group).norm(p=3).double(), cat(full).norm(p=3), rtol=1e-6)  # the group works
         FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+
+
+@check
+def group_pairwise_shapes_of_some_ranks_stop_every_rank(rank: int, world: int) -> None:
+    # The operands' structures, and a plain tensor's length against them, are each rank's: a
+    # rank where they did not pair raised before the exchange (or answered torch.equal alone)
+    # and the others waited there until the timeout.
+    import modtensor as mt
+
+    failing = world - 1
+    full = full_tensors()
+    mine = sharded(full, world, rank)
+    last = cat(sharded(full, world, failing)).numel()  # this length pairs on the last rank only
+    odd = dict(mine, b=mine["b"][:-1]) if rank == failing else mine  # one tensor shorter there
+    mismatch = "bundles of different structure"
+    cases: dict[str, tuple[dict[str, torch.Tensor], Any, Callable[..., Any], type, str, list[int]]] = {
+        "dist": (odd, None, lambda b, c: torch.dist(b, c), ValueError, mismatch, [failing]),
+        "dist p=3": (odd, None, lambda b, c: torch.dist(b, c, p=3), ValueError, mismatch, [failing]),
+        "dot": (odd, None, lambda b, c: torch.dot(b, c), ValueError, mismatch, [failing]),
+        "cosine_similarity": (odd, None, lambda b, c: F.cosine_similarity(b, c, dim=0), ValueError, mismatch, [failing]),
+        "mse_loss": (odd, None, lambda b, c: F.mse_loss(b, c), ValueError, mismatch, [failing]),
+        "allclose": (odd, None, lambda b, c: torch.allclose(b, c), ValueError, mismatch, [failing]),
+        "equal": (odd, None, lambda b, c: torch.equal(b, c), ValueError, mismatch, [failing]),
+        "per_param dist": (odd, None, lambda b, c: torch.dist(b.per_param(), c), ValueError, mismatch, [failing]),
+        "dot with a flat tensor of the last rank's length": (
+            mine, torch.ones(last, dtype=torch.float64), lambda b, c: torch.dot(b, c), ValueError,
+            "this rank's length", list(range(failing)),
+        ),
+        "mse_loss with a plain (1,) tensor": (
+            {"x": torch.ones(1 if rank == failing else 2)}, torch.ones(1), lambda b, c: F.mse_loss(b, c),
+            mt.UnsupportedOperationError, "a scalar operand", list(range(failing)),
+        ),
+    }
+    for name, (first, other, f, kind, text, failed) in cases.items():
+        before = len(FAILURES)
+        # a group of its own, with a short timeout: a rank left waiting fails fast
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=5))
+        b = mt.bundle(first, group=group)
+        c = other if other is not None else mt.bundle(mine, group=group)
+        start = time.monotonic()
+        expect = text if rank in failed else f"rank {failed[0]} of the group failed with {kind.__name__}: "
+        caught = _raises(kind, expect, lambda: f(b, c))
+        if rank not in failed and text not in str(caught):
+            FAILURES.append(f"the failed rank's reason is missing: {caught!r}")
+        if time.monotonic() - start > 2.5:
+            FAILURES.append(f"took {time.monotonic() - start:.1f} s: a rank waited for another")
+        close(mt.bundle(mine, group=group).norm(p=3), cat(full).norm(p=3))  # the group works
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+    # what pairs on every rank works: a flat tensor of each rank's own length
+    def flat(r: int) -> torch.Tensor:
+        return torch.arange(cat(sharded(full, world, r)).numel(), dtype=torch.float64)
+
+    want = sum(torch.dot(cat(sharded(full, world, r)), flat(r)) for r in range(world))
+    close(torch.dot(world_bundle(mine), flat(rank)), want)
+
+
+@check
+def group_per_param_of_integers_says_what_would_work(rank: int, world: int) -> None:
+    # torch's bare "Expected a floating point or complex tensor" came from the probe of each
+    # kind of tensor; a local bundle's per-tensor call names the function, tensor and bundle.
+    import modtensor as mt
+
+    full = {n: (t * 10).long() for n, t in full_tensors().items()}
+    b = world_bundle(sharded(full, world, rank))
+    local = mt.bundle(full)
+    for name, f in {
+        "norm": lambda x: x.per_param().norm(),
+        "vector_norm p=3": lambda x: torch.linalg.vector_norm(x.per_param(), 3),
+        "weighted mean": lambda x: x.weighted().mean(),
+        "std": lambda x: x.per_param().std(),
+    }.items():
+        before = len(FAILURES)
+        want = _raises(RuntimeError, "", lambda: f(local))  # the local bundle's error
+        _raises(RuntimeError, str(want).replace(local.describe(), b.describe()), lambda: f(b))
+        if "cast first, e.g. `b.float()`" not in str(want):
+            FAILURES.append(f"no hint in {want!r}")
+        FAILURES[before:] = [f"{name}: {e}" for e in FAILURES[before:]]
+    close(b.float().per_param().norm().to_dict()["a"], full["a"].float().norm())  # what the hint says works
 
 
 @check

@@ -348,6 +348,25 @@ def test_weights_are_refused_clearly():
         ints.per_param().mean()
 
 
+def test_per_tensor_errors_of_integers_say_what_would_work():
+    """torch's "Expected a floating point or complex tensor" named no way out; a cast is one."""
+    ints = mt.bundle({"w": torch.ones(2, 3, dtype=torch.int64), "count": torch.tensor(3)})
+    for strategy in ("per_param", "weighted"):
+        b = ints.with_strategy(strategy)
+        with pytest.raises(RuntimeError) as caught:
+            torch.linalg.vector_norm(ints.tensors[0])
+        with pytest.raises(RuntimeError) as got:
+            b.norm()
+        assert str(got.value) == (
+            f"torch.Tensor.norm under the {strategy} strategy, on tensor 'w' (torch.int64) of {b.describe()}: "
+            f"{caught.value} (a floating point tensor would do: cast first, e.g. `b.float()`)"
+        )
+        torch.testing.assert_close(b.float().norm(), ints.float().with_strategy(strategy).norm())  # as it says
+    # no hint where the dtype is not what torch refuses
+    with pytest.raises(IndexError, match=r"Dimension out of range \(expected to be in range of \[-2, 1\], but got 5\)$"):
+        ints.per_param().sum(dim=5)
+
+
 def test_weights_match_names_before_patterns_and_are_the_bundles_own():
     b = mt.bundle({"w[0]": torch.full((2,), 3.0), "x": torch.ones(1), "y": torch.zeros(1)})
     # "w[0]" is a name: as a glob it would only match "w0"; the name wins over "*" too
