@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
@@ -458,8 +458,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
             refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":
             return run_reduction(func, args, kwargs, b, _PER_TENSOR)
-        if b._device.type == "meta":  # no values to count: torch.cat of meta tensors is free
-            return NOT_HANDLED
+        if b._device.type == "meta":  # no values to count, and torch.cat of meta tensors is free: no copy to warn of
+            return func(*materialized(args), **materialized(kwargs))
         if transformed():  # radix counting carries no tangent and has no batching rule
             return NOT_HANDLED
         return compute(b, func, args, kwargs)

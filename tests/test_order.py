@@ -490,11 +490,20 @@ def test_sorts_fall_back_with_a_warning(call):
         call(b)
 
 
-def test_meta_bundles_fall_back():
-    b = mt.bundle([torch.empty(3, device="meta"), torch.empty(2, device="meta")])
-    with pytest.warns(mt.MaterializationWarning, match="topk"):
-        out = torch.topk(b, 2)
-    assert out.values.shape == (2,) and out.values.device.type == "meta"
+@pytest.mark.parametrize("call", [
+    lambda x: torch.topk(x, 2), lambda x: x.topk(0, largest=False), lambda x: torch.kthvalue(x, 3, keepdim=True),
+    torch.median, lambda x: x.median(0), lambda x: torch.nanmedian(x, -1, True), lambda x: torch.quantile(x, 0.3),
+    lambda x: x.nanquantile(0.9, interpolation="lower"), lambda x: torch.topk(x.abs(), 4),
+], ids=["topk", "topk 0", "kthvalue", "median", "median dim", "nanmedian", "quantile", "nanquantile", "topk abs"])
+def test_meta_bundles_answer_as_the_concatenation_without_a_copy(call):
+    # torch.cat of meta tensors holds no values, so there is no copy to warn of
+    tensors = [torch.empty(3, 4, device="meta", requires_grad=True), torch.empty(5, device="meta", dtype=torch.float64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = call(mt.bundle(tensors))
+    want = call(torch.cat([t.reshape(-1) for t in tensors]))
+    for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+        assert (g.device.type, g.shape, g.dtype, g.requires_grad) == (w.device.type, w.shape, w.dtype, w.requires_grad)
 
 
 def test_no_warning_on_the_handled_paths():
