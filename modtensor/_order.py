@@ -120,29 +120,39 @@ def _top(b: ParameterBundle, k: int, largest: bool) -> tuple[torch.Tensor, torch
     A pool holds the best k elements seen so far, in the result's order; its last value is the
     cut a later element must beat. Ties of the cut never do: chunks come in index order, and a
     stable sort puts earlier ties first. Once the pool is full, most chunks hold few elements
-    that beat the cut, found by rows (see `_beating`); the pool then stays k + k at most.
+    that beat the cut, found by rows (see `_beating`). They wait until they are k before they are
+    sorted into the pool (a sort for each chunk cost the most where k is large), meanwhile
+    beating the last cut; so the pool and the waiting stay 3k at most.
     """
     pool_values = torch.empty(0, dtype=b._dtype, device=b._device)
     pool_indices = torch.empty(0, dtype=torch.int64, device=b._device)
+    waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices), in index order
     cut: Number | None = None
 
-    def visit(c: torch.Tensor, offset: int) -> bool:
+    def merge() -> None:
         nonlocal pool_values, pool_indices, cut
-        pos = None if cut is None else _beating(c, cut, largest, k)
-        if pos is None:  # the chunk's own top k are all of it that can still enter
-            pos = _chunk_top(c, k, largest)
-        if pos.numel() == 0:
-            return False
-        # the pool's ties precede the chunk's, and a stable sort keeps them so
-        values = torch.cat([pool_values, c[pos].to(b._device)])
-        indices = torch.cat([pool_indices, (pos + offset).to(b._device)])
+        # the pool's ties precede the waiting ones, and a stable sort keeps them so
+        values = torch.cat([pool_values, *(v for v, _ in waiting)])
+        indices = torch.cat([pool_indices, *(i for _, i in waiting)])
+        waiting.clear()
         order = torch.sort(values, descending=largest, stable=True).indices[:k]
         pool_values, pool_indices = values[order], indices[order]
         if pool_values.numel() == k:
             cut = pool_values[-1].item()
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
+        pos = None if cut is None else _beating(c, cut, largest, k)
+        if pos is None:  # the chunk's own top k are all of it that can still enter
+            pos = _chunk_top(c, k, largest)
+        if pos.numel() > 0:
+            waiting.append((c[pos].to(b._device), (pos + offset).to(b._device)))
+            if sum(v.numel() for v, _ in waiting) >= k:
+                merge()
         return False
 
     _scan(b, visit)
+    if waiting:
+        merge()
     return pool_indices, pool_values
 
 
