@@ -220,7 +220,7 @@ def _beating(c: torch.Tensor, cut: Number, largest: bool, limit: int) -> torch.T
     # (a row whose best is NaN is looked at: a NaN beats any number, a NaN amin says nothing)
     hit = ((best <= cut) if largest else (best >= cut)).logical_not_().nonzero().squeeze(1)
     del best
-    if hit.numel() * _ROW > limit:  # rows that beat the cut whole may settle it without a look at each element
+    if 2 * hit.numel() > rows:  # rows that beat the cut whole may settle it without a look at each element
         worst = table.amin(1) if largest else table.amax(1)
         # (strictly, so that a NaN worst, which says nothing of its row's other elements, counts none)
         if int(((worst > cut) if largest else (worst < cut)).sum()) * _ROW > limit:
