@@ -112,7 +112,8 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     if k * _POOL_SHARE <= chunk_size(b._device):
         indices, values = _top(b, k, bool(largest))
     else:
-        indices, values = _members(b, _Selection(b).stats([b._numel - k if largest else k - 1])[0], k, bool(largest))
+        kth = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
+        indices, values = _members(b, kth, k, bool(largest))
     if torch.is_grad_enabled() and b.requires_grad:  # the same values, read again to carry gradients
         values = _elements(b, indices)
     return torch.return_types.topk((values, indices))
@@ -120,8 +121,8 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
 
 # The pool of `_top` serves k up to a chunk's size / `_POOL_SHARE`. Beyond, it is sorted about
 # once per chunk, and counting the k-th (a few passes of `_Selection`, then `_members`) is faster:
-# for 8M random float32 (chunks of 2**18), k=1000: 11 ms against 66; k=30000: 47-95 against 47-59;
-# k=10**6: 630-1150 against 260.
+# for 8M random float32 (chunks of 2**18, one thread), k=1000: 10-12 ms against 32-66; k=30000:
+# 47-95 against 39-59; k=10**6: 630-1150 against 250-290.
 _POOL_SHARE = 16
 
 
