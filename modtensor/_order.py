@@ -2,8 +2,9 @@
 
 Results equal the same call on `torch.cat([t.reshape(-1) for t in tensors])`, found by counting
 rather than sorting (see `_selection.py`), so the concatenation is never built, and the extra
-memory is a few chunk-sized temporaries plus a few candidates. `topk` needs no counting: one pass
-keeps the best k seen so far, and skips the many chunks that hold none better.
+memory is a few chunk-sized temporaries plus a few candidates. `topk` of up to a sixteenth of a
+chunk needs no counting: one pass keeps the best k seen so far, and skips the many chunks that
+hold none better.
 
 Ties and NaN follow a stable sort of the concatenation, NaN last (first for `topk(largest=True)`):
 `kthvalue(b, k)` gives the element `torch.sort(cat, stable=True)` puts at position k - 1, `topk`
@@ -31,11 +32,11 @@ from typing import Any
 import torch
 
 from modtensor._bundle import ParameterBundle, is_bundle
-from modtensor._dispatch import NOT_HANDLED, func_name
+from modtensor._dispatch import NOT_HANDLED, func_name, materialized
 from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
-from modtensor._selection import Number, _elements, _equal, _evenly, _scan, _Selection, _Stat, has_keys
+from modtensor._selection import Number, _elements, _equal, _evenly, _scan, _Selection, _Stat, chunk_size, has_keys
 from modtensor._strategies import Reduction
 
 __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]
@@ -108,10 +109,53 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     if k == 0:  # nothing to find; the empty values still require grad as the concatenation's
         indices = torch.empty(0, dtype=torch.int64, device=b._device)
         return torch.return_types.topk((_elements(b, indices), indices))
-    indices, values = _top(b, k, bool(largest))
+    if k * _POOL_SHARE <= chunk_size(b._device):
+        indices, values = _top(b, k, bool(largest))
+    else:
+        kth = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
+        indices, values = _members(b, kth, k, bool(largest))
     if torch.is_grad_enabled() and b.requires_grad:  # the same values, read again to carry gradients
         values = _elements(b, indices)
     return torch.return_types.topk((values, indices))
+
+
+# The pool of `_top` serves k up to a chunk's size / `_POOL_SHARE`. Beyond, it is sorted about
+# once per chunk, and counting the k-th (a few passes of `_Selection`, then `_members`) is faster:
+# for 8M random float32 (chunks of 2**18, one thread), k=1000: 10-12 ms against 32-66; k=30000:
+# 47-95 against 39-59; k=10**6: 630-1150 against 250-290.
+_POOL_SHARE = 16
+
+
+def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: the global indices and values of the top k, given the k-th one, in the order of the result."""
+    v, is_nan = threshold.value, isinstance(threshold.value, float) and math.isnan(threshold.value)
+    ties = k - ((b._numel - threshold.upto) if largest else threshold.below)  # ties of v to take
+    found: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
+        nonlocal ties
+        # One mask over the chunk (the passes over it are the cost): the elements on the
+        # result's side of v, its ties included (NaN sorts above every number), then the few
+        # selected are split into those beyond v and its ties.
+        if is_nan:
+            side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
+        else:
+            side = (c < v).logical_not_() if largest else c <= v
+        pos = side.nonzero().squeeze(1)
+        del side
+        tie = _equal(c[pos], v)
+        tied = pos[tie][: max(ties, 0)]
+        ties -= tied.numel()
+        pos = torch.cat([pos[~tie], tied]).sort().values
+        found.append((pos + offset).to(b._device))
+        values.append(c[pos].to(b._device))
+        return False
+
+    _scan(b, visit)
+    indices, chosen = torch.cat(found), torch.cat(values)
+    order = torch.sort(chosen, descending=largest, stable=True).indices
+    return indices[order], chosen[order]
 
 
 def _top(b: ParameterBundle, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,29 +164,39 @@ def _top(b: ParameterBundle, k: int, largest: bool) -> tuple[torch.Tensor, torch
     A pool holds the best k elements seen so far, in the result's order; its last value is the
     cut a later element must beat. Ties of the cut never do: chunks come in index order, and a
     stable sort puts earlier ties first. Once the pool is full, most chunks hold few elements
-    that beat the cut, found by rows (see `_beating`); the pool then stays k + k at most.
+    that beat the cut, found by rows (see `_beating`). They wait until they are k before they are
+    sorted into the pool (a sort for each chunk cost the most where k is large), meanwhile
+    beating the last cut; so the pool and the waiting stay 3k at most.
     """
     pool_values = torch.empty(0, dtype=b._dtype, device=b._device)
     pool_indices = torch.empty(0, dtype=torch.int64, device=b._device)
+    waiting: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, indices), in index order
     cut: Number | None = None
 
-    def visit(c: torch.Tensor, offset: int) -> bool:
+    def merge() -> None:
         nonlocal pool_values, pool_indices, cut
-        pos = None if cut is None else _beating(c, cut, largest, k)
-        if pos is None:  # the chunk's own top k are all of it that can still enter
-            pos = _chunk_top(c, k, largest)
-        if pos.numel() == 0:
-            return False
-        # the pool's ties precede the chunk's, and a stable sort keeps them so
-        values = torch.cat([pool_values, c[pos].to(b._device)])
-        indices = torch.cat([pool_indices, (pos + offset).to(b._device)])
+        # the pool's ties precede the waiting ones, and a stable sort keeps them so
+        values = torch.cat([pool_values, *(v for v, _ in waiting)])
+        indices = torch.cat([pool_indices, *(i for _, i in waiting)])
+        waiting.clear()
         order = torch.sort(values, descending=largest, stable=True).indices[:k]
         pool_values, pool_indices = values[order], indices[order]
         if pool_values.numel() == k:
             cut = pool_values[-1].item()
+
+    def visit(c: torch.Tensor, offset: int) -> bool:
+        pos = None if cut is None else _beating(c, cut, largest, k)
+        if pos is None:  # the chunk's own top k are all of it that can still enter
+            pos = _chunk_top(c, k, largest)
+        if pos.numel() > 0:
+            waiting.append((c[pos].to(b._device), (pos + offset).to(b._device)))
+            if sum(v.numel() for v, _ in waiting) >= k:
+                merge()
         return False
 
     _scan(b, visit)
+    if waiting:
+        merge()
     return pool_indices, pool_values
 
 
@@ -167,6 +221,12 @@ def _beating(c: torch.Tensor, cut: Number, largest: bool, limit: int) -> torch.T
     # (a row whose best is NaN is looked at: a NaN beats any number, a NaN amin says nothing)
     hit = ((best <= cut) if largest else (best >= cut)).logical_not_().nonzero().squeeze(1)
     del best
+    if 2 * hit.numel() > rows:  # rows that beat the cut whole may settle it without a look at each element
+        worst = table.amin(1) if largest else table.amax(1)
+        # (strictly, so that a NaN worst, which says nothing of its row's other elements, counts none)
+        if int(((worst > cut) if largest else (worst < cut)).sum()) * _ROW > limit:
+            return None
+        del worst
     sub = table if hit.numel() == rows else table[hit]
     beats = _before(sub, cut, largest).reshape(-1)
     tail = _before(c[rows * _ROW :], cut, largest)
@@ -186,6 +246,9 @@ def _chunk_top(c: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     position order."""
     if c.numel() <= k:
         return torch.arange(c.numel(), device=c.device)
+    among = _candidates(c, k, largest)
+    if among is not None:  # (torch's CPU topk is slow on sorted input: ~20 ms for k=1000 of 2**18)
+        return among[_chunk_top(c[among], k, largest)]
     kth = torch.topk(c, k, largest=largest).values[-1].item()  # (torch's topk puts NaN first for largest)
     if isinstance(kth, float) and math.isnan(kth):
         side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
@@ -197,6 +260,35 @@ def _chunk_top(c: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     # the first ties, by position, fill the k places the elements beyond kth leave
     keep = tie.logical_not().logical_or_(tie.cumsum(0) <= k - int((~tie).sum()))
     return pos[keep]
+
+
+def _candidates(c: torch.Tensor, k: int, largest: bool) -> torch.Tensor | None:
+    """The positions in `c`, in order, of the rows (and the tail) that may hold its top k (k < its
+    size); None where they are more than half of it.
+
+    A row whose worst element is v holds `_ROW` elements as good as v, so the `ceil(k / _ROW)`-th
+    best row worst bounds the chunk's k-th value (the k-th best row best does too): a row whose
+    best falls short of the bound holds none of the top k. On sorted input that leaves a row or
+    two beyond k elements; on shuffled input, usually every row.
+    """
+    rows = c.numel() // _ROW
+    if rows == 0:
+        return None
+    table = c[: rows * _ROW].reshape(rows, _ROW)
+    best, worst = (table.amax(1), table.amin(1)) if largest else (table.amin(1), table.amax(1))
+    if c.is_floating_point() and bool(best.isnan().any()):  # a NaN hides its row's other elements
+        return None
+    bounds = [torch.topk(worst, -(-k // _ROW), largest=largest).values[-1]] if k <= rows * _ROW else []
+    if k <= rows:
+        bounds.append(torch.topk(best, k, largest=largest).values[-1])
+    if not bounds:
+        return None
+    bound = torch.stack(bounds).amax() if largest else torch.stack(bounds).amin()
+    hit = ((best >= bound) if largest else (best <= bound)).nonzero().squeeze(1)
+    if 2 * hit.numel() > rows:
+        return None
+    at = (hit[:, None] * _ROW + torch.arange(_ROW, device=c.device)).reshape(-1)
+    return torch.cat([at, torch.arange(rows * _ROW, c.numel(), device=c.device)])
 
 
 def _sig_kthvalue(input: Any, k: Any, dim: int = -1, keepdim: bool = False) -> Any:
@@ -420,8 +512,8 @@ def _handler(compute: Callable[..., Any]) -> Callable[..., Any]:
             refuse(func_name(func), b, "an order statistic needs every rank's values,")
         if b.strategy != "concat":
             return run_reduction(func, args, kwargs, b, _PER_TENSOR)
-        if b._device.type == "meta":  # no values to count: torch.cat of meta tensors is free
-            return NOT_HANDLED
+        if b._device.type == "meta":  # no values to count, and torch.cat of meta tensors is free: no copy to warn of
+            return func(*materialized(args), **materialized(kwargs))
         if transformed():  # radix counting carries no tangent and has no batching rule
             return NOT_HANDLED
         return compute(b, func, args, kwargs)
