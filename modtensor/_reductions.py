@@ -364,7 +364,7 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     means = _stack([s[2] for s in states], acc)
     total = counts.sum()
     mean = _weighted_mean(counts, total, means)
-    m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
+    m2 = (counts * variances).sum() + (counts * _deviations(means, mean).abs().square()).sum()
     # (then the tensors kept for the gradient without degrees of freedom, if any)
     return (total, m2, mean, *(t for s in states for t in s[3:]))
 
@@ -381,6 +381,15 @@ def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:
     # torch's var gradient is inf at the finite ones. (Not detached always: it is needed for the
     # second derivative.)
     return torch.where(mean.isfinite(), mean, mean.detach())
+
+
+def _deviations(means: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Each part's mean less the overall mean, the parts' share of M2 (Chan et al.)."""
+    deviations = means - _finite_or_constant(mean)
+    # A part holding inf has the overall mean (inf) as its own: inf - inf would make its finite
+    # elements' gradient NaN, where torch's, 2 (x - mean) / dof, is -inf, as the part's own
+    # var already gives it (M2 is NaN either way).
+    return torch.where(means.isinf() & (means == mean), 0, deviations)
 
 
 def _warn_without_dof(a: ReduceArgs) -> None:

@@ -409,6 +409,24 @@ def test_moments_of_float64_tensors_near_the_largest_float(call):
     torch.testing.assert_close(got, expected, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [torch.var, torch.var_mean], ids=["var", "var_mean"])
+def test_moments_of_a_tensor_holding_inf_have_torchs_gradient(call, dtype):
+    # torch's var gradient, 2 (x - mean) / dof with the mean inf, is -inf at each finite
+    # element; at those of the tensor holding the inf the bundle's was NaN (its own mean less
+    # the overall one: inf - inf).
+    def make():
+        g = torch.Generator().manual_seed(2)
+        holding = torch.randn(3000, dtype=dtype, generator=g)
+        holding[7] = math.inf
+        return [torch.randn(5000, dtype=dtype, generator=g).requires_grad_(), holding.requires_grad_()]
+
+    got, expected = _value_and_grads(call, make)
+    assert expected[-1][0].isinf()  # (a finite element's)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
 def _ones(x):
     return x.detach() * 0 + 1
 
