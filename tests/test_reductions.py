@@ -427,6 +427,37 @@ def test_moments_of_a_tensor_holding_inf_have_torchs_gradient(call, dtype):
         torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
+# float32 values whose squares (or sums) pass the float32 range: torch's CPU var, std and their
+# _mean forms accumulate in float64, so the concatenation's std (and std_mean's mean) is finite.
+_HUGE_FLOAT32 = {
+    "2e19": lambda: [torch.randn(20000, generator=torch.Generator().manual_seed(3)) * 2e19,
+                     torch.randn(300000, generator=torch.Generator().manual_seed(4)) * 2e19],
+    "3e38": lambda: [torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 3e38,
+                     torch.rand(300000, generator=torch.Generator().manual_seed(6)) * 3e38],
+}
+
+
+# (var's gradient, 2 (x - mean) / dof, cancels near the mean: past the float32 tolerance there)
+@pytest.mark.parametrize(("call", "values", "requires_grad"), [
+    (torch.std, "2e19", False), (torch.std, "2e19", True), (torch.std_mean, "2e19", False),
+    (torch.std_mean, "2e19", True), (torch.std_mean, "3e38", False),
+    (torch.std_mean, "3e38", True),
+])
+def test_float32_moments_past_the_float32_range(call, values, requires_grad):
+    # One tensor's float32 var (past 3.4e38) was inf, so the bundle's std was inf; its float32
+    # mean of values up to 3e38 was inf (its sum overflowed), so the bundle's std_mean was NaN.
+    def make():
+        return [t.requires_grad_(requires_grad) for t in _HUGE_FLOAT32[values]()]
+
+    if requires_grad:
+        got, expected = _value_and_grads(call, make)
+    else:
+        got, expected = ([*torch.atleast_1d(call(x))] for x in (mt.bundle(make()), torch.cat(make())))
+    assert expected[1 if call is torch.var_mean else 0].isfinite()  # (var_mean's var is inf)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
 def _ones(x):
     return x.detach() * 0 + 1
 
