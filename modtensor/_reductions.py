@@ -201,7 +201,9 @@ def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     # Whether t holds an exact 0 or an exact infinity (see _combine_prod): counted, not
     # compared, so that no boolean copy of t is made.
     low, high = torch.aminmax(t.detach())
-    return product, torch.count_nonzero(t.detach()) < t.numel(), (high == math.inf) | (low == -math.inf)
+    state = (product, torch.count_nonzero(t.detach()) < t.numel(), (high == math.inf) | (low == -math.inf))
+    # The tensor is kept for _Prod's gradient, as torch's prod keeps its input anyway.
+    return (*state, t) if a.options.get("keeps") and t.requires_grad else state
 
 
 def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,10 +215,20 @@ def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _combine_prod(states: list[Any], a: ReduceArgs) -> Any:
-    products = _stack([p for p, _, _ in states], _acc_dtype(a.dtype))
+    # A state is (product, holds a zero, holds an inf, the tensor kept for the gradient if any).
+    products = _stack([s[0] for s in states], _acc_dtype(a.dtype))
     if not a.dtype.is_floating_point:
         return products.prod(), None, None
-    zeros, infs = _stack([z for _, z, _ in states], torch.bool), _stack([i for _, _, i in states], torch.bool)
+    zeros, infs = _stack([s[1] for s in states], torch.bool), _stack([s[2] for s in states], torch.bool)
+    tensors = [t for s in states for t in s[3:]]
+    if tensors and torch.is_grad_enabled():
+        product = _Prod.apply(products, zeros, infs, a.dtype, *tensors)  # type: ignore[no-untyped-call]
+    else:
+        product = _ordered_prod(products, zeros, infs)
+    return product, zeros.any(), infs.any()
+
+
+def _ordered_prod(products: torch.Tensor, zeros: torch.Tensor, infs: torch.Tensor) -> torch.Tensor:
     # torch multiplies in the concatenation's own dtype, element after element (float16 in
     # float16), so once its running product has overflowed to inf or underflowed to 0 it stays
     # there, unless a later element is an exact 0 or inf (then NaN). A tensor's partial that
@@ -226,14 +238,48 @@ def _combine_prod(states: list[Any], a: ReduceArgs) -> Any:
     regrouped = zero.any() & inf.any() & ~products.isnan().any()
     # (selected by masks, not by indexing with a tensor, which would wait for the device)
     first = (zero | inf).to(torch.uint8).argmax()
-    positions = torch.arange(len(states), device=products.device)
+    positions = torch.arange(len(products), device=products.device)
     at_first, later = positions == first, positions > first
     killed = torch.where((zero & at_first).any(), (infs & later).any(), (zeros & later).any())
     negative = torch.signbit(products).sum() % 2 == 1
     magnitude = torch.where(at_first, products.detach().abs(), 0).sum()
     saturated = magnitude * torch.where(negative, -1.0, 1.0).to(products.dtype)
     ordered = torch.where(killed, torch.full_like(saturated, math.nan), saturated)
-    return torch.where(regrouped, ordered, products.prod()), zeros.any(), infs.any()
+    return torch.where(regrouped, ordered, products.prod())
+
+
+class _Prod(torch.autograd.Function):
+    """The product of the tensors' products, with torch's gradient on the concatenation.
+
+    Without a zero element that is `g * result / x` for each element x, in the concatenation's
+    dtype. Through the tensors' products it would be `g * (result / product) * (product / x)`:
+    NaN (inf / inf) for every element of a tensor whose own product overflowed, where torch's
+    is inf (likewise 0 / 0 for one that underflowed). With a zero element torch multiplies
+    the other elements instead: each tensor's product gets the product of the others', and
+    its own backward does the rest. Twice differentiable: the backward is torch's ops on the
+    inputs and the (saved) result.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, products: torch.Tensor, zeros: torch.Tensor, infs: torch.Tensor, dtype: torch.dtype,
+        *tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        result = _ordered_prod(products, zeros, infs)
+        ctx.dtype = dtype
+        ctx.save_for_backward(result, products, zeros, *tensors)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        result, products, zeros, *tensors = ctx.saved_tensors
+        if bool(zeros.any()):  # (waits for the device, once per backward)
+            ones = products.new_ones(1)
+            before = torch.cat([ones, products[:-1]]).cumprod(0)
+            after = torch.cat([products[1:], ones]).flip(0).cumprod(0).flip(0)
+            return g * before * after, None, None, None, *(None for _ in tensors)
+        g, result = g.to(ctx.dtype), result.to(ctx.dtype)
+        return None, None, None, None, *((g * (result / t.to(ctx.dtype))).to(t.dtype) for t in tensors)
 
 
 def _finalize_prod(state: Any, a: ReduceArgs) -> torch.Tensor:
@@ -250,7 +296,10 @@ def _parse_prod(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     if dim is not None and not isinstance(dim, int):
         raise TypeError(f"{name}: dim must be an int (torch.prod takes no tuple of dims), got {dim!r}.")
     check_dim(dim, name, b)
-    return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
+    dtype = _sum_dtype(b._dtype, dtype)
+    # (not under torch.compile or torch.func, whose transforms follow torch's own ops)
+    keeps = dtype.is_floating_point and records(b) and not torch.compiler.is_compiling() and not transformed()
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"keeps": keeps})
 
 
 # -- var, std, var_mean, std_mean (Chan et al.'s parallel merge) --------------------------------

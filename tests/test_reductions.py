@@ -701,6 +701,15 @@ def test_logsumexp_of_each_tensor_with_infinite_elements_is_torchs(strategy):
 _RUNS = {"overflows": 300.0, "underflows": 1e-4, "negative": -1.0, "zero": 0.0, "inf": float("inf")}
 
 
+def _prod_runs(order, dtype):
+    scale = 1.0 if dtype == torch.float16 else 1e30
+    tensors = []
+    for run in order:
+        value = _RUNS[run] * (scale if run == "overflows" else 1 / scale if run == "underflows" else 1.0)
+        tensors.append(torch.full((3000 if run in ("overflows", "underflows") else 3,), value, dtype=dtype))
+    return tensors
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("order", [
     ("overflows", "underflows"), ("underflows", "overflows"), ("underflows", "negative", "overflows"),
@@ -711,15 +720,30 @@ def test_prod_of_tensors_that_overflow_and_underflow_is_the_concatenations(dtype
     # torch multiplies in the concatenation's dtype, and a product that reached inf or 0 stays
     # there (unless a later element is an exact 0 or inf): one tensor's product that overflowed
     # times another's that underflowed was NaN (inf * 0) where the concatenation's is inf or 0.
-    scale = 1.0 if dtype == torch.float16 else 1e30
-    tensors = []
-    for run in order:
-        value = _RUNS[run] * (scale if run == "overflows" else 1 / scale if run == "underflows" else 1.0)
-        tensors.append(torch.full((3000 if run in ("overflows", "underflows") else 3,), value, dtype=dtype))
+    tensors = _prod_runs(order, dtype)
     want = torch.cat(tensors).prod()
     assert want.isnan() == torch.prod(mt.bundle(tensors)).isnan()
     torch.testing.assert_close(torch.prod(mt.bundle(tensors)), want, equal_nan=True)
     torch.testing.assert_close(mt.bundle(tensors).prod(0, keepdim=True), torch.cat(tensors).prod(0, keepdim=True), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("order", [
+    ("overflows", "negative"), ("negative", "underflows"), ("overflows", "underflows"), ("underflows", "overflows"),
+    ("negative", "overflows", "inf"), ("underflows", "overflows", "inf"), ("negative", "negative", "negative"),
+])
+def test_prod_gradient_through_a_tensor_whose_product_overflows(dtype, order):
+    # torch's gradient (no zero element) is g * result / x: inf where the product overflowed,
+    # 0 where it underflowed. Through a tensor's own product that overflowed or underflowed it
+    # was NaN: result / product, inf / inf or 0 / 0.
+    got, expected = _value_and_grads(torch.prod, lambda: [t.requires_grad_() for t in _prod_runs(order, dtype)])
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+    got, expected = _value_and_grads(  # with dtype=, torch converts the concatenation first
+        lambda x: x.prod(dtype=torch.float64), lambda: [t.requires_grad_() for t in _prod_runs(order, dtype)]
+    )
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
 _NORM_SPECIALS = {"-inf": [-math.inf] * 3, "inf": [math.inf, math.inf], "inf and 1": [math.inf, 1.0],
