@@ -162,7 +162,11 @@ def _finalize_sum(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
 
 
 def _finalize_mean(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-    return _cast(state / a.numel, a.dtype)
+    # torch's mean divides its sum, taken in its accumulator's dtype (float32 for float16):
+    # a float32 mean of values whose sum passes 3.4e38 is inf, in any order of addition.
+    # Only then is the sum rounded first: the mean is otherwise the exact one, rounded once.
+    total = _cast(state, _partial_dtype(a.dtype))
+    return _cast(torch.where(total.isinf(), total, state) / a.numel, a.dtype)
 
 
 def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:

@@ -306,6 +306,26 @@ def test_nanmean_rounds_its_sum_to_the_dtype_before_dividing(request, dtype, siz
             torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_mean_whose_sum_overflows_its_accumulator_is_torchs(dtype, requires_grad):
+    # torch's mean divides its sum, taken in float32 for float32 (float16's and bfloat16's too,
+    # where it stays finite): of float32 values whose sum passes 3.4e38 it is inf in any order
+    # of addition; the bundle's was the mean itself (each tensor's sum is in range).
+    big = torch.finfo(dtype).max / 2
+
+    def make():
+        tensors = [torch.full((2,), big / 2, dtype=dtype) for _ in range(3)] + [torch.full((5,), -big / 8, dtype=dtype)]
+        return [t.requires_grad_(requires_grad) for t in tensors]
+
+    if requires_grad:
+        got, expected = _value_and_grads(torch.mean, make)
+    else:
+        got, expected = [torch.mean(mt.bundle(make()))], [torch.mean(torch.cat(make()))]
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: x.var(), lambda x: torch.std(x), lambda x: torch.var_mean(x, correction=3),
     lambda x: torch.std_mean(x, correction=5000), lambda x: x.var(correction=6000),
