@@ -262,7 +262,7 @@ def _pnorm_form(
 
 def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     # Chan et al.'s merge of (count, M2, mean) per rank, as _combine_var's of the tensors.
-    from modtensor._reductions import _finite_or_constant, _weighted_mean
+    from modtensor._reductions import _deviations, _weighted_mean
 
     acc = _acc_dtype(a.dtype)
     counts = _stack([p[0] for p in payloads], _real(acc))
@@ -270,7 +270,7 @@ def _merge_var(payloads: list[Any], a: ReduceArgs) -> Any:
     means = _stack([p[2] for p in payloads], acc)
     total = counts.sum()
     mean = _weighted_mean(counts, total, means)
-    m2 = m2s.sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
+    m2 = m2s.sum() + (counts * _deviations(means, mean).abs().square()).sum()
     return total, m2, mean
 
 

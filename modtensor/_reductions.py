@@ -162,7 +162,11 @@ def _finalize_sum(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
 
 
 def _finalize_mean(state: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-    return _cast(state / a.numel, a.dtype)
+    # torch's mean divides its sum, taken in its accumulator's dtype (float32 for float16):
+    # a float32 mean of values whose sum passes 3.4e38 is inf, in any order of addition.
+    # Only then is the sum rounded first: the mean is otherwise the exact one, rounded once.
+    total = _cast(state, _partial_dtype(a.dtype))
+    return _cast(torch.where(total.isinf(), total, state) / a.numel, a.dtype)
 
 
 def _partial_nanmean(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
@@ -201,7 +205,9 @@ def _partial_prod(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     # Whether t holds an exact 0 or an exact infinity (see _combine_prod): counted, not
     # compared, so that no boolean copy of t is made.
     low, high = torch.aminmax(t.detach())
-    return product, torch.count_nonzero(t.detach()) < t.numel(), (high == math.inf) | (low == -math.inf)
+    state = (product, torch.count_nonzero(t.detach()) < t.numel(), (high == math.inf) | (low == -math.inf))
+    # The tensor is kept for _Prod's gradient, as torch's prod keeps its input anyway.
+    return (*state, t) if a.options.get("keeps") and t.requires_grad else state
 
 
 def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,10 +219,20 @@ def _complex_input(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _combine_prod(states: list[Any], a: ReduceArgs) -> Any:
-    products = _stack([p for p, _, _ in states], _acc_dtype(a.dtype))
+    # A state is (product, holds a zero, holds an inf, the tensor kept for the gradient if any).
+    products = _stack([s[0] for s in states], _acc_dtype(a.dtype))
     if not a.dtype.is_floating_point:
         return products.prod(), None, None
-    zeros, infs = _stack([z for _, z, _ in states], torch.bool), _stack([i for _, _, i in states], torch.bool)
+    zeros, infs = _stack([s[1] for s in states], torch.bool), _stack([s[2] for s in states], torch.bool)
+    tensors = [t for s in states for t in s[3:]]
+    if tensors and torch.is_grad_enabled():
+        product = _Prod.apply(products, zeros, infs, a.dtype, *tensors)  # type: ignore[no-untyped-call]
+    else:
+        product = _ordered_prod(products, zeros, infs)
+    return product, zeros.any(), infs.any()
+
+
+def _ordered_prod(products: torch.Tensor, zeros: torch.Tensor, infs: torch.Tensor) -> torch.Tensor:
     # torch multiplies in the concatenation's own dtype, element after element (float16 in
     # float16), so once its running product has overflowed to inf or underflowed to 0 it stays
     # there, unless a later element is an exact 0 or inf (then NaN). A tensor's partial that
@@ -226,14 +242,48 @@ def _combine_prod(states: list[Any], a: ReduceArgs) -> Any:
     regrouped = zero.any() & inf.any() & ~products.isnan().any()
     # (selected by masks, not by indexing with a tensor, which would wait for the device)
     first = (zero | inf).to(torch.uint8).argmax()
-    positions = torch.arange(len(states), device=products.device)
+    positions = torch.arange(len(products), device=products.device)
     at_first, later = positions == first, positions > first
     killed = torch.where((zero & at_first).any(), (infs & later).any(), (zeros & later).any())
     negative = torch.signbit(products).sum() % 2 == 1
     magnitude = torch.where(at_first, products.detach().abs(), 0).sum()
     saturated = magnitude * torch.where(negative, -1.0, 1.0).to(products.dtype)
     ordered = torch.where(killed, torch.full_like(saturated, math.nan), saturated)
-    return torch.where(regrouped, ordered, products.prod()), zeros.any(), infs.any()
+    return torch.where(regrouped, ordered, products.prod())
+
+
+class _Prod(torch.autograd.Function):
+    """The product of the tensors' products, with torch's gradient on the concatenation.
+
+    Without a zero element that is `g * result / x` for each element x, in the concatenation's
+    dtype. Through the tensors' products it would be `g * (result / product) * (product / x)`:
+    NaN (inf / inf) for every element of a tensor whose own product overflowed, where torch's
+    is inf (likewise 0 / 0 for one that underflowed). With a zero element torch multiplies
+    the other elements instead: each tensor's product gets the product of the others', and
+    its own backward does the rest. Twice differentiable: the backward is torch's ops on the
+    inputs and the (saved) result.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, products: torch.Tensor, zeros: torch.Tensor, infs: torch.Tensor, dtype: torch.dtype,
+        *tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        result = _ordered_prod(products, zeros, infs)
+        ctx.dtype = dtype
+        ctx.save_for_backward(result, products, zeros, *tensors)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        result, products, zeros, *tensors = ctx.saved_tensors
+        if bool(zeros.any()):  # (waits for the device, once per backward)
+            ones = products.new_ones(1)
+            before = torch.cat([ones, products[:-1]]).cumprod(0)
+            after = torch.cat([products[1:], ones]).flip(0).cumprod(0).flip(0)
+            return g * before * after, None, None, None, *(None for _ in tensors)
+        g, result = g.to(ctx.dtype), result.to(ctx.dtype)
+        return None, None, None, None, *((g * (result / t.to(ctx.dtype))).to(t.dtype) for t in tensors)
 
 
 def _finalize_prod(state: Any, a: ReduceArgs) -> torch.Tensor:
@@ -250,7 +300,10 @@ def _parse_prod(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, .
     if dim is not None and not isinstance(dim, int):
         raise TypeError(f"{name}: dim must be an int (torch.prod takes no tuple of dims), got {dim!r}.")
     check_dim(dim, name, b)
-    return ReduceArgs(name, _sum_dtype(b._dtype, dtype), b._numel, bool(keepdim))
+    dtype = _sum_dtype(b._dtype, dtype)
+    # (not under torch.compile or torch.func, whose transforms follow torch's own ops)
+    keeps = dtype.is_floating_point and records(b) and not torch.compiler.is_compiling() and not transformed()
+    return ReduceArgs(name, dtype, b._numel, bool(keepdim), {"keeps": keeps})
 
 
 # -- var, std, var_mean, std_mean (Chan et al.'s parallel merge) --------------------------------
@@ -354,7 +407,18 @@ def _moments_of(t: torch.Tensor, a: ReduceArgs) -> tuple[int, torch.Tensor, torc
     # (a float32 partial was worse than the concatenation's in 3-4 of 20 draws)
     x = _short_in_float64(_cast(x, _partial_dtype(a.dtype)))
     # Two calls, not torch.var_mean: on the CPU its fused kernel is about 5x slower than var's.
-    return t.numel(), x.var(correction=0), x.mean()
+    var, mean = x.var(correction=0), x.mean()
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling() and not transformed()  # (.item())
+    if x.dtype == torch.float32 and eager_cpu and not math.isfinite(var.item() + mean.item()):
+        # torch's CPU var and std of float32 accumulate in float64: the concatenation's std of
+        # values near 2e19 is finite where one tensor's float32 var (past 3.4e38) is inf, and
+        # its mean finite where one tensor's float32 sum overflows. Its std_mean keeps both
+        # in range (at the cost of one more rounding of the var, in this rare case). (.item():
+        # 0.5 us, a tenth of a tensor op on these 0-d tensors.)
+        std, wide_mean = torch.std_mean(x, correction=0)
+        if math.isfinite(std.item() + wide_mean.item()):
+            var, mean = std.to(torch.float64).square(), wide_mean
+    return t.numel(), var, mean
 
 
 def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
@@ -364,7 +428,7 @@ def _combine_var(states: list[Any], a: ReduceArgs) -> Any:
     means = _stack([s[2] for s in states], acc)
     total = counts.sum()
     mean = _weighted_mean(counts, total, means)
-    m2 = (counts * variances).sum() + (counts * (means - _finite_or_constant(mean)).abs().square()).sum()
+    m2 = (counts * variances).sum() + (counts * _deviations(means, mean).abs().square()).sum()
     # (then the tensors kept for the gradient without degrees of freedom, if any)
     return (total, m2, mean, *(t for s in states for t in s[3:]))
 
@@ -381,6 +445,15 @@ def _finite_or_constant(mean: torch.Tensor) -> torch.Tensor:
     # torch's var gradient is inf at the finite ones. (Not detached always: it is needed for the
     # second derivative.)
     return torch.where(mean.isfinite(), mean, mean.detach())
+
+
+def _deviations(means: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Each part's mean less the overall mean, the parts' share of M2 (Chan et al.)."""
+    deviations = means - _finite_or_constant(mean)
+    # A part holding inf has the overall mean (inf) as its own: inf - inf would make its finite
+    # elements' gradient NaN, where torch's, 2 (x - mean) / dof, is -inf, as the part's own
+    # var already gives it (M2 is NaN either way).
+    return torch.where(means.isinf() & (means == mean), 0, deviations)
 
 
 def _warn_without_dof(a: ReduceArgs) -> None:

@@ -306,6 +306,26 @@ def test_nanmean_rounds_its_sum_to_the_dtype_before_dividing(request, dtype, siz
             torch.testing.assert_close(call(b), call(b.materialize()), equal_nan=True)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_mean_whose_sum_overflows_its_accumulator_is_torchs(dtype, requires_grad):
+    # torch's mean divides its sum, taken in float32 for float32 (float16's and bfloat16's too,
+    # where it stays finite): of float32 values whose sum passes 3.4e38 it is inf in any order
+    # of addition; the bundle's was the mean itself (each tensor's sum is in range).
+    big = torch.finfo(dtype).max / 2
+
+    def make():
+        tensors = [torch.full((2,), big / 2, dtype=dtype) for _ in range(3)] + [torch.full((5,), -big / 8, dtype=dtype)]
+        return [t.requires_grad_(requires_grad) for t in tensors]
+
+    if requires_grad:
+        got, expected = _value_and_grads(torch.mean, make)
+    else:
+        got, expected = [torch.mean(mt.bundle(make()))], [torch.mean(torch.cat(make()))]
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: x.var(), lambda x: torch.std(x), lambda x: torch.var_mean(x, correction=3),
     lambda x: torch.std_mean(x, correction=5000), lambda x: x.var(correction=6000),
@@ -407,6 +427,55 @@ def test_moments_of_float64_tensors_near_the_largest_float(call):
                torch.tensor([1e308], dtype=torch.float64), torch.tensor([1.5e308], dtype=torch.float64)]
     got, expected = call(mt.bundle(tensors)), call(torch.cat(tensors))
     torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("call", [torch.var, torch.var_mean], ids=["var", "var_mean"])
+def test_moments_of_a_tensor_holding_inf_have_torchs_gradient(call, dtype):
+    # torch's var gradient, 2 (x - mean) / dof with the mean inf, is -inf at each finite
+    # element; at those of the tensor holding the inf the bundle's was NaN (its own mean less
+    # the overall one: inf - inf).
+    def make():
+        g = torch.Generator().manual_seed(2)
+        holding = torch.randn(3000, dtype=dtype, generator=g)
+        holding[7] = math.inf
+        return [torch.randn(5000, dtype=dtype, generator=g).requires_grad_(), holding.requires_grad_()]
+
+    got, expected = _value_and_grads(call, make)
+    assert expected[-1][0].isinf()  # (a finite element's)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+
+
+# float32 values whose squares (or sums) pass the float32 range: torch's CPU var, std and their
+# _mean forms accumulate in float64, so the concatenation's std (and std_mean's mean) is finite.
+_HUGE_FLOAT32 = {
+    "2e19": lambda: [torch.randn(20000, generator=torch.Generator().manual_seed(3)) * 2e19,
+                     torch.randn(300000, generator=torch.Generator().manual_seed(4)) * 2e19],
+    "3e38": lambda: [torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 3e38,
+                     torch.rand(300000, generator=torch.Generator().manual_seed(6)) * 3e38],
+}
+
+
+# (var's gradient, 2 (x - mean) / dof, cancels near the mean: past the float32 tolerance there)
+@pytest.mark.parametrize(("call", "values", "requires_grad"), [
+    (torch.std, "2e19", False), (torch.std, "2e19", True), (torch.std_mean, "2e19", False),
+    (torch.std_mean, "2e19", True), (torch.std_mean, "3e38", False),
+    (torch.std_mean, "3e38", True),
+])
+def test_float32_moments_past_the_float32_range(call, values, requires_grad):
+    # One tensor's float32 var (past 3.4e38) was inf, so the bundle's std was inf; its float32
+    # mean of values up to 3e38 was inf (its sum overflowed), so the bundle's std_mean was NaN.
+    def make():
+        return [t.requires_grad_(requires_grad) for t in _HUGE_FLOAT32[values]()]
+
+    if requires_grad:
+        got, expected = _value_and_grads(call, make)
+    else:
+        got, expected = ([*torch.atleast_1d(call(x))] for x in (mt.bundle(make()), torch.cat(make())))
+    assert expected[1 if call is torch.var_mean else 0].isfinite()  # (var_mean's var is inf)
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
 def _ones(x):
@@ -652,6 +721,15 @@ def test_logsumexp_of_each_tensor_with_infinite_elements_is_torchs(strategy):
 _RUNS = {"overflows": 300.0, "underflows": 1e-4, "negative": -1.0, "zero": 0.0, "inf": float("inf")}
 
 
+def _prod_runs(order, dtype):
+    scale = 1.0 if dtype == torch.float16 else 1e30
+    tensors = []
+    for run in order:
+        value = _RUNS[run] * (scale if run == "overflows" else 1 / scale if run == "underflows" else 1.0)
+        tensors.append(torch.full((3000 if run in ("overflows", "underflows") else 3,), value, dtype=dtype))
+    return tensors
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("order", [
     ("overflows", "underflows"), ("underflows", "overflows"), ("underflows", "negative", "overflows"),
@@ -662,15 +740,30 @@ def test_prod_of_tensors_that_overflow_and_underflow_is_the_concatenations(dtype
     # torch multiplies in the concatenation's dtype, and a product that reached inf or 0 stays
     # there (unless a later element is an exact 0 or inf): one tensor's product that overflowed
     # times another's that underflowed was NaN (inf * 0) where the concatenation's is inf or 0.
-    scale = 1.0 if dtype == torch.float16 else 1e30
-    tensors = []
-    for run in order:
-        value = _RUNS[run] * (scale if run == "overflows" else 1 / scale if run == "underflows" else 1.0)
-        tensors.append(torch.full((3000 if run in ("overflows", "underflows") else 3,), value, dtype=dtype))
+    tensors = _prod_runs(order, dtype)
     want = torch.cat(tensors).prod()
     assert want.isnan() == torch.prod(mt.bundle(tensors)).isnan()
     torch.testing.assert_close(torch.prod(mt.bundle(tensors)), want, equal_nan=True)
     torch.testing.assert_close(mt.bundle(tensors).prod(0, keepdim=True), torch.cat(tensors).prod(0, keepdim=True), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("order", [
+    ("overflows", "negative"), ("negative", "underflows"), ("overflows", "underflows"), ("underflows", "overflows"),
+    ("negative", "overflows", "inf"), ("underflows", "overflows", "inf"), ("negative", "negative", "negative"),
+])
+def test_prod_gradient_through_a_tensor_whose_product_overflows(dtype, order):
+    # torch's gradient (no zero element) is g * result / x: inf where the product overflowed,
+    # 0 where it underflowed. Through a tensor's own product that overflowed or underflowed it
+    # was NaN: result / product, inf / inf or 0 / 0.
+    got, expected = _value_and_grads(torch.prod, lambda: [t.requires_grad_() for t in _prod_runs(order, dtype)])
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
+    got, expected = _value_and_grads(  # with dtype=, torch converts the concatenation first
+        lambda x: x.prod(dtype=torch.float64), lambda: [t.requires_grad_() for t in _prod_runs(order, dtype)]
+    )
+    for mine, torchs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, torchs, equal_nan=True)
 
 
 _NORM_SPECIALS = {"-inf": [-math.inf] * 3, "inf": [math.inf, math.inf], "inf and 1": [math.inf, 1.0],
