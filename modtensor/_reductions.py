@@ -282,8 +282,11 @@ class _Prod(torch.autograd.Function):
             before = torch.cat([ones, products[:-1]]).cumprod(0)
             after = torch.cat([products[1:], ones]).flip(0).cumprod(0).flip(0)
             return g * before * after, None, None, None, *(None for _ in tensors)
-        g, result = g.to(ctx.dtype), result.to(ctx.dtype)
-        return None, None, None, None, *((g * (result / t.to(ctx.dtype))).to(t.dtype) for t in tensors)
+        # (each tensor's on its own device: a bundle may span several)
+        return None, None, None, None, *(
+            (g.to(t.device, ctx.dtype) * (result.to(t.device, ctx.dtype) / t.to(ctx.dtype))).to(t.dtype)
+            for t in tensors
+        )
 
 
 def _finalize_prod(state: Any, a: ReduceArgs) -> torch.Tensor:
