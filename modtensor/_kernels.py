@@ -53,6 +53,12 @@ MIN_NUMEL = 1 << 20
 NORM_ROWS_NUMEL = 1 << 22
 DIST_MAX_NUMEL = 1 << 14  # torch.dist is the fastest up to here
 BLOCK = 1 << 18  # elements of `a - b` formed at once: 1 MiB in float32, cache-sized; ROW * k
+# A difference of float32 or float64 tensors is taken by rows from MIN_NUMEL elements, not from
+# NORM_ROWS_NUMEL as a norm is: a whole difference of a few MiB is a new allocation per call,
+# whose page faults decide its time. On GPT-2's shapes, 1 thread, `(a - b).norm()` took 42 or
+# 130 ms from one process to the next with differences of up to 4Mi elements made whole, 44-48
+# ms by rows (ResNet-50's: 10-19, 11-11.4).
+DIFF_ROWS_NUMEL = MIN_NUMEL
 # Moments serve tensors from MOMENTS_MIN_NUMEL elements: below, torch's var and mean take
 # fewer calls than the moments and the checks on them. Below MOMENTS_ROWS_NUMEL they are added in
 # float64, exact in practice (rows would be few to average their rounding out, and cost at most
@@ -91,10 +97,11 @@ def by_rows(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
     Example:
         >>> import torch
         >>> cpu = torch.device("cpu")
-        >>> by_rows(1 << 22, torch.float32, cpu), by_rows(1 << 21, torch.float32, cpu)
+        >>> by_rows(1 << 20, torch.float32, cpu), by_rows(1 << 19, torch.float32, cpu)
         (True, False)
     """
-    return device.type == "cpu" and (dtype in _DTYPES or dtype in _LOW_PRECISION) and numel >= rows_numel(dtype)
+    least = DIFF_ROWS_NUMEL if dtype in _DTYPES else rows_numel(dtype)
+    return device.type == "cpu" and (dtype in _DTYPES or dtype in _LOW_PRECISION) and numel >= least
 
 
 def _eligible(*tensors: torch.Tensor) -> bool:

@@ -65,6 +65,7 @@ def small_kernels(monkeypatch):
     modtensor/_kernels.py (rows, tail rows, several blocks, the moments' three paths)."""
     monkeypatch.setattr(_kernels, "MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "NORM_ROWS_NUMEL", 1)
+    monkeypatch.setattr(_kernels, "DIFF_ROWS_NUMEL", 1)
     monkeypatch.setattr(_kernels, "NARROW_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
     monkeypatch.setattr(_kernels, "ROW", 3)

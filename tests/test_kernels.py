@@ -108,6 +108,23 @@ def test_real_sizes_are_more_accurate_than_the_concatenation():
         assert abs(float(got) - want) <= max(abs(float(concat) - want), 1e-7 * want)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_differences_from_a_block_are_never_made_whole(dtype):
+    # From DIFF_ROWS_NUMEL elements (1Mi, not 4Mi as a norm's rows), `(a - b).norm()` and
+    # `torch.dist` form a block of the difference at a time: a whole one is a new allocation per call, whose page faults
+    # made the time of GPT-2's distance vary 3x between processes.
+    n = (1 << 20) + 7  # DIFF_ROWS_NUMEL
+    assert n >= _kernels.DIFF_ROWS_NUMEL
+    g = torch.Generator().manual_seed(0)
+    xs, ys = ([torch.randn(n, dtype=dtype, generator=g), torch.randn(5, dtype=dtype, generator=g)] for _ in range(2))
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    want = (torch.cat(xs).double() - torch.cat(ys).double()).norm()
+    for reduce in (lambda: (a - b).norm(), lambda: torch.dist(a, b)):
+        got, peak = largest_allocation(reduce)
+        assert peak < n * dtype.itemsize / 2, peak  # a block's, not the difference's
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
 def test_real_size_gradients():
     torch.manual_seed(0)
     p = [torch.randn(4_200_000, requires_grad=True), torch.zeros(70_000, requires_grad=True)]

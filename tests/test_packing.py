@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import modtensor as mt
 from generators import INTS, cases, check_against_concat, other_like
-from modtensor import _dispatch, _reductions, _strategies
+from modtensor import _dispatch, _extrema, _reductions, _strategies
 from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE
 from test_kernels import CALLS as KERNEL_CALLS
 from test_pairwise import PARAMS as PAIRWISE_PARAMS
@@ -199,6 +199,21 @@ def test_norm_and_amax_of_many_tensors_in_one_call(packed, monkeypatch, case):
     if len({t.dtype for t in case.tensors}) == 1 and len(floats) > 1 and floats[0].dtype in (torch.float32, torch.float64):
         assert calls  # the one-call path was taken
 
+
+
+@FIXTURE_OK
+@given(case=cases(), one_by_one=st.sampled_from([1, 3, 1 << 16]))
+def test_amax_of_long_tensors_one_by_one(packed, monkeypatch, case, one_by_one):
+    # On the CPU, tensors from _AMAX_ONE_BY_ONE elements take torch.amax each (faster than
+    # torch._foreach_max's Tensor.max there), the others one _foreach_max call: the same maxima.
+    monkeypatch.setattr(_extrema, "_AMAX_ONE_BY_ONE", one_by_one)
+    batched = []
+    real = torch._foreach_max
+    monkeypatch.setattr(torch, "_foreach_max", lambda ts: batched.extend(ts) or real(ts))
+    with torch.no_grad():
+        for op in (lambda x, y: x.amax(), lambda x, y: x.max(), lambda x, y: torch.amax(x * 2)):
+            check_against_concat(case, op, grads=False)
+    assert all(t.numel() < one_by_one for t in batched)
 
 def test_ordered_reductions_see_each_tensor_in_order(packed):
     count, seen = _recorder(commutative=False)
