@@ -112,7 +112,7 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
     if k * _POOL_SHARE <= chunk_size(b._device):
         indices, values = _top(b, k, bool(largest))
     else:
-        kth = _Selection(b).stats([b._numel - k if largest else k - 1])[0]
+        kth = _Selection(b).stats([b._numel - k if largest else k - 1], with_index=False)[0]
         indices, values = _members(b, kth, k, bool(largest))
     if torch.is_grad_enabled() and b.requires_grad:  # the same values, read again to carry gradients
         values = _elements(b, indices)
@@ -121,41 +121,59 @@ def topk(b: ParameterBundle, func: Callable[..., Any], args: tuple[Any, ...], kw
 
 # The pool of `_top` serves k up to a chunk's size / `_POOL_SHARE`. Beyond, it is sorted about
 # once per chunk, and counting the k-th (a few passes of `_Selection`, then `_members`) is faster:
-# for 8M random float32 (chunks of 2**18, one thread), k=1000: 10-12 ms against 32-66; k=30000:
-# 47-95 against 39-59; k=10**6: 630-1150 against 250-290.
+# for 8M random float32 (chunks of 2**18, one thread), k=1000: 11-15 ms against 32-35; k=16384:
+# 30-35 against 34-40; k=30000: 42-44 against 36-40; k=10**6: 595-658 against 150-153. Where the
+# k-th has many ties or is NaN, `_members` stops after the chunks holding the k: k=100000 of all
+# equal takes 30 ms (the pool's: 10; the two counting passes are most of it), of 30% NaN 28 (30).
 _POOL_SHARE = 16
 
 
 def _members(b: ParameterBundle, threshold: _Stat, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: the global indices and values of the top k, given the k-th one, in the order of the result."""
-    v, is_nan = threshold.value, isinstance(threshold.value, float) and math.isnan(threshold.value)
-    ties = k - ((b._numel - threshold.upto) if largest else threshold.below)  # ties of v to take
+    """One pass, ending once the k are found: the global indices and values of the top k, given
+    the k-th one, in the order of the result."""
+    v = threshold.value
+    beyond = (b._numel - threshold.upto) if largest else threshold.below  # elements before v in the result
+    ties = k - beyond  # ties of v to take: the first ones, by index
     found: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
 
     def visit(c: torch.Tensor, offset: int) -> bool:
-        nonlocal ties
+        nonlocal beyond, ties
         # One mask over the chunk (the passes over it are the cost): the elements on the
-        # result's side of v, its ties included (NaN sorts above every number), then the few
+        # result's side of v, its ties only while some are still to take; then the few
         # selected are split into those beyond v and its ties.
-        if is_nan:
-            side = c.isnan() if largest else torch.ones_like(c, dtype=torch.bool)
-        else:
-            side = (c < v).logical_not_() if largest else c <= v
+        side = _side(c, v, largest, ties > 0)
         pos = side.nonzero().squeeze(1)
         del side
-        tie = _equal(c[pos], v)
-        tied = pos[tie][: max(ties, 0)]
-        ties -= tied.numel()
-        pos = torch.cat([pos[~tie], tied]).sort().values
+        if ties:
+            tie = _equal(c[pos], v)
+            tied = pos[tie][:ties]
+            ties -= tied.numel()
+            pos = torch.cat([pos[~tie], tied]).sort().values
+            beyond -= pos.numel() - tied.numel()
+        else:
+            beyond -= pos.numel()
         found.append((pos + offset).to(b._device))
         values.append(c[pos].to(b._device))
-        return False
+        # all found: the rest of the bundle holds none (where all tie, most of it is never read)
+        return beyond == 0 and ties == 0
 
     _scan(b, visit)
     indices, chosen = torch.cat(found), torch.cat(values)
     order = torch.sort(chosen, descending=largest, stable=True).indices
     return indices[order], chosen[order]
+
+
+def _side(c: torch.Tensor, v: Number, largest: bool, ties: bool) -> torch.Tensor:
+    """The mask of the elements of `c` before `v` in the result (NaN sorts above every number),
+    and of its ties with `ties`."""
+    if isinstance(v, float) and math.isnan(v):
+        if largest:
+            return c.isnan() if ties else torch.zeros_like(c, dtype=torch.bool)
+        return torch.ones_like(c, dtype=torch.bool) if ties else c.isnan().logical_not_()
+    if ties:
+        return (c < v).logical_not_() if largest else c <= v
+    return _before(c, v, largest)
 
 
 def _top(b: ParameterBundle, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
