@@ -37,7 +37,7 @@ from modtensor._distributed import refuse
 from modtensor._extend import run_reduction
 from modtensor._reduce_common import _bind, check_dim, transformed, without_none_out
 from modtensor._selection import Number, _elements, _equal, _evenly, _scan, _Selection, _Stat, chunk_size, has_keys
-from modtensor._strategies import Reduction
+from modtensor._strategies import Reduction, with_empty_grads
 
 __all__ = ["ORDER_FUNCTIONS", "kthvalue", "median", "nanmedian", "nanquantile", "quantile", "topk"]
 
@@ -65,11 +65,13 @@ def _check_dtype(name: str, b: ParameterBundle, probe: Callable[[torch.Tensor], 
 
 
 def _on_empty(func: Callable[..., Any], b: ParameterBundle, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """torch's answer (or error) on the empty concatenation."""
+    """torch's answer (or error) on the empty concatenation, linked to the bundle's tensors that
+    require grad as the concatenation's answer is (`median` of no elements is NaN)."""
     try:
-        return func(torch.empty(0, dtype=b._dtype, device=b._device), *args[1:], **kwargs)
+        result = func(torch.empty(0, dtype=b._dtype, device=b._device), *args[1:], **kwargs)
     except (RuntimeError, IndexError) as e:
         raise type(e)(f"{func_name(func)}: {b.describe()} has no elements ({e}).") from None
+    return with_empty_grads(result, [b])
 
 
 def _values_indices(b: ParameterBundle, stat: _Stat, keepdim: bool) -> tuple[torch.Tensor, torch.Tensor]:

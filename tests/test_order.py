@@ -654,6 +654,20 @@ def test_empty_bundles_answer_as_torch_does_where_torch_does():
     assert out.values.shape == (0,) and out.indices.dtype == torch.int64
 
 
+@pytest.mark.parametrize("name", ["median", "nanmedian"])
+def test_median_of_no_elements_requires_grad_like_the_concatenation(name):
+    # The NaN median of empty tensors that require grad is linked to them, as the
+    # concatenation's is (found by the dev Hypothesis profile: it required no grad).
+    tensors = [torch.empty(0, requires_grad=True), torch.empty(2, 0)]
+    results = [getattr(torch, name)(x) for x in (mt.bundle(tensors), torch.cat([t.reshape(-1) for t in tensors]))]
+    for result in results:
+        assert result.requires_grad and torch.isnan(result)
+    grads = [torch.autograd.grad(r, tensors[0]) for r in results]
+    assert grads[0][0].shape == grads[1][0].shape == (0,)
+    with torch.no_grad():
+        assert not getattr(torch, name)(mt.bundle(tensors)).requires_grad
+
+
 def test_per_tensor_quantiles_take_a_tensor_q_whole():
     # q of the bundle's own length used to be split across the tensors like an operand of an
     # elementwise op (tensor 1 got q[4:]); a q of another length was refused.
