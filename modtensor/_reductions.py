@@ -746,12 +746,15 @@ def _partial_norm(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 
 
 def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
-    if a.options["p"] == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
+    p = a.options["p"]
+    if p == 2 and t.dtype == a.dtype and t.numel() >= rows_numel(t.dtype):
         return l2_norm(t)
     if t.dtype in _LOW_PRECISION and t.dtype == a.dtype:
         # A float16 partial would round to float16 before the combine (a float16 step off the
         # concatenation's in about 1 draw of 5).
-        return _kernels.wide_norm(t, a.options["p"])
+        return _kernels.wide_norm(t, p)
+    if t.dtype == a.dtype and t.dtype in (torch.float32, torch.float64) and math.isfinite(p) and p != 0:
+        return _kernels.p_norm(t, p)  # (long ones by rows)
     dtype = _partial_dtype(a.dtype)
     with quiet_count(t, a.options["p"]):
         value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
