@@ -753,7 +753,7 @@ def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
         # A float16 partial would round to float16 before the combine (a float16 step off the
         # concatenation's in about 1 draw of 5).
         return _kernels.wide_norm(t, p)
-    if t.dtype == a.dtype and t.dtype in (torch.float32, torch.float64) and math.isfinite(p) and p != 0:
+    if t.dtype == a.dtype and t.dtype in (torch.float32, torch.float64) and math.isfinite(p) and p not in (0, 2):
         return _kernels.p_norm(t, p)  # (long ones by rows)
     dtype = _partial_dtype(a.dtype)
     with quiet_count(t, a.options["p"]):
