@@ -16,6 +16,7 @@ float32 copy, twice the tensor's memory.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -139,18 +140,20 @@ def _rows_into(
     reduce(flat[full:], dim=0, out=rows[-1])
 
 
-def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
+def _rows_norm(flat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    # The p-norm of flat's rows' p-norms is flat's own, for any finite p other than 0.
     if flat.requires_grad and torch.is_grad_enabled():  # traced by autograd (torch.compile)
         full = flat.numel() // ROW * ROW
-        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, dtype=_partial_dtype(flat.dtype))]
+        parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), p, dim=1, dtype=_partial_dtype(flat.dtype))]
         if full < flat.numel():
-            parts.append(torch.linalg.vector_norm(flat[full:], dtype=_partial_dtype(flat.dtype)).reshape(1))
+            parts.append(torch.linalg.vector_norm(flat[full:], p, dtype=_partial_dtype(flat.dtype)).reshape(1))
         rows = torch.cat(parts)
     else:  # written in place: out= has no autograd
         rows = torch.empty(-(-flat.numel() // ROW), dtype=_partial_dtype(flat.dtype), device=flat.device)
+        reduce = functools.partial(torch.linalg.vector_norm, ord=p)
         for start, stop, block in _blocks(flat, BLOCK if flat.dtype in _LOW_PRECISION else flat.numel()):
-            _rows_into(block, rows[start // ROW : -(-stop // ROW)])
-    norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
+            _rows_into(block, rows[start // ROW : -(-stop // ROW)], reduce)
+    norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64), p)
     return norm
 
 
@@ -362,11 +365,7 @@ def p_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     ):
         whole: torch.Tensor = torch.linalg.vector_norm(t, p)
         return whole
-    flat = t.reshape(-1)
-    rows = torch.empty(-(-flat.numel() // ROW), dtype=flat.dtype, device=flat.device)
-    _rows_into(flat, rows, lambda x, dim, out: torch.linalg.vector_norm(x, p, dim=dim, out=out))
-    norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64), p)
-    return norm
+    return _rows_norm(t.reshape(-1), p)
 
 
 def sum_of_squares(t: torch.Tensor) -> torch.Tensor:

@@ -756,8 +756,8 @@ def _norm_of(t: torch.Tensor, a: ReduceArgs) -> torch.Tensor:
     if t.dtype == a.dtype and t.dtype in (torch.float32, torch.float64) and math.isfinite(p) and p not in (0, 2):
         return _kernels.p_norm(t, p)  # (long ones by rows)
     dtype = _partial_dtype(a.dtype)
-    with quiet_count(t, a.options["p"]):
-        value: torch.Tensor = torch.linalg.vector_norm(t, ord=a.options["p"], dtype=dtype if dtype != t.dtype else None)
+    with quiet_count(t, p):
+        value: torch.Tensor = torch.linalg.vector_norm(t, ord=p, dtype=dtype if dtype != t.dtype else None)
     return value
 
 
