@@ -222,6 +222,7 @@ def register_reduction(
     direct: bool = False,
     commutative: bool = False,
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None,
+    partials_small: bool = True,
     fused: Callable[[Any, ReduceArgs], Any] | None = None,  # Any: bundle_type's bundles (see Reduction)
     pack_dtype: Callable[[torch.dtype, torch.device], torch.dtype] | None = None,
     bundle_type: type[ParameterBundle] = ParameterBundle,
@@ -240,6 +241,8 @@ def register_reduction(
     may give the states of many tensors of one dtype and device in one call (for a
     commutative reduction, where no gradient is recorded): any number of states, one for
     all of them if it likes; `tensors` is kept with the bundle, so it must not be modified.
+    With `partials_small=False` it gets only the tensors too long to be packed, and the small
+    ones are packed and reach `partial` as usual.
     `fused(bundle, args)` may compute the whole result of a concat-strategy bundle at once
     (say, one GPU kernel for all its tensors), returning NotImplemented where it does not
     apply. `pack_dtype(dtype, device)` may name a wider dtype for the packed small tensors
@@ -274,7 +277,7 @@ def register_reduction(
         partials=partials, fused=fused, pack_dtype=pack_dtype,
     ).items():
         _check_part(what, part)
-    for what, flag in (("direct", direct), ("commutative", commutative)):
+    for what, flag in (("direct", direct), ("commutative", commutative), ("partials_small", partials_small)):
         if not isinstance(flag, bool):
             raise TypeError(f"register_reduction: {what} must be True or False, got {flag!r}.")
     if not commutative and (partials is not None or pack_dtype is not None):
@@ -295,6 +298,7 @@ def register_reduction(
         direct=direct,
         commutative=commutative,
         partials=partials,
+        partials_small=partials_small,
         fused=fused,
         pack_dtype=pack_dtype,
     )

@@ -37,7 +37,7 @@ from modtensor._extrema import (
     max_handler,
     records,
 )
-from modtensor._kernels import l2_norm, moments, moments_dtype, narrow_sum, power_sum, rows_numel, sum_of_squares
+from modtensor._kernels import l2_norm, moments, moments_dtype, moments_served, narrow_sum, power_sum, rows_numel, sum_of_squares
 from modtensor._reduce_common import (
     _LOW_PRECISION,
     _acc_dtype,
@@ -359,17 +359,18 @@ _CANCELLATION_NARROW = float(2**12)
 _SMALLEST_VAR = {t: torch.finfo(t).tiny / torch.finfo(t).eps for t in (torch.float32, torch.float64)}
 
 
-def _var_by_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """`(n, var(correction=0), mean)` of x from its raw moments, or None where inaccurate."""
+def _var_by_moments(x: torch.Tensor | list[torch.Tensor]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """`(n, var(correction=0), mean)` of x (or of the concatenation of the tensors x) from its
+    raw moments, or None where inaccurate."""
     found = moments(x)
     if found is None:
         return None
     s1, s2 = float(found[0]), float(found[1])  # floats: a 0-d tensor op costs more than the math
-    n = x.numel()
+    n = x.numel() if isinstance(x, torch.Tensor) else sum(t.numel() for t in x)
     mean = s1 / n
     m2 = s2 - s1 * mean
     dtype = moments_dtype(x)
-    if dtype == x.dtype:
+    if dtype == (x.dtype if isinstance(x, torch.Tensor) else x[0].dtype):
         k = _CANCELLATION_SAME
     else:
         k = _CANCELLATION_NARROW if dtype == torch.float32 else _CANCELLATION_WIDER
@@ -397,6 +398,20 @@ def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
     if a.options.get("keeps") and t.requires_grad:
         return (*state, t)
     return state
+
+
+def _partials_var(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
+    # A bundle's own tensors of one dtype and device, too long to be packed, no gradient
+    # recorded: the long ones' moments together (one state: their concatenation's). The raw
+    # moments' accuracy rule then holds of that concatenation, as of any segment; where it
+    # fails, each tensor is checked alone (its moments taken again: a rare case).
+    long = [
+        t.dtype == a.dtype and t.numel() >= _kernels.MOMENTS_ROWS_NUMEL and moments_served(t) for t in tensors
+    ]
+    state = None if sum(long) < 2 or a.options.get("keeps") else _var_by_moments([t for t, y in zip(tensors, long) if y])
+    if state is None:
+        return [_partial_var(t, 0, a) for t in tensors]
+    return [state, *(_partial_var(t, 0, a) for t, y in zip(tensors, long) if not y)]
 
 
 def _moments_of(t: torch.Tensor, a: ReduceArgs) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -865,6 +880,9 @@ def _register(funcs: tuple[Any, ...], *parts: Any, **kwargs: Any) -> Reduction:
     return register_reduction(funcs, *parts, direct=True, fused=fused, **{"commutative": True, **kwargs})
 
 
+# var and std: the small tensors packed (and added in float64), the long ones' moments together.
+_VAR_PARTS: dict[str, Any] = {"parse": _parse_var, "partials": _partials_var, "partials_small": False}
+
 # Every reduction goes through the public `register_reduction`, as another library's would.
 REDUCTIONS: dict[str, Reduction] = {
     "sum": _register(
@@ -888,14 +906,10 @@ REDUCTIONS: dict[str, Reduction] = {
         commutative=False,
     ),
     # var and std: Chan et al.'s parallel merge of per-tensor (count, mean, M2)
-    "var": _register(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, parse=_parse_var),
-    "std": _register(REDUCTION_FUNCTIONS["std"], _partial_var, _combine_var, _fin_std, parse=_parse_var),
-    "var_mean": _register(
-        REDUCTION_FUNCTIONS["var_mean"], _partial_var, _combine_var, _fin_var_mean, parse=_parse_var
-    ),
-    "std_mean": _register(
-        REDUCTION_FUNCTIONS["std_mean"], _partial_var, _combine_var, _fin_std_mean, parse=_parse_var
-    ),
+    "var": _register(REDUCTION_FUNCTIONS["var"], _partial_var, _combine_var, _fin_var, **_VAR_PARTS),
+    "std": _register(REDUCTION_FUNCTIONS["std"], _partial_var, _combine_var, _fin_std, **_VAR_PARTS),
+    "var_mean": _register(REDUCTION_FUNCTIONS["var_mean"], _partial_var, _combine_var, _fin_var_mean, **_VAR_PARTS),
+    "std_mean": _register(REDUCTION_FUNCTIONS["std_mean"], _partial_var, _combine_var, _fin_std_mean, **_VAR_PARTS),
     "amax": _register(
         REDUCTION_FUNCTIONS["amax"], *_extremum_parts(True), parse=_parse_amax, needs_elements=_NEEDS_ELEMENTS,
         partials=_partials_amax,

@@ -112,6 +112,9 @@ class Reduction:
     # device at once (one torch call for many), for a commutative reduction where no gradient
     # is recorded. `tensors` (a TensorGroup) is kept with the bundle: not to be modified.
     partials: Callable[[list[Any], ReduceArgs], list[Any]] | None = None
+    # Whether `partials` also gets the tensors small enough to be packed (False: those are
+    # packed and reach `partial`, and `partials` gets the others).
+    partials_small: bool = True
     # `fused(bundle, args)`: the whole result for a bundle of the concat strategy in one go
     # (one multi-tensor kernel on a GPU), or NotImplemented to take the per-tensor path.
     fused: Callable[[Any, ReduceArgs], Any] | None = None
@@ -177,7 +180,10 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         return [i for i in range(len(self)) if self._offsets[i + 1] > self._offsets[i]]
 
     def map_segments(
-        self, fn: Callable[[Any, int], Any], batch: Callable[[list[Any]], list[Any]] | None = None
+        self,
+        fn: Callable[[Any, int], Any],
+        batch: Callable[[list[Any]], list[Any]] | None = None,
+        batch_small: bool = True,
     ) -> list[Any]:
         """`fn(operand, offset)` for segments that together cover the non-empty tensors.
 
@@ -186,7 +192,8 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         (their offset is the first one's). Each operand is made just before its call and
         dropped just after it. `batch(tensors)`, where given and the operands are the
         bundle's own tensors (`views`), gives the results of the tensors reduced alone, one
-        key at a time, in one call for many (such as `torch._foreach_norm`).
+        key at a time, in one call for many (such as `torch._foreach_norm`): of all of them,
+        or with `batch_small=False` of those too long to be packed (the packs go to `fn`).
         """
         get, offsets = self._get, self._offsets
         if self._keys is None:
@@ -194,7 +201,7 @@ class Pieces(Sequence[tuple[Any, int, int]]):
                 return [fn(get(i), offsets[i]) for i in self.nonempty()]
             return [state for i in self.nonempty() for state in self._segments(fn, i)]
         results: list[Any] = []
-        if batch is not None and self.views:
+        if batch is not None and self.views and batch_small:
             # One call takes the small tensors too: packing them would only copy them
             # (ResNet-50's amax: 4.4 -> 4.3 ms, 1 thread).
             groups = None if self._plans is None else self._plans.get("groups")
@@ -206,6 +213,10 @@ class Pieces(Sequence[tuple[Any, int, int]]):
                 results.extend(batch(tensors))
             return results
         alone, packs = self._plan()
+        if batch is not None and self.views:  # (not batch_small) the tensors alone in one call per key
+            for tensors in self._alone_groups(alone):
+                results.extend(batch(tensors))
+            alone = []
         for group in alone:
             if self._chunks is None:
                 results.extend(fn(get(i), offsets[i]) for i in group)
@@ -225,6 +236,16 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             states.append(fn(chunk, self._offsets[i] + start))
             del chunk  # not held while the next one is made
         return states
+
+    def _alone_groups(self, alone: list[list[int]]) -> list[TensorGroup]:
+        # The plan's `alone` lists as TensorGroups, kept with the plan.
+        key = ("alone groups", PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)
+        groups = None if self._plans is None else self._plans.get(key)
+        if groups is None:
+            groups = [TensorGroup(map(self._get, group)) for group in alone]
+            if self._plans is not None:
+                self._plans[key] = groups
+        return groups
 
     def _by_key(self) -> list[list[int]]:
         # The non-empty tensors by key, kept with the packing plans.
@@ -404,6 +425,7 @@ class Concat(Strategy):
         states = call.pieces.map_segments(
             lambda operand, offset: red.partial(operand, offset, parsed),
             None if many is None else lambda tensors: many(tensors, parsed),
+            red.partials_small,
         )
         if not states:
             # The empty concatenation is torch.empty(0): let torch give its own answer.

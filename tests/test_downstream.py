@@ -386,6 +386,7 @@ def test_register_reduction_checks_its_parts_when_registering():
         (dict(pack_dtype=lambda d, device: torch.float64), ValueError, "pack_dtype is used only by a commutative reduction"),
         (dict(direct="yes"), TypeError, "direct must be True or False, got 'yes'"),
         (dict(commutative=1), TypeError, "commutative must be True or False, got 1"),
+        (dict(commutative=True, partials_small=None), TypeError, "partials_small must be True or False, got None"),
     ]
     for given, error, message in refused:
         parts = {"partial": add, "combine": combine, "bundle_type": Mine, **given}

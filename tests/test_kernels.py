@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import modtensor as mt
 from generators import cases, check_against_concat, largest_allocation, other_like, track_live
@@ -207,6 +208,41 @@ def test_var_mean_matches_concat(small_kernels, name, case):
     check_against_concat(case, MEAN_CALLS[name])
 
 
+@pytest.mark.parametrize("name", sorted(VAR_CALLS) + sorted(MEAN_CALLS))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_var_without_autograd_matches_concat(small_kernels, name, data):
+    # Without autograd recording, the long tensors' moments are taken together (one state).
+    kinds = ("normal", "ties") if name in MEAN_CALLS else ("normal", "ties", "special")
+    case = data.draw(cases(grad=False, kinds=kinds))
+    with torch.no_grad():
+        check_against_concat(case, {**VAR_CALLS, **MEAN_CALLS}[name], grads=False)
+
+
+def test_long_tensors_moments_together(small_kernels, var_paths):
+    # Rows from 5 elements (small_kernels): the three long float32 tensors' moments in one
+    # call, the short one's (3 elements, float64) and the float16 one's (not the bundle's
+    # dtype: cast first) alone; with autograd recording, each tensor alone.
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(40, generator=gen) + 0.5, torch.randn(6, 5, generator=gen) * 0.1 + 1,
+        torch.randn(3, generator=gen), torch.randn(7, generator=gen) * 3,
+        torch.randn(9, generator=gen).half(),
+    ]
+    cat = torch.cat([t.reshape(-1).float() for t in tensors])
+    b = mt.bundle(tensors)
+    with torch.no_grad():
+        got = (b.var(), *torch.std_mean(b, correction=0))
+    assert var_paths == {"moments": 6}
+    exact = (cat.double().var(), *torch.std_mean(cat.double(), correction=0))
+    for g, w, e in zip(got, (cat.var(), *torch.std_mean(cat, correction=0)), exact):
+        assert _relative_error(g, e) <= _relative_error(w, e) + 1e-7
+    var_paths.clear()
+    b = mt.bundle([t.requires_grad_() if t.dtype == torch.float32 else t for t in tensors])
+    b.var().backward()
+    assert var_paths == {"torch": 4, "moments": 1}  # the float16 one needs no gradient
+
+
 def _relative_error(got, want):
     return abs(float(got.detach()) - float(want)) / abs(float(want))
 
@@ -263,7 +299,9 @@ def test_nan_inf_and_empty_tensors(small_kernels, var_paths):
         b, cat = mt.bundle(tensors), torch.cat([u.reshape(-1) for u in tensors])
         torch.testing.assert_close(b.var(), cat.var(), equal_nan=True)
         torch.testing.assert_close(b.std(correction=0), cat.std(correction=0), equal_nan=True)
-    assert var_paths == {"rejected": 6, "moments": 6}  # the empty tensors have no partial
+    # The empty tensors have no partial. The two others' moments are taken together first,
+    # rejected for the special value, then each tensor's alone.
+    assert var_paths == {"rejected": 12, "moments": 6}
 
 
 def test_gradients_go_through_torchs_var(small_kernels, var_paths):
@@ -517,7 +555,7 @@ def test_real_size_bundle_is_as_accurate_as_the_concatenation(var_paths):
     ]:
         assert got.dtype == torch.float32
         assert _relative_error(got, want) <= _relative_error(concat, want) + 1e-9
-    assert var_paths == {"moments": 9, "torch": 3}
+    assert var_paths == {"moments": 6, "torch": 3}  # the two long tensors' moments together
     mixed = mt.bundle([tensors[0], tensors[1].double()])  # float64: everything in float64
     want = torch.cat([tensors[0].double(), tensors[1].double()]).std()
     assert mixed.std().dtype == torch.float64

@@ -181,6 +181,34 @@ def test_a_batch_call_takes_the_small_tensors_uncopied(packed):
     ]
 
 
+def test_a_batch_call_without_the_small_tensors(packed):
+    # partials_small=False (var and std): the small tensors are packed and reach partial, the
+    # batch call gets the others, one call per dtype (each call's tensors kept with the bundle).
+    seen, batches = [], []
+
+    def count(x, dim=None, keepdim=False):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(count, (x,), x, dim=dim, keepdim=keepdim)
+        return torch.tensor(x.numel())
+
+    def partials(tensors, a):
+        batches.append(tensors)
+        return [torch.tensor(t.numel()) for t in tensors]
+
+    mt.register_reduction(
+        count, lambda t, offset, a: seen.append(t.numel()) or torch.tensor(t.numel()),
+        lambda states, a: torch.stack(states).sum(), commutative=True, partials=partials, partials_small=False,
+    )
+    tensors = [torch.randn(n) for n in (3, 20, 2, 40, 1, 0, 3, 7)] + [torch.randn(5, dtype=torch.float64)]
+    b = mt.bundle(tensors)
+    with torch.no_grad():
+        assert int(count(b)) == 81
+        assert int(count(b)) == 81
+    assert seen == [9, 9]  # the float32 tensors of at most PACK_NUMEL (4) elements, one pack
+    assert [[id(t) for t in batch] for batch in batches[:2]] == [[id(tensors[i]) for i in (1, 3, 7)], [id(tensors[8])]]
+    assert batches[2:] == batches[:2] and all(x is y for x, y in zip(batches[2:], batches[:2]))
+
+
 @FIXTURE_OK
 @given(case=cases())
 def test_norm_and_amax_of_many_tensors_in_one_call(packed, monkeypatch, case):
