@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "by_rows", "diff_l2_norm", "diff_squares", "fuse", "l2_norm", "moments", "moments_dtype", "moments_served",
-    "narrow_cosine",
-    "narrow_sum", "p_norm", "rows_numel", "sum_of_squares", "wide_dot", "wide_logsumexp", "wide_norm",
+    "narrow_cosine", "narrow_sum", "p_norm", "rows_numel", "sum_of_squares", "wide_dot", "wide_logsumexp",
+    "wide_norm",
 ]
 
 ROW = 1024

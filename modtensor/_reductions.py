@@ -366,11 +366,12 @@ def _var_by_moments(x: torch.Tensor | list[torch.Tensor]) -> tuple[int, torch.Te
     if found is None:
         return None
     s1, s2 = float(found[0]), float(found[1])  # floats: a 0-d tensor op costs more than the math
-    n = x.numel() if isinstance(x, torch.Tensor) else sum(t.numel() for t in x)
+    tensors = [x] if isinstance(x, torch.Tensor) else x
+    n = sum(t.numel() for t in tensors)
     mean = s1 / n
     m2 = s2 - s1 * mean
     dtype = moments_dtype(x)
-    if dtype == (x.dtype if isinstance(x, torch.Tensor) else x[0].dtype):
+    if dtype == tensors[0].dtype:
         k = _CANCELLATION_SAME
     else:
         k = _CANCELLATION_NARROW if dtype == torch.float32 else _CANCELLATION_WIDER
@@ -408,7 +409,8 @@ def _partials_var(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     long = [
         t.dtype == a.dtype and t.numel() >= _kernels.MOMENTS_ROWS_NUMEL and moments_served(t) for t in tensors
     ]
-    state = None if sum(long) < 2 or a.options.get("keeps") else _var_by_moments([t for t, y in zip(tensors, long) if y])
+    together = [t for t, y in zip(tensors, long) if y]
+    state = None if len(together) < 2 or a.options.get("keeps") else _var_by_moments(together)
     if state is None:
         return [_partial_var(t, 0, a) for t in tensors]
     return [state, *(_partial_var(t, 0, a) for t, y in zip(tensors, long) if not y)]
