@@ -74,3 +74,4 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "MOMENTS_MIN_NUMEL", 2)
     monkeypatch.setattr(_kernels, "MOMENTS_ROWS_NUMEL", 5)
     monkeypatch.setattr(_kernels, "MOMENTS_BLOCK", 6)
+    monkeypatch.setattr(_kernels, "MOMENTS_WIDE_ROWS", 2)  # rows widened to float64 two at a time
