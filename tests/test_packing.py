@@ -155,35 +155,8 @@ def test_segments_cover_every_element_once(packed, dtypes, data):
             torch.testing.assert_close(got_sorted, want_sorted, equal_nan=True, rtol=0, atol=0)
 
 
-def test_a_batch_call_takes_the_small_tensors_uncopied(packed):
-    # partials= reduces many tensors in one call (torch._foreach_norm): packing would only copy
-    seen, batches = [], []
-
-    def count(x, dim=None, keepdim=False):
-        if torch.overrides.has_torch_function_unary(x):
-            return torch.overrides.handle_torch_function(count, (x,), x, dim=dim, keepdim=keepdim)
-        return torch.tensor(x.numel())
-
-    def partials(tensors, a):
-        batches.append(list(tensors))
-        return [torch.tensor(t.numel()) for t in tensors]
-
-    mt.register_reduction(
-        count, lambda t, offset, a: seen.append(t) or torch.tensor(t.numel()),
-        lambda states, a: torch.stack(states).sum(), commutative=True, partials=partials,
-    )
-    tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)] + [torch.randn(2, dtype=torch.float64)]
-    with torch.no_grad():
-        assert int(count(mt.bundle(tensors))) == 51
-    assert seen == []
-    assert [[id(t) for t in batch] for batch in batches] == [
-        [id(t) for t in tensors[:6] if t.numel()], [id(tensors[6])]
-    ]
-
-
-def test_a_batch_call_without_the_small_tensors(packed):
-    # partials_small=False (var and std): the small tensors are packed and reach partial, the
-    # batch call gets the others, one call per dtype (each call's tensors kept with the bundle).
+def _counted(**options):
+    """A registered reduction counting elements, its partial's and its partials' arguments."""
     seen, batches = [], []
 
     def count(x, dim=None, keepdim=False):
@@ -196,15 +169,34 @@ def test_a_batch_call_without_the_small_tensors(packed):
         return [torch.tensor(t.numel()) for t in tensors]
 
     mt.register_reduction(
-        count, lambda t, offset, a: seen.append(t.numel()) or torch.tensor(t.numel()),
-        lambda states, a: torch.stack(states).sum(), commutative=True, partials=partials, partials_small=False,
+        count, lambda t, offset, a: seen.append(t) or torch.tensor(t.numel()),
+        lambda states, a: torch.stack(states).sum(), commutative=True, partials=partials, **options,
     )
+    return count, seen, batches
+
+
+def test_a_batch_call_takes_the_small_tensors_uncopied(packed):
+    # partials= reduces many tensors in one call (torch._foreach_norm): packing would only copy
+    count, seen, batches = _counted()
+    tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)] + [torch.randn(2, dtype=torch.float64)]
+    with torch.no_grad():
+        assert int(count(mt.bundle(tensors))) == 51
+    assert seen == []
+    assert [[id(t) for t in batch] for batch in batches] == [
+        [id(t) for t in tensors[:6] if t.numel()], [id(tensors[6])]
+    ]
+
+
+def test_a_batch_call_without_the_small_tensors(packed):
+    # partials_small=False (var and std): the small tensors are packed and reach partial, the
+    # batch call gets the others, one call per dtype (each call's tensors kept with the bundle).
+    count, seen, batches = _counted(partials_small=False)
     tensors = [torch.randn(n) for n in (3, 20, 2, 40, 1, 0, 3, 7)] + [torch.randn(5, dtype=torch.float64)]
     b = mt.bundle(tensors)
     with torch.no_grad():
         assert int(count(b)) == 81
         assert int(count(b)) == 81
-    assert seen == [9, 9]  # the float32 tensors of at most PACK_NUMEL (4) elements, one pack
+    assert [t.numel() for t in seen] == [9, 9]  # the float32 tensors of at most PACK_NUMEL (4), one pack
     assert [[id(t) for t in batch] for batch in batches[:2]] == [[id(tensors[i]) for i in (1, 3, 7)], [id(tensors[8])]]
     assert batches[2:] == batches[:2] and all(x is y for x, y in zip(batches[2:], batches[:2]))
 
