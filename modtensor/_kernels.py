@@ -121,6 +121,16 @@ def _eligible(*tensors: torch.Tensor) -> bool:
     )
 
 
+def _in_scratch(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Whether `a - b` (one shape and dtype) may be formed in the kept block buffer: float32
+    # and float64 contiguous CPU tensors, outside torch.compile and torch.func.
+    return (
+        a.device.type == "cpu" and b.device.type == "cpu" and a.dtype in _DTYPES
+        and a.is_contiguous() and b.is_contiguous()
+        and not torch.compiler.is_compiling() and not transformed()
+    )
+
+
 def _by_blocks(*tensors: torch.Tensor) -> bool:
     # Whether a 16-bit reduction without autograd of its own (out=, buffers) may read these
     # by blocks: where they are eligible and autograd records nothing, outside torch.compile.
@@ -254,24 +264,30 @@ class _DiffSquares(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), (-grad if ctx.needs_input_grad[1] else None)
 
 
+def _diff_rows_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # The L2 norm of a - b from the norms of its rows, the difference formed a block at a time.
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    n = fa.numel()
+    dtype = _partial_dtype(fa.dtype)
+    rows = torch.empty(-(-n // ROW), dtype=dtype, device=fa.device)
+    if fa.dtype in _LOW_PRECISION:  # both converted by blocks, the difference made in float32
+        for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
+            _rows_into(x.sub_(y), rows[start // ROW : -(-stop // ROW)])
+    else:
+        block = _scratch(min(BLOCK, n), dtype, fa.device)
+        for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
+            stop = min(start + BLOCK, n)
+            difference = block[: stop - start]
+            torch.sub(fa[start:stop], fb[start:stop], out=difference)
+            _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
+    norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
+    return norm
+
+
 class _DiffL2Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
-        n = fa.numel()
-        dtype = _partial_dtype(fa.dtype)
-        rows = torch.empty(-(-n // ROW), dtype=dtype, device=fa.device)
-        if fa.dtype in _LOW_PRECISION:  # both converted by blocks, the difference made in float32
-            for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
-                _rows_into(x.sub_(y), rows[start // ROW : -(-stop // ROW)])
-        else:
-            block = _scratch(min(BLOCK, n), dtype, fa.device)
-            for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
-                stop = min(start + BLOCK, n)
-                difference = block[: stop - start]
-                torch.sub(fa[start:stop], fb[start:stop], out=difference)
-                _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
-        norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
+        norm = _diff_rows_norm(a, b)
         ctx.save_for_backward(a, b, norm)
         return norm
 
@@ -413,14 +429,18 @@ def diff_squares(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`torch.dist(a, b)`: for long CPU tensors of one shape and dtype, without an `a - b`
-    temporary (and accurate, by rows).
+    temporary (and accurate, by rows); without a gradient, no fresh `a - b` from
+    `DIST_MAX_NUMEL` elements either (by rows past `BLOCK`).
 
     Example:
         >>> import torch
         >>> float(diff_l2_norm(torch.ones(1 << 22), torch.zeros(1 << 22)))
         2048.0
     """
+    records = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if by_rows(a.numel(), a.dtype, a.device) and _eligible(a, b) and not torch.compiler.is_compiling():
+        if not records:
+            return _diff_rows_norm(a, b)  # the autograd Function's call costs ~30 us
         result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
         return result
     if a.dtype in _LOW_PRECISION and a.dtype == b.dtype and a.shape == b.shape:
@@ -429,8 +449,19 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return wide_norm(a, 2, b)
     if a.numel() > DIST_MAX_NUMEL and a.dtype == b.dtype and a.shape == b.shape:
         # torch.dist's CPU kernel is slower than a difference and a norm from here (1 thread:
-        # 10.7 against 8.3 ms on ResNet-50's long tensors); the difference is one tensor's.
-        difference: torch.Tensor = torch.linalg.vector_norm(a - b)
+        # 10.7 against 8.3 ms on ResNet-50's long tensors).
+        if not records and _in_scratch(a, b):
+            # Formed in the kept block buffer: a fresh difference of a few MiB may cost its
+            # page faults at every call, depending on the allocator's state (ResNet-50's
+            # distance with allocations from 128 KiB mapped afresh: 25 -> 11 ms, the
+            # per-tensor loop 49; as fast as before otherwise).
+            if a.numel() > BLOCK:
+                return _diff_rows_norm(a, b)
+            block = _scratch(a.numel(), a.dtype, a.device)
+            torch.sub(a.reshape(-1), b.reshape(-1), out=block)
+            norm: torch.Tensor = torch.linalg.vector_norm(block)
+            return norm
+        difference: torch.Tensor = torch.linalg.vector_norm(a - b)  # the difference is one tensor's
         return difference
     distance: torch.Tensor = torch.dist(a, b)
     return distance
@@ -762,7 +793,7 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         if not _uniform(x, b._dtype):
             return NOT_HANDLED
         ranges = None if x._tensors is not None else lambda i, start, stop: _flat_ranges((x,), i, start, stop)
-        squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),), ranges)
+        squares = _per_segment(b, guard, sum_of_squares, lambda i: (x._tensor(i),), ranges, _plans_of(x, b))
         if not squares:
             return NOT_HANDLED
         return _cast(_stack(squares, torch.float64).sum(), b._dtype)
@@ -779,12 +810,19 @@ def fuse(func: Callable[..., Any], parsed: ReduceArgs, b: ParameterBundle) -> An
         # An operand computed on demand is read by chunks, as the sum of squares' base is.
         on_demand = x._tensors is None or y._tensors is None
         ranges = (lambda i, start, stop: _flat_ranges((x, y), i, start, stop)) if on_demand else None
-        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)), ranges)
+        norms = _per_segment(b, guard, kernel, lambda i: (x._tensor(i), y._tensor(i)), ranges, _plans_of(x, b))
         if not norms:
             return NOT_HANDLED
         stacked = _stack(norms, torch.float64)
         return _cast(sqrt0(stacked.sum()) if twice else torch.linalg.vector_norm(stacked), b._dtype)
     return NOT_HANDLED
+
+
+def _plans_of(x: ParameterBundle, b: ParameterBundle) -> dict[Any, Any] | None:
+    # x keeps b's packing plans where b has x's offsets and keys (an on-demand b is new at
+    # each call; working its plan out again cost 0.2 ms on ResNet-50): a plan is lists of
+    # indices, a function of those alone (see Pieces._plan).
+    return x._plans.setdefault("chains' plans", {}) if x._offsets is b._offsets and x._keys is b._keys else None
 
 
 def _flat_ranges(xs: tuple[ParameterBundle, ...], i: int, start: int, stop: int) -> tuple[torch.Tensor, ...] | None:
@@ -795,10 +833,11 @@ def _flat_ranges(xs: tuple[ParameterBundle, ...], i: int, start: int, stop: int)
 
 def _per_segment(
     b: ParameterBundle,
-    guard: Callable[..., Any],
+    guard: Any,  # a _pointwise._Guard
     kernel: Callable[..., torch.Tensor],
     operands: Callable[[int], tuple[torch.Tensor, ...]],
     ranges: Callable[[int, int, int], tuple[torch.Tensor, ...] | None] | None = None,
+    plans: dict[Any, Any] | None = None,
 ) -> list[torch.Tensor]:
     """`kernel(*operands(i))` for each non-empty tensor i of the on-demand `b`, under its guard.
 
@@ -807,17 +846,25 @@ def _per_segment(
     `ranges(i, start, stop)`, where given, is the operands' elements [start, stop) flat (or
     None): an operand computed on demand is then read a chunk at a time, as `run_reduction`
     reads chains, rather than made whole with its intermediates.
+    `plans`, where given, keeps the packing plan (of an operand with b's offsets and keys).
     """
+    # Nothing but these kernels runs until they are done: one check of every input stands for
+    # a check before each tensor (ResNet-50's distance: 0.9 of its 10 ms).
+    guard.check()
+    run = guard.run
     if b._lazy_requires_grad or torch.compiler.is_compiling():
-        return [guard(i, kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]
+        return [run(kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]
+    # Without ranges the operands are the bundles' own tensors: read, not computed, they need
+    # none of the guard's modes (ResNet-50's 115 small tensors: 0.3 ms through it).
+    get = operands if ranges is None else lambda i: run(operands, i)
 
     def chunks(i: int) -> Any:
         from modtensor._selection import chunk_size, chunks_of
 
         assert ranges is not None
-        read = lambda start, stop: guard(i, ranges, i, start, stop)  # noqa: E731
+        read = lambda start, stop: run(ranges, i, start, stop)  # noqa: E731
         return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), read)
 
-    pieces = Pieces(lambda i: guard(i, operands, i), b._offsets, b._keys, chunks=None if ranges is None else chunks)
+    pieces = Pieces(get, b._offsets, b._keys, plans=plans, chunks=None if ranges is None else chunks)
     with torch.no_grad():  # the guard's grad mode recorded nothing either
         return pieces.map_segments(lambda operands, offset: kernel(*operands))

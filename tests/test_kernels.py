@@ -132,20 +132,31 @@ def test_long_tensors_p_norms_by_rows(p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_differences_from_a_block_are_never_made_whole(dtype):
-    # From DIFF_ROWS_NUMEL elements (1Mi, not 4Mi as a norm's rows), `(a - b).norm()` and
-    # `torch.dist` form a block of the difference at a time: a whole one is a new allocation per call, whose page faults
-    # made the time of GPT-2's distance vary 3x between processes.
-    n = (1 << 20) + 7  # DIFF_ROWS_NUMEL
-    assert n >= _kernels.DIFF_ROWS_NUMEL
+@pytest.mark.parametrize("n, grad", [
+    ((1 << 20) + 7, True),  # DIFF_ROWS_NUMEL: by blocks of the difference, even where autograd records
+    ((1 << 18) + 5, False),  # past BLOCK, without a gradient: by blocks too
+    ((1 << 16) + 3, False),  # from DIST_MAX_NUMEL, without a gradient: in the kept block buffer
+])
+def test_differences_are_never_made_whole(dtype, n, grad):
+    # `(a - b).norm()` and `torch.dist` form their differences in one kept block buffer: a
+    # whole one is a new allocation per call, whose page faults made the time of GPT-2's
+    # distance vary 3x between processes (and ResNet-50's 2.3x with allocations from 128 KiB
+    # mapped afresh, as glibc does in some states). With a gradient, from DIFF_ROWS_NUMEL.
+    assert n >= _kernels.DIFF_ROWS_NUMEL or _kernels.DIST_MAX_NUMEL < n <= _kernels.DIFF_ROWS_NUMEL
     g = torch.Generator().manual_seed(0)
     xs, ys = ([torch.randn(n, dtype=dtype, generator=g), torch.randn(5, dtype=dtype, generator=g)] for _ in range(2))
+    xs[0].requires_grad_(grad)
     a, b = mt.bundle(xs), mt.bundle(ys)
     want = (torch.cat(xs).double() - torch.cat(ys).double()).norm()
     for reduce in (lambda: (a - b).norm(), lambda: torch.dist(a, b)):
+        reduce()  # the block buffer is made once (on first use) and kept
         got, peak = largest_allocation(reduce)
-        assert peak < n * dtype.itemsize / 2, peak  # a block's, not the difference's
+        assert peak < n * dtype.itemsize / 2, peak  # none of the difference's size
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+        if grad:
+            got.backward()
+            torch.testing.assert_close(xs[0].grad, (xs[0] - ys[0]).detach() / got.detach())
+            xs[0].grad = None
 
 def test_real_size_gradients():
     torch.manual_seed(0)

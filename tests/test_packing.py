@@ -235,6 +235,56 @@ def test_amax_of_long_tensors_one_by_one(packed, monkeypatch, case, one_by_one):
             check_against_concat(case, op, grads=False)
     assert all(t.numel() < one_by_one for t in batched)
 
+def test_pairs_and_chains_work_out_their_packing_plan_once(packed, monkeypatch):
+    # `(a - b).norm()`, `(a ** 2).sum()` and `torch.dist(a, b)` keep their packing plans with
+    # a (the on-demand bundle is new at each call); a's own reductions keep theirs apart.
+    walks = []
+    real = _strategies.Pieces._pack_limit
+    monkeypatch.setattr(_strategies.Pieces, "_pack_limit", lambda self, key: walks.append(key) or real(self, key))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=gen) for n in (3, 2, 40, 1, 0, 3, 7)]
+    ys = [torch.randn(n, generator=gen) for n in (3, 2, 40, 1, 0, 3, 7)]
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    fa, fb = torch.cat(xs), torch.cat(ys)
+    ops = [
+        (lambda: (a - b).norm(), lambda: (fa - fb).norm()),
+        (lambda: (a ** 2).sum(), lambda: (fa ** 2).sum()),
+        (lambda: torch.dist(a, b), lambda: torch.dist(fa, fb)),
+        (lambda: a.sum(), lambda: fa.sum()),
+    ]
+    with torch.no_grad():
+        for round in range(3):
+            walks.clear()
+            for op, want in ops:
+                torch.testing.assert_close(op(), want())
+            assert bool(walks) == (round == 0)  # from the second round on, no plan is worked out again
+    # A bundle mixing integers and floats packs its own reductions' tensors as the
+    # concatenation's dtype, and pairs by their own dtypes: each with its own plan.
+    ints = [torch.arange(n) for n in (3, 2, 4)]
+    mixed = mt.bundle(ints + [torch.ones(3), torch.full((2,), 0.5)])
+    flat = torch.cat([t.reshape(-1).float() for t in mixed.tensors])
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(torch.dist(mixed, mixed * 0), flat.norm())
+            torch.testing.assert_close(mixed.sum(), flat.sum())
+
+
+def test_fused_chains_refuse_an_input_written_since(packed):
+    # The fused (a - b).norm() and (a ** 2).sum() check every input once, before reading any
+    # (nothing runs between their kernels): a write to any tensor since is still seen.
+    for grad in (False, True):
+        xs = [torch.randn(n, requires_grad=grad) for n in (3, 2, 40, 1, 3)]
+        ys = [torch.randn(n) for n in (3, 2, 40, 1, 3)]
+        a, b = mt.bundle(xs), mt.bundle(ys)
+        for written in (ys[0], ys[2], ys[4]):
+            difference, squares = a - b, b ** 2
+            with torch.no_grad():
+                written.add_(1)
+            for use in (difference.norm, squares.sum):
+                with pytest.raises(RuntimeError, match="modified in place after the bundle was made"):
+                    use()
+
+
 def test_ordered_reductions_see_each_tensor_in_order(packed):
     count, seen = _recorder(commutative=False)
     tensors = [torch.randn(n) for n in (3, 2, 40, 1, 0, 3)]
