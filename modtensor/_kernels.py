@@ -849,13 +849,13 @@ def _per_segment(
     `plans`, where given, keeps the packing plan (of an operand with b's offsets and keys).
     """
     # Nothing but these kernels runs until they are done: one check of every input stands for
-    # a check before each tensor (ResNet-50's distance: 0.9 of its 10 ms).
+    # a check before each tensor (ResNet-50's: 16 us, against 160 for one per tensor).
     guard.check()
     run = guard.run
     if b._lazy_requires_grad or torch.compiler.is_compiling():
         return [run(kernel, *operands(i)) for i in range(len(b._names)) if b._shapes[i].numel()]
     # Without ranges the operands are the bundles' own tensors: read, not computed, they need
-    # none of the guard's modes (ResNet-50's 115 small tensors: 0.3 ms through it).
+    # none of the guard's modes (through them, ResNet-50's 161 pairs took 73 us, else 25).
     get = operands if ranges is None else lambda i: run(operands, i)
 
     def chunks(i: int) -> Any:
