@@ -21,7 +21,8 @@ from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_n
 from modtensor._distributed import refuse
 from modtensor._errors import UnsupportedOperationError
 from modtensor._kernels import (
-    by_rows, diff_l2_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot, wide_norm,
+    by_rows, diff_l2_norm, diff_p_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot,
+    wide_norm,
 )
 from modtensor._pointwise import (
     _operand_range, _piece_getter, check_same_structure, map_elementwise, per_tensor_caller,
@@ -310,7 +311,7 @@ def _pair_norm(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
         # a 16-bit partial would round before the combine (see diff_l2_norm)
         return wide_norm(x, p, y)
     with quiet_count(x, p):
-        return torch.dist(x, y, p)
+        return diff_p_norm(x, y, p)
 
 
 def _combine_dist(states: list[Any], a: ReduceArgs) -> torch.Tensor:

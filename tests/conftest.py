@@ -68,6 +68,7 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "DIFF_ROWS_NUMEL", 1)
     monkeypatch.setattr(_kernels, "NARROW_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "DIST_MAX_NUMEL", 0)
+    monkeypatch.setattr(_kernels, "POWERS_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
     # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6

@@ -32,6 +32,10 @@ CALLS = {
     "difference_norm": lambda x, y: (x - y).norm(),
     "sub_vector_norm": lambda x, y: torch.linalg.vector_norm(torch.sub(x, y)),
     "dist": lambda x, y: torch.dist(x, y),
+    "dist_1": lambda x, y: torch.dist(x, y, 1),
+    "dist_3": lambda x, y: torch.dist(x, y, 3),
+    "dist_half": lambda x, y: torch.dist(x, y, 0.5),
+    "dist_minus_1": lambda x, y: torch.dist(x, y, -1),
     "distance_after_scaling": lambda x, y: (x * 2 - y).norm(),  # x * 2 is itself on demand
 }
 
@@ -157,6 +161,77 @@ def test_differences_are_never_made_whole(dtype, n, grad):
             got.backward()
             torch.testing.assert_close(xs[0].grad, (xs[0] - ys[0]).detach() / got.detach())
             xs[0].grad = None
+
+@pytest.mark.parametrize("p", [1, 3, 0.5, -1])
+def test_p_norms_from_sums_of_powers(monkeypatch, p):
+    # Without a gradient, the p-norms (p other than 0, 2, inf) of float32 and float64 tensors
+    # from POWERS_MIN_NUMEL elements add |x| ** p by rows in float64, not by torch's norm kernel.
+    calls = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        sizes = (_kernels.POWERS_MIN_NUMEL, 3 * _kernels.BLOCK + 7, 50)
+        tensors = [torch.randn(n, dtype=dtype, generator=g) for n in sizes]
+        exact = float(sum(t.double().abs().pow(p).sum() for t in tensors)) ** (1 / p)
+        calls.clear()
+        with torch.no_grad():
+            got = mt.bundle(tensors).norm(p)
+        assert abs(float(got) - exact) <= 1e-7 * exact
+        assert all(n < _kernels.POWERS_MIN_NUMEL for n in calls)  # the short one and the combine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 3, 0.5, -1])
+def test_p_distances_by_rows_without_a_difference(dtype, p):
+    # torch.dist(a, b, p) for p other than 0, 2 and infinities: from POWERS_MIN_NUMEL elements,
+    # without a gradient, the difference a block at a time (no fresh a - b, whose page faults
+    # made GPT-2's 1-distance take 90 or 150 ms from one process to the next) and by rows
+    # added in float64: torch's float32 dist of 3M elements is 1.6e-4 (p=1) to 6e-4 off.
+    g = torch.Generator().manual_seed(0)
+    for n in (_kernels.POWERS_MIN_NUMEL + 3, _kernels.BLOCK * 3 + 5):
+        xs, ys = ([torch.randn(n, dtype=dtype, generator=g), torch.randn(5, dtype=dtype, generator=g)] for _ in range(2))
+        a, b = mt.bundle(xs), mt.bundle(ys)
+        want = torch.dist(torch.cat(xs).double(), torch.cat(ys).double(), p)
+        with torch.no_grad():
+            torch.dist(a, b, p)  # the block buffer is made once and kept
+            got, peak = largest_allocation(lambda: torch.dist(a, b, p))
+        assert peak < n * dtype.itemsize / 2, peak  # none of the difference's size
+        assert abs(float(got) - float(want)) <= 1e-6 * float(want)
+        # with a gradient: torch's own (its backward needs the difference)
+        xs[0].requires_grad_(True)
+        got = torch.dist(mt.bundle(xs), b, p)
+        got.backward()
+        expected = torch.autograd.grad(torch.dist(torch.cat(xs), torch.cat(ys), p), xs[0])[0]
+        torch.testing.assert_close(xs[0].grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 3, 0.5, -1])
+def test_p_distances_at_the_edges_of_the_range_are_torchs(p):
+    # The sum of powers behind torch.dist(a, b, p) over- and underflows as torch's float32 one
+    # does, element by element: inf past the float32 range, 0 under it, and p < 0 at a zero
+    # difference an infinite sum, so a distance of 0. NaN and inf pass.
+    n = _kernels.POWERS_MIN_NUMEL + 3
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=g)
+    fills = {
+        "overflow": base * 1e13, "underflow": base * 1e-16, "equal": torch.zeros(n),
+        "one zero": base.clone().index_fill_(0, torch.tensor([7]), 0.0),
+        "nan": base.clone().index_fill_(0, torch.tensor([7]), float("nan")),
+        "inf": base.clone().index_fill_(0, torch.tensor([7]), float("inf")),
+    }
+    for name, difference in fills.items():
+        y = torch.zeros(n) if name in ("overflow", "underflow") else torch.randn(n, generator=g)
+        x = y + difference
+        want = torch.dist(x, y, p)
+        with torch.no_grad():
+            got = torch.dist(mt.bundle([x]), mt.bundle([y]), p)
+        assert got.dtype == want.dtype
+        if math.isnan(float(want)) or math.isinf(float(want)) or float(want) == 0:
+            assert str(float(got)) == str(float(want)), name
+        else:
+            assert abs(float(got) - float(want)) <= 1e-3 * abs(float(want)), name
+
 
 def test_real_size_gradients():
     torch.manual_seed(0)
@@ -363,6 +438,10 @@ NARROW_CALLS = {
     "sum_of_squares": lambda x, y: (x**2).sum(),
     "difference_norm": lambda x, y: (x - y).norm(),
     "dist": lambda x, y: torch.dist(x, y),
+    "dist_1": lambda x, y: torch.dist(x, y, 1),
+    "dist_3": lambda x, y: torch.dist(x, y, 3),
+    "dist_half": lambda x, y: torch.dist(x, y, 0.5),
+    "dist_minus_1": lambda x, y: torch.dist(x, y, -1),
     "logsumexp": lambda x, y: torch.logsumexp(x, 0),
     "norm_1": lambda x, y: torch.linalg.vector_norm(x, 1),
     "dist_3": lambda x, y: torch.dist(x, y, 3),
