@@ -159,14 +159,21 @@ FLAT_OPS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "amax": lambda v, w: v.amax(),
     "sqsum": lambda v, w: (v ** 2).sum(),
     "dist": lambda v, w: (v - w).norm(),
+    # Not among the ops: the L1 norm and distance, whose CPU kernel in torch is slower.
+    "norm1": lambda v, w: v.norm(1),
+    "dist1": lambda v, w: torch.dist(v, w, 1),
 }
-OP_TITLES = {"sqsum": "(x ** 2).sum() fwd+bwd", "dist": "(a - b).norm()"}
+OP_TITLES = {"sqsum": "(x ** 2).sum() fwd+bwd", "dist": "(a - b).norm()", "norm1": "norm(1)", "dist1": "dist(a, b, 1)"}
 GRAD_OPS = {"sqsum"}  # timed as forward + backward; the others run under torch.no_grad()
-PAIR_OPS = {"dist"}
+PAIR_OPS = {"dist", "dist1"}
 
 
 def _norm_of_norms(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack(list(norms)).square().sum().sqrt()
+
+
+def _sum_of_norms(norms: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack(list(norms)).double().sum()  # 1-norms add
 
 
 def _loop_std(A: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -189,6 +196,8 @@ LOOP_OPS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "amax": lambda A, B: torch.stack([p.amax() for p in A]).amax(),
     "sqsum": lambda A, B: torch.stack([(p ** 2).sum() for p in A]).sum(),
     "dist": lambda A, B: _norm_of_norms([(a - b).norm() for a, b in zip(A, B)]),
+    "norm1": lambda A, B: _sum_of_norms([p.norm(1) for p in A]),
+    "dist1": lambda A, B: _sum_of_norms([torch.dist(a, b, 1) for a, b in zip(A, B)]),
 }
 # torch has no _foreach sum, mean or var; _foreach_powsum has no backward.
 FOREACH_OPS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
@@ -196,6 +205,8 @@ FOREACH_OPS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "amax": lambda A, B: torch.stack(torch._foreach_max(A)).amax(),
     "sqsum": lambda A, B: torch.stack(torch._foreach_norm(A)).square().sum(),
     "dist": lambda A, B: _norm_of_norms(torch._foreach_norm(torch._foreach_sub(A, B))),
+    "norm1": lambda A, B: _sum_of_norms(torch._foreach_norm(A, 1)),
+    "dist1": lambda A, B: _sum_of_norms(torch._foreach_norm(torch._foreach_sub(A, B), 1)),
 }
 
 
@@ -238,7 +249,7 @@ def _modtensor(c: Case, op: str) -> Callable[[], Any]:
 
 def _modtensor_dist(c: Case, op: str) -> Callable[[], Any] | None:
     ba, bb = c.bundles
-    return (lambda: torch.dist(ba, bb)) if op == "dist" else None
+    return (lambda: torch.dist(ba, bb)) if op == "dist" else None  # (dist1 is torch.dist already)
 
 
 # name -> factory(case, op) returning a zero-argument callable, or None where it does not apply.
