@@ -288,9 +288,9 @@ def _diff_rows_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _power_sum_norm(a: torch.Tensor, b: torch.Tensor | None, p: float) -> torch.Tensor:
     # (sum of |a - b| ** p) ** (1 / p) (of |a| where b is None) of float32 or float64
     # contiguous tensors: |a - b| formed a block at a time in the kept buffer and raised to p
-    # there (torch's pow has fast paths for 3, 0.5, -1 and the like, where vector_norm of
-    # another p than 2 calls pow per element: 2-9x slower on one CPU), its rows summed, the
-    # rows' sums added in float64. Each power over- or underflows as in torch's norm, whose
+    # there (torch's pow has fast paths for 3, 0.5, -1 and the like; vector_norm of another p
+    # than 2 took 2-9x as long on one CPU, 2x for p = 1), its rows summed, the rows' sums
+    # added in float64. Each power over- or underflows as in torch's norm, whose
     # float32 sum it is (a zero for p < 0: an infinite sum, a norm of 0).
     fa, fb = a.detach().reshape(-1), None if b is None else b.detach().reshape(-1)
     n = fa.numel()
@@ -394,8 +394,7 @@ def p_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     float64 contiguous CPU tensors of `POWERS_MIN_NUMEL` elements or more where no gradient is
     recorded, from the sums of `|t| ** p` by rows, added in float64: torch's float32 1-norm of
     8M random elements is about 1e-3 off, this one about 1e-8 (1e-5 where the elements are all
-    equal: every row rounds the same way), and on one CPU 2-9x faster than torch's (whose
-    kernel calls pow per element for another p than 2).
+    equal: every row rounds the same way), and on one CPU 2-9x faster than torch's.
 
     Example:
         >>> import torch
