@@ -159,7 +159,7 @@ FLAT_OPS: dict[str, Callable[[Any, Any], torch.Tensor]] = {
     "amax": lambda v, w: v.amax(),
     "sqsum": lambda v, w: (v ** 2).sum(),
     "dist": lambda v, w: (v - w).norm(),
-    # Not among the ops: the L1 norm and distance, whose CPU kernel in torch is slower.
+    # Not among the ops: the L1 norm and distance.
     "norm1": lambda v, w: v.norm(1),
     "dist1": lambda v, w: torch.dist(v, w, 1),
 }

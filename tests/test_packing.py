@@ -235,6 +235,7 @@ def test_amax_of_long_tensors_one_by_one(packed, monkeypatch, case, one_by_one):
             check_against_concat(case, op, grads=False)
     assert all(t.numel() < one_by_one for t in batched)
 
+
 def test_pairs_and_chains_work_out_their_packing_plan_once(packed, monkeypatch):
     # `(a - b).norm()`, `(a ** 2).sum()` and `torch.dist(a, b)` keep their packing plans with
     # a (the on-demand bundle is new at each call); a's own reductions keep theirs apart.
