@@ -446,6 +446,29 @@ NARROW_CALLS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_p_norms_from_sums_of_powers(monkeypatch, dtype):
+    # Read by float32 blocks, the 16-bit p-norms and p-distances of other orders than 2 add
+    # |x| ** p of each block (torch's vector_norm of such p: 2-9x slower), in float64.
+    calls = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda x, *a, **k: calls.append(x.numel()) or real(x, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    n = 2 * _kernels.BLOCK + 5
+    x, y = (torch.randn(n, generator=g).to(dtype) for _ in range(2))
+    for p in (1, 3, 0.5, -1):
+        # (the kernel's partial, wide: a bundle's result is rounded to 16 bits, often inf)
+        for got, want in [
+            (lambda: _kernels.wide_norm(x, p), x.double().norm(p)),
+            (lambda: _kernels.wide_norm(x, p, y), torch.dist(x.double(), y.double(), p)),
+        ]:
+            calls.clear()
+            with torch.no_grad():
+                value = float(got())
+            assert abs(value - float(want)) <= 1e-6 * float(want), (p, value, float(want))
+            assert calls == []  # no vector_norm of a block
+
+
 def _narrow_case(dtype, sizes):
     g = torch.Generator().manual_seed(0)
     tensors = [(torch.randn(n, generator=g) * 0.02 + 0.01).to(dtype) for n in sizes]
