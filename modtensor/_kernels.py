@@ -275,14 +275,26 @@ def _diff_rows_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         for (start, stop, x), (_, _, y) in zip(_blocks(fa, BLOCK), _blocks(fb, BLOCK, slot=1)):
             _rows_into(x.sub_(y), rows[start // ROW : -(-stop // ROW)])
     else:
-        block = _scratch(min(BLOCK, n), dtype, fa.device)
-        for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
-            stop = min(start + BLOCK, n)
-            difference = block[: stop - start]
-            torch.sub(fa[start:stop], fb[start:stop], out=difference)
+        for start, stop, difference in _scratch_blocks(fa, fb):
             _rows_into(difference, rows[start // ROW : -(-stop // ROW)])
     norm: torch.Tensor = torch.linalg.vector_norm(rows.to(torch.float64))
     return norm
+
+
+def _scratch_blocks(fa: torch.Tensor, fb: torch.Tensor | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    # `(start, stop, block)` by blocks of BLOCK elements (a multiple of ROW: one tail row at
+    # most), each block `fa - fb` (`|fa|` where fb is None) of those elements, written into the
+    # kept buffer: flat float32 or float64 tensors, no temporary of theirs made whole.
+    n = fa.numel()
+    buffer = _scratch(min(BLOCK, n), fa.dtype, fa.device)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        block = buffer[: stop - start]
+        if fb is None:
+            torch.abs(fa[start:stop], out=block)
+        else:
+            torch.sub(fa[start:stop], fb[start:stop], out=block)
+        yield start, stop, block
 
 
 def _power_sum_norm(a: torch.Tensor, b: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -293,16 +305,10 @@ def _power_sum_norm(a: torch.Tensor, b: torch.Tensor | None, p: float) -> torch.
     # added in float64. Each power over- or underflows as in torch's norm, whose
     # float32 sum it is (a zero for p < 0: an infinite sum, a norm of 0).
     fa, fb = a.detach().reshape(-1), None if b is None else b.detach().reshape(-1)
-    n = fa.numel()
-    rows = torch.empty(-(-n // ROW), dtype=fa.dtype, device=fa.device)
-    block = _scratch(min(BLOCK, n), fa.dtype, fa.device)
-    for start in range(0, n, BLOCK):  # BLOCK is a multiple of ROW: one tail row at most
-        stop = min(start + BLOCK, n)
-        powers = block[: stop - start]
-        if fb is None:
-            torch.abs(fa[start:stop], out=powers)
-        else:
-            torch.sub(fa[start:stop], fb[start:stop], out=powers).abs_()
+    rows = torch.empty(-(-fa.numel() // ROW), dtype=fa.dtype, device=fa.device)
+    for start, stop, powers in _scratch_blocks(fa, fb):
+        if fb is not None:
+            powers.abs_()
         if p != 1:
             powers.pow_(p)
         _rows_into(powers, rows[start // ROW : -(-stop // ROW)], torch.sum)
@@ -482,9 +488,8 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             # per-tensor loop 49; as fast as before otherwise).
             if a.numel() > BLOCK:
                 return _diff_rows_norm(a, b)
-            block = _scratch(a.numel(), a.dtype, a.device)
-            torch.sub(a.reshape(-1), b.reshape(-1), out=block)
-            norm: torch.Tensor = torch.linalg.vector_norm(block)
+            _, _, whole = next(_scratch_blocks(a.reshape(-1), b.reshape(-1)))  # one block
+            norm: torch.Tensor = torch.linalg.vector_norm(whole)
             return norm
         difference: torch.Tensor = torch.linalg.vector_norm(a - b)  # the difference is one tensor's
         return difference
