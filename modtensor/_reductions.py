@@ -359,10 +359,12 @@ _CANCELLATION_NARROW = float(2**12)
 _SMALLEST_VAR = {t: torch.finfo(t).tiny / torch.finfo(t).eps for t in (torch.float32, torch.float64)}
 
 
-def _var_by_moments(x: torch.Tensor | list[torch.Tensor]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def _var_by_moments(
+    x: torch.Tensor | list[torch.Tensor], plans: dict[Any, Any] | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """`(n, var(correction=0), mean)` of x (or of the concatenation of the tensors x) from its
-    raw moments, or None where inaccurate."""
-    found = moments(x)
+    raw moments, or None where inaccurate. `plans`: see `moments`."""
+    found = moments(x, plans)
     if found is None:
         return None
     s1, s2 = float(found[0]), float(found[1])  # floats: a 0-d tensor op costs more than the math
@@ -403,14 +405,19 @@ def _partial_var(t: torch.Tensor, offset: int, a: ReduceArgs) -> Any:
 
 def _partials_var(tensors: list[torch.Tensor], a: ReduceArgs) -> list[Any]:
     # A bundle's own tensors of one dtype and device, too long to be packed, no gradient
-    # recorded: the long ones' moments together (one state: their concatenation's). The raw
-    # moments' accuracy rule then holds of that concatenation, as of any segment; where it
-    # fails, each tensor is checked alone (its moments taken again: a rare case).
-    long = [
-        t.dtype == a.dtype and t.numel() >= _kernels.MOMENTS_ROWS_NUMEL and moments_served(t) for t in tensors
-    ]
+    # recorded: the moments of all those the moments serve together (one state: their
+    # concatenation's), by rows where they hold MOMENTS_ROWS_NUMEL elements in all. A tensor
+    # too short for rows alone then needs no float64 copy: ResNet-50's 11 tensors of 16Ki to
+    # 128Ki elements took 0.9 ms of its 7.4 ms var that way (1 thread). The raw moments'
+    # accuracy rule then holds of that concatenation, as of any segment; where it fails,
+    # each tensor is checked alone (its moments taken again: a rare case).
+    long = [t.dtype == a.dtype and moments_served(t) for t in tensors]
     together = [t for t, y in zip(tensors, long) if y]
-    state = None if len(together) < 2 or a.options.get("keeps") else _var_by_moments(together)
+    state = (
+        None
+        if len(together) < 2 or a.options.get("keeps") or sum(t.numel() for t in together) < _kernels.MOMENTS_ROWS_NUMEL
+        else _var_by_moments(together, tensors.derived if isinstance(tensors, TensorGroup) else None)
+    )
     if state is None:
         return [_partial_var(t, 0, a) for t in tensors]
     return [state, *(_partial_var(t, 0, a) for t, y in zip(tensors, long) if not y)]
