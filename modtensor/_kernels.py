@@ -73,9 +73,12 @@ DIFF_ROWS_NUMEL = MIN_NUMEL
 MOMENTS_MIN_NUMEL = 1 << 13
 MOMENTS_ROWS_NUMEL = 1 << 17
 # Elements whose row norms and sums are taken before the next block's: the second pass reads them
-# from the cache. Measured on 38.6M float32, 1 thread: 9.7 ms at 1Mi (4 MiB), 10.1 at 512Ki,
-# 11.1 at 256Ki, 10.0 at 2Mi; the sum takes 5.2 ms, torch's var 40-46 ms.
-MOMENTS_BLOCK = 1 << 20  # ROW * k
+# from the cache, the closer the smaller the block, down to where the calls cost more than
+# that saves. A bundle's std, 1 thread, best of 7 (a Xeon with 2 MiB of L2 per core): ResNet-50
+# 11.7-12.7 ms at 128Ki (512 KiB), 12.5-13.1 at 256Ki, 14.0-15.4 at 1Mi, 12.9-13.8 at 64Ki
+# (its sum 7.1-8.2); GPT-2 57-59 ms at 128Ki, 70-76 at 1Mi (its sum 34-36); in float16 and
+# float64 too, 128Ki-256Ki came out fastest.
+MOMENTS_BLOCK = 1 << 17  # ROW * k
 MOMENTS_WIDE_ROWS = 1 << 12  # rows of the moments converted to float64 at once (64 KiB)
 _SCRATCH = threading.local()
 _DTYPES = (torch.float32, torch.float64)

@@ -624,6 +624,11 @@ def test_moments_are_the_float64_sums():
             torch.testing.assert_close(s1, exact.sum(), rtol=rtol, atol=0)
             torch.testing.assert_close(s2, exact.dot(exact), rtol=rtol, atol=0)
             assert _kernels.moments_dtype(x) == (torch.float64 if n < rows else dtype)
+            plans = {}  # the same sums by a rows plan (from `rows` elements), made then reused
+            for _ in range(2):
+                planned = _kernels.moments([x], plans)
+                assert torch.equal(planned[0], s1) and torch.equal(planned[1], s2)
+            assert list(plans) == ([] if n < rows else ["rows plan"])
 
 
 def test_moments_serve_only_what_they_can(monkeypatch):
