@@ -789,50 +789,53 @@ def _widened_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _ROWS_SLOT = 3  # the kept buffer of the planned rows (see _RowsPlan)
+_RowPlaces = tuple[torch.Tensor, torch.Tensor]  # where some rows' norms and sums go
 
 
 class _RowsPlan:
-    """The row kernels' calls that take the moments of float32 or float64 tensors kept as they
-    are (a bundle's own), worked out once: each block of each tensor as a `(-1, ROW)` view,
-    with the views of its rows in this thread's kept rows buffer. Walking the blocks, slicing
-    and viewing at each call cost ResNet-50's var about 1 ms of 13 (1 thread). Valid while
-    the tensors' data stay where they were (`p.data = t` moves them) and the buffer is the one
-    this thread keeps (another thread's plan, or a buffer grown since, is not)."""
+    """Where the row kernels put the rows of each block of some float32 or float64 tensors'
+    moments: views of this thread's kept rows buffer, worked out once for the tensors' sizes.
+    Slicing the rows at each call cost ResNet-50's var about 1 ms of 13 (1 thread). The
+    tensors themselves are viewed afresh at each call: views kept here would keep their old
+    data alive after `p.data = ...` or `model.to(...)`. Valid for these sizes and while the
+    buffer is the one the calling thread keeps (not another thread's, nor one grown since)."""
 
-    def __init__(self, flats: Sequence[torch.Tensor]) -> None:
-        self.ptrs = tuple(flat.data_ptr() for flat in flats)
-        self.sizes = (ROW, MOMENTS_BLOCK)
-        counts = [-(-flat.numel() // ROW) for flat in flats]
-        self.rows = _scratch(2 * sum(counts), flats[0].dtype, flats[0].device, _ROWS_SLOT).view(2, -1)
+    def __init__(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.key = (numels, dtype, device, ROW, MOMENTS_BLOCK)
+        counts = [-(-n // ROW) for n in numels]
+        self.rows = _scratch(2 * sum(counts), dtype, device, _ROWS_SLOT).view(2, -1)
         norms, sums = self.rows.unbind()
-        # (block, the dim its rows lie along, their norms' and sums' places)
-        self.calls: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        per_block = MOMENTS_BLOCK // ROW
+        # per tensor: its elements in full rows, the places of each block's rows, the tail row's
+        self.places: list[tuple[int, list[_RowPlaces], _RowPlaces | None]] = []
         first = 0
-        for flat, count in zip(flats, counts):
-            n = flat.numel()
-            full = n // ROW * ROW
-            for start in range(0, full, MOMENTS_BLOCK):
-                stop = min(start + MOMENTS_BLOCK, full)
-                at = slice(first + start // ROW, first + stop // ROW)
-                self.calls.append((flat[start:stop].view(-1, ROW), 1, norms[at], sums[at]))
-            if full < n:  # the tail row
-                self.calls.append((flat[full:], 0, norms[first + count - 1], sums[first + count - 1]))
+        for n, count in zip(numels, counts):
+            full = n // ROW
+            blocks = []
+            for start in range(0, full, per_block):
+                at = slice(first + start, first + min(start + per_block, full))
+                blocks.append((norms[at], sums[at]))
+            tail = (norms[first + full], sums[first + full]) if full < count else None
+            self.places.append((full * ROW, blocks, tail))
             first += count
 
-    def fits(self, flats: Sequence[torch.Tensor]) -> bool:
-        rows = _scratch(self.rows.numel(), flats[0].dtype, flats[0].device, _ROWS_SLOT)
-        return (
-            rows.data_ptr() == self.rows.data_ptr() and self.sizes == (ROW, MOMENTS_BLOCK)
-            and tuple(flat.data_ptr() for flat in flats) == self.ptrs
-        )
+    def fits(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+        rows = _scratch(self.rows.numel(), dtype, device, _ROWS_SLOT)
+        return rows.data_ptr() == self.rows.data_ptr() and self.key == (numels, dtype, device, ROW, MOMENTS_BLOCK)
 
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, flats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         norm, add = torch.linalg.vector_norm, torch.sum
-        for block, dim, norms, sums in self.calls:
-            # The norms first: their pass computes more per element, which hides the reads
-            # from memory better; the sums then read the block from the cache.
-            norm(block, dim=dim, out=norms)
-            add(block, dim, out=sums)
+        for flat, (full, blocks, tail) in zip(flats, self.places):
+            if blocks:
+                rows = (flat if full == flat.numel() else flat[:full]).view(-1, ROW)
+                for block, (norms, sums) in zip(torch.split(rows, MOMENTS_BLOCK // ROW), blocks):
+                    # The norms first: their pass computes more per element, which hides the
+                    # reads from memory better; the sums then read the block from the cache.
+                    norm(block, dim=1, out=norms)
+                    add(block, 1, out=sums)
+            if tail is not None:
+                norm(flat[full:], dim=0, out=tail[0])
+                add(flat[full:], 0, out=tail[1])
         return _widened_moments(self.rows)
 
 
@@ -847,8 +850,8 @@ def moments(
     Their elements are added in float64 below `MOMENTS_ROWS_NUMEL` (in all), else in rows of
     `ROW` in their own dtype (float32 for 16-bit ones), the rows' sums and norms then in
     float64: a relative error of about 1e-8 in float32 at the smallest sizes, 1e-9 from 4Mi
-    elements. `plans`, where given, keeps how the rows of these tensors (kept as they are
-    between calls, such as a bundle's own) are taken, for the next call on them.
+    elements. `plans`, where given, keeps where the rows of tensors of these sizes go, for the
+    next call on them (such as a bundle's own tensors).
 
     Example:
         >>> import torch
@@ -867,10 +870,11 @@ def moments(
     ):
         return None
     if plans is not None and first.dtype in _DTYPES and _numel(tensors) >= MOMENTS_ROWS_NUMEL:
+        numels = tuple(x.numel() for x in tensors)
         plan = plans.get("rows plan")
-        if plan is None or not plan.fits(tensors):
-            plan = plans["rows plan"] = _RowsPlan([x.reshape(-1) for x in tensors])
-        return plan.moments()
+        if plan is None or not plan.fits(numels, first.dtype, first.device):
+            plan = plans["rows plan"] = _RowsPlan(numels, first.dtype, first.device)
+        return plan.moments([x.reshape(-1) for x in tensors])
     flats = [x.reshape(-1) for x in tensors]
     if _numel(flats) >= MOMENTS_ROWS_NUMEL:
         return _row_moments(flats)

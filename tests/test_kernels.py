@@ -674,8 +674,9 @@ def _rows_plan(b):
 
 
 def test_rows_plan_is_kept_and_follows_the_tensors(small_kernels):
-    # The views of the blocks and rows are made once; in-place writes show through them, a
-    # tensor given new data (same shape: the bundle cannot tell) or new sizes make a new plan.
+    # The places of the rows are worked out once; the tensors are read afresh at each call
+    # (in-place writes, new data of the same shape: the bundle cannot tell), and the plan holds
+    # none of them (nor their old data); new sizes make a new plan.
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(40, generator=gen), torch.randn(6, 5, generator=gen) + 1, torch.randn(7, generator=gen)]
     b = mt.bundle(tensors)
@@ -689,17 +690,27 @@ def test_rows_plan_is_kept_and_follows_the_tensors(small_kernels):
         check()
         plan = _rows_plan(b)
         check()
-        assert _rows_plan(b) is plan
         tensors[0].mul_(3)
         check()
-        assert _rows_plan(b) is plan
         tensors[1].data = torch.randn(6, 5, generator=gen) * 5
         check()
-        assert _rows_plan(b) is not plan
-        plan = _rows_plan(b)
+        assert _rows_plan(b) is plan
+        held = [x for x in _tensors_in(vars(plan)) if x.untyped_storage().data_ptr() != plan.rows.untyped_storage().data_ptr()]
+        assert not held, "the plan holds tensors besides its rows"
         _kernels.MOMENTS_BLOCK = 9  # monkeypatched by small_kernels, restored after the test
         check()
         assert _rows_plan(b) is not plan
+
+
+def _tensors_in(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors_in(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors_in(y)
 
 
 def test_rows_plan_in_several_threads():
