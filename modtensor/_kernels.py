@@ -806,8 +806,9 @@ class _RowsPlan:
         self.rows = _scratch(2 * sum(counts), dtype, device, _ROWS_SLOT).view(2, -1)
         norms, sums = self.rows.unbind()
         per_block = MOMENTS_BLOCK // ROW
-        # per tensor: its elements in full rows, the places of each block's rows, the tail row's
-        self.places: list[tuple[int, list[_RowPlaces], _RowPlaces | None]] = []
+        # Per tensor: its elements in full rows, the rows where its blocks after the first
+        # start (for one torch.tensor_split), the places of each block's rows, the tail row's.
+        self.places: list[tuple[int, list[int], list[_RowPlaces], _RowPlaces | None]] = []
         first = 0
         for n, count in zip(numels, counts):
             full = n // ROW
@@ -816,19 +817,20 @@ class _RowsPlan:
                 at = slice(first + start, first + min(start + per_block, full))
                 blocks.append((norms[at], sums[at]))
             tail = (norms[first + full], sums[first + full]) if full < count else None
-            self.places.append((full * ROW, blocks, tail))
+            self.places.append((full * ROW, list(range(per_block, full, per_block)), blocks, tail))
             first += count
 
     def fits(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
         rows = _scratch(self.rows.numel(), dtype, device, _ROWS_SLOT)
         return rows.data_ptr() == self.rows.data_ptr() and self.key == (numels, dtype, device, ROW, MOMENTS_BLOCK)
 
-    def moments(self, flats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         norm, add = torch.linalg.vector_norm, torch.sum
-        for flat, (full, blocks, tail) in zip(flats, self.places):
+        for t, (full, starts, blocks, tail) in zip(tensors, self.places):
+            flat = t.view(-1)  # contiguous: served
             if blocks:
-                rows = (flat if full == flat.numel() else flat[:full]).view(-1, ROW)
-                for block, (norms, sums) in zip(torch.split(rows, MOMENTS_BLOCK // ROW), blocks):
+                rows = (flat if tail is None else flat[:full]).view(-1, ROW)
+                for block, (norms, sums) in zip(torch.tensor_split(rows, starts) if starts else (rows,), blocks):
                     # The norms first: their pass computes more per element, which hides the
                     # reads from memory better; the sums then read the block from the cache.
                     norm(block, dim=1, out=norms)
@@ -874,7 +876,7 @@ def moments(
         plan = plans.get("rows plan")
         if plan is None or not plan.fits(numels, first.dtype, first.device):
             plan = plans["rows plan"] = _RowsPlan(numels, first.dtype, first.device)
-        return plan.moments([x.reshape(-1) for x in tensors])
+        return plan.moments(tensors)
     flats = [x.reshape(-1) for x in tensors]
     if _numel(flats) >= MOMENTS_ROWS_NUMEL:
         return _row_moments(flats)
