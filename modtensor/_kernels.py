@@ -788,22 +788,21 @@ def _widened_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s1, s2
 
 
-_ROWS_SLOT = 3  # the kept buffer of the planned rows (see _RowsPlan)
 _RowPlaces = tuple[torch.Tensor, torch.Tensor]  # where some rows' norms and sums go
 
 
 class _RowsPlan:
     """Where the row kernels put the rows of each block of some float32 or float64 tensors'
-    moments: views of this thread's kept rows buffer, worked out once for the tensors' sizes.
+    moments: views of a rows buffer of its own, worked out once for the tensors' sizes.
     Slicing the rows at each call cost ResNet-50's var about 1 ms of 13 (1 thread). The
     tensors themselves are viewed afresh at each call: views kept here would keep their old
-    data alive after `p.data = ...` or `model.to(...)`. Valid for these sizes and while the
-    buffer is the one the calling thread keeps (not another thread's, nor one grown since)."""
+    data alive after `p.data = ...` or `model.to(...)`. Each call writes the buffer, so a
+    plan serves one thread (`moments` keeps one per thread)."""
 
     def __init__(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.key = (numels, dtype, device, ROW, MOMENTS_BLOCK)
         counts = [-(-n // ROW) for n in numels]
-        self.rows = _scratch(2 * sum(counts), dtype, device, _ROWS_SLOT).view(2, -1)
+        self.rows = torch.empty(2, sum(counts), dtype=dtype, device=device)
         norms, sums = self.rows.unbind()
         per_block = MOMENTS_BLOCK // ROW
         # Per tensor: its elements in full rows, the rows where its blocks after the first
@@ -821,8 +820,7 @@ class _RowsPlan:
             first += count
 
     def fits(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-        rows = _scratch(self.rows.numel(), dtype, device, _ROWS_SLOT)
-        return rows.data_ptr() == self.rows.data_ptr() and self.key == (numels, dtype, device, ROW, MOMENTS_BLOCK)
+        return self.key == (numels, dtype, device, ROW, MOMENTS_BLOCK)
 
     def moments(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         norm, add = torch.linalg.vector_norm, torch.sum
@@ -852,8 +850,9 @@ def moments(
     Their elements are added in float64 below `MOMENTS_ROWS_NUMEL` (in all), else in rows of
     `ROW` in their own dtype (float32 for 16-bit ones), the rows' sums and norms then in
     float64: a relative error of about 1e-8 in float32 at the smallest sizes, 1e-9 from 4Mi
-    elements. `plans`, where given, keeps where the rows of tensors of these sizes go, for the
-    next call on them (such as a bundle's own tensors).
+    elements. `plans`, where given, keeps where the rows of tensors of these sizes go (and a
+    buffer for them, 0.2% of the tensors' memory), for the next call on them in this thread
+    (such as a bundle's own tensors, whose plans live as long as the bundle).
 
     Example:
         >>> import torch
@@ -873,9 +872,10 @@ def moments(
         return None
     if plans is not None and first.dtype in _DTYPES and _numel(tensors) >= MOMENTS_ROWS_NUMEL:
         numels = tuple(x.numel() for x in tensors)
-        plan = plans.get("rows plan")
+        key = ("rows plan", threading.get_ident())
+        plan = plans.get(key)
         if plan is None or not plan.fits(numels, first.dtype, first.device):
-            plan = plans["rows plan"] = _RowsPlan(numels, first.dtype, first.device)
+            plan = plans[key] = _RowsPlan(numels, first.dtype, first.device)
         return plan.moments(tensors)
     flats = [x.reshape(-1) for x in tensors]
     if _numel(flats) >= MOMENTS_ROWS_NUMEL:
