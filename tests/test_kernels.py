@@ -695,7 +695,8 @@ def test_rows_plan_is_kept_and_follows_the_tensors(small_kernels):
         tensors[1].data = torch.randn(6, 5, generator=gen) * 5
         check()
         assert _rows_plan(b) is plan
-        held = [x for x in _tensors_in(vars(plan)) if x.untyped_storage().data_ptr() != plan.rows.untyped_storage().data_ptr()]
+        own = plan.rows.untyped_storage().data_ptr()
+        held = [x for x in _tensors_in(vars(plan)) if x.untyped_storage().data_ptr() != own]
         assert not held, "the plan holds tensors besides its rows"
         _kernels.MOMENTS_BLOCK = 9  # monkeypatched by small_kernels, restored after the test
         check()
