@@ -17,19 +17,13 @@ from modtensor._bundle import ParameterBundle, is_bundle
 from modtensor._dispatch import NOT_HANDLED, func_name
 from modtensor._extend import run_reduction
 from modtensor._pointwise import map_elementwise
-from modtensor._reduce_common import _bind, _cast, _stack, check_dim, transformed
+from modtensor._reduce_common import _bind, _cast, _stack, check_dim, records, transformed
 from modtensor._strategies import Reduction, ReduceArgs, TensorGroup
 
 __all__ = ["max_handler", "records", "spreads_nan", "tie_shared"]
 
 
 # -- extrema: amax, amin, max, min, aminmax, argmax, argmin ------------------------------------
-
-
-def records(*operands: Any) -> bool:
-    """Whether autograd records a reduction of `operands`: only then are ties counted."""
-    # getattr: inside torch.compile a bundle is a stand-in, not a torch.Tensor
-    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in operands)
 
 
 def _kept(t: Any, a: ReduceArgs) -> Any:

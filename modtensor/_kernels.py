@@ -30,6 +30,7 @@ from modtensor._reduce_common import (
     _cast,
     _partial_dtype,
     _stack,
+    records,
     sqrt0,
     transformed,
 )
@@ -141,7 +142,7 @@ def _by_blocks(*tensors: torch.Tensor) -> bool:
     # by blocks: where they are eligible and autograd records nothing, outside torch.compile.
     return (
         _eligible(*tensors) and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not records(*tensors)
     )
 
 
@@ -159,7 +160,7 @@ def _rows_into(
 
 def _rows_norm(flat: torch.Tensor) -> torch.Tensor:
     # The L2 norm of flat's rows' L2 norms is flat's own.
-    if flat.requires_grad and torch.is_grad_enabled():  # traced by autograd (torch.compile)
+    if records(flat):  # traced by autograd (torch.compile)
         full = flat.numel() // ROW * ROW
         parts = [torch.linalg.vector_norm(flat[:full].view(-1, ROW), dim=1, dtype=_partial_dtype(flat.dtype))]
         if full < flat.numel():
@@ -391,7 +392,7 @@ def l2_norm(t: torch.Tensor) -> torch.Tensor:
     if not _eligible(t):
         norm: torch.Tensor = torch.linalg.vector_norm(t)
         return norm
-    if torch.compiler.is_compiling() or not (t.requires_grad and torch.is_grad_enabled()):
+    if torch.compiler.is_compiling() or not records(t):
         # no backward to write (or the compiler traces the rows through autograd itself)
         return _rows_norm(t.reshape(-1))
     result: torch.Tensor = _L2Norm.apply(t)  # type: ignore[no-untyped-call]
@@ -413,7 +414,7 @@ def p_norm(t: torch.Tensor, p: float) -> torch.Tensor:
         True
     """
     if not (
-        t.numel() >= POWERS_MIN_NUMEL and _in_scratch(t) and not (t.requires_grad and torch.is_grad_enabled())
+        t.numel() >= POWERS_MIN_NUMEL and _in_scratch(t) and not records(t)
     ):
         whole: torch.Tensor = torch.linalg.vector_norm(t, p)
         return whole
@@ -428,8 +429,7 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
         >>> float(sum_of_squares(torch.full((3,), 2.0)))
         12.0
     """
-    records = t.requires_grad and torch.is_grad_enabled()
-    if records and t.is_floating_point() and not torch.compiler.is_compiling() and not transformed():
+    if records(t) and t.is_floating_point() and not torch.compiler.is_compiling() and not transformed():
         # no square kept for backward, and twice differentiable (see _SumOfSquares)
         result: torch.Tensor = _SumOfSquares.apply(t)  # type: ignore[no-untyped-call]
         return result
@@ -471,9 +471,9 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         >>> float(diff_l2_norm(torch.ones(1 << 22), torch.zeros(1 << 22)))
         2048.0
     """
-    records = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    recorded = records(a, b)
     if by_rows(a.numel(), a.dtype, a.device) and _eligible(a, b) and not torch.compiler.is_compiling():
-        if not records:
+        if not recorded:
             return _diff_rows_norm(a, b)  # the autograd Function's call costs ~30 us
         result: torch.Tensor = _DiffL2Norm.apply(a, b)  # type: ignore[no-untyped-call]
         return result
@@ -484,7 +484,7 @@ def diff_l2_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.numel() > DIST_MAX_NUMEL and a.dtype == b.dtype and a.shape == b.shape:
         # torch.dist's CPU kernel is slower than a difference and a norm from here (1 thread:
         # 10.7 against 8.3 ms on ResNet-50's long tensors).
-        if not records and _in_scratch(a, b):
+        if not recorded and _in_scratch(a, b):
             # Formed in the kept block buffer: a fresh difference of a few MiB may cost its
             # page faults at every call, depending on the allocator's state (ResNet-50's
             # distance with allocations from 128 KiB mapped afresh: 25 -> 11 ms, the
@@ -515,7 +515,7 @@ def diff_p_norm(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
     """
     if (
         a.numel() >= POWERS_MIN_NUMEL and a.dtype == b.dtype and a.shape == b.shape and _in_scratch(a, b)
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and not records(a, b)
         and math.isfinite(p) and p not in (0, 2)
     ):
         return _power_sum_norm(a, b, p)
@@ -538,7 +538,7 @@ def moments_served(t: torch.Tensor) -> bool:
         and t.device.type == "cpu"
         and (t.dtype in _DTYPES or t.dtype in _LOW_PRECISION)
         and t.is_contiguous()
-        and not (t.requires_grad and torch.is_grad_enabled())
+        and not records(t)
         and not transformed()
     )
 
@@ -680,7 +680,7 @@ def narrow_cosine(a: torch.Tensor, b: torch.Tensor) -> _Partials | None:
     """
     if not (a.dtype in _LOW_PRECISION and _eligible(a, b) and not torch.compiler.is_compiling()):
         return None
-    if (a.requires_grad or b.requires_grad) and torch.is_grad_enabled():
+    if records(a, b):
         result: _Partials = _NarrowCosine.apply(a, b)  # type: ignore[no-untyped-call]
         return result
     return _rows_cosine(a.reshape(-1), b.reshape(-1))
@@ -726,7 +726,7 @@ def wide_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.dot(fa.float(), fb.float())
     if not (_eligible(a, b) and not torch.compiler.is_compiling()):
         return torch.dot(fa, fb)
-    if (a.requires_grad or b.requires_grad) and torch.is_grad_enabled():
+    if records(a, b):
         result: torch.Tensor = _NarrowDot.apply(a, b)  # type: ignore[no-untyped-call]
         return result
     return _rows_dot(fa, fb)
@@ -829,9 +829,7 @@ class _RowsPlan:
             if blocks:
                 rows = (flat if tail is None else flat[:full]).view(-1, ROW)
                 for block, (norms, sums) in zip(torch.tensor_split(rows, starts) if starts else (rows,), blocks):
-                    # The norms first: their pass computes more per element, which hides the
-                    # reads from memory better; the sums then read the block from the cache.
-                    norm(block, dim=1, out=norms)
+                    norm(block, dim=1, out=norms)  # the norms first, as in _block_moments
                     add(block, 1, out=sums)
             if tail is not None:
                 norm(flat[full:], dim=0, out=tail[0])

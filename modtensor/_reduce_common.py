@@ -36,6 +36,13 @@ def transformed() -> bool:
     return _forward_ad._current_level >= 0 or _interpreters() is not None
 
 
+def records(*operands: Any) -> bool:
+    """Whether autograd records an op on `operands` (ties are counted, kernels without a
+    backward of their own step aside, only then)."""
+    # getattr: inside torch.compile a bundle is a stand-in, not a torch.Tensor
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in operands)
+
+
 # -- argument helpers ------------------------------------------------------------------------
 
 
