@@ -30,6 +30,7 @@ from modtensor._reduce_common import (
     _cast,
     _partial_dtype,
     _stack,
+    kept_empty,
     records,
     sqrt0,
     transformed,
@@ -199,7 +200,7 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0
     key = (dtype, device, slot)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = buffers[key] = kept_empty(numel, dtype, device)
     return buffer[:numel]
 
 
@@ -802,7 +803,7 @@ class _RowsPlan:
     def __init__(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
         self.key = (numels, dtype, device, ROW, MOMENTS_BLOCK)
         counts = [-(-n // ROW) for n in numels]
-        self.rows = torch.empty(2, sum(counts), dtype=dtype, device=device)
+        self.rows = kept_empty((2, sum(counts)), dtype, device)
         norms, sums = self.rows.unbind()
         per_block = MOMENTS_BLOCK // ROW
         # Per tensor: its elements in full rows, the rows where its blocks after the first

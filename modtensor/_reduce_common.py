@@ -43,6 +43,15 @@ def records(*operands: Any) -> bool:
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in operands)
 
 
+def kept_empty(size: int | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized buffer that is kept and written again at later calls. It is made
+    outside inference mode: one made inside it would be an inference tensor, which no later
+    call outside inference mode may write (a call under `torch.inference_mode()` first, a
+    training step next, raised)."""
+    with torch.inference_mode(False):
+        return torch.empty(size, dtype=dtype, device=device)
+
+
 # -- argument helpers ------------------------------------------------------------------------
 
 

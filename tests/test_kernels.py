@@ -740,6 +740,38 @@ def test_rows_plan_in_several_threads():
     assert not errors, errors[0]
 
 
+KEPT_BUFFER_CALLS = {
+    "std": lambda x, y: x.std(),  # the rows plan's buffer
+    "difference_norm": lambda x, y: (x - y).norm(),  # the block buffer (a - b by blocks)
+    "norm_1": lambda x, y: x.norm(1),  # the block buffer (|a|)
+    "float16_norm": lambda x, y: x.norm(),  # the block buffer (float16 widened by blocks)
+    "sum": lambda x, y: x.sum(),  # small tensors packed
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT_BUFFER_CALLS))
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_kept_buffers_serve_calls_in_and_out_of_inference_mode(small_kernels, monkeypatch, name, first_inside):
+    # A buffer kept between calls and made in a call under torch.inference_mode() must not be
+    # an inference tensor: the next call outside it (a training step after an evaluation)
+    # writes it again.
+    import threading
+
+    monkeypatch.setattr(_kernels, "_SCRATCH", threading.local())  # this test's calls make them
+    dtype = torch.float16 if name == "float16_norm" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(60, 50), (2100,), (7,), (5, 3)]
+    tensors = [(torch.randn(s, generator=gen) + i).to(dtype) for i, s in enumerate(shapes)]
+    others = [(torch.randn(s, generator=gen) * 0.5).to(dtype) for s in shapes]
+    call = KEPT_BUFFER_CALLS[name]
+    b, o = mt.bundle(tensors), mt.bundle(others)
+    exact = call(*(torch.cat([t.reshape(-1) for t in ts]).double() for ts in (tensors, others)))
+    for inside in (first_inside, not first_inside, first_inside):
+        with torch.inference_mode(inside):
+            got = call(b, o)
+        torch.testing.assert_close(got.double(), exact, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=0)
+
+
 def test_real_size_bundle_is_as_accurate_as_the_concatenation(var_paths):
     # Each regime in one bundle, means apart (Chan's merge matters), mixed with float64.
     gen = torch.Generator().manual_seed(0)
