@@ -162,7 +162,8 @@ def run_reduction(
         return chunks_of(b._shapes[i].numel(), chunk_size(b._devices[i]), read)
 
     pieces = Pieces(
-        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype, chunks if by_chunks else None
+        get, b._offsets, keys if packs else None, views, b._plans, reduction.pack_dtype, chunks if by_chunks else None,
+        kept_packs=_is_builtin(reduction),  # a library's partial may keep a view of its segment
     )
 
     callers: list[Any] = []

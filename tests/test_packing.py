@@ -332,6 +332,97 @@ def test_widened_segments_stay_within_a_share_of_the_bundle(real_sizes):
     assert seen[0][0] is tensors[-1]  # alone, not copied
 
 
+KEPT_PACK_OPS = {
+    "sum": torch.sum, "mean": torch.mean, "nansum": torch.nansum, "nanmean": torch.nanmean,
+    "var": torch.var, "amin": torch.amin, "aminmax": lambda x: torch.stack(torch.aminmax(x)),
+    "logsumexp": lambda x: torch.logsumexp(x, 0), "count_nonzero": torch.count_nonzero,
+}
+
+
+def test_the_builtin_reductions_packs_follow_the_tensors(packed):
+    # The built-in reductions copy each pack into a buffer kept with the bundle, which the next
+    # pack and the next call write again: no state is a view of it (each pack's result is its
+    # own), and every call sees the tensors' values of now (updated in place between calls).
+    gen = torch.Generator().manual_seed(0)
+    sizes = (3, 2, 4, 1, 3, 2, 40, 4, 0)
+    tensors = [torch.randn(n, generator=gen) + i for i, n in enumerate(sizes)]
+    tensors += [torch.randn(2, 2, dtype=torch.float64, generator=gen), torch.randn(3, dtype=torch.float64, generator=gen)]
+    b = mt.bundle(tensors)
+    with torch.no_grad():
+        for _ in range(3):
+            cat = torch.cat([t.reshape(-1) for t in tensors])
+            for name, op in KEPT_PACK_OPS.items():
+                torch.testing.assert_close(op(b), op(cat), rtol=1e-6, atol=1e-6, msg=name)
+            for t in tensors:
+                t.mul_(-2).add_(1)
+    kept = [found[1] for key, found in b._plans.items() if isinstance(key, tuple) and key[0] == "kept packs"]
+    assert kept and all(kept), "no pack of several tensors: the kept buffers went untested"
+
+
+def test_a_librarys_partial_may_keep_its_segment(packed):
+    # A registered reduction's partial may return its segment itself (or a view of it): its
+    # packs are made afresh, never written again by the next pack.
+    def ordered(x, dim=None, keepdim=False):
+        if torch.overrides.has_torch_function_unary(x):
+            return torch.overrides.handle_torch_function(ordered, (x,), x, dim=dim, keepdim=keepdim)
+        return x.reshape(-1).sort().values
+
+    mt.register_reduction(
+        ordered, lambda t, offset, a: t.reshape(-1), lambda states, a: torch.cat(states).sort().values,
+        commutative=True,
+    )
+    tensors = [torch.full((n,), float(i)) for i, n in enumerate((3, 2, 4, 1, 3, 2, 40))]
+    with torch.no_grad():
+        torch.testing.assert_close(ordered(mt.bundle(tensors)), ordered(torch.cat(tensors)), rtol=0, atol=0)
+
+
+def test_kept_pack_buffers_stay_within_a_share_of_the_bundle(real_sizes):
+    # One buffer per segment dtype (and thread): float32 segments within 1% of the bundle's
+    # bytes, widened float64 ones (sum, mean, var) within two thirds of that.
+    tensors = [torch.ones(100) for _ in range(1000)] + [torch.ones(_strategies.PACK_NUMEL + 1)]
+    b = mt.bundle(tensors)
+    with torch.no_grad():
+        for op in (torch.sum, torch.mean, torch.var, torch.amin, torch.count_nonzero):
+            op(b)
+    kept = {
+        buffer.dtype: buffer.nbytes
+        for key, found in b._plans.items() if isinstance(key, tuple) and key[0] == "kept packs"
+        for buffer in found[0].values()
+    }
+    nbytes = b.numel() * 4
+    assert set(kept) == {torch.float32, torch.float64}
+    assert kept[torch.float32] <= nbytes // 100 and kept[torch.float64] <= nbytes * 2 // 300
+
+
+@pytest.mark.parametrize("name", ["sum", "var"])
+def test_kept_buffers_in_several_threads(real_sizes, name):
+    # Each thread writes buffers of its own (packs, the long tensors' sums, the rows of the
+    # moments): threads reducing one bundle at once each get its result.
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1 << 17, generator=gen) + i for i in range(3)]
+    tensors += [torch.randn(300, generator=gen) * (i + 1) + i for i in range(200)]
+    op = KEPT_PACK_OPS[name]
+    b, want = mt.bundle(tensors), op(torch.cat(tensors).double())
+    errors = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(30):
+                    torch.testing.assert_close(op(b).double(), want, rtol=1e-6, atol=0)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 def test_packed_float32_sums_are_exact(real_sizes):
     # Norm-layer scales near 1 packed together add up to thousands: in float32 each pack's sum
     # would round by up to ~1e-3, more than the errors of all of GPT-2's long tensors together
