@@ -152,8 +152,8 @@ class Pieces(Sequence[tuple[Any, int, int]]):
     `(dtype, device)`) are converted to (see Reduction.pack_dtype). `chunks(i)`, where given,
     may read tensor i as flat `(chunk, start)` segments made one at a time, or return None
     to have it whole. `kept_packs=True`, with `plans`, says that no state `fn` returns is a
-    view of its segment (as for the built-in reductions): packs of single tensors are then
-    copied into a buffer kept with the plans, which the next pack writes again.
+    view of its segment (as for the built-in reductions): packs of several tensors (not of
+    pairs) are then copied into a buffer kept with the plans, which the next pack writes again.
     """
 
     def __init__(
@@ -335,10 +335,16 @@ class Pieces(Sequence[tuple[Any, int, int]]):
                 wide = first.dtype if self._widen is None else self._widen(first.dtype, first.device)
                 buffer = buffers[key] = kept_empty(self._pack_limit(key), wide, first.device)
             segment = buffer[: sum(t.numel() for t in operands)]
-            starts = itertools.accumulate((t.numel() for t in operands), initial=0)
-            found = places[run[0]] = (segment, [segment[i : i + t.numel()].view(t.shape) for i, t in zip(starts, operands)])
+            found = places[run[0]] = (segment, _places(segment, operands))
         segment, views = found
-        torch._foreach_copy_(views, operands)
+        try:
+            torch._foreach_copy_(views, operands)
+        except RuntimeError:
+            # A tensor reshaped since, to the same size (`p.data = p.data.view(...)`, which the
+            # bundle's check of sizes lets through, and a sum does not mind): shaped afresh.
+            views = _places(segment, operands)
+            torch._foreach_copy_(views, operands)
+            places[run[0]] = (segment, views)
         return segment
 
     def __getitem__(self, i: Any) -> Any:
@@ -348,6 +354,12 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             raise IndexError(i)
         i %= len(self)
         return self._get(i), self._offsets[i], self._offsets[i + 1] - self._offsets[i]
+
+
+def _places(segment: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    # Each tensor's place in the segment, one after the other, shaped as the tensor.
+    starts = itertools.accumulate((t.numel() for t in tensors), initial=0)
+    return [segment[i : i + t.numel()].view(t.shape) for i, t in zip(starts, tensors)]
 
 
 class ReductionCall:

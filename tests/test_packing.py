@@ -359,6 +359,17 @@ def test_the_builtin_reductions_packs_follow_the_tensors(packed):
     assert kept and all(kept), "no pack of several tensors: the kept buffers went untested"
 
 
+def test_a_packed_tensor_reshaped_to_its_size_since(packed):
+    # `p.data = p.data.view(...)` keeps the sizes the bundle checks: its place in the kept
+    # buffer, shaped as the tensor was, is shaped afresh (a sum does not mind the shape).
+    tensors = [torch.randn(2, 2), torch.randn(3), torch.randn(40)]
+    b = mt.bundle(tensors)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(b.sum(), torch.cat([t.reshape(-1) for t in tensors]).sum())
+            tensors[0].data = tensors[0].data.reshape(4, 1)
+
+
 def test_a_librarys_partial_may_keep_its_segment(packed):
     # A registered reduction's partial may return its segment itself (or a view of it): its
     # packs are made afresh, never written again by the next pack.
