@@ -8,6 +8,7 @@ generator, so hypothesis shrinks over a handful of integers rather than every el
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -137,6 +138,27 @@ def peak_allocation(call: Callable[[], Any]) -> tuple[Any, int]:
     return result, max(total for _, _, total in allocations) - before
 
 # -- comparing a bundle's result with the concatenation's ------------------------------------
+
+
+def in_threads(check: Callable[[], None], times: int, threads: int = 4) -> None:
+    """Run `check` `times` times in each of `threads` threads at once (torch lets go of the
+    GIL in its kernels, where the threads then interleave); fail with the first error."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(times):
+                    check()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    started = [threading.Thread(target=work) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    assert not errors, errors[0]
 
 
 def plain(result: Any) -> Any:

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modtensor as mt
-from generators import cases, check_against_concat, largest_allocation, other_like, peak_allocation, track_live
+from generators import (
+    cases, check_against_concat, in_threads, largest_allocation, other_like, peak_allocation, track_live,
+)
 from modtensor import _kernels, _reductions
 
 CALLS = {
@@ -716,28 +718,10 @@ def _tensors_in(x):
 
 def test_rows_plan_in_several_threads():
     # Each thread's plan writes its own rows buffer: threads reducing one bundle at once each
-    # get its var. (Real sizes: torch lets go of the GIL in its kernels, where the threads
-    # then interleave.)
-    import threading
-
+    # get its var. (Real sizes, so that the kernels take long enough to interleave.)
     tensors = [torch.randn(1 << 18, generator=torch.Generator().manual_seed(i)) + i for i in range(3)]
     b, want = mt.bundle(tensors), torch.cat(tensors).var()
-    errors = []
-
-    def work():
-        try:
-            with torch.no_grad():
-                for _ in range(40):
-                    torch.testing.assert_close(b.var(), want, rtol=1e-6, atol=0)
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    in_threads(lambda: torch.testing.assert_close(b.var(), want, rtol=1e-6, atol=0), times=40)
 
 
 KEPT_BUFFER_CALLS = {

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modtensor as mt
-from generators import INTS, cases, check_against_concat, other_like
+from generators import INTS, cases, check_against_concat, in_threads, other_like
 from modtensor import _dispatch, _extrema, _reductions, _strategies
 from op_specs import INTEGER_OPS, NONFINITE_UNSTABLE
 from test_kernels import CALLS as KERNEL_CALLS
@@ -409,29 +409,12 @@ def test_kept_pack_buffers_stay_within_a_share_of_the_bundle(real_sizes):
 def test_kept_buffers_in_several_threads(real_sizes, name):
     # Each thread writes buffers of its own (packs, the long tensors' sums, the rows of the
     # moments): threads reducing one bundle at once each get its result.
-    import threading
-
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1 << 17, generator=gen) + i for i in range(3)]
     tensors += [torch.randn(300, generator=gen) * (i + 1) + i for i in range(200)]
     op = KEPT_PACK_OPS[name]
     b, want = mt.bundle(tensors), op(torch.cat(tensors).double())
-    errors = []
-
-    def work():
-        try:
-            with torch.no_grad():
-                for _ in range(30):
-                    torch.testing.assert_close(op(b).double(), want, rtol=1e-6, atol=0)
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    in_threads(lambda: torch.testing.assert_close(op(b).double(), want, rtol=1e-6, atol=0), times=30)
 
 
 def test_packed_float32_sums_are_exact(real_sizes):
