@@ -19,7 +19,7 @@ import modtensor as mt
 from generators import (
     cases, check_against_concat, in_threads, largest_allocation, other_like, peak_allocation, track_live,
 )
-from modtensor import _kernels, _reductions
+from modtensor import _kernels, _reductions, _strategies
 
 CALLS = {
     "norm": lambda x, y: x.norm(),
@@ -729,7 +729,7 @@ KEPT_BUFFER_CALLS = {
     "difference_norm": lambda x, y: (x - y).norm(),  # the block buffer (a - b by blocks)
     "norm_1": lambda x, y: x.norm(1),  # the block buffer (|a|)
     "float16_norm": lambda x, y: x.norm(),  # the block buffer (float16 widened by blocks)
-    "sum": lambda x, y: x.sum(),  # small tensors packed
+    "sum": lambda x, y: x.sum(),  # small tensors packed, the long ones' sums in a row
 }
 
 
@@ -742,6 +742,8 @@ def test_kept_buffers_serve_calls_in_and_out_of_inference_mode(small_kernels, mo
     import threading
 
     monkeypatch.setattr(_kernels, "_SCRATCH", threading.local())  # this test's calls make them
+    for name_, size in (("PACK_NUMEL", 16), ("PACK_LIMIT", 64), ("PACK_SHARE", 1)):  # (7,) and (5, 3) packed
+        monkeypatch.setattr(_strategies, name_, size)
     dtype = torch.float16 if name == "float16_norm" else torch.float32
     gen = torch.Generator().manual_seed(0)
     shapes = [(60, 50), (2100,), (7,), (5, 3)]
