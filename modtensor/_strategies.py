@@ -215,7 +215,7 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             return results
         alone, packs = self._plan()
         if batch is not None and self.views:  # (not batch_small) the tensors alone in one call per key
-            key = ("alone groups", PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)  # as the plan's
+            key = ("alone groups", *self._sizes())
             for tensors in self._groups(key, lambda: alone):
                 results.extend(batch(tensors))
             alone = []
@@ -262,10 +262,15 @@ class Pieces(Sequence[tuple[Any, int, int]]):
             self._plans["by key"] = by_key
         return by_key
 
+    def _sizes(self) -> tuple[Any, ...]:
+        # What the packing plan depends on besides the offsets and keys: whatever is kept for
+        # a plan (its groups, its kept buffers) is keyed by it too.
+        return (PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)
+
     def _plan(self) -> tuple[list[list[int]], list[list[int]]]:
         # (the tensors reduced alone, by key; the runs of small ones packed together), made
         # once per bundle: the walk over every tensor costs as much as a reduction's Python.
-        sizes = (PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)
+        sizes = self._sizes()
         if self._plans is not None and sizes in self._plans:
             return self._plans[sizes]  # type: ignore[no-any-return]
         offsets, keys = self._offsets, self._keys
@@ -323,10 +328,9 @@ class Pieces(Sequence[tuple[Any, int, int]]):
         # copies: ResNet-50's sum after its long tensors, 1 thread, 115 small tensors: 571 us
         # against 355 (385 tensor by tensor).
         assert self._plans is not None and self._keys is not None
-        sizes = (PACK_NUMEL, PACK_LIMIT, PACK_SHARE, self._widen)  # as the plan's
         buffers: dict[Hashable, torch.Tensor]
         places: dict[int, tuple[torch.Tensor, list[torch.Tensor]]]
-        buffers, places = self._plans.setdefault(("kept packs", threading.get_ident(), sizes), ({}, {}))
+        buffers, places = self._plans.setdefault(("kept packs", threading.get_ident(), *self._sizes()), ({}, {}))
         found = places.get(run[0])  # a run is known by its first tensor
         if found is None:
             key, first = self._keys[run[0]], operands[0]  # the key's dtype and device are first's
