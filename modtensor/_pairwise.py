@@ -21,7 +21,7 @@ from modtensor._dispatch import NOT_HANDLED, concatenated, copy_is_cheap, func_n
 from modtensor._distributed import refuse
 from modtensor._errors import UnsupportedOperationError
 from modtensor._kernels import (
-    by_rows, diff_l2_norm, diff_p_norm, diff_squares, narrow_cosine, power_sum, sum_of_squares, wide_dot,
+    by_rows, diff_l2_norm, diff_p_norm, diff_squares, narrow_cosine, planned_distance, power_sum, sum_of_squares, wide_dot,
     wide_norm,
 )
 from modtensor._pointwise import (
@@ -378,6 +378,10 @@ def _dist(func: Callable[..., Any], types: Any, args: tuple[Any, ...], kwargs: d
         options = {"p": float(p), "squares": squares, "powers": powers, "records": records(first, second)}
         return ReduceArgs(name, operands[2], operands[0]._numel, options=options)
 
+    if type(p) in (int, float) and p == 2 and is_bundle(first) and is_bundle(second) and operands[3] is None:
+        planned = planned_distance(first, second)  # (of two float bundles: nothing for parse to refuse)
+        if planned is not None:
+            return planned
     return _run(func, args, kwargs, _DIST, parse, operands)
 
 

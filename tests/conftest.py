@@ -71,6 +71,7 @@ def small_kernels(monkeypatch):
     monkeypatch.setattr(_kernels, "POWERS_MIN_NUMEL", 1)
     monkeypatch.setattr(_kernels, "ROW", 3)
     monkeypatch.setattr(_kernels, "BLOCK", 6)  # a multiple of ROW, as the real sizes
+    monkeypatch.setattr(_kernels, "DIST_PACK_NUMEL", 4)  # distances: packs of pairs up to 4 elements, blocks past
     # moments: none below 2 elements, in float64 for 2-4, from 5 by rows of 3 in blocks of 6
     monkeypatch.setattr(_kernels, "MOMENTS_MIN_NUMEL", 2)
     monkeypatch.setattr(_kernels, "MOMENTS_ROWS_NUMEL", 5)

@@ -724,9 +724,97 @@ def test_rows_plan_in_several_threads():
     in_threads(lambda: torch.testing.assert_close(b.var(), want, rtol=1e-6, atol=0), times=40)
 
 
+def _distance_plan(b):
+    plans = [v for k, v in b._plans.items() if isinstance(k, tuple) and k[0] == "distance plan"]
+    assert len(plans) <= 1, b._plans.keys()
+    return plans[0] if plans else None
+
+
+def test_distance_plan_is_kept_and_follows_the_tensors(small_kernels):
+    # Where the blocks and packs of a distance go is worked out once per bundle; the tensors
+    # are read afresh at each call (in-place writes, new data, a pack's tensor reshaped to its
+    # own size), and the plan holds none of them; new sizes make a new plan. small_kernels:
+    # pairs of up to 4 elements packed (several packs of at most a block), the others by
+    # blocks of 6 and rows of 3, a tail row.
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40,), (2, 2), (6, 5), (3,), (7,), (4,), (1,), (0,), (2,)]
+    xs = [torch.randn(s, generator=gen) + i for i, s in enumerate(shapes)]
+    ys = [torch.randn(s, generator=gen) for s in shapes]
+    a, b = mt.bundle(xs), mt.bundle(ys)
+
+    def check():
+        want = (torch.cat([x.reshape(-1) for x in xs]).double() - torch.cat([y.reshape(-1) for y in ys]).double()).norm()
+        for got in ((a - b).norm(), torch.dist(a, b), torch.dist(b, a)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+    with torch.no_grad():
+        check()
+        plan = _distance_plan(a)
+        assert plan is not None and len(plan.packs) >= 2 and len(plan.spans) >= 8
+        check()
+        xs[0].mul_(3)
+        ys[3].add_(1)
+        check()
+        xs[2].data = torch.randn(6, 5, generator=gen) * 5
+        xs[1].data = xs[1].data.reshape(4)  # packed: its place is shaped (2, 2)
+        check()
+        check()
+        assert _distance_plan(a) is plan
+        own = {plan.rows.untyped_storage().data_ptr(), plan.block.untyped_storage().data_ptr()}
+        held = [x for x in _tensors_in(vars(plan)) if x.untyped_storage().data_ptr() not in own]
+        assert not held, "the plan holds tensors besides its buffers"
+        _kernels.BLOCK = 9  # monkeypatched by small_kernels, restored after the test
+        check()
+        assert _distance_plan(a) is not plan
+
+
+def test_distance_plan_serves_only_what_it_can(small_kernels, monkeypatch):
+    # A long tensor that is not contiguous, a gradient to record, mixed dtypes: the general
+    # path, with the concatenation's result (and gradients).
+    served = []
+    distance = _kernels._DistancePlan.distance
+    monkeypatch.setattr(_kernels._DistancePlan, "distance", lambda self, x, y: served.append(1) or distance(self, x, y))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 5, generator=gen), torch.randn(3, generator=gen)]
+    ys = [torch.randn(5, 6, generator=gen).t(), torch.randn(3, generator=gen)]  # not contiguous
+    want = (torch.cat([x.reshape(-1) for x in xs]) - torch.cat([y.reshape(-1) for y in ys])).norm()
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.dist(a, b), want)
+        torch.testing.assert_close((a - b).norm(), want)
+    assert served == [1, 1]  # tried, and stepped aside
+    served.clear()
+    xs[0].requires_grad_()
+    for got in (torch.dist(a, b), (a - b).norm()):
+        torch.testing.assert_close(got, want)
+        (grad,) = torch.autograd.grad(got, xs[0])
+        torch.testing.assert_close(grad, (xs[0] - ys[0]).detach() / want)
+    mixed = mt.bundle([xs[0].detach().double(), xs[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.dist(mixed, b), want.double(), check_dtype=False)
+    assert served == []
+
+
+def test_distance_plan_in_several_threads():
+    # Each thread's plan writes its own buffers. (Real sizes: blocks, packs.)
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1 << 19, 3000, 70_000, 17, 5000]
+    xs, ys = ([torch.randn(n, generator=gen) + i for i, n in enumerate(sizes)] for _ in range(2))
+    a, b = mt.bundle(xs), mt.bundle(ys)
+    want = (torch.cat(xs).double() - torch.cat(ys).double()).norm()
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(torch.dist(a, b).double(), want, rtol=1e-6, atol=0)
+
+    in_threads(check, times=40)
+
+
 KEPT_BUFFER_CALLS = {
     "std": lambda x, y: x.std(),  # the rows plan's buffer
-    "difference_norm": lambda x, y: (x - y).norm(),  # the block buffer (a - b by blocks)
+    "difference_norm": lambda x, y: (x - y).norm(),  # the distance plan's buffers
+    "dist": lambda x, y: torch.dist(x, y),  # the same, through torch.dist
     "norm_1": lambda x, y: x.norm(1),  # the block buffer (|a|)
     "float16_norm": lambda x, y: x.norm(),  # the block buffer (float16 widened by blocks)
     "sum": lambda x, y: x.sum(),  # small tensors packed, the long ones' sums in a row
