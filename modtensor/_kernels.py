@@ -543,6 +543,15 @@ def _row_views(block: torch.Tensor, rows: torch.Tensor) -> _RowsOut:
     )
 
 
+def _norms_into(views: _RowsOut) -> None:
+    # A block's row norms into their places (see _row_views).
+    full, rows, tail, tail_row = views
+    if full is not None:
+        torch.linalg.vector_norm(full, dim=1, out=rows)
+    if tail is not None:
+        torch.linalg.vector_norm(tail, dim=0, out=tail_row)
+
+
 class _DistancePlan:
     """How the L2 distance between two bundles of one structure is read: every block of each
     long pair's difference formed in a block buffer of the plan's own, and every pack of
@@ -552,8 +561,9 @@ class _DistancePlan:
     checks and rows cost ResNet-50's distance about a tenth of its time. Holds no tensor of
     the bundles, only where their elements go (so no old data after `p.data = ...`)."""
 
-    def __init__(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.key = (numels, dtype, device, ROW, BLOCK, DIST_PACK_NUMEL)
+    def __init__(self, offsets: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.key = (offsets, dtype, device, ROW, BLOCK, DIST_PACK_NUMEL)
+        numels = [stop - start for start, stop in zip(offsets, offsets[1:])]
         size = min(BLOCK, max(numels))
         self.block = kept_empty(size, dtype, device)
         least = min(DIST_PACK_NUMEL, size)  # a pack fits the block
@@ -579,29 +589,28 @@ class _DistancePlan:
             (pack, None, numel, r) for (pack, numel), r in zip(packs, rows[len(spans):])
         ]
 
-    def fits(self, numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-        return self.key == (numels, dtype, device, ROW, BLOCK, DIST_PACK_NUMEL)
+    def fits(self, offsets: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+        # A bundle's offsets, not its shapes' numels: those are fixed with it, and a call
+        # would walk every shape to remake them.
+        return self.key == (offsets, dtype, device, ROW, BLOCK, DIST_PACK_NUMEL)
 
     def distance(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """`‖cat(xs) - cat(ys)‖` in float64, or None where a long tensor is not contiguous."""
-        sub, norm = torch.sub, torch.linalg.vector_norm
+        sub = torch.sub
         last, fa, fb = -1, xs[0], ys[0]
         try:
-            for i, start, stop, block, (full, rows, tail, tail_row) in self.spans:
+            for i, start, stop, block, rows_out in self.spans:
                 if i != last:
                     last, fa, fb = i, xs[i].view(-1), ys[i].view(-1)
                 sub(fa[start:stop], fb[start:stop], out=block)
-                if full is not None:
-                    norm(full, dim=1, out=rows)
-                if tail is not None:
-                    norm(tail, dim=0, out=tail_row)
+                _norms_into(rows_out)
         except RuntimeError:  # view(-1): a long tensor that is not contiguous
             return None
-        for k, (pack, places, numel, (full, rows, tail, tail_row)) in enumerate(self.packs):
+        for k, (pack, places, numel, rows_out) in enumerate(self.packs):
             a, b = [xs[i] for i in pack], [ys[i] for i in pack]
             if places is None:  # shaped as the tensors (of the sizes the bundle checked)
                 places = _places(self.block[:numel], a)
-                self.packs[k] = (pack, places, numel, (full, rows, tail, tail_row))
+                self.packs[k] = (pack, places, numel, rows_out)
             try:
                 torch._foreach_copy_(places, a)
                 torch._foreach_sub_(places, b)
@@ -613,12 +622,9 @@ class _DistancePlan:
                 flat = _places(self.block[:numel], a)
                 torch._foreach_copy_(flat, a)
                 torch._foreach_sub_(flat, b)
-                self.packs[k] = (pack, None, numel, (full, rows, tail, tail_row))
-            if full is not None:
-                norm(full, dim=1, out=rows)
-            if tail is not None:
-                norm(tail, dim=0, out=tail_row)
-        distance: torch.Tensor = norm(self.rows.to(torch.float64))
+                self.packs[k] = (pack, None, numel, rows_out)
+            _norms_into(rows_out)
+        distance: torch.Tensor = torch.linalg.vector_norm(self.rows.to(torch.float64))
         return distance
 
 
@@ -631,19 +637,18 @@ def planned_distance(x: ParameterBundle, y: ParameterBundle) -> torch.Tensor | N
 
     dtype = x._dtype
     if not (
-        dtype in _DTYPES and x._tensors is not None and y._tensors is not None
+        dtype in _DTYPES and _uniform(x, dtype) and _uniform(y, dtype)
+        and x._tensors is not None and y._tensors is not None
         and x._shapes == y._shapes and x._on_one_device and y._on_one_device
         and x._device.type == "cpu" and y._device == x._device and x._strategy == y._strategy == "concat"
-        and all(d == dtype for d in x._dtypes) and all(d == dtype for d in y._dtypes)
         and x._dist is None and y._dist is None and not is_tiny(x) and x._numel
         and not records(x, y) and not torch.compiler.is_compiling() and not transformed()
     ):
         return None
-    numels = tuple(s.numel() for s in x._shapes)
     key = ("distance plan", threading.get_ident())
     plan = x._plans.get(key)
-    if plan is None or not plan.fits(numels, dtype, x._device):
-        plan = x._plans[key] = _DistancePlan(numels, dtype, x._device)
+    if plan is None or not plan.fits(x._offsets, dtype, x._device):
+        plan = x._plans[key] = _DistancePlan(x._offsets, dtype, x._device)
     with torch.no_grad():
         distance = plan.distance(x._tensors, y._tensors)
     return None if distance is None else _cast(distance, dtype)
