@@ -26,7 +26,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -301,6 +301,24 @@ def check(call: Callable[[], Any], c: Case, op: str) -> tuple[str, float | None]
     if "MaterializationWarning" in kinds:
         return "fallback (MaterializationWarning)", err
     return ("warns: " + ", ".join(kinds) if kinds else "ok"), err
+
+
+def checked_calls(
+    c: Case, op: str, keep: Callable[[str], bool] = lambda method: True
+) -> Iterator[tuple[str, Callable[[], Any], str, float | None]]:
+    """`(method, call, status, error)` for each method `keep` names that applies to `op`, each
+    call run once by `check` (the warm-up), the gradients it left cleared."""
+    for method, factory in METHODS.items():
+        if not keep(method):
+            continue
+        fn = factory(c, op)
+        if fn is None:
+            continue
+        call = make_call(fn, op, c.A)
+        status, err = check(call, c, op)
+        for p in c.A:
+            p.grad = None
+        yield method, call, status, err
 
 
 def timeit(stmt: Callable[[], Any], threads: int, min_time: float) -> tuple[float, int]:
@@ -586,14 +604,7 @@ def main() -> None:
         setups.append(setup_costs(c, model, args))
         for op in args.ops.split(","):
             op_rows, calls = [], []
-            for method, factory in METHODS.items():
-                fn = factory(c, op)
-                if fn is None:
-                    continue
-                call = make_call(fn, op, c.A)
-                status, err = check(call, c, op)
-                for p in c.A:
-                    p.grad = None
+            for method, call, status, err in checked_calls(c, op):
                 op_rows.append(dict(model=model, op=op, method=method, status=status, err=err, time=None,
                                     runs=None, nbytes=c.nbytes))
                 calls.append(None if status.startswith("error") else call)

@@ -51,16 +51,8 @@ def calls_of(c: bench.Case, op: str, methods: list[str] | None) -> dict[str, Cal
         return {name: bench.make_call(bench.MOMENT_CALLS[name](c), "sum", c.A)
                 for name in ("modtensor sum", "modtensor std")}
     calls: dict[str, Callable[[], Any]] = {}
-    for name, factory in bench.METHODS.items():
-        if methods is not None and name not in methods and name != "modtensor":
-            continue
-        fn = factory(c, op)
-        if fn is None:
-            continue
-        call = bench.make_call(fn, op, c.A)
-        status, err = bench.check(call, c, op)
-        for p in c.A:
-            p.grad = None
+    keep = lambda name: methods is None or name in methods or name == "modtensor"  # noqa: E731
+    for name, call, status, err in bench.checked_calls(c, op, keep):
         if status.startswith("error"):
             print(f"  {name}: {status} (not timed)")
             continue
